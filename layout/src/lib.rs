@@ -1,0 +1,16 @@
+//! The on-disk contract of a Caisson machine.
+//!
+//! Builder, init and updater import these facts and never restate them: partition types and labels,
+//! slot names, boot entry names and their boot counters, the kernel command line keys, the paths on
+//! the ESP and in the root, the os-release fields, and the dm-verity hash tree format.
+
+pub mod cmdline;
+pub mod entry;
+pub mod osrelease;
+pub mod partition;
+pub mod paths;
+pub mod slot;
+pub mod verity;
+
+pub use entry::{BootCounter, EntryName};
+pub use slot::Slot;
