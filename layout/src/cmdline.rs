@@ -90,7 +90,7 @@ impl BootParams {
                 .rev()
                 .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
         };
-        let flag = |key: &str| words.iter().any(|w| *w == key);
+        let flag = |key: &str| words.contains(&key);
         let required = |key: &'static str| value(key).ok_or(CmdlineError::Missing(key));
         let invalid = |key: &'static str, v: &str, why: String| CmdlineError::Invalid {
             key,
