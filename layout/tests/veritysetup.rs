@@ -29,7 +29,7 @@ fn tree_equals_veritysetup_format() {
         veritysetup_available(),
         "veritysetup is missing: apt-get install cryptsetup-bin"
     );
-    let uuid = uuid::Uuid::from_u128(0x1234_5678_9abc_4def_8123_456789abcdef);
+    let uuid = uuid::Uuid::from_u128(0x12345678_9abc_4def_8123_456789abcdef);
     for blocks in [1u64, 2, 128, 129, 16385] {
         let dir = tempfile::tempdir().unwrap();
         let bytes = data(blocks);
