@@ -1,1 +1,3 @@
-//! Work in progress.
+//! The Caisson image builder: `caisson build`, `lock`, `inspect` and `run`.
+
+pub mod spec;
