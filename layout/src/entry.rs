@@ -123,6 +123,28 @@ impl fmt::Display for EntryName {
     }
 }
 
+/// systemd-boot's configuration: no menu, no automatic entries.
+pub const LOADER_CONF: &str =
+    "timeout 0\nconsole-mode keep\neditor no\nauto-entries no\nauto-firmware no\n";
+
+/// The text of the Boot Loader Specification entry that boots `params`: its own kernel and
+/// initramfs, and a command line that pins its slot, root partition and verity root hash.
+pub fn render(params: &crate::cmdline::BootParams, cmdline_extra: &str) -> String {
+    use crate::paths::{esp_initrd, esp_kernel};
+    let options = if cmdline_extra.is_empty() {
+        params.render()
+    } else {
+        format!("{} {}", params.render(), cmdline_extra)
+    };
+    format!(
+        "title Caisson {v} (slot {s})\nversion {v}\nsort-key caisson\nlinux /{k}\ninitrd /{i}\noptions {options}\n",
+        v = params.version,
+        s = params.slot,
+        k = esp_kernel(&params.version, params.slot),
+        i = esp_initrd(&params.version, params.slot),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
