@@ -13,8 +13,9 @@ use crate::progress::Reporter;
 /// The keyring Debian's archive is signed with (package `debian-archive-keyring`).
 pub const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-/// A Debian archive: which mirror, suite, components and architecture, and the keyring its
-/// `InRelease` must be signed with.
+/// A Debian archive: which mirror, suite, components and architecture. Its `InRelease` must be
+/// signed by a key of [`DEBIAN_KEYRING`] ([`crate::resolve`]) or of a keyring the caller names
+/// ([`crate::resolve_with_keyring`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Archive {
     /// Base URL, e.g. `http://host/debian` (no trailing slash needed).
@@ -25,19 +26,16 @@ pub struct Archive {
     pub components: Vec<String>,
     /// Debian architecture, e.g. `amd64`.
     pub arch: String,
-    /// The OpenPGP keyring (binary, as gpgv wants) that must have signed `InRelease`.
-    pub keyring: PathBuf,
 }
 
 impl Archive {
-    /// bookworm, main, amd64, checked with the Debian archive keyring, on `mirror`.
+    /// bookworm, main, amd64 on `mirror`.
     pub fn bookworm(mirror: impl Into<String>) -> Archive {
         Archive {
             mirror: mirror.into(),
             suite: "bookworm".to_string(),
             components: vec!["main".to_string()],
             arch: "amd64".to_string(),
-            keyring: PathBuf::from(DEBIAN_KEYRING),
         }
     }
 
@@ -56,11 +54,16 @@ impl Archive {
     }
 }
 
-/// Fetches `dists/SUITE/InRelease`, checks its signature, and parses the verified part.
-pub(crate) fn release(archive: &Archive, http: &Http) -> Result<Release, DebianError> {
+/// Fetches `dists/SUITE/InRelease`, checks its signature against `keyring`, and parses the
+/// verified part.
+pub(crate) fn release(
+    archive: &Archive,
+    keyring: &Path,
+    http: &Http,
+) -> Result<Release, DebianError> {
     let url = archive.url(&format!("dists/{}/InRelease", archive.suite));
     let signed = http.bytes(&url)?;
-    let verified = verify(&signed, &archive.keyring, &url)?;
+    let verified = verify(&signed, keyring, &url)?;
     let text = String::from_utf8(verified).map_err(|_| DebianError::Parse {
         what: url.clone(),
         reason: "not UTF-8".to_string(),

@@ -36,5 +36,5 @@ pub use error::DebianError;
 pub use extract::{extract, merged_usr_skeleton, EntryKind, ExtractedFile};
 pub use fetch::{fetch, PARALLEL};
 pub use lock::{Lock, LockedPackage};
-pub use resolve::resolve;
+pub use resolve::{resolve, resolve_with_keyring};
 pub use sources::{host_mirror, HOST_APT_DIR};

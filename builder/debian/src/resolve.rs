@@ -7,6 +7,7 @@
 //! `Pre-Depends` and `Depends` count; nothing is added for being Essential or Priority: required.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 
 use crate::archive::{self, Archive};
 use crate::cache::Cache;
@@ -18,17 +19,31 @@ use crate::progress::Reporter;
 use crate::version::compare;
 
 /// Resolves the dependency closure of `requested` in `archive`: fetches `InRelease` and checks
-/// its signature with `archive.keyring` (gpgv), fetches each component's `Packages.xz` (or takes
-/// it from `cache`) checked against the signed sha256, and computes the closure.
+/// its signature with gpgv against the Debian archive keyring, fetches each component's
+/// `Packages.xz` (or takes it from `cache`) checked against the signed sha256, and computes the
+/// closure. `progress` shows bars on a terminal, plain lines on stderr otherwise.
 pub fn resolve(
     archive: &Archive,
     cache: &Cache,
     requested: &[String],
     progress: bool,
 ) -> Result<Lock, DebianError> {
+    let keyring = Path::new(archive::DEBIAN_KEYRING);
+    resolve_with_keyring(archive, keyring, cache, requested, progress)
+}
+
+/// [`resolve`], with `InRelease` checked against `keyring` (a binary OpenPGP keyring as gpgv
+/// reads it) instead of the Debian archive keyring: for another archive, or a test one.
+pub fn resolve_with_keyring(
+    archive: &Archive,
+    keyring: &Path,
+    cache: &Cache,
+    requested: &[String],
+    progress: bool,
+) -> Result<Lock, DebianError> {
     let report = Reporter::new(progress);
     let http = Http::new()?;
-    let release = archive::release(archive, &http)?;
+    let release = archive::release(archive, keyring, &http)?;
     let packages = archive::packages(archive, cache, &http, &release, report)?;
     let universe = Universe::new(packages, &archive.arch, &archive.label());
     let closure = universe.closure(requested)?;
