@@ -1,1 +1,140 @@
-fn main() {}
+//! `caisson`: build, lock, inspect and run Caisson images.
+
+use anyhow::{Context, Result};
+use caisson_builder::{build, inspect, lockfile, spec};
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "caisson", version, about = "Build, inspect and run Caisson OS images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build an image from a spec into a GPT disk (raw, qcow2) and an update bundle.
+    Build {
+        /// The image spec, e.g. images/host.toml.
+        spec: PathBuf,
+        /// Where the outputs go.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Build this version instead of the spec's.
+        #[arg(long)]
+        version: Option<String>,
+        /// Debian mirror base URL (default: the spec's, else the build host's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Fail instead of resolving when the lock is missing or stale.
+        #[arg(long)]
+        locked: bool,
+        /// Take prebuilt caisson-* binaries from this directory instead of building them.
+        #[arg(long)]
+        binaries: Option<PathBuf>,
+        /// Print the outputs as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve the spec's packages and write images/<name>.lock.
+    Lock {
+        /// The image spec.
+        spec: PathBuf,
+        /// Debian mirror base URL (default: the spec's, else the build host's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Show what is in an image: partitions, slots, boot entries, versions, verity hashes.
+    Inspect {
+        /// A raw disk image.
+        image: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot an image under QEMU with UEFI, the console on this terminal (ctrl-a x quits).
+    Run {
+        /// A raw or qcow2 disk image (never changed: a copy-on-write overlay is used).
+        image: PathBuf,
+        /// Guest memory, e.g. 1G or 2048M.
+        #[arg(long, default_value = "1G")]
+        mem: String,
+        /// Forward a host loopback port to a guest port, HOST:GUEST (repeatable).
+        #[arg(long = "forward")]
+        forwards: Vec<String>,
+        /// tcg (default, works everywhere) or kvm.
+        #[arg(long, default_value = "tcg")]
+        accel: String,
+    },
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let progress = std::io::stderr().is_terminal();
+    match cli.command {
+        Command::Build {
+            spec,
+            out,
+            version,
+            mirror,
+            locked,
+            binaries,
+            json,
+        } => {
+            let opts = build::BuildOptions {
+                spec,
+                out_dir: out,
+                version,
+                mirror,
+                locked,
+                binaries,
+                epoch: build::source_date_epoch()?,
+                progress,
+            };
+            let outputs = build::build(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outputs)?);
+            } else {
+                build::print_summary(&outputs);
+            }
+        }
+        Command::Lock { spec, mirror } => {
+            let spec = spec::load(&spec)?;
+            let archive = build::archive(&spec, mirror.as_deref())?;
+            let cache = caisson_debian::Cache::from_env()?;
+            let lock = lockfile::resolve(&spec, &archive, &cache, progress)?;
+            lock.save(&spec.lock_path())?;
+            println!(
+                "{}: {} root packages, kernel {}, boot loader {}",
+                spec.lock_path().display(),
+                lock.rootfs.packages.len(),
+                lock.kernel.packages.first().map_or("?", |p| p.version.as_str()),
+                lock.boot.packages.first().map_or("?", |p| p.version.as_str()),
+            );
+        }
+        Command::Inspect { image, json } => {
+            let report = inspect::inspect(&image)
+                .with_context(|| format!("inspecting {}", image.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+        }
+        Command::Run {
+            image,
+            mem,
+            forwards,
+            accel,
+        } => {
+            let status = caisson_builder::run::run(&image, &mem, &forwards, &accel)?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1090 @@
+//! The service supervisor's state machine. It runs on PID1's main thread: events (exits, control
+//! requests, signals) come in, [`Supervisor::tick`] starts, restarts, probes and stops services,
+//! and returns [`Notice`]s for the main loop. Time is passed in, so tests drive it with a fake
+//! clock and the recording [`Syscall`].
+
+use crate::backoff::Backoff;
+use crate::cgroup::Cgroups;
+use crate::deps;
+use crate::service::{Kind, ReadyCheck, Restart, ServiceError, ServiceSpec};
+use crate::sys::{ExecPlan, Exit, Pid, Sig, Syscall};
+use crate::{reaper::Reaper, users};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often readiness is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// How long after SIGKILL a process that has not been reaped is given up on.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How many exits of unknown pids are kept for a late registration.
+const UNCLAIMED_MAX: usize = 256;
+
+/// What happens when a stopping service has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    Stay,
+    Start,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Waiting for its dependencies.
+    Waiting,
+    Running {
+        pid: Pid,
+        since: Instant,
+        ready: bool,
+        probe: Option<Pid>,
+        next_probe: Instant,
+    },
+    /// Waiting to be restarted.
+    Backoff { until: Instant },
+    Stopping {
+        pid: Pid,
+        kill_at: Instant,
+        killed: bool,
+        then: AfterStop,
+    },
+    /// Stopped on request (or at shutdown).
+    Stopped,
+    /// A oneshot that completed, or a daemon that exited 0 without restart.
+    Exited,
+    /// Will not be started again without a request.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Svc {
+    spec: Option<ServiceSpec>,
+    state: State,
+    failures: u32,
+    restarts: u32,
+    last_exit: Option<Exit>,
+    ever_started: bool,
+    required: bool,
+}
+
+impl Svc {
+    fn is_ready(&self) -> bool {
+        matches!(self.state, State::Running { ready: true, .. })
+            || (self.state == State::Exited
+                && self.spec.as_ref().is_some_and(|s| s.kind == Kind::Oneshot))
+    }
+
+    fn is_running(&self) -> bool {
+        matches!(self.state, State::Running { .. } | State::Stopping { .. })
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        match self.state {
+            State::Running { pid, .. } | State::Stopping { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// Whether a service that runs `after` this one may start.
+    fn settled(&self) -> bool {
+        self.is_ready()
+            || matches!(
+                self.state,
+                State::Exited | State::Failed(_) | State::Stopped
+            )
+            || (self.ever_started && matches!(self.state, State::Backoff { .. }))
+    }
+}
+
+/// What the main loop must do after a tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Every required service is ready, for the first time.
+    Ready,
+    /// Every required service has been ready for the healthy period: bless the boot entry.
+    Healthy,
+    /// Shutdown requested and every service has stopped.
+    ShutdownDone,
+}
+
+/// One service as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub state: String,
+    pub pid: Option<Pid>,
+    pub ready: bool,
+    pub required: bool,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A control request on a service that cannot be done.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("no service named {0:?}")]
+    Unknown(String),
+    #[error("the machine is shutting down")]
+    ShuttingDown,
+    #[error("service {0} has no usable definition: {1}")]
+    Broken(String, String),
+}
+
+/// Receives a started service's output pipe (the log pump).
+pub trait OutputSink: Send + Sync {
+    fn attach(&self, service: &str, output: File);
+}
+
+/// Discards output (tests).
+pub struct NoOutput;
+impl OutputSink for NoOutput {
+    fn attach(&self, _service: &str, _output: File) {}
+}
+
+/// Supervisor settings.
+pub struct Config {
+    /// The root for `/etc/passwd` and `/etc/group` (`/`).
+    pub root: PathBuf,
+    /// Where services' cgroups go; `None` runs them in the init's cgroup.
+    pub cgroups: Option<Cgroups>,
+    pub backoff: Backoff,
+    /// How long every required service must stay ready before [`Notice::Healthy`].
+    pub healthy_after: Duration,
+    /// PATH for services that set none.
+    pub default_path: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from("/"),
+            cgroups: None,
+            backoff: Backoff::default(),
+            healthy_after: Duration::from_secs(30),
+            default_path: "/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        }
+    }
+}
+
+/// The supervisor.
+pub struct Supervisor {
+    sys: Arc<dyn Syscall>,
+    reaper: Arc<Reaper>,
+    output: Arc<dyn OutputSink>,
+    config: Config,
+    order: Vec<String>,
+    services: BTreeMap<String, Svc>,
+    pids: HashMap<Pid, String>,
+    probes: HashMap<Pid, String>,
+    unclaimed: VecDeque<(Pid, Exit)>,
+    shutting_down: bool,
+    ready_announced: bool,
+    healthy_since: Option<Instant>,
+    healthy_announced: bool,
+    shutdown_announced: bool,
+}
+
+impl Supervisor {
+    /// A supervisor for `specs`, plus `broken` definitions (which count as failed).
+    pub fn new(
+        sys: Arc<dyn Syscall>,
+        reaper: Arc<Reaper>,
+        output: Arc<dyn OutputSink>,
+        config: Config,
+        specs: Vec<ServiceSpec>,
+        broken: Vec<(String, ServiceError)>,
+    ) -> Self {
+        let (order, cycle) = match deps::start_order(&specs) {
+            Ok(order) => (order, None),
+            Err(e) => {
+                let deps::DepError::Cycle(names) = &e;
+                let rest: Vec<ServiceSpec> = specs
+                    .iter()
+                    .filter(|s| !names.contains(&s.name))
+                    .cloned()
+                    .collect();
+                let mut order = deps::start_order(&rest).unwrap_or_default();
+                let missing: Vec<String> = names
+                    .iter()
+                    .filter(|n| !order.contains(n))
+                    .cloned()
+                    .collect();
+                order.extend(missing);
+                (order, Some((names.clone(), e.to_string())))
+            }
+        };
+        let mut services = BTreeMap::new();
+        for spec in specs {
+            let mut state = State::Waiting;
+            if let Some((names, msg)) = &cycle {
+                if names.contains(&spec.name) {
+                    log::error!("{msg}");
+                    state = State::Failed(msg.clone());
+                }
+            }
+            let required = spec.required;
+            services.insert(
+                spec.name.clone(),
+                Svc {
+                    spec: Some(spec),
+                    state,
+                    failures: 0,
+                    restarts: 0,
+                    last_exit: None,
+                    ever_started: false,
+                    required,
+                },
+            );
+        }
+        let mut order = order;
+        for (name, err) in broken {
+            log::error!("{err}");
+            order.push(name.clone());
+            services.insert(
+                name,
+                Svc {
+                    spec: None,
+                    state: State::Failed(err.to_string()),
+                    failures: 0,
+                    restarts: 0,
+                    last_exit: None,
+                    ever_started: false,
+                    required: true,
+                },
+            );
+        }
+        Supervisor {
+            sys,
+            reaper,
+            output,
+            config,
+            order,
+            services,
+            pids: HashMap::new(),
+            probes: HashMap::new(),
+            unclaimed: VecDeque::new(),
+            shutting_down: false,
+            ready_announced: false,
+            healthy_since: None,
+            healthy_announced: false,
+            shutdown_announced: false,
+        }
+    }
+
+    /// The start order (shutdown goes the other way).
+    pub fn order(&self) -> &[String] {
+        &self.order
+    }
+
+    /// A child exited. Exits of pids not (yet) known are kept for [`Self::register`].
+    pub fn on_exit(&mut self, pid: Pid, exit: Exit, now: Instant) {
+        if let Some(name) = self.probes.remove(&pid) {
+            self.probe_done(&name, pid, exit, now);
+            return;
+        }
+        let Some(name) = self.pids.remove(&pid) else {
+            if self.unclaimed.len() >= UNCLAIMED_MAX {
+                self.unclaimed.pop_front();
+            }
+            self.unclaimed.push_back((pid, exit));
+            return;
+        };
+        self.service_exited(&name, pid, exit, now);
+    }
+
+    fn take_unclaimed(&mut self, pid: Pid) -> Option<Exit> {
+        let i = self.unclaimed.iter().position(|(p, _)| *p == pid)?;
+        self.unclaimed.remove(i).map(|(_, e)| e)
+    }
+
+    fn probe_done(&mut self, name: &str, pid: Pid, exit: Exit, now: Instant) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        if let State::Running {
+            probe,
+            ready,
+            next_probe,
+            ..
+        } = &mut svc.state
+        {
+            if *probe == Some(pid) {
+                *probe = None;
+                *next_probe = now + PROBE_EVERY;
+                if exit.success() {
+                    *ready = true;
+                    log::info!("{name} is ready");
+                }
+            }
+        }
+    }
+
+    fn service_exited(&mut self, name: &str, pid: Pid, exit: Exit, now: Instant) {
+        let backoff = self.config.backoff;
+        let shutting_down = self.shutting_down;
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        if svc.pid() != Some(pid) {
+            return;
+        }
+        svc.last_exit = Some(exit);
+        let (restart, kind) = match &svc.spec {
+            Some(s) => (s.restart, s.kind),
+            None => (Restart::Never, Kind::Daemon),
+        };
+        match svc.state.clone() {
+            State::Stopping { then, .. } => {
+                log::info!("{name} stopped ({exit})");
+                svc.state = match then {
+                    AfterStop::Start if !shutting_down => State::Waiting,
+                    _ => State::Stopped,
+                };
+            }
+            State::Running { since, .. } => {
+                let wants_restart = match restart {
+                    Restart::Always => !(kind == Kind::Oneshot && exit.success()),
+                    Restart::OnFailure => !exit.success(),
+                    Restart::Never => false,
+                };
+                if shutting_down {
+                    svc.state = State::Stopped;
+                } else if kind == Kind::Oneshot && exit.success() {
+                    log::info!("{name} finished");
+                    svc.state = State::Exited;
+                } else if wants_restart {
+                    svc.failures = backoff.next_failures(svc.failures, now - since);
+                    let delay = backoff.delay(svc.failures);
+                    log::warn!(
+                        "{name} exited ({exit}); restarting in {} ms",
+                        delay.as_millis()
+                    );
+                    svc.state = State::Backoff { until: now + delay };
+                } else if exit.success() {
+                    log::info!("{name} exited ({exit})");
+                    svc.state = State::Exited;
+                } else {
+                    log::error!("{name} failed ({exit}); restart = never");
+                    svc.state = State::Failed(format!("exited with {exit}"));
+                }
+            }
+            _ => {}
+        }
+        if let Some(probe) = self.probe_of(name) {
+            let _ = self.sys.kill(probe, Sig::Kill);
+        }
+    }
+
+    fn probe_of(&self, name: &str) -> Option<Pid> {
+        self.probes
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(p, _)| *p)
+    }
+
+    /// Decide on what to start, probe, kill or announce now.
+    pub fn tick(&mut self, now: Instant) -> Vec<Notice> {
+        let mut notices = Vec::new();
+        if self.shutting_down {
+            self.tick_shutdown(now);
+            if !self.shutdown_announced && self.services.values().all(|s| !s.is_running()) {
+                self.shutdown_announced = true;
+                notices.push(Notice::ShutdownDone);
+            }
+            return notices;
+        }
+        for name in self.order.clone() {
+            self.tick_service(&name, now);
+        }
+        let all_ready = self
+            .services
+            .values()
+            .filter(|s| s.required)
+            .all(|s| s.is_ready());
+        if all_ready {
+            if !self.ready_announced {
+                self.ready_announced = true;
+                notices.push(Notice::Ready);
+            }
+            let since = *self.healthy_since.get_or_insert(now);
+            if !self.healthy_announced && now - since >= self.config.healthy_after {
+                self.healthy_announced = true;
+                notices.push(Notice::Healthy);
+            }
+        } else {
+            self.healthy_since = None;
+        }
+        notices
+    }
+
+    fn tick_service(&mut self, name: &str, now: Instant) {
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
+        match svc.state.clone() {
+            State::Waiting => match self.deps_status(name) {
+                DepStatus::Ready => self.start(name, now),
+                DepStatus::Wait => {}
+                DepStatus::Failed(why) => {
+                    log::error!("{name} not started: {why}");
+                    self.set_state(name, State::Failed(why));
+                }
+            },
+            State::Backoff { until } if now >= until => self.start(name, now),
+            State::Running {
+                pid,
+                since,
+                ready: false,
+                probe: None,
+                next_probe,
+            } if now >= next_probe => self.probe(name, pid, since, now),
+            State::Stopping {
+                pid,
+                kill_at,
+                killed,
+                ..
+            } if now >= kill_at => self.escalate(name, pid, killed, now),
+            _ => {}
+        }
+    }
+
+    fn set_state(&mut self, name: &str, state: State) {
+        if let Some(s) = self.services.get_mut(name) {
+            s.state = state;
+        }
+    }
+
+    fn deps_status(&self, name: &str) -> DepStatus {
+        let Some(spec) = self.services.get(name).and_then(|s| s.spec.as_ref()) else {
+            return DepStatus::Failed("no definition".into());
+        };
+        for dep in &spec.requires {
+            match self.services.get(dep) {
+                None => return DepStatus::Failed(format!("requires {dep}, which does not exist")),
+                Some(d) if matches!(d.state, State::Failed(_)) => {
+                    return DepStatus::Failed(format!("requires {dep}, which failed"))
+                }
+                Some(d) if !d.is_ready() => return DepStatus::Wait,
+                Some(_) => {}
+            }
+        }
+        for dep in &spec.after {
+            if let Some(d) = self.services.get(dep) {
+                if !d.settled() {
+                    return DepStatus::Wait;
+                }
+            }
+        }
+        DepStatus::Ready
+    }
+
+    fn plan(&self, spec: &ServiceSpec) -> Result<ExecPlan, String> {
+        let root = &self.config.root;
+        let (mut uid, mut gid) = (None, None);
+        if let Some(u) = &spec.user {
+            let (u, g) = users::user(root, u).map_err(|e| e.to_string())?;
+            uid = Some(u);
+            gid = Some(g);
+        }
+        if let Some(g) = &spec.group {
+            gid = Some(users::group(root, g).map_err(|e| e.to_string())?);
+        }
+        let cgroup_procs = match &self.config.cgroups {
+            Some(cg) => Some(
+                cg.service(&spec.name, &spec.limits)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !spec.env.contains_key("PATH") {
+            env.push(("PATH".into(), self.config.default_path.clone()));
+        }
+        Ok(ExecPlan {
+            program: spec.exec.clone(),
+            args: spec.args.clone(),
+            env,
+            uid,
+            gid,
+            cgroup_procs,
+            oom_score_adj: spec.oom_score_adj,
+            capture_output: true,
+        })
+    }
+
+    fn start(&mut self, name: &str, now: Instant) {
+        let Some(spec) = self.services.get(name).and_then(|s| s.spec.clone()) else {
+            return;
+        };
+        let plan = match self.plan(&spec) {
+            Ok(p) => p,
+            Err(why) => {
+                log::error!("{name} cannot start: {why}");
+                self.set_state(name, State::Failed(why));
+                return;
+            }
+        };
+        let spawned = {
+            let sys = &self.sys;
+            self.reaper.spawn(|| sys.spawn(&plan))
+        };
+        match spawned {
+            Ok(sp) => {
+                let pid = sp.pid;
+                if let Some(out) = sp.output {
+                    self.output.attach(name, out);
+                }
+                let ready = spec.ready == ReadyCheck::Started && spec.kind == Kind::Daemon;
+                if let Some(svc) = self.services.get_mut(name) {
+                    if svc.ever_started {
+                        svc.restarts += 1;
+                    }
+                    svc.ever_started = true;
+                    svc.state = State::Running {
+                        pid,
+                        since: now,
+                        ready,
+                        probe: None,
+                        next_probe: now,
+                    };
+                }
+                log::info!("started {name} (pid {pid})");
+                self.pids.insert(pid, name.to_string());
+                if let Some(exit) = self.take_unclaimed(pid) {
+                    self.on_exit(pid, exit, now);
+                }
+            }
+            Err(e) => {
+                let why = format!("starting {} failed: {e}", spec.exec.display());
+                log::error!("{name}: {why}");
+                let backoff = self.config.backoff;
+                if let Some(svc) = self.services.get_mut(name) {
+                    if spec.restart == Restart::Never {
+                        svc.state = State::Failed(why);
+                    } else {
+                        svc.failures = svc.failures.saturating_add(1);
+                        svc.state = State::Backoff {
+                            until: now + backoff.delay(svc.failures),
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    fn probe(&mut self, name: &str, pid: Pid, since: Instant, now: Instant) {
+        let Some(spec) = self.services.get(name).and_then(|s| s.spec.clone()) else {
+            return;
+        };
+        if spec.kind == Kind::Oneshot {
+            return;
+        }
+        if now - since > spec.ready_timeout {
+            log::error!(
+                "{name} was not ready within {} s; killing it",
+                spec.ready_timeout.as_secs()
+            );
+            let _ = self.sys.kill(pid, Sig::Kill);
+            self.update_running(name, |_, next| *next = now + spec.ready_timeout);
+            return;
+        }
+        let result = match &spec.ready {
+            ReadyCheck::Started => Some(true),
+            ReadyCheck::Path(p) => Some(p.exists()),
+            ReadyCheck::UnixSocket(p) => Some(std::os::unix::net::UnixStream::connect(p).is_ok()),
+            ReadyCheck::Tcp(addr) => {
+                Some(std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_ok())
+            }
+            ReadyCheck::Command(argv) => {
+                self.spawn_probe(name, argv);
+                None
+            }
+        };
+        match result {
+            Some(true) => {
+                log::info!("{name} is ready");
+                self.update_running(name, |ready, _| *ready = true);
+            }
+            Some(false) => self.update_running(name, |_, next| *next = now + PROBE_EVERY),
+            None => {}
+        }
+    }
+
+    fn update_running(&mut self, name: &str, f: impl FnOnce(&mut bool, &mut Instant)) {
+        if let Some(Svc {
+            state: State::Running {
+                ready, next_probe, ..
+            },
+            ..
+        }) = self.services.get_mut(name)
+        {
+            f(ready, next_probe);
+        }
+    }
+
+    fn spawn_probe(&mut self, name: &str, argv: &[String]) {
+        let plan = ExecPlan {
+            program: PathBuf::from(&argv[0]),
+            args: argv[1..].to_vec(),
+            env: vec![("PATH".into(), self.config.default_path.clone())],
+            ..Default::default()
+        };
+        let spawned = {
+            let sys = &self.sys;
+            self.reaper.spawn(|| sys.spawn(&plan))
+        };
+        match spawned {
+            Ok(sp) => {
+                self.probes.insert(sp.pid, name.to_string());
+                if let Some(Svc {
+                    state: State::Running { probe, .. },
+                    ..
+                }) = self.services.get_mut(name)
+                {
+                    *probe = Some(sp.pid);
+                }
+                if let Some(exit) = self.take_unclaimed(sp.pid) {
+                    self.on_exit(sp.pid, exit, Instant::now());
+                }
+            }
+            Err(e) => log::warn!("{name}: readiness command {} failed: {e}", argv[0]),
+        }
+    }
+
+    fn escalate(&mut self, name: &str, pid: Pid, killed: bool, now: Instant) {
+        if killed {
+            log::warn!("{name} (pid {pid}) did not exit after SIGKILL; giving up on it");
+            self.pids.remove(&pid);
+            self.set_state(name, State::Stopped);
+            return;
+        }
+        log::warn!("{name} did not stop in time; sending SIGKILL");
+        let _ = self.sys.kill(pid, Sig::Kill);
+        if let Some(Svc {
+            state: State::Stopping {
+                kill_at, killed, ..
+            },
+            ..
+        }) = self.services.get_mut(name)
+        {
+            *kill_at = now + KILL_GRACE;
+            *killed = true;
+        }
+    }
+
+    fn stop_one(&mut self, name: &str, then: AfterStop, now: Instant) {
+        let Some(svc) = self.services.get_mut(name) else {
+            return;
+        };
+        match svc.state.clone() {
+            State::Running { pid, .. } => {
+                let timeout = svc
+                    .spec
+                    .as_ref()
+                    .map(|s| s.stop_timeout)
+                    .unwrap_or(Duration::from_secs(10));
+                log::info!("stopping {name} (pid {pid})");
+                if let Err(e) = self.sys.kill(pid, Sig::Term) {
+                    log::warn!("SIGTERM to {name} (pid {pid}) failed: {e}");
+                }
+                svc.state = State::Stopping {
+                    pid,
+                    kill_at: now + timeout,
+                    killed: false,
+                    then,
+                };
+            }
+            State::Stopping {
+                pid,
+                kill_at,
+                killed,
+                ..
+            } => {
+                svc.state = State::Stopping {
+                    pid,
+                    kill_at,
+                    killed,
+                    then,
+                };
+            }
+            _ => {
+                svc.state = match then {
+                    AfterStop::Start => State::Waiting,
+                    AfterStop::Stay => State::Stopped,
+                };
+            }
+        }
+    }
+
+    /// Begin stopping everything, dependents before their dependencies.
+    pub fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        for svc in self.services.values_mut() {
+            if matches!(svc.state, State::Waiting | State::Backoff { .. }) {
+                svc.state = State::Stopped;
+            }
+        }
+        self.tick_shutdown(now);
+    }
+
+    /// True once [`Self::begin_shutdown`] was called.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    fn tick_shutdown(&mut self, now: Instant) {
+        let specs: Vec<ServiceSpec> = self
+            .services
+            .values()
+            .filter_map(|s| s.spec.clone())
+            .collect();
+        for name in self.order.clone().iter().rev() {
+            let running = matches!(
+                self.services.get(name).map(|s| &s.state),
+                Some(State::Running { .. })
+            );
+            if running {
+                let dependents_running = deps::dependents(&specs, name)
+                    .iter()
+                    .any(|d| self.services.get(*d).is_some_and(|s| s.is_running()));
+                if !dependents_running {
+                    self.stop_one(name, AfterStop::Stay, now);
+                }
+            }
+            if let Some(State::Stopping {
+                pid,
+                kill_at,
+                killed,
+                ..
+            }) = self.services.get(name).map(|s| s.state.clone())
+            {
+                if now >= kill_at {
+                    self.escalate(name, pid, killed, now);
+                }
+            }
+        }
+    }
+
+    /// `caisson-ctl start`.
+    pub fn start_service(&mut self, name: &str, now: Instant) -> Result<(), ControlError> {
+        self.control_check(name)?;
+        if let Some(svc) = self.services.get_mut(name) {
+            if !svc.is_running() {
+                svc.failures = 0;
+                svc.state = State::Waiting;
+            }
+        }
+        self.tick_service(name, now);
+        Ok(())
+    }
+
+    /// `caisson-ctl stop`.
+    pub fn stop_service(&mut self, name: &str, now: Instant) -> Result<(), ControlError> {
+        self.control_check(name)?;
+        self.stop_one(name, AfterStop::Stay, now);
+        Ok(())
+    }
+
+    /// `caisson-ctl restart`.
+    pub fn restart_service(&mut self, name: &str, now: Instant) -> Result<(), ControlError> {
+        self.control_check(name)?;
+        if let Some(svc) = self.services.get_mut(name) {
+            svc.failures = 0;
+        }
+        self.stop_one(name, AfterStop::Start, now);
+        self.tick_service(name, now);
+        Ok(())
+    }
+
+    fn control_check(&self, name: &str) -> Result<(), ControlError> {
+        if self.shutting_down {
+            return Err(ControlError::ShuttingDown);
+        }
+        match self.services.get(name) {
+            None => Err(ControlError::Unknown(name.to_string())),
+            Some(Svc {
+                spec: None, state, ..
+            }) => Err(ControlError::Broken(name.to_string(), format!("{state:?}"))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Every service, in start order.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        self.order
+            .iter()
+            .filter_map(|n| self.services.get(n).map(|s| (n, s)))
+            .map(|(name, s)| {
+                let (state, error) = match &s.state {
+                    State::Waiting => ("waiting", None),
+                    State::Running { ready: true, .. } => ("running", None),
+                    State::Running { .. } => ("starting", None),
+                    State::Backoff { .. } => ("restarting", None),
+                    State::Stopping { .. } => ("stopping", None),
+                    State::Stopped => ("stopped", None),
+                    State::Exited => ("exited", None),
+                    State::Failed(why) => ("failed", Some(why.clone())),
+                };
+                ServiceStatus {
+                    name: name.clone(),
+                    state: state.into(),
+                    pid: s.pid(),
+                    ready: s.is_ready(),
+                    required: s.required,
+                    restarts: s.restarts,
+                    last_exit: s.last_exit.map(|e| e.to_string()),
+                    error,
+                }
+            })
+            .collect()
+    }
+
+    /// Pids of running services (for the final kill at shutdown, and tests).
+    pub fn running_pids(&self) -> Vec<Pid> {
+        self.services.values().filter_map(|s| s.pid()).collect()
+    }
+}
+
+enum DepStatus {
+    Ready,
+    Wait,
+    Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deps::tests::svc;
+    use crate::sys::{Call, Recording};
+
+    fn sup(specs: Vec<ServiceSpec>) -> (Arc<Recording>, Supervisor) {
+        let rec = Arc::new(Recording::new(std::path::Path::new("/")));
+        let config = Config {
+            healthy_after: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let s = Supervisor::new(
+            rec.clone(),
+            Arc::new(Reaper::default()),
+            Arc::new(NoOutput),
+            config,
+            specs,
+            Vec::new(),
+        );
+        (rec, s)
+    }
+
+    fn spawned(rec: &Recording) -> Vec<String> {
+        rec.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Spawn(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pid_of(s: &Supervisor, name: &str) -> Pid {
+        s.status()
+            .into_iter()
+            .find(|x| x.name == name)
+            .and_then(|x| x.pid)
+            .unwrap()
+    }
+
+    fn state_of(s: &Supervisor, name: &str) -> String {
+        s.status()
+            .into_iter()
+            .find(|x| x.name == name)
+            .unwrap()
+            .state
+    }
+
+    #[test]
+    fn starts_in_dependency_order_and_announces_ready_then_healthy() {
+        let (rec, mut s) = sup(vec![
+            svc("agent", &["containerd"], &[]),
+            svc("containerd", &[], &[]),
+        ]);
+        let t0 = Instant::now();
+        let n = s.tick(t0);
+        // containerd has no readiness check: ready once started, so agent starts in the same tick.
+        assert_eq!(spawned(&rec), ["/bin/containerd", "/bin/agent"]);
+        assert_eq!(n, [Notice::Ready]);
+        assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(s.tick(t0 + Duration::from_secs(6)), [Notice::Healthy]);
+    }
+
+    #[test]
+    fn dependents_wait_for_readiness() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("ready");
+        let mut db = svc("db", &[], &[]);
+        db.ready = ReadyCheck::Path(sock.clone());
+        let (rec, mut s) = sup(vec![svc("app", &["db"], &[]), db]);
+        let t0 = Instant::now();
+        assert!(s.tick(t0).is_empty());
+        assert_eq!(spawned(&rec), ["/bin/db"]);
+        std::fs::write(&sock, "").unwrap();
+        s.tick(t0 + Duration::from_millis(300));
+        assert_eq!(spawned(&rec), ["/bin/db", "/bin/app"]);
+    }
+
+    #[test]
+    fn restarts_with_backoff() {
+        let (rec, mut s) = sup(vec![svc("flaky", &[], &[])]);
+        let t0 = Instant::now();
+        s.tick(t0);
+        let pid = pid_of(&s, "flaky");
+        s.on_exit(pid, Exit::Code(1), t0 + Duration::from_millis(10));
+        assert_eq!(state_of(&s, "flaky"), "restarting");
+        s.tick(t0 + Duration::from_millis(100));
+        assert_eq!(spawned(&rec).len(), 1, "restarted before the backoff delay");
+        s.tick(t0 + Duration::from_millis(250));
+        assert_eq!(spawned(&rec).len(), 2);
+        let pid = pid_of(&s, "flaky");
+        s.on_exit(pid, Exit::Code(1), t0 + Duration::from_millis(260));
+        s.tick(t0 + Duration::from_millis(500));
+        assert_eq!(spawned(&rec).len(), 2, "second delay is 400 ms");
+        s.tick(t0 + Duration::from_millis(700));
+        assert_eq!(spawned(&rec).len(), 3);
+        assert_eq!(s.status()[0].restarts, 2);
+    }
+
+    #[test]
+    fn exit_before_registration_is_not_lost() {
+        let (_rec, mut s) = sup(vec![svc("quick", &[], &[])]);
+        let t0 = Instant::now();
+        // The recording fake hands out pid 100 first: its exit arrives before the spawn is
+        // recorded (as when the reaper runs between fork and registration).
+        s.on_exit(100, Exit::Code(3), t0);
+        s.tick(t0);
+        let st = &s.status()[0];
+        assert_eq!(st.state, "restarting");
+        assert_eq!(st.last_exit.as_deref(), Some("exit code 3"));
+    }
+
+    #[test]
+    fn orphans_do_not_disturb_services() {
+        let (_rec, mut s) = sup(vec![svc("a", &[], &[])]);
+        let t0 = Instant::now();
+        s.tick(t0);
+        s.on_exit(4242, Exit::Code(0), t0);
+        assert_eq!(state_of(&s, "a"), "running");
+    }
+
+    #[test]
+    fn never_and_oneshot() {
+        let mut once = svc("once", &[], &[]);
+        once.kind = Kind::Oneshot;
+        once.restart = Restart::Never;
+        let mut fragile = svc("fragile", &[], &[]);
+        fragile.restart = Restart::Never;
+        let (_rec, mut s) = sup(vec![once, fragile, svc("after-once", &["once"], &[])]);
+        let t0 = Instant::now();
+        s.tick(t0);
+        assert_eq!(state_of(&s, "after-once"), "waiting");
+        s.on_exit(pid_of(&s, "once"), Exit::Code(0), t0);
+        s.on_exit(pid_of(&s, "fragile"), Exit::Signal(11), t0);
+        s.tick(t0);
+        assert_eq!(state_of(&s, "once"), "exited");
+        assert_eq!(state_of(&s, "fragile"), "failed");
+        assert_eq!(state_of(&s, "after-once"), "running");
+    }
+
+    #[test]
+    fn failed_requirement_fails_dependents_and_blocks_ready() {
+        let mut base = svc("base", &[], &[]);
+        base.restart = Restart::Never;
+        let (_rec, mut s) = sup(vec![base, svc("top", &["base"], &[])]);
+        let t0 = Instant::now();
+        let mut b = s.services.remove("base").unwrap();
+        b.state = State::Failed("boom".into());
+        s.services.insert("base".into(), b);
+        assert!(s.tick(t0).is_empty());
+        assert_eq!(state_of(&s, "top"), "failed");
+    }
+
+    #[test]
+    fn cycle_fails_only_its_members() {
+        let (rec, mut s) = sup(vec![
+            svc("a", &["b"], &[]),
+            svc("b", &["a"], &[]),
+            svc("c", &[], &[]),
+        ]);
+        s.tick(Instant::now());
+        assert_eq!(spawned(&rec), ["/bin/c"]);
+        let a = s.status().into_iter().find(|x| x.name == "a").unwrap();
+        assert!(a.error.unwrap().contains("cycle"));
+    }
+
+    #[test]
+    fn shutdown_stops_dependents_first_and_escalates() {
+        let (rec, mut s) = sup(vec![
+            svc("agent", &["containerd"], &[]),
+            svc("containerd", &[], &[]),
+            svc("other", &[], &[]),
+        ]);
+        let t0 = Instant::now();
+        s.tick(t0);
+        let (agent, ctd, other) = (
+            pid_of(&s, "agent"),
+            pid_of(&s, "containerd"),
+            pid_of(&s, "other"),
+        );
+        s.begin_shutdown(t0);
+        let kills = |rec: &Recording| -> Vec<Call> {
+            rec.calls()
+                .into_iter()
+                .filter(|c| matches!(c, Call::Kill(..)))
+                .collect()
+        };
+        assert_eq!(
+            kills(&rec),
+            [Call::Kill(agent, Sig::Term), Call::Kill(other, Sig::Term)]
+        );
+        s.on_exit(agent, Exit::Signal(15), t0);
+        assert!(s.tick(t0).is_empty());
+        assert_eq!(kills(&rec).last(), Some(&Call::Kill(ctd, Sig::Term)));
+        s.on_exit(ctd, Exit::Code(0), t0);
+        // `other` ignores SIGTERM: SIGKILL after its stop timeout.
+        s.tick(t0 + Duration::from_secs(11));
+        assert_eq!(kills(&rec).last(), Some(&Call::Kill(other, Sig::Kill)));
+        s.on_exit(other, Exit::Signal(9), t0 + Duration::from_secs(11));
+        assert_eq!(s.tick(t0 + Duration::from_secs(11)), [Notice::ShutdownDone]);
+        assert!(s.start_service("other", t0).is_err());
+    }
+
+    #[test]
+    fn control_stop_start_restart() {
+        let (rec, mut s) = sup(vec![svc("a", &[], &[])]);
+        let t0 = Instant::now();
+        s.tick(t0);
+        let pid = pid_of(&s, "a");
+        s.restart_service("a", t0).unwrap();
+        assert_eq!(state_of(&s, "a"), "stopping");
+        s.on_exit(pid, Exit::Signal(15), t0);
+        s.tick(t0);
+        assert_eq!(spawned(&rec).len(), 2);
+        let pid = pid_of(&s, "a");
+        s.stop_service("a", t0).unwrap();
+        s.on_exit(pid, Exit::Signal(15), t0);
+        s.tick(t0 + Duration::from_secs(60));
+        assert_eq!(state_of(&s, "a"), "stopped");
+        s.start_service("a", t0).unwrap();
+        assert_eq!(state_of(&s, "a"), "running");
+        assert_eq!(
+            s.start_service("nope", t0),
+            Err(ControlError::Unknown("nope".into()))
+        );
+    }
+}
