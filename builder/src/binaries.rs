@@ -102,7 +102,9 @@ mod tests {
         let ws = find_workspace(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
         assert!(ws.join("builder").is_dir());
         let dir = tempfile::tempdir().unwrap();
-        let err = locate(dir.path(), &["nope".into()]).unwrap_err().to_string();
+        let err = locate(dir.path(), &["nope".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope"), "{err}");
         assert!(matches!(
             find_workspace(Path::new("/")),

@@ -414,7 +414,15 @@ fn write_initramfs(
     let modules = kernel.closure(&wanted)?;
     let mut entries = Vec::new();
     let mut dirs = std::collections::BTreeSet::new();
-    for d in ["proc", "sys", "dev", "run", "sysroot", "etc/caisson", "usr/bin"] {
+    for d in [
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "sysroot",
+        "etc/caisson",
+        "usr/bin",
+    ] {
         dirs.insert(d.to_string());
     }
     for m in &modules {
@@ -430,11 +438,7 @@ fn write_initramfs(
     for d in &dirs {
         entries.push(CpioEntry::dir(d, 0o755));
     }
-    entries.push(CpioEntry::file_from(
-        "init",
-        init_bin.to_path_buf(),
-        0o755,
-    ));
+    entries.push(CpioEntry::file_from("init", init_bin.to_path_buf(), 0o755));
     entries.push(CpioEntry::symlink("usr/bin/caisson-init", "../../init"));
     entries.push(CpioEntry::file(
         paths::INITRD_MARKER.trim_start_matches('/'),

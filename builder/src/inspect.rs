@@ -101,7 +101,12 @@ pub fn inspect(image: &Path) -> Result<Report, InspectError> {
         };
         slots.push(SlotReport {
             slot: slot.to_string(),
-            content: if magic == EROFS_MAGIC { "erofs" } else { "empty" }.into(),
+            content: if magic == EROFS_MAGIC {
+                "erofs"
+            } else {
+                "empty"
+            }
+            .into(),
             verity_superblock,
         });
     }

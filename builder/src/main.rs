@@ -1,13 +1,17 @@
 //! `caisson`: build, lock, inspect and run Caisson images.
 
 use anyhow::{Context, Result};
-use caisson_builder::{build, inspect, lockfile, spec};
+use caisson_builder::{build, inspect, lockfile, run, spec};
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "caisson", version, about = "Build, inspect and run Caisson OS images")]
+#[command(
+    name = "caisson",
+    version,
+    about = "Build, inspect and run Caisson OS images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,6 +71,12 @@ enum Command {
         /// tcg (default, works everywhere) or kvm.
         #[arg(long, default_value = "tcg")]
         accel: String,
+        /// Boot headless until the ready line, power off, and exit 0 (or 1 with the console's end).
+        #[arg(long)]
+        until_ready: bool,
+        /// With --until-ready: how long to wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
 }
 
@@ -113,8 +123,14 @@ fn main() -> Result<()> {
                 "{}: {} root packages, kernel {}, boot loader {}",
                 spec.lock_path().display(),
                 lock.rootfs.packages.len(),
-                lock.kernel.packages.first().map_or("?", |p| p.version.as_str()),
-                lock.boot.packages.first().map_or("?", |p| p.version.as_str()),
+                lock.kernel
+                    .packages
+                    .first()
+                    .map_or("?", |p| p.version.as_str()),
+                lock.boot
+                    .packages
+                    .first()
+                    .map_or("?", |p| p.version.as_str()),
             );
         }
         Command::Inspect { image, json } => {
@@ -131,9 +147,22 @@ fn main() -> Result<()> {
             mem,
             forwards,
             accel,
+            until_ready,
+            timeout,
         } => {
-            let status = caisson_builder::run::run(&image, &mem, &forwards, &accel)?;
-            std::process::exit(status.code().unwrap_or(1));
+            let args = run::RunArgs {
+                mem,
+                forwards,
+                accel,
+            };
+            if until_ready {
+                let wait = std::time::Duration::from_secs(timeout);
+                let line = run::run_until_ready(&image, &args, wait)?;
+                println!("{line}");
+            } else {
+                let status = run::run(&image, &args)?;
+                std::process::exit(status.code().unwrap_or(1));
+            }
         }
     }
     Ok(())

@@ -330,7 +330,11 @@ pub fn write_sbom(
         path: root.to_path_buf(),
         source: io::Error::other(e),
     })?;
-    write_file(&root.join(paths::SBOM.trim_start_matches('/')), &json, 0o644)
+    write_file(
+        &root.join(paths::SBOM.trim_start_matches('/')),
+        &json,
+        0o644,
+    )
 }
 
 #[cfg(test)]
@@ -367,7 +371,10 @@ mod tests {
         let err = install_spec_files(dir.path(), &dir.path().join("files"), &files, &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("files[0]") && err.contains("etc/nothing"), "{err}");
+        assert!(
+            err.contains("files[0]") && err.contains("etc/nothing"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -39,28 +39,73 @@ pub fn parse_forward(s: &str) -> Result<(u16, u16), RunError> {
     Ok((h.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
-/// Boots `image` with the console on this terminal and returns QEMU's exit status.
-pub fn run(
-    image: &Path,
-    mem: &str,
-    forwards: &[String],
-    accel: &str,
-) -> Result<ExitStatus, RunError> {
-    let accel = match accel {
+/// The line the init prints when the machine is ready.
+pub const READY_PATTERN: &str = "caisson: ready ";
+
+/// `caisson run` arguments, as given on the command line.
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub mem: String,
+    pub forwards: Vec<String>,
+    pub accel: String,
+}
+
+struct Parsed {
+    memory_mib: u64,
+    forwards: Vec<(u16, u16)>,
+    accel: caisson_qemu::Accel,
+}
+
+fn parse(args: &RunArgs) -> Result<Parsed, RunError> {
+    let accel = match args.accel.as_str() {
         "tcg" => caisson_qemu::Accel::Tcg,
         "kvm" => caisson_qemu::Accel::Kvm,
         other => return Err(RunError::Accel(other.to_string())),
     };
-    let opts = caisson_qemu::RunOptions {
-        memory_mib: parse_mem(mem)?,
-        forwards: forwards
+    Ok(Parsed {
+        memory_mib: parse_mem(&args.mem)?,
+        forwards: args
+            .forwards
             .iter()
             .map(|f| parse_forward(f))
             .collect::<Result<_, _>>()?,
         accel,
+    })
+}
+
+/// Boots `image` with the console on this terminal and returns QEMU's exit status.
+pub fn run(image: &Path, args: &RunArgs) -> Result<ExitStatus, RunError> {
+    let p = parse(args)?;
+    let opts = caisson_qemu::RunOptions {
+        memory_mib: p.memory_mib,
+        forwards: p.forwards,
+        accel: p.accel,
         ..Default::default()
     };
     Ok(caisson_qemu::run_interactive(image, opts)?)
+}
+
+/// Boots `image` headless until the ready line, then powers it off. Returns the ready line.
+pub fn run_until_ready(
+    image: &Path,
+    args: &RunArgs,
+    timeout: std::time::Duration,
+) -> Result<String, RunError> {
+    let p = parse(args)?;
+    let mut opts = caisson_qemu::VmOptions::new(image);
+    opts.memory_mib = p.memory_mib;
+    opts.accel = p.accel;
+    opts.user_net = Some(caisson_qemu::UserNet {
+        forwards: p.forwards,
+        restrict: false,
+    });
+    let mut vm = caisson_qemu::Vm::launch(opts)?;
+    let line = vm.wait_for(READY_PATTERN, timeout)?;
+    vm.powerdown()?;
+    if vm.wait_exit(std::time::Duration::from_secs(60)).is_err() {
+        vm.kill()?;
+    }
+    Ok(line)
 }
 
 #[cfg(test)]

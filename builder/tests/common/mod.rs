@@ -1,0 +1,110 @@
+//! Shared by the integration and end-to-end tests: images are built once per test run, with the
+//! real `caisson` binary, into `target/e2e/`, and reused by every test that needs them.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// The fixed timestamp every test build uses.
+pub const EPOCH: &str = "1700000000";
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("builder/ has a parent")
+        .to_path_buf()
+}
+
+/// Runs `caisson build SPEC --out OUT` and returns the raw image path.
+pub fn build(spec: &str, out: &Path, extra: &[&str]) -> PathBuf {
+    let ws = workspace();
+    let status = Command::new(env!("CARGO_BIN_EXE_caisson"))
+        .current_dir(&ws)
+        .arg("build")
+        .arg(spec)
+        .arg("--out")
+        .arg(out)
+        .arg("--locked")
+        .args(extra)
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .status()
+        .expect("running caisson build");
+    assert!(status.success(), "caisson build {spec} failed");
+    let json = std::fs::read_dir(out)
+        .expect("listing the output dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let stem = Path::new(spec)
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            name.starts_with(&format!("{stem}-")) && name.ends_with(".raw")
+        });
+    json.expect("the build wrote a .raw image")
+}
+
+/// The image of `images/<name>.toml`, built once per test process.
+pub fn image(name: &'static str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| *n == name) {
+        return p.clone();
+    }
+    let out = workspace().join("target/e2e").join(name);
+    let _ = std::fs::remove_dir_all(&out);
+    let raw = build(&format!("images/{name}.toml"), &out, &[]);
+    built.push((name, raw.clone()));
+    raw
+}
+
+/// One VM at a time: the machine has two cores and TCG is slow.
+pub fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Copies partition `part` of a raw disk into its own file, for tools that take no offset.
+pub fn extract_partition(
+    disk: &Path,
+    part: caisson_layout::partition::Part,
+    dir: &Path,
+) -> PathBuf {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let layout = caisson_disk::read_layout(disk).expect("reading the GPT");
+    let info = layout.get(part).expect("the partition exists");
+    let out = dir.join(part.label());
+    let mut src = std::fs::File::open(disk).unwrap();
+    src.seek(SeekFrom::Start(info.start)).unwrap();
+    let mut dst = std::fs::File::create(&out).unwrap();
+    let mut limited = src.take(info.size);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = limited.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n]).unwrap();
+    }
+    out
+}
+
+/// Runs a checking tool and asserts it succeeds, showing its output when it does not.
+pub fn check(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
+    text
+}
