@@ -603,8 +603,7 @@ impl Vm {
     pub fn quit(&mut self) -> Result<ExitStatus, QemuError> {
         match self.qmp.execute("quit", None) {
             Ok(_) => {}
-            // QEMU may close the socket before it answers.
-            Err(QemuError::Qmp { .. }) if self.process.poll()?.is_some() => {}
+            // QEMU may close the socket before it answers; wait_exit tells whether it quit.
             Err(QemuError::Qmp { .. }) => {}
             Err(e) => return Err(e),
         }
@@ -727,9 +726,12 @@ fn banner(image: &Path, opts: &RunOptions) -> String {
         format!("forwards {}", list.join(", "))
     };
     format!(
-        "Booting {} ({:?}, {} MiB, changes discarded); {forwards}; the guest reaches host loopback at {HOST_FROM_GUEST}. Quit: ctrl-a x",
+        "Booting {} ({}, {} MiB, changes discarded); {forwards}; the guest reaches host loopback at {HOST_FROM_GUEST}. Quit: ctrl-a x",
         image.display(),
-        opts.accel,
+        match opts.accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        },
         opts.memory_mib
     )
 }

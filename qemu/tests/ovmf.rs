@@ -196,8 +196,12 @@ fn forwards_listen_on_loopback_and_vms_share_a_virtual_network() {
     opts.networks.push(net.attach().unwrap());
     let _a = Vm::launch(opts).unwrap();
     let mut opts = small(&disk);
-    opts.networks.push(net.attach().unwrap());
+    let b_nic = net.attach().unwrap();
+    opts.networks.push(b_nic.clone());
     let _b = Vm::launch(opts).unwrap();
+    // QEMU holds the NIC's loopback UDP port: frames from the hub reach it.
+    let err = std::net::UdpSocket::bind(b_nic.local).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
 }
 
