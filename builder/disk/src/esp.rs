@@ -16,6 +16,13 @@ use std::path::{Path, PathBuf};
 /// The FAT volume label.
 pub const VOLUME_LABEL: &str = "ESP";
 const WHAT: &str = "ESP";
+const MTOOLS_FLAGS: [(&str, &str); 5] = [
+    ("MTOOLS_SKIP_CHECK", "1"),
+    ("MTOOLS_NO_VFAT", "0"),
+    ("MTOOLS_LOWER_CASE", "0"),
+    ("MTOOLS_NAME_NUMERIC_TAIL", "1"),
+    ("MTOOLS_DEFAULT_CODEPAGE", "850"),
+];
 /// The smallest FAT32 that mkfs.fat makes with the minimum cluster count: below it firmware
 /// would, by the FAT specification, take the filesystem for FAT16.
 pub const MIN_SIZE: u64 = 33 * 1024 * 1024;
@@ -41,7 +48,11 @@ pub fn make_esp(
     let tmp = TempOut::new(out)?;
     let env = {
         let mut env = epoch_env(epoch);
-        env.push(("MTOOLS_SKIP_CHECK", "1".into()));
+        // Environment variables override mtools.conf and ~/.mtoolsrc: pin the flags that
+        // change what lands on the disk to their defaults.
+        for (k, v) in MTOOLS_FLAGS {
+            env.push((k, v.into()));
+        }
         env
     };
     let args: Vec<OsString> = vec![
@@ -124,15 +135,16 @@ fn plan(files: &[(String, PathBuf)]) -> Result<Plan<'_>, DiskError> {
     Ok((dirs, copies))
 }
 
-/// `/EFI//BOOT/x` becomes `EFI/BOOT/x`; `.`, `..`, backslashes, NUL and empty paths are refused.
+/// `/EFI//BOOT/x` becomes `EFI/BOOT/x`; `.`, `..`, backslashes, colons, NUL, non-ASCII (whose
+/// encoding would depend on the code page) and empty paths are refused.
 fn normalize(path: &str) -> Result<String, DiskError> {
     let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     let reason = if parts.is_empty() {
         Some("is empty")
     } else if parts.iter().any(|c| *c == "." || *c == "..") {
         Some("contains . or ..")
-    } else if path.contains(['\\', '\0', ':']) {
-        Some("contains a backslash, colon or NUL")
+    } else if !path.is_ascii() || path.contains(['\\', '\0', ':']) {
+        Some("is not ASCII or contains a backslash, colon or NUL")
     } else {
         None
     };
@@ -176,6 +188,11 @@ mod tests {
             .contains("both a file"));
         let up = vec![("../x".to_string(), f.clone())];
         assert!(plan(&up).is_err());
+        let accented = vec![("caf\u{e9}".to_string(), f.clone())];
+        assert!(plan(&accented)
+            .unwrap_err()
+            .to_string()
+            .contains("not ASCII"));
         let missing = vec![("x".to_string(), dir.path().join("nope"))];
         assert!(plan(&missing).unwrap_err().to_string().contains("nope"));
     }
