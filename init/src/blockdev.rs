@@ -124,7 +124,7 @@ pub fn wait_for_partuuid(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A fake /sys and /dev with one GPT disk `vda` holding two partitions.

@@ -88,3 +88,10 @@ fn attach(console: &File) {
     let _ = rustix::stdio::dup2_stdout(console.as_fd());
     let _ = rustix::stdio::dup2_stderr(console.as_fd());
 }
+
+/// [`attach_console`], only when `root` is the real root (not in tests).
+pub fn attach_console_under(root: &std::path::Path) {
+    if root == std::path::Path::new("/") {
+        attach_console();
+    }
+}

@@ -5,13 +5,23 @@
 //! System calls go through [`sys::Syscall`] so that the logic runs in plain `cargo test`.
 
 pub mod backoff;
+pub mod bless;
 pub mod blockdev;
+pub mod boot;
 pub mod cgroup;
 pub mod console;
+pub mod control;
 pub mod deps;
 pub mod dm;
+pub mod logs;
+pub mod modules;
 pub mod reaper;
 pub mod service;
+pub mod stage1;
+pub mod stage2;
 pub mod supervisor;
 pub mod sys;
 pub mod users;
+
+/// The init's name and version, for logs.
+pub const VERSION_LINE: &str = concat!("caisson-init ", env!("CARGO_PKG_VERSION"));

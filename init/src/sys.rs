@@ -522,7 +522,7 @@ impl Syscall for Recording {
         data: &str,
     ) -> io::Result<()> {
         self.record(Call::Mount {
-            source: source.to_string(),
+            source: source.replace(&*self.root.to_string_lossy(), ""),
             target: self.rel(target),
             fstype: fstype.to_string(),
             ro: flags.contains(MountFlags::RDONLY),

@@ -1,0 +1,79 @@
+//! Blessing the boot entry: once the machine has been healthy for the configured period, rename
+//! `loader/entries/caisson-<version>-<slot>+L-D.conf` to `caisson-<version>-<slot>.conf`, so that
+//! systemd-boot stops counting tries. An entry without a counter needs nothing.
+
+use caisson_layout::{paths, EntryName, Slot};
+use std::path::{Path, PathBuf};
+
+/// A failure to bless.
+#[derive(Debug, thiserror::Error)]
+pub enum BlessError {
+    #[error("reading {path} failed: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("renaming {from} to {to} failed: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Bless the entry of `version` in `slot` on the ESP mounted at `esp`. Returns the new name when
+/// something was renamed.
+pub fn bless(esp: &Path, version: &str, slot: Slot) -> Result<Option<String>, BlessError> {
+    let dir = esp.join(paths::ESP_ENTRIES_DIR);
+    let rd = std::fs::read_dir(&dir).map_err(|source| BlessError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    for e in rd.filter_map(|e| e.ok()) {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Ok(entry) = EntryName::parse(&file_name) else {
+            continue;
+        };
+        if entry.version != version || entry.slot != slot || entry.counter.is_none() {
+            continue;
+        }
+        let blessed = entry.blessed().to_string();
+        let to = dir.join(&blessed);
+        std::fs::rename(e.path(), &to).map_err(|source| BlessError::Rename {
+            from: e.path(),
+            to: to.clone(),
+            source,
+        })?;
+        return Ok(Some(blessed));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renames_only_our_counted_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("loader/entries");
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in [
+            "caisson-1.1.0-b+1-2.conf",
+            "caisson-1.0.0-a.conf",
+            "caisson-1.1.0-a+3-0.conf",
+            "other.conf",
+        ] {
+            std::fs::write(dir.join(n), "title x\n").unwrap();
+        }
+        let got = bless(tmp.path(), "1.1.0", Slot::B).unwrap();
+        assert_eq!(got.as_deref(), Some("caisson-1.1.0-b.conf"));
+        assert!(dir.join("caisson-1.1.0-b.conf").exists());
+        assert!(!dir.join("caisson-1.1.0-b+1-2.conf").exists());
+        assert!(dir.join("caisson-1.1.0-a+3-0.conf").exists());
+        assert_eq!(bless(tmp.path(), "1.1.0", Slot::B).unwrap(), None);
+        assert_eq!(bless(tmp.path(), "1.0.0", Slot::A).unwrap(), None);
+    }
+}

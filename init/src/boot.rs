@@ -1,0 +1,45 @@
+//! The entry points of the two stages, and the fatal path: a fatal error is logged and ends in a
+//! reboot after a pause, never in an exit of PID1 (which would panic the kernel and hide why).
+
+use crate::stage1::Stage1;
+use crate::sys::{Power, Real, Syscall};
+use caisson_layout::paths;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long the reason stays on the screen before the reboot.
+pub const FATAL_PAUSE: Duration = Duration::from_secs(10);
+
+/// Which stage this process is.
+pub fn in_initramfs() -> bool {
+    Path::new(paths::INITRD_MARKER).exists()
+}
+
+/// Log `err`, wait, sync and reboot. Never returns.
+pub fn fatal(sys: &dyn Syscall, err: &dyn std::fmt::Display) -> ! {
+    log::error!("{err}");
+    log::error!("rebooting in {} s", FATAL_PAUSE.as_secs());
+    std::thread::sleep(FATAL_PAUSE);
+    sys.sync();
+    if let Err(e) = sys.reboot(Power::Reboot) {
+        log::error!("reboot failed: {e}");
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Stage 1: prepare the root and switch to it. Never returns.
+pub fn stage1_main() -> ! {
+    crate::console::init(false, true);
+    let sys = Real;
+    let stage = Stage1::default();
+    match stage.prepare(&sys) {
+        Ok(p) => {
+            log::info!("switching to the root of {} (slot {})", p.version, p.slot);
+            let err = stage.switch_root(&sys);
+            fatal(&sys, &err)
+        }
+        Err(e) => fatal(&sys, &e),
+    }
+}

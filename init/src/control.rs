@@ -1,0 +1,381 @@
+//! The control protocol (documented in `init/CONTROL.md`): JSON lines over the unix socket
+//! `/run/caisson/init.sock` and over the virtio-serial port `org.caisson.ctl`. One request per
+//! line; each answer is one line, except `logs`, which sends one `{"line": ...}` per log line and
+//! then `{"ok": true}` (never, with `follow`, until the client goes away).
+
+use crate::logs;
+use crate::supervisor::ServiceStatus;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Start {
+        service: String,
+    },
+    Stop {
+        service: String,
+    },
+    Restart {
+        service: String,
+    },
+    Logs {
+        service: String,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        lines: Option<usize>,
+    },
+    Reboot,
+    Poweroff,
+}
+
+/// The machine as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub slot: String,
+    pub ready: bool,
+    pub shutting_down: bool,
+    pub services: Vec<ServiceStatus>,
+}
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// One log line (`logs` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Response {
+            ok: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn error(e: impl ToString) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Answers the requests that need the supervisor (everything but `logs`).
+pub type Dispatch = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+
+/// Serve one connection (a socket client, or the virtio port) until it closes.
+pub fn serve_stream<R: std::io::Read, W: Write>(
+    reader: R,
+    mut writer: W,
+    dispatch: &Dispatch,
+    log_dir: &Path,
+) -> std::io::Result<()> {
+    let reader = BufReader::new(reader);
+    for line in reader.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&mut writer, &Response::error(format!("bad request: {e}")))?;
+                continue;
+            }
+        };
+        match req {
+            Request::Logs {
+                service,
+                follow,
+                lines,
+            } => serve_logs(&mut writer, log_dir, &service, follow, lines)?,
+            other => send(&mut writer, &dispatch(other))?,
+        }
+    }
+    Ok(())
+}
+
+fn send<W: Write>(w: &mut W, r: &Response) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(r).map_err(std::io::Error::other)?;
+    text.push('\n');
+    w.write_all(text.as_bytes())?;
+    w.flush()
+}
+
+fn serve_logs<W: Write>(
+    w: &mut W,
+    dir: &Path,
+    service: &str,
+    follow: bool,
+    lines: Option<usize>,
+) -> std::io::Result<()> {
+    if !crate::service::valid_name(service) {
+        return send(
+            w,
+            &Response::error(format!("{service:?} is not a service name")),
+        );
+    }
+    let tail = match logs::tail(dir, service, lines.unwrap_or(usize::MAX)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && follow => Vec::new(),
+        Err(e) => return send(w, &Response::error(format!("no log for {service}: {e}"))),
+    };
+    for l in tail {
+        send(w, &line(l))?;
+    }
+    if follow {
+        let mut failed = None;
+        logs::follow(dir, service, |l| {
+            // Heartbeats (empty lines) are not sent: a write error is how we notice a closed peer,
+            // so write a bare newline, which clients skip.
+            let r = if l.is_empty() {
+                w.write_all(b"\n").and_then(|_| w.flush())
+            } else {
+                send(w, &line(l.to_string()))
+            };
+            match r {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        });
+        return failed.map_or(Ok(()), Err);
+    }
+    send(w, &Response::ok())
+}
+
+fn line(l: String) -> Response {
+    Response {
+        ok: true,
+        line: Some(l),
+        ..Default::default()
+    }
+}
+
+/// Accept connections on `path` forever, one thread per connection.
+pub fn serve_socket(path: &Path, dispatch: Dispatch, log_dir: PathBuf) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let dispatch = dispatch.clone();
+                let log_dir = log_dir.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .stack_size(128 * 1024)
+                    .spawn(move || {
+                        if let Ok(reader) = conn.try_clone() {
+                            let _ = serve_stream(reader, conn, &dispatch, &log_dir);
+                        }
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+/// The virtio-serial port called `name`, found through `/sys/class/virtio-ports/*/name`.
+pub fn find_virtio_port(root: &Path, name: &str) -> Option<PathBuf> {
+    let rd = std::fs::read_dir(root.join("sys/class/virtio-ports")).ok()?;
+    rd.filter_map(|e| e.ok()).find_map(|e| {
+        let n = std::fs::read_to_string(e.path().join("name")).ok()?;
+        (n.trim() == name).then(|| root.join("dev").join(e.file_name()))
+    })
+}
+
+/// Serve the protocol on the virtio port, reopening it whenever the host side goes away.
+pub fn serve_virtio(port: PathBuf, dispatch: Dispatch, log_dir: PathBuf) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control-virtio".into())
+        .spawn(move || loop {
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&port);
+            match opened.and_then(|f| Ok((f.try_clone()?, f))) {
+                Ok((r, w)) => {
+                    let _ = serve_stream(r, w, &dispatch, &log_dir);
+                }
+                Err(e) => log::debug!("virtio port {}: {e}", port.display()),
+            }
+            // EOF on a virtio port means no host is connected: poll gently.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        })?;
+    Ok(())
+}
+
+/// A client of the control socket (used by `caisson-ctl`).
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+/// A control client failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "connecting to {path} failed (is this a Caisson machine, and are you root?): {source}"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the init failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the init sent something that is not a response: {0}")]
+    Protocol(#[from] serde_json::Error),
+    #[error("the init closed the connection")]
+    Closed,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Client {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Send a request.
+    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        let mut text = serde_json::to_string(req)?;
+        text.push('\n');
+        self.writer.write_all(text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Read the next response (skipping heartbeats).
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(ClientError::Closed);
+            }
+            if !line.trim().is_empty() {
+                return Ok(serde_json::from_str(&line)?);
+            }
+        }
+    }
+
+    /// Send a request and read its one response.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        self.send(req)?;
+        self.recv()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"restart","service":"containerd"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Restart {
+                service: "containerd".into()
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"logs","service":"x"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Logs {
+                service: "x".into(),
+                follow: false,
+                lines: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Poweroff).unwrap(),
+            r#"{"cmd":"poweroff"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+    }
+
+    #[test]
+    fn socket_round_trip_with_logs() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("svc.log"), "a\nb\nc\n").unwrap();
+        let sock = tmp.path().join("run/init.sock");
+        let dispatch: Dispatch = Arc::new(|req| match req {
+            Request::Status => Response {
+                ok: true,
+                status: Some(Status {
+                    version: "1.0.0".into(),
+                    slot: "a".into(),
+                    ready: true,
+                    shutting_down: false,
+                    services: vec![],
+                }),
+                ..Default::default()
+            },
+            _ => Response::error("nope"),
+        });
+        serve_socket(&sock, dispatch, tmp.path().to_path_buf()).unwrap();
+        let mut c = Client::connect(&sock).unwrap();
+        let st = c.call(&Request::Status).unwrap();
+        assert_eq!(st.status.unwrap().version, "1.0.0");
+        assert_eq!(
+            c.call(&Request::Reboot).unwrap().error.as_deref(),
+            Some("nope")
+        );
+        c.send(&Request::Logs {
+            service: "svc".into(),
+            follow: false,
+            lines: Some(2),
+        })
+        .unwrap();
+        assert_eq!(c.recv().unwrap().line.as_deref(), Some("b"));
+        assert_eq!(c.recv().unwrap().line.as_deref(), Some("c"));
+        assert_eq!(c.recv().unwrap(), Response::ok());
+        c.writer.write_all(b"garbage\n").unwrap();
+        assert!(c.recv().unwrap().error.unwrap().contains("bad request"));
+    }
+
+    #[test]
+    fn finds_the_virtio_port_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (dev, name) in [("vport0p1", "other"), ("vport0p2", "org.caisson.ctl")] {
+            let d = tmp.path().join("sys/class/virtio-ports").join(dev);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("name"), format!("{name}\n")).unwrap();
+        }
+        assert_eq!(
+            find_virtio_port(tmp.path(), caisson_layout::paths::VIRTIO_CONTROL_PORT),
+            Some(tmp.path().join("dev/vport0p2"))
+        );
+    }
+}

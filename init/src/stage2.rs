@@ -1,0 +1,631 @@
+//! Stage 2: PID1 on the verified root. Mounts, cgroups, hostname, loopback, modules, then the
+//! supervisor's event loop; the ready line, blessing, the control socket, signals and shutdown.
+
+use crate::cgroup::Cgroups;
+use crate::control::{self, Dispatch, Request, Response, Status};
+use crate::logs::LogPump;
+use crate::reaper::Reaper;
+use crate::service;
+use crate::stage1::EARLY_MOUNTS;
+use crate::supervisor::{self, Notice, Supervisor};
+use crate::sys::{self, Exit, MountFlags, Pid, Power, Real, Sig, Syscall};
+use caisson_layout::cmdline::BootParams;
+use caisson_layout::{osrelease, paths, Slot};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The init's own settings, `/etc/caisson/init.toml`.
+pub const CONFIG_PATH: &str = "/etc/caisson/init.toml";
+
+/// `/etc/caisson/init.toml` (every field optional).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InitConfig {
+    /// Seconds every required service must stay ready before the boot entry is blessed.
+    pub bless_after_s: u64,
+    /// Size at which a service log is rotated.
+    pub log_max_bytes: u64,
+    /// Console lines a service may print at once, and per second after that.
+    pub console_burst: u32,
+    pub console_lines_per_s: u32,
+    /// Bound on the final `sync` at shutdown.
+    pub sync_timeout_s: u64,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        InitConfig {
+            bless_after_s: 30,
+            log_max_bytes: 4 << 20,
+            console_burst: 200,
+            console_lines_per_s: 50,
+            sync_timeout_s: 10,
+        }
+    }
+}
+
+impl InitConfig {
+    /// Reads the file; a missing file gives the defaults, a broken one is logged and ignored.
+    pub fn load(path: &Path) -> InitConfig {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).unwrap_or_else(|e| {
+                log::error!("{}: {e}; using the defaults", path.display());
+                InitConfig::default()
+            }),
+            Err(_) => InitConfig::default(),
+        }
+    }
+}
+
+/// What the main loop waits for.
+pub enum Event {
+    Exits(Vec<(Pid, Exit)>),
+    Signal(i32),
+    Control(Request, Sender<Response>),
+    Blessed,
+}
+
+/// Signals PID1 handles; everything else keeps its default (which for PID1 means ignored).
+const SIGNALS: [i32; 5] = [
+    libc::SIGCHLD,
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGPWR,
+    libc::SIGHUP,
+];
+
+/// Version and slot of this boot.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub version: String,
+    pub slot: Option<Slot>,
+    pub params: Option<BootParams>,
+}
+
+impl Identity {
+    fn read() -> Identity {
+        let params = std::fs::read_to_string("/proc/cmdline")
+            .ok()
+            .and_then(|t| BootParams::parse(&t).ok());
+        let version = params.as_ref().map(|p| p.version.clone()).or_else(|| {
+            std::fs::read_to_string(osrelease::PATH)
+                .ok()
+                .and_then(|t| osrelease::OsRelease::parse(&t).ok())
+                .map(|o| o.version)
+        });
+        Identity {
+            version: version.unwrap_or_else(|| "unknown".into()),
+            slot: params.as_ref().map(|p| p.slot),
+            params,
+        }
+    }
+
+    fn slot_text(&self) -> String {
+        self.slot
+            .map_or_else(|| "unknown".into(), |s| s.to_string())
+    }
+}
+
+fn mount_logged(
+    sys: &dyn Syscall,
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) {
+    let t = Path::new(target);
+    if let Err(e) = std::fs::create_dir_all(t) {
+        log::warn!("creating {target}: {e}");
+    }
+    if let Err(e) = sys.mount(src, t, fstype, flags, data) {
+        log::warn!("mounting {fstype} at {target} failed: {e}");
+    }
+}
+
+/// The stage-2 mounts (the early ones too, when there was no stage 1).
+pub fn mounts(sys: &dyn Syscall) {
+    if !Path::new("/proc/self").exists() {
+        for (src, target, fstype, flags, data) in EARLY_MOUNTS {
+            mount_logged(sys, src, target, fstype, flags, data);
+        }
+    }
+    let nosuid_nodev = MountFlags::NOSUID | MountFlags::NODEV;
+    mount_logged(
+        sys,
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "gid=5,mode=620,ptmxmode=666",
+    );
+    mount_logged(sys, "tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777");
+    mount_logged(sys, "tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777");
+    mount_logged(
+        sys,
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid_nodev | MountFlags::NOEXEC,
+        "nsdelegate",
+    );
+    if let Err(e) = sys.make_rshared(Path::new("/")) {
+        log::warn!("making / shared failed: {e}");
+    }
+}
+
+fn hostname(sys: &dyn Syscall) {
+    let name = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "caisson".into());
+    if let Err(e) = sys.sethostname(&name) {
+        log::warn!("setting the hostname to {name} failed: {e}");
+    }
+}
+
+/// Stage 2. Never returns.
+pub fn main() -> ! {
+    crate::console::attach_console();
+    crate::console::init(false, false);
+    let sys: Arc<dyn Syscall> = Arc::new(Real);
+    if let Err(e) = sys::block_signals(&SIGNALS) {
+        log::error!("blocking signals failed: {e}");
+    }
+    if let Err(e) = sys.disable_ctrl_alt_del() {
+        log::warn!("ctrl-alt-del stays a hard reboot: {e}");
+    }
+    match run(sys.clone()) {
+        Ok(power) => finish(sys.as_ref(), power),
+        Err(e) => crate::boot::fatal(sys.as_ref(), &e),
+    }
+}
+
+/// A stage-2 failure that ends in a reboot.
+#[derive(Debug, thiserror::Error)]
+pub enum Stage2Error {
+    #[error("starting the {0} thread failed: {1}")]
+    Thread(&'static str, #[source] std::io::Error),
+}
+
+fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
+    mounts(sys.as_ref());
+    let id = Identity::read();
+    if let Some(p) = &id.params {
+        crate::console::set_debug(p.debug);
+    }
+    log::info!(
+        "stage 2: {} on {} slot {}",
+        crate::VERSION_LINE,
+        id.version,
+        id.slot_text()
+    );
+    hostname(sys.as_ref());
+    if let Err(e) = sys.loopback_up() {
+        log::warn!("bringing up lo failed: {e}");
+    }
+    crate::modules::load_list(sys.as_ref(), Path::new("/"), paths::ROOT_MODULES_LIST);
+    for d in ["/run/caisson", paths::LOG_DIR] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            log::warn!("creating {d}: {e}");
+        }
+    }
+    let config = InitConfig::load(Path::new(CONFIG_PATH));
+    let cgroups = Cgroups {
+        root: PathBuf::from("/sys/fs/cgroup"),
+    };
+    let cgroups = match cgroups.setup() {
+        Ok(()) => Some(cgroups),
+        Err(e) => {
+            log::warn!("{e}; services run without cgroup limits");
+            None
+        }
+    };
+    let loaded = service::load_dirs(&[
+        Path::new(paths::IMAGE_SERVICES_DIR),
+        Path::new(paths::ETC_SERVICES_DIR),
+    ]);
+    log::info!(
+        "{} services ({} unusable)",
+        loaded.specs.len(),
+        loaded.broken.len()
+    );
+    let pump = LogPump {
+        dir: PathBuf::from(paths::LOG_DIR),
+        max_bytes: config.log_max_bytes,
+        console_burst: config.console_burst,
+        console_per_sec: config.console_lines_per_s,
+        console: true,
+    };
+    let reaper = Arc::new(Reaper::default());
+    let sup_config = supervisor::Config {
+        cgroups,
+        healthy_after: Duration::from_secs(config.bless_after_s),
+        ..Default::default()
+    };
+    let mut sup = Supervisor::new(
+        sys.clone(),
+        reaper.clone(),
+        Arc::new(pump),
+        sup_config,
+        loaded.specs,
+        loaded.broken,
+    );
+    let (tx, rx) = channel();
+    start_signal_thread(sys.clone(), reaper, tx.clone())?;
+    start_control(tx.clone());
+    Ok(event_loop(&mut sup, &rx, &tx, &id))
+}
+
+fn start_signal_thread(
+    sys: Arc<dyn Syscall>,
+    reaper: Arc<Reaper>,
+    tx: Sender<Event>,
+) -> Result<(), Stage2Error> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || loop {
+            match sys::wait_signal(&SIGNALS) {
+                Ok(libc::SIGCHLD) => {
+                    let exits = reaper.reap_all(sys.as_ref());
+                    if !exits.is_empty() && tx.send(Event::Exits(exits)).is_err() {
+                        return;
+                    }
+                }
+                Ok(sig) => {
+                    if tx.send(Event::Signal(sig)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::error!("sigwait failed: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Stage2Error::Thread("signal", e))
+}
+
+fn start_control(tx: Sender<Event>) {
+    let tx = std::sync::Mutex::new(tx);
+    let dispatch: Dispatch = Arc::new(move |req| {
+        let (rtx, rrx) = channel();
+        let sent = tx
+            .lock()
+            .map(|t| t.send(Event::Control(req, rtx)).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            return Response::error("the init is not accepting requests");
+        }
+        rrx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| Response::error("the init did not answer"))
+    });
+    let log_dir = PathBuf::from(paths::LOG_DIR);
+    if let Err(e) = control::serve_socket(
+        Path::new(paths::CONTROL_SOCKET),
+        dispatch.clone(),
+        log_dir.clone(),
+    ) {
+        log::error!("control socket {}: {e}", paths::CONTROL_SOCKET);
+    }
+    match control::find_virtio_port(Path::new("/"), paths::VIRTIO_CONTROL_PORT) {
+        Some(port) => {
+            log::info!("control channel on {}", port.display());
+            if let Err(e) = control::serve_virtio(port, dispatch, log_dir) {
+                log::error!("virtio control port: {e}");
+            }
+        }
+        None => log::debug!("no virtio port {}", paths::VIRTIO_CONTROL_PORT),
+    }
+}
+
+/// The supervisor's loop; returns what to do once every service has stopped.
+fn event_loop(
+    sup: &mut Supervisor,
+    rx: &Receiver<Event>,
+    tx: &Sender<Event>,
+    id: &Identity,
+) -> Power {
+    let mut power = Power::PowerOff;
+    let mut ready = false;
+    let mut shutdown_deadline: Option<Instant> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Exits(exits)) => {
+                let now = Instant::now();
+                for (pid, exit) in exits {
+                    sup.on_exit(pid, exit, now);
+                }
+            }
+            Ok(Event::Signal(sig)) => match sig {
+                libc::SIGINT => {
+                    log::info!("ctrl-alt-del: rebooting");
+                    power = Power::Reboot;
+                    sup.begin_shutdown(Instant::now());
+                }
+                libc::SIGTERM | libc::SIGPWR => {
+                    log::info!("power off requested");
+                    power = Power::PowerOff;
+                    sup.begin_shutdown(Instant::now());
+                }
+                other => log::debug!("ignoring signal {other}"),
+            },
+            Ok(Event::Control(req, reply)) => {
+                let resp = control_request(sup, req, ready, id, &mut power);
+                let _ = reply.send(resp);
+            }
+            Ok(Event::Blessed) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {}
+        }
+        let now = Instant::now();
+        if sup.shutting_down() && shutdown_deadline.is_none() {
+            shutdown_deadline = Some(now + Duration::from_secs(90));
+        }
+        for notice in sup.tick(now) {
+            match notice {
+                Notice::Ready => {
+                    ready = true;
+                    announce_ready(id);
+                }
+                Notice::Healthy => start_bless(id, tx.clone()),
+                Notice::ShutdownDone => return power,
+            }
+        }
+        if shutdown_deadline.is_some_and(|d| now >= d) {
+            log::error!("services did not stop in time; shutting down anyway");
+            return power;
+        }
+    }
+}
+
+fn control_request(
+    sup: &mut Supervisor,
+    req: Request,
+    ready: bool,
+    id: &Identity,
+    power: &mut Power,
+) -> Response {
+    let now = Instant::now();
+    let result = match req {
+        Request::Status => {
+            return Response {
+                ok: true,
+                status: Some(Status {
+                    version: id.version.clone(),
+                    slot: id.slot_text(),
+                    ready,
+                    shutting_down: sup.shutting_down(),
+                    services: sup.status(),
+                }),
+                ..Default::default()
+            }
+        }
+        Request::Start { service } => sup.start_service(&service, now),
+        Request::Stop { service } => sup.stop_service(&service, now),
+        Request::Restart { service } => sup.restart_service(&service, now),
+        Request::Reboot | Request::Poweroff => {
+            *power = if matches!(req, Request::Reboot) {
+                Power::Reboot
+            } else {
+                Power::PowerOff
+            };
+            log::info!("{req:?} requested through the control channel");
+            sup.begin_shutdown(now);
+            Ok(())
+        }
+        Request::Logs { .. } => return Response::error("logs are served by the connection"),
+    };
+    match result {
+        Ok(()) => Response::ok(),
+        Err(e) => Response::error(e),
+    }
+}
+
+/// The exact line the tests wait for.
+pub fn ready_line(version: &str, slot: &str, boot_ms: u64) -> String {
+    format!("ready version={version} slot={slot} boot_ms={boot_ms}")
+}
+
+fn announce_ready(id: &Identity) {
+    let line = ready_line(&id.version, &id.slot_text(), sys::boot_ms());
+    log::info!("{line}");
+    if let Err(e) = std::fs::write(paths::READY_FILE, format!("{line}\n")) {
+        log::warn!("writing {}: {e}", paths::READY_FILE);
+    }
+}
+
+fn start_bless(id: &Identity, tx: Sender<Event>) {
+    let Some(params) = id.params.clone() else {
+        log::info!("no boot parameters on the command line: nothing to bless");
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("bless".into())
+        .spawn(move || {
+            if let Err(e) = bless_now(&Real, &params) {
+                log::error!("blessing the boot entry failed: {e}");
+            }
+            let _ = tx.send(Event::Blessed);
+        });
+    if let Err(e) = spawned {
+        log::error!("no bless thread: {e}");
+    }
+}
+
+/// A failure while blessing.
+#[derive(Debug, thiserror::Error)]
+pub enum BlessStepError {
+    #[error(transparent)]
+    Block(#[from] crate::blockdev::BlockError),
+    #[error("mounting the ESP {dev} at {}: {source}", paths::ESP_MOUNT)]
+    Mount {
+        dev: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bless(#[from] crate::bless::BlessError),
+}
+
+/// Mount the ESP, bless this boot's entry, unmount it.
+pub fn bless_now(sys: &dyn Syscall, params: &BootParams) -> Result<(), BlessStepError> {
+    let dev = crate::blockdev::wait_for_partuuid(
+        Path::new("/"),
+        params.esp,
+        "ESP",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+    )?;
+    let esp = Path::new(paths::ESP_MOUNT);
+    let _ = std::fs::create_dir_all(esp);
+    sys.mount(
+        &dev.to_string_lossy(),
+        esp,
+        "vfat",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "umask=0077",
+    )
+    .map_err(|source| BlessStepError::Mount {
+        dev: dev.clone(),
+        source,
+    })?;
+    let result = crate::bless::bless(esp, &params.version, params.slot);
+    sys.sync();
+    if let Err(e) = sys.unmount(esp, false) {
+        log::warn!("unmounting {}: {e}", paths::ESP_MOUNT);
+    }
+    match result? {
+        Some(name) => log::info!("boot entry blessed: {name}"),
+        None => log::info!("boot entry has no counter: nothing to bless"),
+    }
+    Ok(())
+}
+
+/// Disk filesystems from `/proc/self/mountinfo`, deepest first.
+pub fn disk_mounts(mountinfo: &str) -> Vec<String> {
+    const VIRTUAL: [&str; 14] = [
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "tmpfs",
+        "devpts",
+        "cgroup2",
+        "mqueue",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+    ];
+    let mut out: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let target = left.split_whitespace().nth(4)?;
+            let fstype = right.split_whitespace().next()?;
+            (!VIRTUAL.contains(&fstype) && target != "/").then(|| unescape(target))
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// After the services: kill the rest, sync (bounded), unmount, reboot or power off.
+pub fn finish(sys: &dyn Syscall, power: Power) -> ! {
+    log::info!("stopping remaining processes");
+    let _ = sys.kill(-1, Sig::Term);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = sys.kill(-1, Sig::Kill);
+    let config = InitConfig::load(Path::new(CONFIG_PATH));
+    bounded_sync(Duration::from_secs(config.sync_timeout_s));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for target in disk_mounts(&info) {
+        let t = Path::new(&target);
+        if sys.unmount(t, false).is_err() {
+            match sys.remount_ro(t) {
+                Ok(()) => log::info!("{target} remounted read-only"),
+                Err(e) => log::warn!("{target} stays mounted read-write: {e}"),
+            }
+        }
+    }
+    sys.sync();
+    log::info!(
+        "{}",
+        if power == Power::Reboot {
+            "rebooting"
+        } else {
+            "powering off"
+        }
+    );
+    if let Err(e) = sys.reboot(power) {
+        crate::boot::fatal(sys, &format!("reboot(2) failed: {e}"));
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn bounded_sync(timeout: Duration) {
+    let (tx, rx) = channel();
+    let spawned = std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || {
+            rustix::fs::sync();
+            let _ = tx.send(());
+        });
+    if spawned.is_ok() && rx.recv_timeout(timeout).is_err() {
+        log::warn!("sync did not finish within {} s", timeout.as_secs());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_format() {
+        assert_eq!(
+            ready_line("1.2.0", "b", 4321),
+            "ready version=1.2.0 slot=b boot_ms=4321"
+        );
+    }
+
+    #[test]
+    fn disk_mounts_deepest_first_without_virtual_ones() {
+        let info = "\
+22 1 253:0 / / ro,relatime - erofs /dev/dm-0 ro
+23 22 0:5 / /dev rw - devtmpfs devtmpfs rw
+24 22 254:4 / /var rw,relatime - ext4 /dev/vda4 rw
+25 22 0:30 / /etc rw - overlay overlay rw,lowerdir=/etc
+26 22 0:31 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+27 24 254:1 / /var/lib/my\\040dir rw - ext4 /dev/vdb rw
+";
+        assert_eq!(disk_mounts(info), ["/var/lib/my dir", "/etc", "/var"]);
+    }
+
+    #[test]
+    fn config_defaults_and_overrides() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("init.toml");
+        assert_eq!(InitConfig::load(&p).bless_after_s, 30);
+        std::fs::write(&p, "bless_after_s = 0\n").unwrap();
+        let c = InitConfig::load(&p);
+        assert_eq!(c.bless_after_s, 0);
+        assert_eq!(c.sync_timeout_s, 10);
+    }
+}
