@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -122,6 +123,10 @@ impl Cache {
             });
         }
         let path = self.path(&expected);
+        let readable = std::fs::Permissions::from_mode(0o644);
+        tmp.as_file()
+            .set_permissions(readable)
+            .ctx("setting the mode of", tmp.path())?;
         tmp.persist(&path)
             .map_err(|e| e.error)
             .ctx("renaming into", &path)?;

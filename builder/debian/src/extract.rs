@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -89,6 +89,23 @@ pub fn merged_usr_skeleton(dest: &Path) -> Result<(), DebianError> {
 /// hard links are kept; device nodes and FIFOs are skipped with a warning. Returns every entry
 /// written, in archive order.
 pub fn extract(deb: &Path, dest: &Path) -> Result<Vec<ExtractedFile>, DebianError> {
+    extract_with(deb, dest, &ExtractOptions::default())
+}
+
+/// Choices for [`extract_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtractOptions {
+    /// Paths (relative, after the merged-/usr mapping, e.g. `usr/share/doc`) whose entries,
+    /// and everything below them, are neither written nor listed.
+    pub skip: Vec<PathBuf>,
+}
+
+/// [`extract`], leaving out what `options` says.
+pub fn extract_with(
+    deb: &Path,
+    dest: &Path,
+    options: &ExtractOptions,
+) -> Result<Vec<ExtractedFile>, DebianError> {
     let file = File::open(deb).ctx("opening", deb)?;
     let mut ar = ar::Archive::new(BufReader::new(file));
     while let Some(member) = ar.next_entry() {
@@ -97,7 +114,7 @@ pub fn extract(deb: &Path, dest: &Path) -> Result<Vec<ExtractedFile>, DebianErro
         let id = id.trim_end_matches('/');
         if let Some(compression) = id.strip_prefix("data.tar") {
             let reader = decompressor(compression, member, deb)?;
-            return Unpacker::new(deb, dest).run(reader);
+            return Unpacker::new(deb, dest, options).run(reader);
         }
     }
     Err(DebianError::BadDeb {
@@ -152,6 +169,9 @@ fn map_merged_usr(rel: &Path) -> PathBuf {
 struct Unpacker<'a> {
     deb: &'a Path,
     dest: &'a Path,
+    options: &'a ExtractOptions,
+    /// The copy buffer, reused for every file.
+    buf: Vec<u8>,
     out: Vec<ExtractedFile>,
     /// sha256 and size of regular files written so far, by mapped path, for hard links.
     hashes: HashMap<PathBuf, (String, u64)>,
@@ -160,10 +180,12 @@ struct Unpacker<'a> {
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(deb: &'a Path, dest: &'a Path) -> Self {
+    fn new(deb: &'a Path, dest: &'a Path, options: &'a ExtractOptions) -> Self {
         Unpacker {
             deb,
             dest,
+            options,
+            buf: vec![0u8; 256 * 1024],
             out: Vec::new(),
             hashes: HashMap::new(),
             dir_modes: Vec::new(),
@@ -205,6 +227,9 @@ impl<'a> Unpacker<'a> {
         let Some(rel) = self.mapped(&raw)? else {
             return Ok(());
         };
+        if self.skipped(&rel) {
+            return Ok(());
+        }
         let header = entry.header();
         let mode = header.mode().ctx("reading", self.deb)? & 0o7777;
         let uid = header.uid().ctx("reading", self.deb)?;
@@ -236,6 +261,15 @@ impl<'a> Unpacker<'a> {
                 let target = self
                     .mapped(&target)?
                     .ok_or_else(|| self.unsafe_path(&raw))?;
+                if self.skipped(&target) {
+                    log::warn!(
+                        "{}: skipping {}: it links to the skipped {}",
+                        self.deb.display(),
+                        rel.display(),
+                        target.display()
+                    );
+                    return Ok(());
+                }
                 let (hash, size) = self.hardlink(&rel, &target)?;
                 (EntryKind::Hardlink(target), size, Some(hash))
             }
@@ -260,6 +294,10 @@ impl<'a> Unpacker<'a> {
         Ok(())
     }
 
+    fn skipped(&self, rel: &Path) -> bool {
+        self.options.skip.iter().any(|s| rel.starts_with(s))
+    }
+
     fn dir(&mut self, rel: &Path, mode: u32) -> Result<EntryKind, DebianError> {
         let real = self.resolve(rel, true)?;
         self.dir_modes.push((real, mode));
@@ -274,24 +312,18 @@ impl<'a> Unpacker<'a> {
         mtime: u64,
     ) -> Result<(String, u64), DebianError> {
         let path = self.prepare(rel)?;
-        let file = File::create(&path).ctx("creating", &path)?;
-        let mut out = BufWriter::with_capacity(128 * 1024, file);
+        let mut file = File::create(&path).ctx("creating", &path)?;
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
         let mut size = 0u64;
         loop {
-            let n = data.read(&mut buf).ctx("reading", self.deb)?;
+            let n = read_full(data, &mut self.buf).ctx("reading", self.deb)?;
             if n == 0 {
                 break;
             }
-            out.write_all(&buf[..n]).ctx("writing", &path)?;
-            hasher.update(&buf[..n]);
+            file.write_all(&self.buf[..n]).ctx("writing", &path)?;
+            hasher.update(&self.buf[..n]);
             size += n as u64;
         }
-        let file = out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .ctx("writing", &path)?;
         file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime))
             .ctx("setting the time of", &path)?;
         drop(file);
@@ -395,6 +427,20 @@ impl<'a> Unpacker<'a> {
             .chain(done.iter().map(|p| p.as_ref()))
             .collect())
     }
+}
+
+/// Reads until `buf` is full or the data ends; fewer, larger writes.
+fn read_full(data: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match data.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Whether an archive path is exactly the top-level directory `name` (`./bin`, `/bin`).
@@ -552,6 +598,29 @@ mod tests {
         assert_eq!(files[2].kind, EntryKind::Symlink("busybox".into()));
         assert_eq!(files[4].kind, EntryKind::Hardlink("usr/bin/busybox".into()));
         assert_eq!(files[4].sha256, files[1].sha256);
+    }
+
+    #[test]
+    fn skipped_prefixes_are_left_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deb = deb(
+            tmp.path(),
+            &[
+                E::File("./usr/share/doc/t/copyright", 0o644, b"c"),
+                E::Hard("./usr/share/doc/t/copy2", "./usr/share/doc/t/copyright"),
+                E::Hard("./usr/bin/c", "./usr/share/doc/t/copyright"),
+                E::File("./usr/share/docs", 0o644, b"kept"),
+                E::File("./bin/t", 0o755, b"t"),
+            ],
+        );
+        let dest = tmp.path().join("root");
+        let options = ExtractOptions {
+            skip: vec!["usr/share/doc".into()],
+        };
+        let files = extract_with(&deb, &dest, &options).unwrap();
+        let paths: Vec<&str> = files.iter().map(|f| f.path.to_str().unwrap()).collect();
+        assert_eq!(paths, ["usr/share/docs", "usr/bin/t"]);
+        assert!(!dest.join("usr/share/doc").exists());
     }
 
     #[test]

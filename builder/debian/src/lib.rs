@@ -33,7 +33,9 @@ pub mod version;
 pub use archive::{Archive, DEBIAN_KEYRING};
 pub use cache::{hash_file, Cache, Sink};
 pub use error::DebianError;
-pub use extract::{extract, merged_usr_skeleton, EntryKind, ExtractedFile};
+pub use extract::{
+    extract, extract_with, merged_usr_skeleton, EntryKind, ExtractOptions, ExtractedFile,
+};
 pub use fetch::{fetch, PARALLEL};
 pub use lock::{Lock, LockedPackage};
 pub use resolve::{resolve, resolve_with_keyring};
