@@ -23,7 +23,7 @@ pub mod qcow2;
 mod tempout;
 pub mod tools;
 
-pub use cpio::{write_initramfs, CpioData, CpioEntry, CpioKind};
+pub use cpio::{write_initramfs, write_initramfs_with_level, CpioData, CpioEntry, CpioKind};
 pub use erofs::{make_root_payload, RootPayload};
 pub use error::DiskError;
 pub use esp::make_esp;
