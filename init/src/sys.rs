@@ -244,8 +244,10 @@ impl Syscall for Real {
     }
 
     fn reap_one(&self) -> io::Result<Option<(Pid, Exit)>> {
-        use rustix::process::{waitpid, WaitOptions};
-        match waitpid(None, WaitOptions::NOHANG) {
+        use rustix::process::{wait, WaitOptions};
+        // `wait` is waitpid(-1): any child. (rustix's `waitpid(None)` is waitpid(0): only our
+        // process group, which misses services, since each runs in its own session.)
+        match wait(WaitOptions::NOHANG) {
             Ok(Some((pid, status))) => {
                 let raw = std::process::ExitStatus::from_raw(status.as_raw());
                 let exit = match (raw.code(), raw.signal()) {
