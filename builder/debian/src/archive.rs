@@ -166,7 +166,8 @@ pub(crate) fn download(
 fn decompress_xz(path: &Path, url: &str) -> Result<String, DebianError> {
     let file = std::fs::File::open(path).ctx("opening", path)?;
     let mut text = String::new();
-    xz2::read::XzDecoder::new(std::io::BufReader::new(file))
+    crate::pipe::xz_reader(file)
+        .ctx("reading", path)?
         .read_to_string(&mut text)
         .map_err(|e| DebianError::Parse {
             what: format!("{url} (cached as {})", path.display()),

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use sha2::{Digest, Sha256};
 
 use crate::error::{DebianError, IoContext};
+use crate::pipe::{pipelined, read_full, xz_reader};
 
 /// Top-level directories that live under `/usr` in a merged-/usr system.
 const MERGED: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -114,7 +115,7 @@ pub fn extract_with(
         let id = id.trim_end_matches('/');
         if let Some(compression) = id.strip_prefix("data.tar") {
             let reader = decompressor(compression, member, deb)?;
-            return Unpacker::new(deb, dest, options).run(reader);
+            return pipelined(reader, |r| Unpacker::new(deb, dest, options).run(r));
         }
     }
     Err(DebianError::BadDeb {
@@ -125,11 +126,11 @@ pub fn extract_with(
 
 fn decompressor<'a>(
     suffix: &str,
-    member: impl Read + 'a,
+    member: impl Read + Send + 'a,
     deb: &Path,
-) -> Result<Box<dyn Read + 'a>, DebianError> {
+) -> Result<Box<dyn Read + Send + 'a>, DebianError> {
     Ok(match suffix {
-        ".xz" => Box::new(xz2::read::XzDecoder::new(member)),
+        ".xz" => Box::new(xz_reader(member).ctx("reading", deb)?),
         ".zst" => Box::new(zstd::Decoder::new(member).ctx("reading", deb)?),
         ".gz" => Box::new(flate2::read::GzDecoder::new(member)),
         "" => Box::new(member),
@@ -429,20 +430,6 @@ impl<'a> Unpacker<'a> {
     }
 }
 
-/// Reads until `buf` is full or the data ends; fewer, larger writes.
-fn read_full(data: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match data.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
 /// Whether an archive path is exactly the top-level directory `name` (`./bin`, `/bin`).
 fn raw_is_top(raw: &Path, name: &str) -> bool {
     normalize(raw).is_some_and(|r| r.is_ok_and(|r| r == Path::new(name)))
@@ -511,7 +498,7 @@ mod tests {
             b.append(&h, data).unwrap();
         }
         let tar = b.into_inner().unwrap();
-        let mut xz = xz2::write::XzEncoder::new(Vec::new(), 1);
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
         xz.write_all(&tar).unwrap();
         xz.finish().unwrap()
     }

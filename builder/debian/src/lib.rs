@@ -25,6 +25,7 @@ mod fetch;
 mod http;
 pub mod index;
 mod lock;
+mod pipe;
 mod progress;
 pub mod resolve;
 mod sources;

@@ -225,7 +225,7 @@ fn make_archive(root: &Path, signer: &Signer) {
     }
     let index_dir = root.join("dists/bookworm/main/binary-amd64");
     std::fs::create_dir_all(&index_dir).unwrap();
-    let mut xz = xz2::write::XzEncoder::new(Vec::new(), 6);
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
     xz.write_all(packages.as_bytes()).unwrap();
     let packages_xz = xz.finish().unwrap();
     std::fs::write(index_dir.join("Packages"), &packages).unwrap();
