@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Modules stage 1 needs to find, verify and mount the root and state (dependencies are added).
+/// Crypto providers come first: libcrc32c (needed by erofs and ext4) asks for a crc32c
+/// implementation when it loads, a soft dependency `modules.dep` does not list.
 pub const INITRD_MODULES: &[&str] = &[
+    "crc32c_generic",
     "virtio_pci",
     "virtio_blk",
     "virtio_scsi",
@@ -25,7 +28,6 @@ pub const INITRD_MODULES: &[&str] = &[
     "ahci",
     "dm_verity",
     "erofs",
-    "crc32c_generic",
     "ext4",
     "overlay",
 ];
