@@ -201,11 +201,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutputs, BuildError> {
     };
     phases.done("binaries");
 
-    let kernel_dir = work.join("kernel");
-    for deb in &debs.kernel {
-        caisson_debian::extract(deb, &kernel_dir)?;
-    }
-    let kernel = Kernel::open(&kernel_dir)?;
+    let kernel = Kernel::open(&kernel_tree(&cache, &lock, &debs.kernel)?)?;
     let boot_dir = work.join("boot");
     for deb in &debs.boot {
         caisson_debian::extract(deb, &boot_dir)?;
@@ -354,6 +350,38 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutputs, BuildError> {
     Ok(outputs)
 }
 
+/// The extracted kernel package with its `modules.dep`, kept in the cache under the packages'
+/// hashes: extracting and indexing 70 MB of modules is the slowest part of a warm build.
+fn kernel_tree(cache: &Cache, lock: &ImageLock, debs: &[PathBuf]) -> Result<PathBuf, BuildError> {
+    let key: Vec<&str> = lock
+        .kernel
+        .packages
+        .iter()
+        .map(|p| p.sha256.as_str())
+        .collect();
+    let dir = cache.root().join("kernels").join(key.join("-"));
+    if dir.join(".complete").exists() {
+        return Ok(dir);
+    }
+    let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    for deb in debs {
+        caisson_debian::extract(deb, &tmp)?;
+    }
+    // Indexes the modules (depmod) inside the temporary tree before it is published.
+    Kernel::open(&tmp)?;
+    let marker = tmp.join(".complete");
+    std::fs::write(&marker, b"").map_err(io_err("writing", &marker))?;
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        // Another build published the same tree first: use it.
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join(".complete").exists() {
+            return Err(io_err("renaming into", &dir)(e));
+        }
+    }
+    Ok(dir)
+}
+
 struct Debs {
     rootfs: Vec<PathBuf>,
     kernel: Vec<PathBuf>,
@@ -376,7 +404,7 @@ fn assemble_root(
     let name = &spec.spec.image.name;
     rootfs::skeleton(root)?;
     rootfs::install_packages(root, &debs.rootfs)?;
-    rootfs::prune(root)?;
+    rootfs::prune(root, &spec.spec.packages.exclude)?;
     rootfs::system_files(root, name, version)?;
     rootfs::install_binaries(root, bins)?;
     rootfs::install_services(root, &spec.path, &spec.spec.services)?;

@@ -72,19 +72,10 @@ impl Kernel {
         if !lib.exists() {
             std::os::unix::fs::symlink("usr/lib", &lib).map_err(io("linking", &lib))?;
         }
-        let out = Command::new("depmod")
-            .arg("-b")
-            .arg(root)
-            .arg(&kver)
-            .output()
-            .map_err(io("running depmod on", root))?;
-        if !out.status.success() {
-            return Err(KernelError::Depmod {
-                dir: root.to_path_buf(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
         let kdir = modules_dir.join(&kver);
+        if !kdir.join("modules.dep").exists() {
+            run_depmod(root, &kver)?;
+        }
         let dep_path = kdir.join("modules.dep");
         let dep = std::fs::read_to_string(&dep_path).map_err(io("reading", &dep_path))?;
         let builtin_path = kdir.join("modules.builtin");
@@ -130,6 +121,27 @@ impl Kernel {
             order.push(path.clone());
         }
     }
+}
+
+/// Runs `depmod` on an extracted tree so `modules.dep` exists.
+fn run_depmod(root: &Path, kver: &str) -> Result<(), KernelError> {
+    let out = Command::new("depmod")
+        .arg("-b")
+        .arg(root)
+        .arg(kver)
+        .output()
+        .map_err(|source| KernelError::Io {
+            what: "running depmod on",
+            path: root.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(KernelError::Depmod {
+            dir: root.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Parses `modules.dep`; paths are made relative to the tree root by prefixing `prefix`.

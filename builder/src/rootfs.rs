@@ -103,12 +103,18 @@ pub fn install_packages(root: &Path, debs: &[PathBuf]) -> Result<(), RootfsError
     Ok(())
 }
 
-/// Removes documentation trees.
-pub fn prune(root: &Path) -> Result<(), RootfsError> {
-    for p in PRUNE {
+/// Removes documentation trees and the spec's excluded paths (absolute, files or directories).
+pub fn prune(root: &Path, exclude: &[String]) -> Result<(), RootfsError> {
+    let all = PRUNE
+        .iter()
+        .copied()
+        .chain(exclude.iter().map(|p| p.trim_start_matches('/')));
+    for p in all {
         let path = root.join(p);
-        if path.exists() {
-            fs::remove_dir_all(&path).map_err(io_err("removing", &path))?;
+        match path.symlink_metadata() {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&path).map_err(io_err("removing", &path))?,
+            Ok(_) => fs::remove_file(&path).map_err(io_err("removing", &path))?,
+            Err(_) => {}
         }
     }
     Ok(())

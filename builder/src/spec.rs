@@ -86,6 +86,9 @@ pub struct PackagesSection {
     pub mirror: Option<String>,
     #[serde(default = "default_suite")]
     pub suite: String,
+    /// Absolute paths (files or directories) left out of the root after extraction.
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 impl Default for PackagesSection {
@@ -94,6 +97,7 @@ impl Default for PackagesSection {
             include: Vec::new(),
             mirror: None,
             suite: default_suite(),
+            exclude: Vec::new(),
         }
     }
 }
@@ -255,6 +259,9 @@ pub fn parse(text: &str, path: &Path) -> Result<LoadedSpec, SpecError> {
             ));
         }
         parse_mode(&f.mode).map_err(|why| invalid(&format!("files[{i}].mode"), why))?;
+    }
+    for (i, p) in spec.packages.exclude.iter().enumerate() {
+        check_abs(p).map_err(|why| invalid(&format!("packages.exclude[{i}]"), why))?;
     }
     for (i, d) in spec.directories.iter().enumerate() {
         check_abs(&d.path).map_err(|why| invalid(&format!("directories[{i}].path"), why))?;

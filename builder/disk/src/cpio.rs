@@ -12,8 +12,9 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// The zstd level of the initramfs (what Debian's initramfs-tools uses).
-pub const ZSTD_LEVEL: i32 = 19;
+/// The zstd level of the initramfs: zstd's default, fast to build; level 19 saves about a
+/// tenth of the size for twenty times the time.
+pub const ZSTD_LEVEL: i32 = 3;
 
 const MAGIC: &str = "070701";
 const TRAILER: &str = "TRAILER!!!";
