@@ -15,7 +15,7 @@ fn minimal_image_passes_independent_checks_and_is_reproducible() {
     check("sfdisk", &["-V", raw_s]);
     let json = check("sfdisk", &["--json", raw_s]);
     for label in ["esp", "root-a", "root-b", "state"] {
-        assert!(json.contains(&format!("\"name\":\"{label}\"")), "{json}");
+        assert!(json.contains(&format!("\"name\": \"{label}\"")), "{json}");
     }
     assert!(
         json.contains("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),

@@ -1,0 +1,153 @@
+//! QEMU end-to-end: real images boot under OVMF + systemd-boot to the ready line, answer on the
+//! init's control channel, power off cleanly, and keep their state across boots.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use caisson_layout::partition::Part;
+use caisson_qemu::{Disk, Vm, VmOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A qcow2 overlay the test keeps, so a second boot sees what the first one wrote.
+fn kept_overlay(image: &Path, dir: &Path) -> PathBuf {
+    let overlay = dir.join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image)
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    overlay
+}
+
+fn boot(disk: &Path) -> Vm {
+    let mut opts = VmOptions::new(disk);
+    opts.disk = Disk::direct(disk);
+    Vm::launch(opts).expect("launching QEMU")
+}
+
+fn request(vm: &Vm, line: &str) -> serde_json::Value {
+    let mut ctl = vm.control().expect("connecting to the guest channel");
+    let answer = ctl
+        .request_timeout(line, Duration::from_secs(30))
+        .expect("the init answers on the control channel");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+fn poweroff(vm: &mut Vm) {
+    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    let status = vm
+        .wait_exit(Duration::from_secs(90))
+        .expect("the machine powers off");
+    assert!(status.success(), "QEMU exited with {status}");
+}
+
+/// The state partition of a qcow2 disk, as a raw file (for e2fsck and debugfs).
+fn state_of(disk: &Path, dir: &Path) -> PathBuf {
+    let raw = dir.join("flat.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::extract_partition(&raw, Part::State, dir)
+}
+
+fn machine_id(state: &Path) -> String {
+    let path = format!("/{}", caisson_layout::paths::STATE_MACHINE_ID);
+    let out = common::check(
+        "debugfs",
+        &["-R", &format!("cat {path}"), state.to_str().unwrap()],
+    );
+    out.lines()
+        .find(|l| l.len() == 32 && l.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no machine-id in state: {out}"))
+        .to_string()
+}
+
+#[test]
+fn minimal_boots_to_ready_powers_off_clean_and_keeps_state() {
+    let image = common::image("minimal");
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = kept_overlay(&image, dir.path());
+
+    let mut vm = boot(&disk);
+    let ready = vm
+        .wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("first boot reaches ready");
+    assert!(ready.contains("version=1.0.0 slot=a boot_ms="), "{ready}");
+    let status = request(&vm, r#"{"cmd":"status"}"#);
+    assert_eq!(status["status"]["ready"], true, "{status}");
+    assert_eq!(status["status"]["slot"], "a", "{status}");
+    poweroff(&mut vm);
+    drop(vm);
+
+    // A clean shutdown leaves the state filesystem clean; first boot made a machine-id.
+    let state = state_of(&disk, dir.path());
+    common::check("e2fsck", &["-fn", state.to_str().unwrap()]);
+    let first_id = machine_id(&state);
+
+    let mut vm = boot(&disk);
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("second boot reaches ready");
+    poweroff(&mut vm);
+    drop(vm);
+    let state = state_of(&disk, dir.path());
+    common::check("e2fsck", &["-fn", state.to_str().unwrap()]);
+    assert_eq!(machine_id(&state), first_id, "machine-id kept across boots");
+}
+
+#[test]
+fn host_runs_containerd_under_the_init() {
+    let image = common::image("host");
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = kept_overlay(&image, dir.path());
+    let mut vm = boot(&disk);
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("host reaches ready");
+    let status = request(&vm, r#"{"cmd":"status"}"#);
+    let services = status["status"]["services"].as_array().expect("services");
+    let containerd = services
+        .iter()
+        .find(|s| s["name"] == "containerd")
+        .unwrap_or_else(|| panic!("no containerd in {status}"));
+    assert_eq!(containerd["state"], "running", "{containerd}");
+    assert_eq!(containerd["ready"], true, "{containerd}");
+
+    // Restarting containerd through the control channel brings it back ready.
+    let answer = request(&vm, r#"{"cmd":"restart","service":"containerd"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    let mut back = false;
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_secs(1));
+        let status = request(&vm, r#"{"cmd":"status"}"#);
+        let c = status["status"]["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "containerd").cloned());
+        if c.is_some_and(|c| c["ready"] == true && c["state"] == "running") {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "containerd came back ready after a restart");
+    poweroff(&mut vm);
+}
