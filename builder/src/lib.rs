@@ -8,3 +8,4 @@ pub mod lockfile;
 pub mod rootfs;
 pub mod run;
 pub mod spec;
+pub mod unpack;

@@ -50,6 +50,22 @@ enum Command {
         #[arg(long)]
         mirror: Option<String>,
     },
+    /// Extract only the spec's root packages into a new directory, as the build does.
+    Unpack {
+        /// The image spec.
+        spec: PathBuf,
+        /// The directory to create.
+        dest: PathBuf,
+        /// Debian mirror base URL (default: the spec's, else the build host's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Fail instead of resolving when the lock is missing or stale.
+        #[arg(long)]
+        locked: bool,
+        /// Print the timings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what is in an image: partitions, slots, boot entries, versions, verity hashes.
     Inspect {
         /// A raw disk image.
@@ -132,6 +148,28 @@ fn main() -> Result<()> {
                     .first()
                     .map_or("?", |p| p.version.as_str()),
             );
+        }
+        Command::Unpack {
+            spec,
+            dest,
+            mirror,
+            locked,
+            json,
+        } => {
+            let t =
+                caisson_builder::unpack::unpack(&spec, &dest, mirror.as_deref(), locked, progress)?;
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                println!(
+                    "{} packages into {}: resolve {:.2} s, fetch {:.2} s, extract {:.2} s",
+                    t.packages,
+                    dest.display(),
+                    t.resolve,
+                    t.fetch,
+                    t.extract
+                );
+            }
         }
         Command::Inspect { image, json } => {
             let report = inspect::inspect(&image)
