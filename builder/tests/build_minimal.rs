@@ -104,3 +104,92 @@ fn bad_specs_fail_cleanly_without_outputs() {
     );
     assert!(!out.join("broken-1.0.0.raw").exists());
 }
+
+/// The build needs no root: as `nobody`, with its own copy of the spec, lock and cached
+/// packages, it makes the same bytes as the build run by the test's user.
+#[test]
+fn build_as_nobody_is_identical() {
+    let reference = common::image("minimal");
+    let ws = common::workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let images = root.join("images");
+    copy_tree(&ws.join("images/minimal"), &images.join("minimal"));
+    for f in ["minimal.toml", "minimal.lock"] {
+        std::fs::copy(ws.join("images").join(f), images.join(f)).unwrap();
+    }
+    // The packages of the lock, from the test user's cache.
+    let user_cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache")
+        })
+        .join("caisson/sha256");
+    let cache = root.join("cache/caisson/sha256");
+    std::fs::create_dir_all(&cache).unwrap();
+    let lock = std::fs::read_to_string(images.join("minimal.lock")).unwrap();
+    for line in lock.lines() {
+        if let Some(h) = line
+            .strip_prefix("sha256 = \"")
+            .and_then(|l| l.strip_suffix('"'))
+        {
+            std::fs::copy(user_cache.join(h), cache.join(h)).unwrap();
+        }
+    }
+    let bins = ws.join("target/caisson-image/x86_64-unknown-linux-gnu/release");
+    let out = root.join("out");
+    let am_root = effective_uid() == 0;
+    if am_root {
+        common::check("chown", &["-R", "65534:65534", root.to_str().unwrap()]);
+        common::check("chmod", &["755", root.to_str().unwrap()]);
+    }
+    let mut cmd = if am_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        c.arg(env!("CARGO_BIN_EXE_caisson"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_caisson"))
+    };
+    let run = cmd
+        .current_dir(root)
+        .args(["build", "images/minimal.toml", "--locked", "--out"])
+        .arg(&out)
+        .arg("--binaries")
+        .arg(&bins)
+        .env("XDG_CACHE_HOME", root.join("cache"))
+        .env("HOME", root)
+        .env("SOURCE_DATE_EPOCH", common::EPOCH)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "build as nobody failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let ours = std::fs::read(out.join("minimal-1.0.0.raw")).unwrap();
+    assert!(
+        ours == std::fs::read(&reference).unwrap(),
+        "the unprivileged build differs from the reference build"
+    );
+}
+
+fn effective_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // The owner of a file this process just made is its effective uid.
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    probe.as_file().metadata().unwrap().uid()
+}
+
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
