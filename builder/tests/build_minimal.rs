@@ -1,6 +1,8 @@
 //! Builds images/minimal.toml with the real binary and checks every part of the disk with an
 //! independent tool; then checks that a second build is byte-identical.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use caisson_layout::cmdline::BootParams;
