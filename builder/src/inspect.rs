@@ -22,6 +22,8 @@ pub enum InspectError {
     },
     #[error("the image has no {0} partition: is it a Caisson disk?")]
     NoPartition(&'static str),
+    #[error("reading the root filesystem with fsck.erofs: {0}")]
+    Erofs(String),
     #[error("reading the ESP with {tool}: {stderr}")]
     Mtools { tool: &'static str, stderr: String },
 }
@@ -61,6 +63,10 @@ pub struct SlotReport {
     pub content: String,
     /// Whether a verity superblock sits where the slot's entry says.
     pub verity_superblock: Option<bool>,
+    /// os-release IMAGE_VERSION of the root in the slot.
+    pub version: Option<String>,
+    /// The packages of the root's SBOM, `name version`.
+    pub packages: Vec<String>,
 }
 
 const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
@@ -93,21 +99,24 @@ pub fn inspect(image: &Path) -> Result<Report, InspectError> {
         let part = find(Part::root(slot))?;
         let magic = read_u32(image, part.start + 1024)?;
         let entry = entries.iter().find(|e| e.slot == slot.as_str());
-        let verity_superblock = match entry.and_then(|e| BootParams::parse(&e.options).ok()) {
-            Some(BootParams {
-                verity: Some(v), ..
-            }) => Some(read_bytes(image, part.start + v.hash_offset, 8)? == b"verity\0\0"),
-            _ => None,
+        let verity = entry
+            .and_then(|e| BootParams::parse(&e.options).ok())
+            .and_then(|p| p.verity);
+        let verity_superblock = match verity {
+            Some(v) => Some(read_bytes(image, part.start + v.hash_offset, 8)? == b"verity\0\0"),
+            None => None,
+        };
+        let is_erofs = magic == EROFS_MAGIC;
+        let (version, packages) = match (is_erofs, verity) {
+            (true, Some(v)) => read_root(image, part.start, v.hash_offset)?,
+            _ => (None, Vec::new()),
         };
         slots.push(SlotReport {
             slot: slot.to_string(),
-            content: if magic == EROFS_MAGIC {
-                "erofs"
-            } else {
-                "empty"
-            }
-            .into(),
+            content: if is_erofs { "erofs" } else { "empty" }.into(),
             verity_superblock,
+            version,
+            packages,
         });
     }
     Ok(Report {
@@ -115,6 +124,60 @@ pub fn inspect(image: &Path) -> Result<Report, InspectError> {
         entries,
         slots,
     })
+}
+
+/// Reads os-release and the SBOM out of a slot's erofs (copied out, then `fsck.erofs --extract`).
+fn read_root(
+    image: &Path,
+    start: u64,
+    fs_size: u64,
+) -> Result<(Option<String>, Vec<String>), InspectError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InspectError::Io { what, path, source }
+    };
+    let tmp = tempfile::tempdir().map_err(io("creating a temporary directory for", image))?;
+    let fs = tmp.path().join("root.erofs");
+    let mut src = std::fs::File::open(image).map_err(io("opening", image))?;
+    src.seek(SeekFrom::Start(start))
+        .map_err(io("seeking in", image))?;
+    let mut dst = std::fs::File::create(&fs).map_err(io("creating", &fs))?;
+    std::io::copy(&mut src.take(fs_size), &mut dst).map_err(io("copying the root of", image))?;
+    let dir = tmp.path().join("root");
+    let out = Command::new("fsck.erofs")
+        .arg(format!("--extract={}", dir.display()))
+        .arg(&fs)
+        .output()
+        .map_err(io(
+            "running fsck.erofs (apt-get install erofs-utils) on",
+            &fs,
+        ))?;
+    if !out.status.success() {
+        return Err(InspectError::Erofs(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let os =
+        std::fs::read_to_string(dir.join(caisson_layout::osrelease::PATH.trim_start_matches('/')))
+            .ok()
+            .and_then(|t| caisson_layout::osrelease::OsRelease::parse(&t).ok())
+            .map(|o| o.version);
+    let sbom_path = dir.join(paths::SBOM.trim_start_matches('/'));
+    let packages = std::fs::read(&sbom_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["packages"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["version"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    Ok((os, packages))
 }
 
 fn read_bytes(image: &Path, offset: u64, len: usize) -> Result<Vec<u8>, InspectError> {
@@ -239,7 +302,14 @@ impl Report {
                 Some(false) => ", verity superblock MISSING",
                 None => "",
             };
-            let _ = writeln!(s, "  {}: {}{sb}", sl.slot, sl.content);
+            let version = sl
+                .version
+                .as_deref()
+                .map_or(String::new(), |v| format!(" version {v}"));
+            let _ = writeln!(s, "  {}: {}{version}{sb}", sl.slot, sl.content);
+            for p in &sl.packages {
+                let _ = writeln!(s, "    {p}");
+            }
         }
         s
     }

@@ -48,6 +48,9 @@ fn minimal_image_passes_independent_checks_and_is_reproducible() {
     assert_eq!(report["entries"][0]["file"], "caisson-1.0.0-a.conf");
     assert_eq!(report["slots"][0]["content"], "erofs");
     assert_eq!(report["slots"][1]["content"], "empty");
+    assert_eq!(report["slots"][0]["version"], "1.0.0");
+    let packages = report["slots"][0]["packages"].to_string();
+    assert!(packages.contains("linux-image-6."), "{packages}");
     let params = BootParams::parse(&options).unwrap();
     let verity = params.verity.expect("the entry pins a verity root");
     let slot_a = extract_partition(&raw, Part::RootA, dir.path());
