@@ -74,6 +74,10 @@ pub struct Manifest {
     pub rollout_seconds: Option<u64>,
     #[serde(default)]
     pub published_at: Option<u64>,
+    /// Set when published: after this time (seconds since the epoch) machines refuse the
+    /// manifest, so a frozen or replayed channel cannot hold machines on an old version forever.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
     pub verity: VerityInfo,
     /// Kernel command line words beyond what pins the slot (console, quiet...).
     pub cmdline_extra: String,
@@ -234,6 +238,7 @@ fn write_bundle_to(input: &BundleInput, tmp: &Path) -> Result<Manifest, BundleEr
         min_version: None,
         rollout_seconds: None,
         published_at: None,
+        expires_at: None,
         verity: VerityInfo {
             root_hash: hex::encode(input.verity.root_hash),
             salt: hex::encode(input.verity.salt),
@@ -308,8 +313,15 @@ pub fn verify_artifact(bundle: &Path, artifact: &Artifact) -> Result<(), BundleE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A manifest for tests of the modules that read manifests.
+    pub(crate) fn sample_manifest() -> Manifest {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a", 10, 1);
+        write_bundle(&input(&a, &a, &a), &dir.path().join("b")).unwrap()
+    }
 
     fn write(dir: &Path, name: &str, len: usize, seed: u8) -> PathBuf {
         let p = dir.join(name);

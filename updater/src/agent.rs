@@ -1,0 +1,140 @@
+//! The update agent: after each boot it records what happened (success, rollback) and releases
+//! the reboot lock; then it checks the channel on an interval with jitter, applies an update once
+//! the machine's wave has come, and reboots as the strategy allows.
+
+use crate::apply::Progress;
+use crate::config::{Config, Strategy};
+use crate::machine::Machine;
+use crate::reboot::{self, FleetLock, NoLock, RebootLock};
+use crate::record::{self, Outcome};
+use crate::{waves, Error};
+use std::path::Path;
+use std::time::Duration;
+
+/// What one round of the agent did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Round {
+    UpToDate,
+    /// An update exists; this machine's wave starts later.
+    Waiting {
+        version: String,
+        starts_at: u64,
+    },
+    /// Applied; a reboot was requested (or is left to someone else).
+    Applied {
+        version: String,
+        rebooting: bool,
+    },
+    /// The running version is not blessed yet: nothing is changed until it is.
+    NotBlessed,
+}
+
+/// Options of `agent` and `apply`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AgentOptions {
+    /// Ignore waves.
+    pub now: bool,
+    /// Reboot after applying (per strategy).
+    pub reboot: bool,
+}
+
+/// The reboot lock the configuration asks for.
+pub fn lock_for(config: &Config, machine_id: &str) -> Result<Box<dyn RebootLock>, Error> {
+    match (config.strategy, &config.fleet_lock_url) {
+        (Strategy::FleetLock, Some(url)) => Ok(Box::new(FleetLock::new(
+            url,
+            &config.fleet_lock_group,
+            machine_id.trim(),
+        )?)),
+        _ => Ok(Box::new(NoLock)),
+    }
+}
+
+/// One round: reconcile, check, maybe apply and reboot.
+pub fn round(
+    m: &Machine,
+    config: &Config,
+    opts: AgentOptions,
+    progress: &mut dyn Progress,
+    control_socket: &Path,
+) -> Result<Round, Error> {
+    let mut lock = lock_for(config, &m.machine_id)?;
+    if let Some(Outcome::Succeeded { .. }) = m.reconcile()? {
+        if let Err(e) = lock.release() {
+            log::warn!("releasing the reboot lock: {e}");
+        }
+    }
+    if !m.slots()?.booted_is_blessed() {
+        return Ok(Round::NotBlessed);
+    }
+    let url = config
+        .channel_url
+        .as_deref()
+        .ok_or_else(|| Error::NoChannel(crate::config::CONFIG_PATH.into()))?;
+    let Some(offer) = m.check(url)? else {
+        return Ok(Round::UpToDate);
+    };
+    let now = record::now();
+    if !opts.now && offer.wave_start > now {
+        return Ok(Round::Waiting {
+            version: offer.manifest.version.clone(),
+            starts_at: offer.wave_start,
+        });
+    }
+    log::info!(
+        "updating {} -> {} (wave seed {}, signed by {})",
+        m.booted.version,
+        offer.manifest.version,
+        waves::seed(&m.machine_id),
+        offer.keyid
+    );
+    m.apply_offer(&offer, progress)?;
+    let rebooting = opts.reboot && reboot_when_allowed(config, lock.as_mut(), control_socket)?;
+    Ok(Round::Applied {
+        version: offer.manifest.version,
+        rebooting,
+    })
+}
+
+/// Waits for the strategy's permission, then asks the init to reboot. False for `off` and
+/// `etcd-lock` (the fleet agent reboots through its semaphore).
+pub fn reboot_when_allowed(
+    config: &Config,
+    lock: &mut dyn RebootLock,
+    control_socket: &Path,
+) -> Result<bool, Error> {
+    match config.strategy {
+        Strategy::Off => return Ok(false),
+        Strategy::EtcdLock => {
+            log::info!("strategy etcd-lock: the fleet agent takes the semaphore and reboots");
+            return Ok(false);
+        }
+        _ => {}
+    }
+    let mut wait = Duration::from_secs(5);
+    loop {
+        let in_window = config
+            .maintenance_window
+            .as_ref()
+            .is_none_or(|w| w.contains(record::now()));
+        if in_window && lock.acquire()? {
+            break;
+        }
+        log::info!("reboot not allowed yet; asking again in {wait:?}");
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_secs(300));
+    }
+    log::info!("rebooting into the new version");
+    reboot::request_reboot(control_socket)?;
+    Ok(true)
+}
+
+/// A jittered sleep: `interval` plus up to `jitter` seconds, seeded by the machine-id and time.
+pub fn next_sleep(config: &Config, machine_id: &str, round: u64) -> Duration {
+    let j = if config.jitter_s == 0 {
+        0
+    } else {
+        waves::seed(&format!("{machine_id}\0{round}\0{}", record::now())) % (config.jitter_s + 1)
+    };
+    Duration::from_secs(config.interval_s + j)
+}

@@ -1,0 +1,235 @@
+//! `caisson-update`: status, check, apply, rollback and the update agent on a Caisson machine.
+
+use anyhow::{Context, Result};
+use caisson_layout::paths;
+use caisson_update::agent::{self, AgentOptions, Round};
+use caisson_update::apply::Progress;
+use caisson_update::config::Config;
+use caisson_update::machine::Machine;
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "caisson-update",
+    version,
+    about = "Signed A/B updates of a Caisson machine"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, default_value = caisson_update::config::CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Version and state of both slots, the booted entry, the next boot, the last result.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Is there a newer version for this machine, and when may it start (waves)?
+    Check {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download, verify and write the update into the inactive slot; it boots next.
+    Apply {
+        /// Ignore this machine's wave.
+        #[arg(long)]
+        now: bool,
+        /// Reboot afterwards, as the configured strategy allows.
+        #[arg(long)]
+        reboot: bool,
+        /// A bundle file instead of the channel (no network).
+        #[arg(long, requires = "manifest")]
+        file: Option<PathBuf>,
+        /// The bundle's manifest (its signature `<manifest>.minisig` beside it).
+        #[arg(long, requires = "file")]
+        manifest: Option<PathBuf>,
+    },
+    /// Boot the other slot next (the running version is given up).
+    Rollback {
+        /// Reboot now.
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Check on an interval with jitter, apply when the wave has come, reboot per strategy.
+    Agent {
+        /// Ignore waves.
+        #[arg(long)]
+        now: bool,
+        /// One round, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Override the configuration's interval, in seconds.
+        #[arg(long)]
+        interval: Option<u64>,
+    },
+}
+
+/// A progress bar on a terminal, a log line every 10% otherwise.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    last: u64,
+}
+
+impl Bar {
+    fn new() -> Bar {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                b.set_style(style.progress_chars("=> "));
+            }
+            b
+        });
+        Bar { bar, last: 0 }
+    }
+}
+
+impl Progress for Bar {
+    fn root(&mut self, done: u64, total: u64) {
+        match &self.bar {
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
+            }
+            None => {
+                let pct = done * 100 / total.max(1);
+                if pct >= self.last + 10 || done == total {
+                    self.last = pct;
+                    log::info!("root payload: {pct}% ({done} of {total} bytes)");
+                }
+            }
+        }
+    }
+    fn step(&mut self, what: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(what.to_string()),
+            None => log::info!("{what}"),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let config = Config::load(&cli.config)?;
+    let socket = Path::new(paths::CONTROL_SOCKET);
+    let machine = Machine::detect().context("finding this machine's slots")?;
+    match cli.command {
+        Command::Status { json } => {
+            machine.reconcile()?;
+            let s = machine.status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.text());
+            }
+        }
+        Command::Check { json } => {
+            machine.reconcile()?;
+            let url = config
+                .channel_url
+                .as_deref()
+                .with_context(|| format!("no channel_url in {}", cli.config.display()))?;
+            let offer = machine.check(url)?;
+            if json {
+                let v = offer.as_ref().map(|o| {
+                    serde_json::json!({"version": o.manifest.version, "bundle": o.bundle_url,
+                        "wave_start": o.wave_start, "key": o.keyid})
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                match offer {
+                    None => println!("up to date: {}", machine.booted.version),
+                    Some(o) => {
+                        let now = caisson_update::record::now();
+                        let when = if o.wave_start <= now {
+                            "now".to_string()
+                        } else {
+                            format!("in {} s (this machine's wave)", o.wave_start - now)
+                        };
+                        println!(
+                            "{} available (signed by {}); may start {when}",
+                            o.manifest.version, o.keyid
+                        );
+                    }
+                }
+            }
+        }
+        Command::Apply {
+            now,
+            reboot,
+            file,
+            manifest,
+        } => {
+            machine.reconcile()?;
+            let mut bar = Bar::new();
+            if let (Some(file), Some(manifest)) = (file, manifest) {
+                machine.apply_file(&file, &manifest, &mut bar)?;
+                println!("applied; the next boot runs the new version");
+                if reboot {
+                    let mut lock = agent::lock_for(&config, &machine.machine_id)?;
+                    agent::reboot_when_allowed(&config, lock.as_mut(), socket)?;
+                }
+            } else {
+                let opts = AgentOptions { now, reboot };
+                match agent::round(&machine, &config, opts, &mut bar, socket)? {
+                    Round::UpToDate => println!("up to date: {}", machine.booted.version),
+                    Round::NotBlessed => anyhow::bail!(
+                        "the running version is not blessed yet; try again once it is healthy"
+                    ),
+                    Round::Waiting { version, starts_at } => println!(
+                        "{version} is available; this machine's wave starts at {starts_at} (use --now)"
+                    ),
+                    Round::Applied { version, rebooting } => println!(
+                        "{version} applied{}",
+                        if rebooting { "; rebooting" } else { "; reboot to run it" }
+                    ),
+                }
+            }
+        }
+        Command::Rollback { reboot } => {
+            let to = machine.rollback()?;
+            println!("the next boot runs {to}");
+            if reboot {
+                caisson_update::reboot::request_reboot(socket)?;
+            }
+        }
+        Command::Agent {
+            now,
+            once,
+            interval,
+        } => {
+            let mut config = config;
+            if let Some(i) = interval {
+                config.interval_s = i;
+            }
+            let opts = AgentOptions { now, reboot: true };
+            let mut n = 0;
+            loop {
+                let mut bar = Bar::new();
+                match agent::round(&machine, &config, opts, &mut bar, socket) {
+                    Ok(r) => log::info!("agent: {r:?}"),
+                    Err(e) => log::error!("agent: {e}"),
+                }
+                if once {
+                    break;
+                }
+                n += 1;
+                std::thread::sleep(agent::next_sleep(&config, &machine.machine_id, n));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! What the updater remembers on the state partition (`/var/lib/caisson/update/`): the last
+//! result, the update waiting for its first healthy boot, the versions never to offer again, and
+//! the progress of a running apply.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The directory on a machine.
+pub const STATE_DIR: &str = "/var/lib/caisson/update";
+const RECORD_FILE: &str = "state.json";
+const PROGRESS_FILE: &str = "progress.json";
+
+/// A record that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {why} (remove it to start over)")]
+    Parse { path: PathBuf, why: String },
+}
+
+/// The outcome of the last update.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "result")]
+pub enum Outcome {
+    /// Written into the inactive slot; boots next.
+    Applied { version: String, at: u64 },
+    /// Booted and blessed.
+    Succeeded { version: String, at: u64 },
+    /// The boot loader fell back from this version.
+    RolledBack { from: String, to: String, at: u64 },
+    /// Refused or failed before anything was switched.
+    Failed {
+        version: Option<String>,
+        error: String,
+        at: u64,
+    },
+}
+
+/// Everything in `state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default)]
+    pub last: Option<Outcome>,
+    /// Applied, not yet booted and blessed.
+    #[serde(default)]
+    pub pending: Option<String>,
+    /// Versions that failed on this machine: never offered again.
+    #[serde(default)]
+    pub rejected: Vec<String>,
+}
+
+/// How far a running apply is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub version: String,
+    pub step: String,
+    pub done: u64,
+    pub total: u64,
+    pub at: u64,
+}
+
+/// The records directory.
+#[derive(Debug, Clone)]
+pub struct Records {
+    dir: PathBuf,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
+    let path = path.to_path_buf();
+    move |source| RecordError::Io { op, path, source }
+}
+
+impl Records {
+    pub fn new(dir: &Path) -> Records {
+        Records {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn load(&self) -> Result<Record, RecordError> {
+        let p = self.dir.join(RECORD_FILE);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| RecordError::Parse {
+                path: p,
+                why: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
+            Err(e) => Err(io_err("reading", &p)(e)),
+        }
+    }
+
+    pub fn save(&self, r: &Record) -> Result<(), RecordError> {
+        self.write(
+            RECORD_FILE,
+            &serde_json::to_vec_pretty(r).unwrap_or_default(),
+        )
+    }
+
+    pub fn progress(&self) -> Option<ProgressRecord> {
+        let b = std::fs::read(self.dir.join(PROGRESS_FILE)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    pub fn set_progress(&self, p: Option<&ProgressRecord>) -> Result<(), RecordError> {
+        match p {
+            Some(p) => self.write(PROGRESS_FILE, &serde_json::to_vec(p).unwrap_or_default()),
+            None => match std::fs::remove_file(self.dir.join(PROGRESS_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_err("removing", &self.dir.join(PROGRESS_FILE))(e))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), RecordError> {
+        std::fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
+        let p = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes).map_err(io_err("writing", &tmp))?;
+        if let Ok(f) = std::fs::File::open(&tmp) {
+            let _ = f.sync_all();
+        }
+        std::fs::rename(&tmp, &p).map_err(io_err("renaming into", &p))
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_missing_is_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Records::new(&d.path().join("u"));
+        assert_eq!(r.load().unwrap(), Record::default());
+        let rec = Record {
+            last: Some(Outcome::RolledBack {
+                from: "3".into(),
+                to: "2".into(),
+                at: 5,
+            }),
+            pending: None,
+            rejected: vec!["3".into()],
+        };
+        r.save(&rec).unwrap();
+        assert_eq!(r.load().unwrap(), rec);
+        let text = std::fs::read_to_string(d.path().join("u/state.json")).unwrap();
+        assert!(text.contains("rolled-back"), "{text}");
+    }
+}

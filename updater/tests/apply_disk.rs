@@ -1,0 +1,388 @@
+//! The whole update path against a real GPT disk image file and a temporary ESP directory:
+//! signed channel, delta download over HTTP, write order, interrupted applies (power cuts),
+//! corrupted bundles, rollback records.
+
+#![allow(clippy::unwrap_used)]
+
+use caisson_disk::PartitionContent;
+use caisson_layout::cmdline::BootParams;
+use caisson_layout::partition::{partition_guid, Part};
+use caisson_layout::{entry, paths, verity, EntryName, Slot};
+use caisson_update::apply::{Quiet, StopAfter};
+use caisson_update::bundle::{write_bundle, BundleInput, Manifest};
+use caisson_update::channel::{self, PublishOptions, Server};
+use caisson_update::download::FileSource;
+use caisson_update::machine::Machine;
+use caisson_update::record::Outcome;
+use caisson_update::slots::Disk;
+use caisson_update::{sign, Error};
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1024 * 1024;
+const IMAGE: &str = "host";
+
+/// A root payload: `blocks` 4 KiB data blocks (`changed` of them differ by version) plus its tree.
+fn payload(
+    dir: &Path,
+    version: &str,
+    blocks: usize,
+    changed: &[usize],
+) -> (PathBuf, verity::VerityParams) {
+    let mut data = Vec::with_capacity(blocks * 4096);
+    for b in 0..blocks {
+        let seed = if changed.contains(&b) {
+            format!("{version}-{b}")
+        } else {
+            format!("{b}")
+        };
+        let mut block = Vec::with_capacity(4096);
+        while block.len() < 4096 {
+            block.extend_from_slice(seed.as_bytes());
+            block.push(b as u8);
+        }
+        block.truncate(4096);
+        data.extend_from_slice(&block);
+    }
+    let tree = verity::build(&data[..], [7; 32], [0; 16]).unwrap();
+    data.extend_from_slice(&tree.bytes);
+    let p = dir.join(format!("root-{version}.img"));
+    std::fs::write(&p, &data).unwrap();
+    (p, tree.params)
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    esp: PathBuf,
+    keys: PathBuf,
+    secret: PathBuf,
+    v1: verity::VerityParams,
+}
+
+fn booted(version: &str, slot: Slot, v: verity::VerityParams) -> BootParams {
+    BootParams {
+        version: version.into(),
+        slot,
+        root: partition_guid(IMAGE, Part::root(slot)),
+        state: partition_guid(IMAGE, Part::State),
+        esp: partition_guid(IMAGE, Part::Esp),
+        verity: Some(v),
+        debug: false,
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (root1, v1) = payload(dir.path(), "1.0.0", 600, &[]);
+    let disk = dir.path().join("disk.raw");
+    let parts = [
+        PartitionContent {
+            part: Part::Esp,
+            size: 2 * MIB,
+            content: None,
+        },
+        PartitionContent {
+            part: Part::RootA,
+            size: 4 * MIB,
+            content: Some(root1),
+        },
+        PartitionContent {
+            part: Part::RootB,
+            size: 4 * MIB,
+            content: None,
+        },
+        PartitionContent {
+            part: Part::State,
+            size: MIB,
+            content: None,
+        },
+    ];
+    caisson_disk::write_disk(&parts, &disk, IMAGE, "1.0.0").unwrap();
+    let esp = dir.path().join("esp");
+    std::fs::create_dir_all(esp.join(paths::ESP_ENTRIES_DIR)).unwrap();
+    let first = EntryName::new_blessed("1.0.0", Slot::A);
+    let mut f = Fixture {
+        disk,
+        esp: esp.clone(),
+        keys: dir.path().join("keys"),
+        secret: PathBuf::new(),
+        v1,
+        dir,
+    };
+    let b = booted("1.0.0", Slot::A, v1);
+    std::fs::write(
+        esp.join(paths::ESP_ENTRIES_DIR).join(first.to_string()),
+        entry::render(&b, ""),
+    )
+    .unwrap();
+    std::fs::create_dir_all(esp.join(paths::esp_payload_dir("1.0.0", Slot::A))).unwrap();
+    let (sk, _, _) = sign::keygen(&f.keys).unwrap();
+    f.secret = sk;
+    f
+}
+
+fn machine(f: &Fixture, version: &str, slot: Slot, v: verity::VerityParams) -> Machine {
+    Machine::from_parts(
+        Disk::open(&f.disk).unwrap(),
+        &f.esp,
+        booted(version, slot, v),
+        IMAGE,
+        &f.keys,
+        &f.dir.path().join("state"),
+        "0123456789abcdef0123456789abcdef",
+    )
+}
+
+/// Builds and publishes version `version` into the channel dir; returns its manifest.
+fn release(f: &Fixture, version: &str, changed: &[usize]) -> (Manifest, PathBuf, PathBuf) {
+    let (root, v) = payload(f.dir.path(), version, 600, changed);
+    let kernel = f.dir.path().join(format!("vmlinuz-{version}"));
+    std::fs::write(&kernel, format!("kernel {version}").repeat(1000)).unwrap();
+    let initrd = f.dir.path().join(format!("initrd-{version}"));
+    std::fs::write(&initrd, format!("initrd {version}").repeat(3000)).unwrap();
+    let out = f.dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let bundle = out.join(format!("{IMAGE}-{version}.bundle"));
+    let m = write_bundle(
+        &BundleInput {
+            image: IMAGE,
+            version,
+            build_time: 1,
+            verity: v,
+            cmdline_extra: "console=ttyS0",
+            root: &root,
+            kernel: &kernel,
+            initrd: &initrd,
+        },
+        &bundle,
+    )
+    .unwrap();
+    let mpath = out.join(format!("{IMAGE}-{version}.manifest.json"));
+    std::fs::write(&mpath, m.to_json()).unwrap();
+    let chan = f.dir.path().join("www/stable");
+    channel::publish(
+        &bundle,
+        &mpath,
+        &chan,
+        &f.secret,
+        &PublishOptions::default(),
+    )
+    .unwrap();
+    let signed = chan.join(format!("{IMAGE}-{version}.manifest.json"));
+    (
+        Manifest::load(&signed).unwrap(),
+        chan.join(format!("{IMAGE}-{version}.bundle")),
+        signed,
+    )
+}
+
+fn entries(f: &Fixture) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(f.esp.join(paths::ESP_ENTRIES_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn slot_bytes(f: &Fixture, part: Part, len: usize) -> Vec<u8> {
+    let d = Disk::open(&f.disk).unwrap();
+    let mut b = vec![0; len];
+    d.read_at(part, 0, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn update_over_http_with_delta_then_bless_then_rollback() {
+    let f = fixture();
+    let (m2, _, _) = release(&f, "2.0.0", &[3, 4, 5, 400]);
+    let addr = Server::bind(&f.dir.path().join("www"), "127.0.0.1:0")
+        .unwrap()
+        .spawn();
+    let url = format!("http://{addr}/stable");
+
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let offer = m.check(&url).unwrap().expect("2.0.0 is offered");
+    assert_eq!(offer.manifest.version, "2.0.0");
+    let stats = m.apply_offer(&offer, &mut Quiet).unwrap();
+    // Only the chunks holding changed blocks (and the tree) travel.
+    assert!(stats.copied > 0, "{stats:?}");
+    let root = m2
+        .artifact(caisson_update::bundle::ArtifactKind::Root)
+        .unwrap();
+    assert!(
+        stats.downloaded_bytes < root.size / 2 + 200_000,
+        "{stats:?}"
+    );
+    assert_eq!(
+        entries(&f),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+3-0.conf"]
+    );
+    let text = std::fs::read_to_string(
+        f.esp
+            .join(paths::ESP_ENTRIES_DIR)
+            .join("caisson-2.0.0-b+3-0.conf"),
+    )
+    .unwrap();
+    let params =
+        BootParams::parse(text.lines().find(|l| l.starts_with("options ")).unwrap()).unwrap();
+    assert_eq!(params.root, partition_guid(IMAGE, Part::RootB));
+    assert_eq!(params.slot, Slot::B);
+    assert_eq!(params.verity.unwrap(), m2.verity_params().unwrap());
+    assert!(text.contains("console=ttyS0"));
+    assert!(f.esp.join(paths::esp_kernel("2.0.0", Slot::B)).is_file());
+    let root_bytes = std::fs::read(f.dir.path().join("root-2.0.0.img")).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, root_bytes.len()), root_bytes);
+    assert_eq!(m.status().unwrap().record.pending.as_deref(), Some("2.0.0"));
+    // Not blessed yet on the new slot: no further update.
+    drop(m);
+
+    // The machine boots 2.0.0 from B (the loader counted one try) and the init blesses it.
+    let d = f.esp.join(paths::ESP_ENTRIES_DIR);
+    std::fs::rename(
+        d.join("caisson-2.0.0-b+3-0.conf"),
+        d.join("caisson-2.0.0-b+2-1.conf"),
+    )
+    .unwrap();
+    let m = machine(&f, "2.0.0", Slot::B, m2.verity_params().unwrap());
+    assert!(m.reconcile().unwrap().is_none());
+    std::fs::rename(
+        d.join("caisson-2.0.0-b+2-1.conf"),
+        d.join("caisson-2.0.0-b.conf"),
+    )
+    .unwrap();
+    assert!(matches!(
+        m.reconcile().unwrap(),
+        Some(Outcome::Succeeded { .. })
+    ));
+    assert_eq!(m.check(&url).unwrap().map(|o| o.manifest.version), None);
+
+    // 3.0.0 is written into A; it never gets healthy: the loader uses its tries and falls back.
+    let (_, _, _) = release(&f, "3.0.0", &[9]);
+    let offer = m.check(&url).unwrap().unwrap();
+    m.apply_offer(&offer, &mut Quiet).unwrap();
+    assert_eq!(
+        entries(&f),
+        ["caisson-2.0.0-b.conf", "caisson-3.0.0-a+3-0.conf"]
+    );
+    // The old version's kernel files went with its entry.
+    assert!(!f
+        .esp
+        .join(paths::esp_payload_dir("1.0.0", Slot::A))
+        .exists());
+    std::fs::rename(
+        d.join("caisson-3.0.0-a+3-0.conf"),
+        d.join("caisson-3.0.0-a+0-3.conf"),
+    )
+    .unwrap();
+    let out = m.reconcile().unwrap();
+    assert!(
+        matches!(out, Some(Outcome::RolledBack { ref from, .. }) if from == "3.0.0"),
+        "{out:?}"
+    );
+    let st = m.status().unwrap();
+    assert_eq!(st.rolled_back_from.as_deref(), Some("3.0.0"));
+    assert!(
+        st.text().contains("rolled back from 3.0.0"),
+        "{}",
+        st.text()
+    );
+    // Never offered again, and refused when asked for directly.
+    assert!(m.check(&url).unwrap().is_none());
+    assert!(matches!(
+        m.apply_offer(&offer, &mut Quiet),
+        Err(Error::Rejected(_))
+    ));
+}
+
+#[test]
+fn power_cuts_at_every_step_leave_the_running_entry_and_resume() {
+    let f = fixture();
+    let (m2, bundle, _) = release(&f, "2.0.0", &(0..600).step_by(7).collect::<Vec<_>>());
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    for stop in [
+        StopAfter::Invalidate,
+        StopAfter::RootChunks(3),
+        StopAfter::RootChunks(20),
+        StopAfter::Root,
+        StopAfter::Kernel,
+    ] {
+        let mut src = FileSource::open(&bundle).unwrap();
+        m.apply(&m2, &mut src, &mut Quiet, stop).unwrap();
+        // Whatever was cut, the boot loader still only sees the running version.
+        assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"], "{stop:?}");
+    }
+    let mut src = FileSource::open(&bundle).unwrap();
+    let stats = m
+        .apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+        .unwrap();
+    // Everything written before the last cut was kept.
+    assert_eq!(stats.fetched, 0, "{stats:?}");
+    assert_eq!(
+        entries(&f),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+3-0.conf"]
+    );
+}
+
+#[test]
+fn corrupted_or_unsigned_bundles_change_nothing() {
+    let f = fixture();
+    let (_, bundle, mpath) = release(&f, "2.0.0", &[1]);
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let before = std::fs::read(&f.disk).unwrap();
+
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    bytes[5000] ^= 1;
+    let bad = f.dir.path().join("bad.bundle");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = m
+        .apply_file(&bad, &mpath, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sha256"), "{err}");
+
+    let mut text = std::fs::read_to_string(&mpath).unwrap();
+    text = text.replace("\"2.0.0\"", "\"2.0.1\"");
+    let forged = f.dir.path().join("forged.manifest.json");
+    std::fs::write(&forged, text).unwrap();
+    std::fs::copy(sign::sig_path(&mpath), sign::sig_path(&forged)).unwrap();
+    let err = m
+        .apply_file(&bundle, &forged, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("signature"), "{err}");
+
+    assert_eq!(std::fs::read(&f.disk).unwrap(), before);
+    assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"]);
+
+    // The good one from a file, without any network.
+    m.apply_file(&bundle, &mpath, &mut Quiet).unwrap();
+    assert_eq!(
+        entries(&f),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+3-0.conf"]
+    );
+    // And nothing older than what runs.
+    let m2 = machine(&f, "3.0.0", Slot::A, f.v1);
+    let err = m2
+        .apply_file(&bundle, &mpath, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("downgrade"), "{err}");
+}
+
+#[test]
+fn manual_rollback_needs_a_bootable_other_slot() {
+    let f = fixture();
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    assert!(matches!(
+        m.rollback(),
+        Err(Error::NothingToRollBackTo { .. })
+    ));
+    let d = f.esp.join(paths::ESP_ENTRIES_DIR);
+    std::fs::write(d.join("caisson-0.9.0-b.conf"), "title old\n").unwrap();
+    assert_eq!(m.rollback().unwrap(), "0.9.0");
+    assert_eq!(
+        entries(&f),
+        ["caisson-0.9.0-b.conf", "caisson-1.0.0-a+0-1.conf"]
+    );
+}
