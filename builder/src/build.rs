@@ -414,6 +414,7 @@ fn assemble_root(
         &spec.spec.files,
         &spec.spec.directories,
     )?;
+    rootfs::install_update(root, spec.dir(), &spec.spec.update)?;
     let mut wanted: Vec<String> = ROOT_MODULES.iter().map(|s| s.to_string()).collect();
     wanted.extend(spec.spec.kernel.modules.iter().cloned());
     let modules = kernel.closure(&wanted)?;

@@ -66,6 +66,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a minisign key pair that signs update manifests (caisson.key, caisson.pub).
+    Keygen {
+        /// The directory to write the keys into.
+        #[arg(long, default_value = "keys")]
+        out: PathBuf,
+    },
+    /// Sign a bundle's manifest and add the release to a channel directory.
+    Publish {
+        /// The bundle, e.g. out/host-1.1.0.bundle.
+        bundle: PathBuf,
+        /// Its manifest (default: the .manifest.json beside the bundle).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The channel directory (served over HTTP as it is).
+        #[arg(long)]
+        channel_dir: PathBuf,
+        /// The secret key made by `caisson keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Spread the release over this window (e.g. 48h): machines start by wave.
+        #[arg(long)]
+        rollout: Option<String>,
+        /// Oldest version that may update to this one.
+        #[arg(long)]
+        min_version: Option<String>,
+        /// Machines refuse the manifest after this long (e.g. 30d).
+        #[arg(long)]
+        expires: Option<String>,
+        /// The channel name (default: the directory's name).
+        #[arg(long)]
+        channel: Option<String>,
+    },
+    /// Serve a directory over HTTP with Range requests (for tests and air-gapped sites).
+    Serve {
+        /// The directory to serve, e.g. www/.
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
     /// Show what is in an image: partitions, slots, boot entries, versions, verity hashes.
     Inspect {
         /// A raw disk image.
@@ -170,6 +210,53 @@ fn main() -> Result<()> {
                     t.extract
                 );
             }
+        }
+        Command::Keygen { out } => {
+            let (sk, pk, id) = caisson_update::sign::keygen(&out)?;
+            println!(
+                "key {id}: secret {} (keep it safe), public {} (list it in the spec's [update] public_keys)",
+                sk.display(),
+                pk.display()
+            );
+        }
+        Command::Publish {
+            bundle,
+            manifest,
+            channel_dir,
+            key,
+            rollout,
+            min_version,
+            expires,
+            channel,
+        } => {
+            use caisson_update::channel;
+            let manifest = manifest.unwrap_or_else(|| channel::manifest_beside(&bundle));
+            let opts = channel::PublishOptions {
+                channel,
+                min_version,
+                rollout_seconds: rollout
+                    .as_deref()
+                    .map(channel::parse_duration)
+                    .transpose()?,
+                expires_in: expires
+                    .as_deref()
+                    .map(channel::parse_duration)
+                    .transpose()?,
+                now: None,
+            };
+            let r = channel::publish(&bundle, &manifest, &channel_dir, &key, &opts)
+                .with_context(|| format!("publishing {}", bundle.display()))?;
+            println!(
+                "published {} {} into {}",
+                r.image,
+                r.version,
+                channel_dir.display()
+            );
+        }
+        Command::Serve { dir, listen } => {
+            let server = caisson_update::channel::Server::bind(&dir, &listen)?;
+            println!("serving {} on http://{}", dir.display(), server.addr());
+            server.run();
         }
         Command::Inspect { image, json } => {
             let report = inspect::inspect(&image)

@@ -239,6 +239,47 @@ pub fn install_services(
     Ok(())
 }
 
+/// Installs the spec's update keys in `/usr/lib/caisson/update-keys/` and, when it names a channel
+/// or a strategy, writes `/etc/caisson/update.toml` for `caisson-update`.
+pub fn install_update(
+    root: &Path,
+    spec_dir: &Path,
+    update: &crate::spec::UpdateSection,
+) -> Result<(), RootfsError> {
+    let keys = root.join(paths::UPDATE_KEYS_DIR.trim_start_matches('/'));
+    for (index, k) in update.public_keys.iter().enumerate() {
+        let src = spec_dir.join(k);
+        if !src.is_file() {
+            return Err(RootfsError::MissingFile {
+                index,
+                src: format!("update.public_keys: {k}"),
+                dir: spec_dir.to_path_buf(),
+            });
+        }
+        let bytes = fs::read(&src).map_err(io_err("reading", &src))?;
+        let name = src.file_name().unwrap_or_default();
+        write_file(&keys.join(name), &bytes, 0o644)?;
+    }
+    if update.channel_url.is_none() && update.strategy.is_none() && update.interval_s.is_none() {
+        return Ok(());
+    }
+    let mut text = String::from("# Written by caisson build from the spec's [update] section.\n");
+    if let Some(u) = &update.channel_url {
+        text += &format!("channel_url = {}\n", toml::Value::String(u.clone()));
+    }
+    if let Some(s) = &update.strategy {
+        text += &format!("strategy = {}\n", toml::Value::String(s.clone()));
+    }
+    if let Some(i) = update.interval_s {
+        text += &format!("interval_s = {i}\n");
+    }
+    write_file(
+        &root.join("etc/caisson/update.toml"),
+        text.as_bytes(),
+        0o644,
+    )
+}
+
 /// Copies the spec's files and creates its directories.
 pub fn install_spec_files(
     root: &Path,
@@ -391,5 +432,35 @@ mod tests {
         let sbom = fs::read_to_string(dir.path().join("usr/lib/caisson/sbom.json")).unwrap();
         assert!(sbom.contains("/usr/bin/a"));
         assert!(sbom.contains(&hex::encode(Sha256::digest(b"a"))));
+    }
+
+    #[test]
+    fn update_keys_and_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec_dir = dir.path().join("spec");
+        fs::create_dir_all(spec_dir.join("keys")).unwrap();
+        fs::write(spec_dir.join("keys/a.pub"), "untrusted comment: x\nRWQ\n").unwrap();
+        let root = dir.path().join("root");
+        let mut u = crate::spec::UpdateSection {
+            public_keys: vec!["keys/a.pub".into()],
+            ..Default::default()
+        };
+        install_update(&root, &spec_dir, &u).unwrap();
+        assert!(root.join("usr/lib/caisson/update-keys/a.pub").is_file());
+        assert!(!root.join("etc/caisson/update.toml").exists());
+        u.channel_url = Some("http://10.0.2.2:8080/stable".into());
+        u.strategy = Some("immediate".into());
+        install_update(&root, &spec_dir, &u).unwrap();
+        let text = fs::read_to_string(root.join("etc/caisson/update.toml")).unwrap();
+        let c = caisson_update::config::Config::parse(&text, Path::new("update.toml")).unwrap();
+        assert_eq!(
+            c.channel_url.as_deref(),
+            Some("http://10.0.2.2:8080/stable")
+        );
+        u.public_keys = vec!["keys/missing.pub".into()];
+        let err = install_update(&root, &spec_dir, &u)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pub"), "{err}");
     }
 }

@@ -44,7 +44,32 @@ pub struct Spec {
     pub partitions: PartitionsSection,
     #[serde(default)]
     pub output: OutputSection,
+    /// Over-the-air updates: trusted keys and the agent's configuration.
+    #[serde(default)]
+    pub update: UpdateSection,
 }
+
+/// `[update]`: what the image trusts and where its updates come from.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    /// minisign public keys (`caisson keygen`), relative to the spec's directory; installed in
+    /// `/usr/lib/caisson/update-keys/`.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// The channel URL written to `/etc/caisson/update.toml`.
+    #[serde(default)]
+    pub channel_url: Option<String>,
+    /// `immediate`, `fleet-lock`, `etcd-lock` or `off`.
+    #[serde(default)]
+    pub strategy: Option<String>,
+    /// How often the agent checks, in seconds.
+    #[serde(default)]
+    pub interval_s: Option<u64>,
+}
+
+/// Reboot strategies `[update] strategy` accepts.
+pub const UPDATE_STRATEGIES: [&str; 4] = ["immediate", "fleet-lock", "etcd-lock", "off"];
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -220,7 +245,8 @@ impl LoadedSpec {
         self.dir().join(format!("{}.lock", self.spec.image.name))
     }
 
-    fn dir(&self) -> &Path {
+    /// The directory of the spec file: `[update] public_keys` are relative to it.
+    pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))
     }
 }
@@ -269,6 +295,30 @@ pub fn parse(text: &str, path: &Path) -> Result<LoadedSpec, SpecError> {
     }
     for name in spec.services.keys() {
         check_name(name).map_err(|why| invalid(&format!("services.{name}"), why))?;
+    }
+    for (i, k) in spec.update.public_keys.iter().enumerate() {
+        if k.is_empty() || k.split('/').any(|c| c == "..") || !k.ends_with(".pub") {
+            return Err(invalid(
+                &format!("update.public_keys[{i}]"),
+                format!("{k:?} must be a .pub file relative to the spec's directory, without '..'"),
+            ));
+        }
+    }
+    if let Some(s) = &spec.update.strategy {
+        if !UPDATE_STRATEGIES.contains(&s.as_str()) {
+            return Err(invalid(
+                "update.strategy",
+                format!("{s:?} is not one of {}", UPDATE_STRATEGIES.join(", ")),
+            ));
+        }
+    }
+    if let Some(u) = &spec.update.channel_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(invalid(
+                "update.channel_url",
+                format!("{u:?} must be an http:// or https:// URL"),
+            ));
+        }
     }
     let size = |field: &str, v: &str| parse_size(v).map_err(|why| invalid(field, why));
     let sizes = Sizes {
@@ -442,6 +492,26 @@ slot = "256M"
         ] {
             let err = p(&GOOD.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(field), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn update_section() {
+        let text = format!(
+            "{GOOD}\n[update]\npublic_keys = [\"keys/caisson.pub\"]\nchannel_url = \"http://10.0.2.2:8080/stable\"\nstrategy = \"fleet-lock\"\n"
+        );
+        let s = p(&text).unwrap();
+        assert_eq!(s.spec.update.public_keys, ["keys/caisson.pub"]);
+        assert_eq!(s.spec.update.strategy.as_deref(), Some("fleet-lock"));
+        assert_eq!(p(GOOD).unwrap().spec.update, UpdateSection::default());
+        for (from, field) in [
+            ("keys/caisson.pub", "update.public_keys[0]"),
+            ("fleet-lock", "update.strategy"),
+            ("http://10.0.2.2:8080/stable", "update.channel_url"),
+        ] {
+            let bad = text.replace(from, "../x");
+            let err = p(&bad).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
         }
     }
 

@@ -159,6 +159,31 @@ pub fn publish(
     Ok(release)
 }
 
+/// A duration such as `48h`, `30m`, `2d` or `3600` (seconds), in seconds.
+pub fn parse_duration(s: &str) -> Result<u64, ChannelError> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86400),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            ChannelError::Invalid(format!("{s:?} is not a duration such as 48h, 30m or 2d"))
+        })
+}
+
+/// The manifest written beside a bundle by `caisson build`: `x.bundle` → `x.manifest.json`.
+pub fn manifest_beside(bundle: &Path) -> PathBuf {
+    let name = bundle.file_name().unwrap_or_default().to_string_lossy();
+    let stem = name.strip_suffix(".bundle").unwrap_or(&name);
+    bundle.with_file_name(format!("{stem}.manifest.json"))
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ChannelError> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
@@ -297,6 +322,18 @@ fn parse_range(h: &str, size: u64) -> Option<(u64, u64)> {
 mod tests {
     use super::*;
     use crate::download::{HttpSource, Retry, Source};
+
+    #[test]
+    fn durations_and_names() {
+        assert_eq!(parse_duration("48h").unwrap(), 48 * 3600);
+        assert_eq!(parse_duration("90").unwrap(), 90);
+        assert_eq!(parse_duration("2d").unwrap(), 172_800);
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(
+            manifest_beside(Path::new("out/host-1.1.0.bundle")),
+            Path::new("out/host-1.1.0.manifest.json")
+        );
+    }
 
     #[test]
     fn ranges() {
