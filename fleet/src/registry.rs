@@ -1,0 +1,322 @@
+//! The machine registry and leader election.
+//!
+//! Keys (under the fleet prefix, `/caisson/fleet/` by default):
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `machines/<id>` | [`MachineRecord`] JSON | the machine's |
+//! | `leader` | the leader's machine id | the leader's |
+//! | `units/<name>` | [`crate::store::UnitRecord`] JSON | none |
+//! | `assign/<id>` | JSON list of the unit names the machine runs | none (written by the leader) |
+//! | `status/<id>/<unit>` | [`crate::store::UnitStatus`] JSON | the machine's |
+//! | `lock/reboot` | [`crate::lock::Semaphore`] JSON | none |
+
+use crate::etcd::{Client, Compare, EtcdError, Op};
+use caisson_layout::cmdline::BootParams;
+use caisson_layout::osrelease::OsRelease;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What went wrong describing the machine or registering it.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no machine id")]
+    NoMachineId { path: String },
+    #[error("machine record {key:?} is not valid JSON: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A machine as registered in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    pub id: String,
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The OS version (os-release `IMAGE_VERSION`), if known.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The boot slot (`a` or `b`) from the kernel command line, if booted by Caisson.
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// Seconds since the epoch at the last heartbeat that rewrote the record.
+    #[serde(default)]
+    pub last_seen: u64,
+}
+
+/// Keys of the fleet keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Keys { prefix }
+    }
+    pub fn machines(&self) -> String {
+        format!("{}machines/", self.prefix)
+    }
+    pub fn machine(&self, id: &str) -> String {
+        format!("{}machines/{id}", self.prefix)
+    }
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+    pub fn units(&self) -> String {
+        format!("{}units/", self.prefix)
+    }
+    pub fn unit(&self, name: &str) -> String {
+        format!("{}units/{name}", self.prefix)
+    }
+    pub fn assigns(&self) -> String {
+        format!("{}assign/", self.prefix)
+    }
+    pub fn assign(&self, id: &str) -> String {
+        format!("{}assign/{id}", self.prefix)
+    }
+    pub fn statuses(&self) -> String {
+        format!("{}status/", self.prefix)
+    }
+    pub fn status(&self, id: &str, unit: &str) -> String {
+        format!("{}status/{id}/{unit}", self.prefix)
+    }
+    pub fn lock(&self) -> String {
+        crate::lock::key(&self.prefix)
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads the machine id from `/etc/machine-id` (under `root`).
+pub fn machine_id(root: &Path) -> Result<String, RegistryError> {
+    let path = root.join("etc/machine-id");
+    let text = std::fs::read_to_string(&path).map_err(|source| RegistryError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let id = text.trim().to_string();
+    if id.is_empty() {
+        return Err(RegistryError::NoMachineId {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(id)
+}
+
+/// The OS version and boot slot of the machine under `root` (either may be unknown).
+pub fn os_facts(root: &Path) -> (Option<String>, Option<String>) {
+    let rel = root.join(caisson_layout::osrelease::PATH.trim_start_matches('/'));
+    let version = std::fs::read_to_string(rel)
+        .ok()
+        .and_then(|t| OsRelease::parse(&t).ok())
+        .map(|o| o.version);
+    let slot = std::fs::read_to_string(root.join("proc/cmdline"))
+        .ok()
+        .and_then(|t| BootParams::parse(&t).ok())
+        .map(|b| b.slot.to_string());
+    (version, slot)
+}
+
+/// The address other machines reach this one at: the source address of the route to `endpoint`
+/// (no packet is sent).
+pub fn local_address(endpoint: &str) -> Option<String> {
+    let hostport = endpoint.split("://").nth(1)?.split('/').next()?.to_string();
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(hostport).ok()?;
+    Some(sock.local_addr().ok()?.ip().to_string())
+}
+
+/// A machine's membership: its lease, its record, and leadership.
+#[derive(Debug)]
+pub struct Member {
+    client: Client,
+    keys: Keys,
+    record: MachineRecord,
+    ttl_s: i64,
+    lease: i64,
+}
+
+impl Member {
+    /// Registers `record` under a new lease of `ttl_s` seconds.
+    pub async fn join(
+        client: Client,
+        keys: Keys,
+        record: MachineRecord,
+        ttl_s: i64,
+    ) -> Result<Member, RegistryError> {
+        let mut m = Member {
+            client,
+            keys,
+            record,
+            ttl_s,
+            lease: 0,
+        };
+        m.register().await?;
+        Ok(m)
+    }
+
+    /// The machine's id.
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// The lease the machine's keys hang on.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    async fn register(&mut self) -> Result<(), RegistryError> {
+        let lease = self.client.lease_grant(self.ttl_s).await?;
+        self.lease = lease.id;
+        self.write_record().await
+    }
+
+    async fn write_record(&mut self) -> Result<(), RegistryError> {
+        self.record.last_seen = now_s();
+        let value = serde_json::to_vec(&self.record).map_err(|source| RegistryError::Corrupt {
+            key: self.keys.machine(&self.record.id),
+            source,
+        })?;
+        self.client
+            .put(&self.keys.machine(&self.record.id), value, self.lease)
+            .await?;
+        Ok(())
+    }
+
+    /// Renews the lease and refreshes the record; when the lease had expired (an etcd outage or
+    /// a long pause), registers again under a new one. Returns true when it re-registered.
+    pub async fn heartbeat(&mut self) -> Result<bool, RegistryError> {
+        match self.client.lease_keepalive(self.lease).await {
+            Ok(_) => {
+                self.write_record().await?;
+                Ok(false)
+            }
+            Err(EtcdError::LeaseExpired(_)) => {
+                log::warn!("machine lease expired; registering again");
+                self.register().await?;
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Tries to become (or stay) the leader. True if this machine leads.
+    pub async fn campaign(&self) -> Result<bool, RegistryError> {
+        let key = self.keys.leader();
+        let id = self.record.id.as_bytes().to_vec();
+        let r = self
+            .client
+            .txn(
+                &[Compare::absent(&key)],
+                &[Op::Put {
+                    key: key.clone(),
+                    value: id.clone(),
+                    lease: self.lease,
+                }],
+                &[Op::Get {
+                    key: key.clone(),
+                    prefix: false,
+                }],
+            )
+            .await?;
+        if r.succeeded {
+            log::info!("{} is now the fleet leader", self.record.id);
+            return Ok(true);
+        }
+        let holder = r.responses.first().and_then(|kvs| kvs.first());
+        Ok(holder.is_some_and(|kv| kv.value == id && kv.lease == self.lease))
+    }
+
+    /// The comparison that fences a leader's writes: it still holds the leader key.
+    pub fn leader_fence(&self) -> Compare {
+        Compare::value(self.keys.leader(), self.record.id.as_bytes().to_vec())
+    }
+
+    /// Leaves: revokes the lease (the record, statuses and leadership go with it).
+    pub async fn leave(self) -> Result<(), RegistryError> {
+        match self.client.lease_revoke(self.lease).await {
+            Ok(()) | Err(EtcdError::LeaseExpired(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Every registered (live) machine.
+pub async fn machines(client: &Client, keys: &Keys) -> Result<Vec<MachineRecord>, RegistryError> {
+    let r = client.range(&keys.machines(), true).await?;
+    r.kvs
+        .iter()
+        .map(|kv| {
+            serde_json::from_slice(&kv.value).map_err(|source| RegistryError::Corrupt {
+                key: kv.key.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The current leader's machine id.
+pub async fn leader(client: &Client, keys: &Keys) -> Result<Option<String>, RegistryError> {
+    Ok(client.get(&keys.leader()).await?.map(|kv| kv.value_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_facts_from_a_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::create_dir_all(root.path().join("usr/lib")).unwrap();
+        std::fs::create_dir_all(root.path().join("proc")).unwrap();
+        assert!(machine_id(root.path()).is_err());
+        std::fs::write(root.path().join("etc/machine-id"), "abc123\n").unwrap();
+        assert_eq!(machine_id(root.path()).unwrap(), "abc123");
+        let rel = OsRelease {
+            image_id: "host".into(),
+            version: "1.2.0".into(),
+        };
+        std::fs::write(root.path().join("usr/lib/os-release"), rel.render()).unwrap();
+        std::fs::write(
+            root.path().join("proc/cmdline"),
+            "root=PARTUUID=6b3b2d55-0b4c-4b0e-9d0c-1c8b2a4f0a11 caisson.slot=b caisson.version=1.2.0 \
+             caisson.state=PARTUUID=6b3b2d55-0b4c-4b0e-9d0c-1c8b2a4f0a12 \
+             caisson.esp=PARTUUID=6b3b2d55-0b4c-4b0e-9d0c-1c8b2a4f0a13 caisson.insecure\n",
+        )
+        .unwrap();
+        assert_eq!(
+            os_facts(root.path()),
+            (Some("1.2.0".into()), Some("b".into()))
+        );
+        assert_eq!(
+            local_address("http://127.0.0.1:2379").as_deref(),
+            Some("127.0.0.1")
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! Units, assignments and statuses in etcd, and the leader's scheduling pass.
+
+use crate::etcd::{Client, Compare, EtcdError, Op};
+use crate::registry::{self, Keys, MachineRecord, RegistryError};
+use crate::scheduler::{self, Placement, Schedule};
+use crate::unit::UnitSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What went wrong reading or changing the fleet's state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("{key:?} holds invalid JSON: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no unit named {0:?} (see `caisson-fleet units`)")]
+    NoSuchUnit(String),
+    #[error("units changed while submitting; nothing was written, try again")]
+    Conflict,
+    #[error("no units to submit")]
+    Empty,
+}
+
+/// Whether a unit should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Running,
+    Stopped,
+}
+
+/// A unit as stored: its spec and whether it should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    pub spec: UnitSpec,
+    pub target: Target,
+}
+
+/// What an agent reports about one of its units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitStatus {
+    /// `running`, `exited`, `starting`, `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub exit_code: Option<u32>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub since: u64,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The fleet's state in etcd.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub client: Client,
+    pub keys: Keys,
+}
+
+/// Every unit with its record and revision.
+pub type Units = BTreeMap<String, (UnitRecord, i64)>;
+
+impl Store {
+    pub fn new(client: Client, keys: Keys) -> Store {
+        Store { client, keys }
+    }
+
+    /// Every unit, by name, with the revision of its record.
+    pub async fn units(&self) -> Result<Units, StoreError> {
+        let r = self.client.range(&self.keys.units(), true).await?;
+        let mut out = BTreeMap::new();
+        for kv in r.kvs {
+            let rec: UnitRecord = decode(&kv.key, &kv.value)?;
+            out.insert(rec.spec.name.clone(), (rec, kv.mod_revision));
+        }
+        Ok(out)
+    }
+
+    /// Writes every unit in one transaction, or none: a unit that changed since it was read
+    /// fails the whole submission. New units start running; existing ones keep their target.
+    pub async fn submit(&self, specs: &[UnitSpec]) -> Result<(), StoreError> {
+        if specs.is_empty() {
+            return Err(StoreError::Empty);
+        }
+        let existing = self.units().await?;
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for spec in specs {
+            let key = self.keys.unit(&spec.name);
+            let (target, rev) = match existing.get(&spec.name) {
+                Some((rec, rev)) => (rec.target, *rev),
+                None => (Target::Running, 0),
+            };
+            compares.push(Compare::mod_revision(&key, rev));
+            let rec = UnitRecord {
+                spec: spec.clone(),
+                target,
+            };
+            ops.push(Op::put(&key, encode(&key, &rec)?));
+        }
+        let r = self.client.txn(&compares, &ops, &[]).await?;
+        if r.succeeded {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+
+    /// Sets a unit's target (start or stop).
+    pub async fn set_target(&self, name: &str, target: Target) -> Result<(), StoreError> {
+        let key = self.keys.unit(name);
+        for _ in 0..20 {
+            let Some(kv) = self.client.get(&key).await? else {
+                return Err(StoreError::NoSuchUnit(name.to_string()));
+            };
+            let mut rec: UnitRecord = decode(&key, &kv.value)?;
+            if rec.target == target {
+                return Ok(());
+            }
+            rec.target = target;
+            let r = self
+                .client
+                .txn(
+                    &[Compare::mod_revision(&key, kv.mod_revision)],
+                    &[Op::put(&key, encode(&key, &rec)?)],
+                    &[],
+                )
+                .await?;
+            if r.succeeded {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Removes a unit; the leader unassigns it and agents remove its containers.
+    pub async fn destroy(&self, name: &str) -> Result<(), StoreError> {
+        if self.client.delete(&self.keys.unit(name), false).await? == 0 {
+            return Err(StoreError::NoSuchUnit(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The placement the leader last wrote: unit to machines.
+    pub async fn placement(&self) -> Result<Placement, StoreError> {
+        let prefix = self.keys.assigns();
+        let r = self.client.range(&prefix, true).await?;
+        let mut p = Placement::new();
+        for kv in r.kvs {
+            let machine = kv.key[prefix.len()..].to_string();
+            let units: Vec<String> = decode(&kv.key, &kv.value)?;
+            for u in units {
+                p.entry(u).or_default().insert(machine.clone());
+            }
+        }
+        Ok(p)
+    }
+
+    /// The units assigned to one machine, and the revision of the assignment.
+    pub async fn assigned(&self, machine: &str) -> Result<(BTreeSet<String>, i64), StoreError> {
+        let key = self.keys.assign(machine);
+        let r = self.client.range(&key, false).await?;
+        match r.kvs.first() {
+            None => Ok((BTreeSet::new(), r.revision)),
+            Some(kv) => Ok((decode(&key, &kv.value)?, r.revision)),
+        }
+    }
+
+    /// Every status, by (machine, unit).
+    pub async fn statuses(&self) -> Result<BTreeMap<(String, String), UnitStatus>, StoreError> {
+        let prefix = self.keys.statuses();
+        let r = self.client.range(&prefix, true).await?;
+        let mut out = BTreeMap::new();
+        for kv in r.kvs {
+            let Some((machine, unit)) = kv.key[prefix.len()..].split_once('/') else {
+                continue;
+            };
+            out.insert(
+                (machine.to_string(), unit.to_string()),
+                decode(&kv.key, &kv.value)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Reports a unit's status on a machine (under the machine's lease).
+    pub async fn report(
+        &self,
+        machine: &str,
+        unit: &str,
+        status: &UnitStatus,
+        lease: i64,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.status(machine, unit);
+        self.client.put(&key, encode(&key, status)?, lease).await?;
+        Ok(())
+    }
+
+    /// Removes a unit's status on a machine.
+    pub async fn clear_status(&self, machine: &str, unit: &str) -> Result<(), StoreError> {
+        self.client
+            .delete(&self.keys.status(machine, unit), false)
+            .await?;
+        Ok(())
+    }
+
+    /// The leader's pass: reads machines, units and the current placement, schedules, and
+    /// writes the assignments that changed, fenced by `fence` (the leader key still ours).
+    /// Returns the schedule, or `None` when this machine turned out not to lead.
+    pub async fn schedule_pass(&self, fence: &Compare) -> Result<Option<Schedule>, StoreError> {
+        let machines = registry::machines(&self.client, &self.keys).await?;
+        let units = self.units().await?;
+        let current = self.placement().await?;
+        let s = plan(&machines, &units, &current);
+        let before = by_machine(&current);
+        let after = by_machine(&s.placement);
+        let mut ops = Vec::new();
+        for (m, list) in &after {
+            if before.get(m) != Some(list) {
+                let key = self.keys.assign(m);
+                ops.push(Op::put(&key, encode(&key, list)?));
+            }
+        }
+        for m in before.keys().filter(|m| !after.contains_key(*m)) {
+            ops.push(Op::delete(self.keys.assign(m)));
+        }
+        // etcd allows 128 operations per transaction by default; with nothing to write, the
+        // empty transaction still checks the fence.
+        let chunks: Vec<&[Op]> = if ops.is_empty() {
+            vec![&[]]
+        } else {
+            ops.chunks(100).collect()
+        };
+        for chunk in chunks {
+            let r = self
+                .client
+                .txn(std::slice::from_ref(fence), chunk, &[])
+                .await?;
+            if !r.succeeded {
+                return Ok(None);
+            }
+        }
+        Ok(Some(s))
+    }
+}
+
+/// The scheduler's view of the stored state: running units only.
+pub fn plan(machines: &[MachineRecord], units: &Units, current: &Placement) -> Schedule {
+    let ms: Vec<scheduler::Machine> = machines
+        .iter()
+        .map(|m| scheduler::Machine {
+            id: m.id.clone(),
+            labels: m.labels.clone(),
+        })
+        .collect();
+    let us: Vec<scheduler::Unit> = units
+        .values()
+        .filter(|(r, _)| r.target == Target::Running)
+        .map(|(r, _)| scheduler::Unit::from(&r.spec))
+        .collect();
+    scheduler::schedule(&ms, &us, current)
+}
+
+/// Inverts a placement: machine to its sorted units.
+pub fn by_machine(p: &Placement) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (u, ms) in p {
+        for m in ms {
+            out.entry(m.clone()).or_default().insert(u.clone());
+        }
+    }
+    out
+}
