@@ -29,9 +29,27 @@ pub fn fatal(sys: &dyn Syscall, err: &dyn std::fmt::Display) -> ! {
     }
 }
 
+/// The binary's entry point: the stage this process is. Never returns.
+pub fn entry() -> ! {
+    // What the standard runtime would have done: a write to a closed socket or pipe is an
+    // error, not a fatal signal.
+    crate::sys::ignore_sigpipe();
+    if rustix::process::getpid() != rustix::process::Pid::INIT {
+        // Stage 2 mounts over /tmp, moves itself into a cgroup and, at shutdown, kills every
+        // process: never let it loose on a running system.
+        eprintln!("caisson-init is the machine's init and runs only as PID 1; use caisson-ctl");
+        std::process::exit(2);
+    }
+    if in_initramfs() {
+        stage1_main()
+    } else {
+        crate::stage2::main()
+    }
+}
+
 /// Stage 1: prepare the root and switch to it. Never returns.
-pub fn stage1_main() -> ! {
-    crate::console::init(false, true);
+pub(crate) fn stage1_main() -> ! {
+    crate::console::init(false);
     let sys = Real;
     let stage = Stage1::default();
     match stage.prepare(&sys) {

@@ -12,8 +12,10 @@ pub const PREFIX: &str = "caisson: ";
 
 struct ConsoleLogger {
     level: log::LevelFilter,
-    kmsg: Mutex<Option<File>>,
 }
+
+/// The kernel log, once [`enable_kmsg`] opened it.
+static KMSG: Mutex<Option<File>> = Mutex::new(None);
 
 impl log::Log for ConsoleLogger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
@@ -30,7 +32,7 @@ impl log::Log for ConsoleLogger {
             _ => format!("{PREFIX}{}\n", record.args()),
         };
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
-        if let Ok(mut kmsg) = self.kmsg.lock() {
+        if let Ok(mut kmsg) = KMSG.lock() {
             if let Some(k) = kmsg.as_mut() {
                 let _ = k.write_all(format!("<7>{line}").as_bytes());
             }
@@ -40,21 +42,22 @@ impl log::Log for ConsoleLogger {
     fn flush(&self) {}
 }
 
-/// Install the logger. `kmsg`: also write into the kernel log.
-pub fn init(debug: bool, kmsg: bool) {
-    let kmsg = if kmsg {
-        OpenOptions::new().write(true).open("/dev/kmsg").ok()
-    } else {
-        None
-    };
+/// Also write log lines into the kernel log (stage 1, once /dev is mounted).
+pub fn enable_kmsg() {
+    if let Ok(mut k) = KMSG.lock() {
+        *k = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+    }
+}
+
+/// Install the logger.
+pub fn init(debug: bool) {
     let level = if debug {
         log::LevelFilter::Debug
     } else {
         log::LevelFilter::Info
     };
     let logger = ConsoleLogger {
-        level,
-        kmsg: Mutex::new(kmsg),
+        level: log::LevelFilter::Debug,
     };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
@@ -89,9 +92,10 @@ fn attach(console: &File) {
     let _ = rustix::stdio::dup2_stderr(console.as_fd());
 }
 
-/// [`attach_console`], only when `root` is the real root (not in tests).
+/// [`attach_console`] and [`enable_kmsg`], only when `root` is the real root (not in tests).
 pub fn attach_console_under(root: &std::path::Path) {
     if root == std::path::Path::new("/") {
         attach_console();
+        enable_kmsg();
     }
 }

@@ -169,9 +169,9 @@ fn hostname(sys: &dyn Syscall) {
 }
 
 /// Stage 2. Never returns.
-pub fn main() -> ! {
+pub(crate) fn main() -> ! {
     crate::console::attach_console();
-    crate::console::init(false, false);
+    crate::console::init(false);
     let sys: Arc<dyn Syscall> = Arc::new(Real);
     if let Err(e) = sys::block_signals(&SIGNALS) {
         log::error!("blocking signals failed: {e}");

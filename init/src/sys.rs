@@ -371,6 +371,14 @@ fn write_file_raw(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Ignore SIGPIPE (the binary starts without the standard runtime's set-up, see `main.rs`).
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN for SIGPIPE involves no handler code and no shared state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// Block the signals PID1 handles, so that the signal thread receives them through
 /// [`wait_signal`]. Call before any thread starts: threads inherit the mask.
 pub fn block_signals(signals: &[i32]) -> io::Result<()> {
