@@ -3,8 +3,18 @@
 //! - [`etcd`]: the etcd v3 client over the JSON gateway (failover, leases, resumable watches).
 //! - [`unit`]: unit files (what to run, how many, where) and their validation.
 //! - [`scheduler`]: the pure placement function.
+//! - [`registry`]: machine records under leases, leader election, the keyspace.
+//! - [`store`]: units, assignments, statuses, and the leader's scheduling pass.
+//! - [`lock`]: the reboot semaphore the updater's `etcd-lock` strategy uses.
+//! - [`agent`]: the agent loop and reconciliation against a [`agent::Runtime`].
+//! - [`containerd`]: the containerd runtime.
+//! - [`config`]: the agent configuration file, /etc/caisson/fleet.toml.
+//! - [`cli`]: the `caisson-fleet` command line.
 
+pub mod agent;
+pub mod cli;
 pub mod config;
+pub mod containerd;
 pub mod etcd;
 pub mod lock;
 pub mod registry;

@@ -9,6 +9,7 @@
 //! | `units/<name>` | [`crate::store::UnitRecord`] JSON | none |
 //! | `assign/<id>` | JSON list of the unit names the machine runs | none (written by the leader) |
 //! | `status/<id>/<unit>` | [`crate::store::UnitStatus`] JSON | the machine's |
+//! | `logs/<id>/<unit>` | the unit's last output lines on that machine | the machine's |
 //! | `lock/reboot` | [`crate::lock::Semaphore`] JSON | none |
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
@@ -98,6 +99,12 @@ impl Keys {
     }
     pub fn status(&self, id: &str, unit: &str) -> String {
         format!("{}status/{id}/{unit}", self.prefix)
+    }
+    pub fn logs(&self, id: &str, unit: &str) -> String {
+        format!("{}logs/{id}/{unit}", self.prefix)
+    }
+    pub fn all_logs(&self) -> String {
+        format!("{}logs/", self.prefix)
     }
     pub fn lock(&self) -> String {
         crate::lock::key(&self.prefix)

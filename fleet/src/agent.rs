@@ -1,0 +1,528 @@
+//! The agent: keeps its machine registered, schedules when it leads, and reconciles the
+//! containers on its machine with the units assigned to it (or, without etcd, with the unit
+//! files in `/etc/caisson/units/`).
+//!
+//! The loop ticks every third of the lease TTL. An etcd outage is logged and retried each tick;
+//! running containers are left alone until etcd answers again.
+
+use crate::config::Config;
+use crate::etcd::Client;
+use crate::registry::{self, Keys, MachineRecord, Member};
+use crate::store::{Store, Target, UnitStatus};
+use crate::unit::{Restart, UnitError, UnitSpec};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// What went wrong running containers.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime cannot be reached.
+    #[error("container runtime at {endpoint}: {message}")]
+    Unavailable { endpoint: String, message: String },
+    /// An operation on one unit's container failed.
+    #[error("unit {unit}: {message}")]
+    Unit { unit: String, message: String },
+}
+
+/// A container the agent manages, as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub unit: String,
+    /// The hash of the unit spec it was created from ([`spec_hash`]).
+    pub spec_hash: String,
+    pub state: ContainerState,
+    pub restarts: u32,
+}
+
+/// A container's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    Running,
+    Exited(u32),
+}
+
+/// The container runtime, behind a trait so reconciliation runs in plain tests.
+#[allow(async_fn_in_trait)]
+pub trait Runtime {
+    /// Every container the agent manages.
+    async fn list(&self) -> Result<Vec<Container>, RuntimeError>;
+    /// Fetches the unit's image if needed, creates its container and starts it.
+    async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError>;
+    /// Starts an exited container again.
+    async fn restart(&self, unit: &str) -> Result<(), RuntimeError>;
+    /// Stops (SIGTERM, then SIGKILL) and deletes a unit's container.
+    async fn remove(&self, unit: &str) -> Result<(), RuntimeError>;
+    /// The last `lines` lines of a unit's output.
+    async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError>;
+}
+
+/// The hash that tells whether a container still matches its unit.
+pub fn spec_hash(spec: &UnitSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(&Sha256::digest(&json)[..8])
+}
+
+/// One step of reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create and start the unit's container.
+    Start(String),
+    /// Start the unit's exited container again (its restart policy says so).
+    Restart(String),
+    /// Remove the container and create it again (the unit changed).
+    Replace(String),
+    /// Remove the container (the unit is no longer this machine's).
+    Remove(String),
+}
+
+/// What to do to make `actual` match `desired`. Pure.
+pub fn actions(desired: &BTreeMap<String, UnitSpec>, actual: &[Container]) -> Vec<Action> {
+    let mut out = Vec::new();
+    let by_unit: BTreeMap<&str, &Container> = actual.iter().map(|c| (c.unit.as_str(), c)).collect();
+    for c in actual {
+        if !desired.contains_key(&c.unit) {
+            out.push(Action::Remove(c.unit.clone()));
+        }
+    }
+    for (name, spec) in desired {
+        match by_unit.get(name.as_str()) {
+            None => out.push(Action::Start(name.clone())),
+            Some(c) if c.spec_hash != spec_hash(spec) => out.push(Action::Replace(name.clone())),
+            Some(c) => {
+                if let ContainerState::Exited(code) = c.state {
+                    let again = match spec.restart {
+                        Restart::Always => true,
+                        Restart::OnFailure => code != 0,
+                        Restart::Never => false,
+                    };
+                    if again {
+                        out.push(Action::Restart(name.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Applies the actions; returns the error of each unit that failed (others still proceed).
+pub async fn apply<R: Runtime>(
+    rt: &R,
+    desired: &BTreeMap<String, UnitSpec>,
+    actions: &[Action],
+) -> BTreeMap<String, String> {
+    let mut errors = BTreeMap::new();
+    for a in actions {
+        let (unit, r) = match a {
+            Action::Remove(u) => (u, rt.remove(u).await),
+            Action::Restart(u) => (u, rt.restart(u).await),
+            Action::Start(u) | Action::Replace(u) => {
+                let Some(spec) = desired.get(u) else { continue };
+                let mut r = Ok(());
+                if matches!(a, Action::Replace(_)) {
+                    r = rt.remove(u).await;
+                }
+                if r.is_ok() {
+                    r = rt.start(spec, &spec_hash(spec)).await;
+                }
+                (u, r)
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("{e}");
+            errors.insert(unit.clone(), e.to_string());
+        }
+    }
+    errors
+}
+
+/// Reads every `*.toml` in `dir` (none when the directory does not exist).
+pub fn local_units(dir: &Path) -> Result<BTreeMap<String, UnitSpec>, UnitError> {
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(UnitError::Read {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let spec = UnitSpec::load(&p)?;
+        out.insert(spec.name.clone(), spec);
+    }
+    Ok(out)
+}
+
+/// One reconciliation against the runtime; returns the statuses to report.
+pub async fn reconcile<R: Runtime>(
+    rt: &R,
+    desired: &BTreeMap<String, UnitSpec>,
+) -> Result<BTreeMap<String, UnitStatus>, RuntimeError> {
+    let before = rt.list().await?;
+    let todo = actions(desired, &before);
+    let errors = apply(rt, desired, &todo).await;
+    let after = rt.list().await?;
+    let now = registry::now_s();
+    let mut out = BTreeMap::new();
+    for name in desired.keys() {
+        let c = after.iter().find(|c| &c.unit == name);
+        let (state, exit_code) = match c.map(|c| c.state) {
+            Some(ContainerState::Running) => ("running", None),
+            Some(ContainerState::Exited(code)) => ("exited", Some(code)),
+            None => ("failed", None),
+        };
+        out.insert(
+            name.clone(),
+            UnitStatus {
+                state: state.to_string(),
+                exit_code,
+                error: errors.get(name).cloned(),
+                restarts: c.map_or(0, |c| c.restarts),
+                since: now,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// How many lines of each unit's output the agent publishes for `caisson-fleet logs`.
+pub const LOG_LINES: usize = 50;
+
+/// The agent's state between ticks in a cluster.
+pub struct Agent<R: Runtime> {
+    pub store: Store,
+    pub member: Member,
+    pub runtime: R,
+    pub tick: Duration,
+    reported: BTreeMap<String, UnitStatus>,
+}
+
+impl<R: Runtime> Agent<R> {
+    /// Joins the cluster (retrying until etcd answers) and releases this machine's hold on
+    /// the reboot lock, if any: the machine is back.
+    pub async fn join(
+        config: &Config,
+        record: MachineRecord,
+        runtime: R,
+    ) -> Result<Agent<R>, crate::etcd::EtcdError> {
+        let client = Client::new(&config.endpoints)?;
+        let keys = Keys::new(&config.prefix);
+        let mut wait = Duration::from_millis(200);
+        let member = loop {
+            match Member::join(client.clone(), keys.clone(), record.clone(), config.ttl_s).await {
+                Ok(m) => break m,
+                Err(e) => {
+                    log::warn!("joining the fleet: {e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        log::info!(
+            "joined the fleet as {} (lease {:x})",
+            record.id,
+            member.lease()
+        );
+        Ok(Agent {
+            store: Store::new(client, keys),
+            member,
+            runtime,
+            tick: Duration::from_millis((config.ttl_s as u64 * 1000 / 3).max(500)),
+            reported: BTreeMap::new(),
+        })
+    }
+
+    /// Releases this machine's reboot lock slot (once the machine is at steady state).
+    pub async fn release_reboot_lock(&self) {
+        let lock = crate::lock::RebootLock::new(self.store.client.clone(), self.store.keys.lock());
+        match lock.release(self.member.id()).await {
+            Ok(true) => log::info!("released the reboot lock held by {}", self.member.id()),
+            Ok(false) => {}
+            Err(e) => log::warn!("releasing the reboot lock: {e}"),
+        }
+    }
+
+    /// One tick: heartbeat, lead if possible, reconcile, report.
+    pub async fn tick(&mut self) -> Result<(), String> {
+        if self.member.heartbeat().await.map_err(|e| e.to_string())? {
+            self.reported.clear();
+        }
+        if self.member.campaign().await.map_err(|e| e.to_string())? {
+            if let Some(s) = self
+                .store
+                .schedule_pass(&self.member.leader_fence())
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                for (u, n) in &s.unplaced {
+                    log::debug!("unit {u}: {n} instance(s) could not be placed");
+                }
+            }
+        }
+        let me = self.member.id().to_string();
+        let (assigned, _) = self.store.assigned(&me).await.map_err(|e| e.to_string())?;
+        let units = self.store.units().await.map_err(|e| e.to_string())?;
+        let desired: BTreeMap<String, UnitSpec> = assigned
+            .iter()
+            .filter_map(|u| units.get(u))
+            .filter(|(r, _)| r.target == Target::Running)
+            .map(|(r, _)| (r.spec.name.clone(), r.spec.clone()))
+            .collect();
+        let statuses = reconcile(&self.runtime, &desired)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (u, st) in &statuses {
+            let same = self.reported.get(u).is_some_and(|old| {
+                UnitStatus {
+                    since: st.since,
+                    ..old.clone()
+                } == *st
+            });
+            if !same {
+                self.store
+                    .report(&me, u, st, self.member.lease())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.reported.insert(u.clone(), st.clone());
+            }
+        }
+        for u in statuses.keys() {
+            if let Ok(lines) = self.runtime.logs(u, LOG_LINES).await {
+                let key = self.store.keys.logs(&me, u);
+                let text = lines.join("\n");
+                self.store
+                    .client
+                    .put(&key, text, self.member.lease())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let gone: Vec<String> = self
+            .reported
+            .keys()
+            .filter(|u| !statuses.contains_key(*u))
+            .cloned()
+            .collect();
+        for u in gone {
+            self.store
+                .clear_status(&me, &u)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.reported.remove(&u);
+        }
+        Ok(())
+    }
+
+    /// Ticks until `stop` resolves, then leaves the fleet (its units move elsewhere).
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut released = false;
+        loop {
+            match self.tick().await {
+                Ok(()) if !released => {
+                    self.release_reboot_lock().await;
+                    released = true;
+                }
+                Ok(()) => {}
+                Err(e) => log::warn!("fleet tick: {e} (containers keep running; retrying)"),
+            }
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(self.tick) => {}
+            }
+        }
+        if let Err(e) = self.member.leave().await {
+            log::warn!("leaving the fleet: {e}");
+        }
+    }
+}
+
+/// Without etcd: runs the local units until `stop` resolves.
+pub async fn run_local<R: Runtime>(
+    config: &Config,
+    runtime: &R,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    log::info!(
+        "no etcd endpoints configured: running the units in {} on this machine alone",
+        config.units_dir.display()
+    );
+    loop {
+        match local_units(&config.units_dir) {
+            Ok(desired) => match reconcile(runtime, &desired).await {
+                Ok(st) => {
+                    for (u, s) in st.iter().filter(|(_, s)| s.error.is_some()) {
+                        log::warn!("unit {u}: {}", s.error.as_deref().unwrap_or(""));
+                    }
+                }
+                Err(e) => log::warn!("{e}"),
+            },
+            Err(e) => log::warn!("{e}"),
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+    }
+}
+
+/// An in-memory runtime: containers "run" until told otherwise. For tests and simulations.
+#[derive(Debug, Default)]
+pub struct FakeRuntime {
+    pub containers: std::sync::Mutex<BTreeMap<String, Container>>,
+    /// Units whose start fails.
+    pub failing: std::sync::Mutex<Vec<String>>,
+}
+
+impl FakeRuntime {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Container>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes a unit's container exit with `code`.
+    pub fn exit(&self, unit: &str, code: u32) {
+        if let Some(c) = self.lock().get_mut(unit) {
+            c.state = ContainerState::Exited(code);
+        }
+    }
+
+    /// The units with a container.
+    pub fn units(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+impl Runtime for FakeRuntime {
+    async fn list(&self) -> Result<Vec<Container>, RuntimeError> {
+        Ok(self.lock().values().cloned().collect())
+    }
+    async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError> {
+        let failing = self
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&spec.name);
+        if failing {
+            return Err(RuntimeError::Unit {
+                unit: spec.name.clone(),
+                message: "image import failed".into(),
+            });
+        }
+        self.lock().insert(
+            spec.name.clone(),
+            Container {
+                unit: spec.name.clone(),
+                spec_hash: spec_hash.to_string(),
+                state: ContainerState::Running,
+                restarts: 0,
+            },
+        );
+        Ok(())
+    }
+    async fn restart(&self, unit: &str) -> Result<(), RuntimeError> {
+        if let Some(c) = self.lock().get_mut(unit) {
+            c.state = ContainerState::Running;
+            c.restarts += 1;
+        }
+        Ok(())
+    }
+    async fn remove(&self, unit: &str) -> Result<(), RuntimeError> {
+        self.lock().remove(unit);
+        Ok(())
+    }
+    async fn logs(&self, unit: &str, _lines: usize) -> Result<Vec<String>, RuntimeError> {
+        Ok(vec![format!("{unit}: fake output")])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, restart: &str) -> UnitSpec {
+        UnitSpec::parse(
+            name,
+            &format!("restart = \"{restart}\"\n[image]\npath = \"/i.tar\""),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reconciles_starts_restarts_replaces_removes() {
+        let rt = FakeRuntime::default();
+        let mut desired = BTreeMap::new();
+        desired.insert("a".to_string(), spec("a", "always"));
+        desired.insert("b".to_string(), spec("b", "on-failure"));
+        desired.insert("c".to_string(), spec("c", "never"));
+        let st = reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(rt.units(), ["a", "b", "c"]);
+        assert!(st.values().all(|s| s.state == "running"));
+        rt.exit("a", 0);
+        rt.exit("b", 0);
+        rt.exit("c", 3);
+        assert_eq!(
+            actions(&desired, &rt.list().await.unwrap()),
+            [Action::Restart("a".into())]
+        );
+        let st = reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(st["a"].state, "running");
+        assert_eq!(st["a"].restarts, 1);
+        assert_eq!(
+            (st["b"].state.as_str(), st["b"].exit_code),
+            ("exited", Some(0))
+        );
+        assert_eq!(st["c"].exit_code, Some(3));
+        // A changed unit is replaced; a unit no longer wanted is removed.
+        desired.insert(
+            "a".to_string(),
+            UnitSpec {
+                command: vec!["/x".into()],
+                ..spec("a", "always")
+            },
+        );
+        desired.remove("c");
+        let todo = actions(&desired, &rt.list().await.unwrap());
+        assert!(todo.contains(&Action::Replace("a".into())));
+        assert!(todo.contains(&Action::Remove("c".into())));
+        reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(rt.units(), ["a", "b"]);
+        // A failed start is reported, the others proceed.
+        rt.failing.lock().unwrap().push("d".into());
+        desired.insert("d".to_string(), spec("d", "always"));
+        let st = reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(st["d"].state, "failed");
+        assert!(st["d"]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("image import failed"));
+    }
+
+    #[test]
+    fn local_units_from_a_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(local_units(&dir.path().join("none")).unwrap().is_empty());
+        std::fs::write(dir.path().join("web.toml"), "[image]\npath = \"/w.tar\"").unwrap();
+        std::fs::write(dir.path().join("README"), "not a unit").unwrap();
+        assert_eq!(
+            local_units(dir.path()).unwrap().keys().collect::<Vec<_>>(),
+            ["web"]
+        );
+        std::fs::write(dir.path().join("bad.toml"), "[image]\npath = \"w.tar\"").unwrap();
+        assert!(local_units(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("image.path"));
+    }
+}

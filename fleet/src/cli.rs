@@ -1,0 +1,342 @@
+//! The `caisson-fleet` command line: clap types and what each command does.
+
+use crate::agent::{self, Agent};
+use crate::config::{self, Config};
+use crate::containerd::Containerd;
+use crate::etcd::Client;
+use crate::lock::RebootLock;
+use crate::registry::{self, Keys, MachineRecord};
+use crate::store::{self, Store, Target};
+use crate::unit::UnitSpec;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Caisson's fleet: machines, units and the reboot lock on etcd.
+#[derive(Debug, Parser)]
+#[command(name = "caisson-fleet", version)]
+pub struct Cli {
+    /// etcd endpoints, comma-separated (default: `endpoints` in the config file).
+    #[arg(long, env = "CAISSON_FLEET_ETCD", value_delimiter = ',', global = true)]
+    pub etcd: Vec<String>,
+    /// The agent's configuration file.
+    #[arg(long, default_value = config::PATH, global = true)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the machines: id, address, labels, version, slot, units, last seen.
+    Machines {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate unit files and submit them all in one transaction (or none).
+    Submit {
+        /// Unit files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Start a stopped unit.
+    Start {
+        /// The unit's name.
+        unit: String,
+    },
+    /// Stop a unit (its containers are removed; the unit stays).
+    Stop {
+        /// The unit's name.
+        unit: String,
+    },
+    /// Remove a unit and its containers.
+    Destroy {
+        /// The unit's name.
+        unit: String,
+    },
+    /// List units: desired and actual state, where they run.
+    Units {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a unit's last output lines.
+    Logs {
+        /// The unit's name.
+        unit: String,
+        /// Only this machine.
+        #[arg(long)]
+        machine: Option<String>,
+    },
+    /// The reboot semaphore.
+    Lock {
+        #[command(subcommand)]
+        command: LockCommand,
+    },
+    /// Run the agent (a service of the host image).
+    Agent {
+        /// The root to read the machine id, os-release and /proc/cmdline from.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Show max and holders.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let N machines reboot at once.
+    SetMax {
+        /// At least 1.
+        n: u32,
+    },
+    /// Release a machine's slot.
+    Release {
+        /// The machine id.
+        id: String,
+    },
+}
+
+impl Cli {
+    fn config(&self) -> Result<Config> {
+        let mut c = Config::load(&self.config)?;
+        if !self.etcd.is_empty() {
+            c.endpoints = self.etcd.clone();
+        }
+        Ok(c)
+    }
+
+    fn store(&self) -> Result<Store> {
+        let c = self.config()?;
+        if c.endpoints.is_empty() {
+            bail!(
+                "no etcd endpoints: pass --etcd http://HOST:2379 or set endpoints in {}",
+                self.config.display()
+            );
+        }
+        Ok(Store::new(Client::new(&c.endpoints)?, Keys::new(&c.prefix)))
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Agent { root } => return run_agent(&cli, root).await,
+        Command::Submit { files } => {
+            // Validate everything before touching etcd.
+            let specs = files
+                .iter()
+                .map(|f| UnitSpec::load(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            cli.store()?.submit(&specs).await?;
+            for s in &specs {
+                println!("submitted {}", s.name);
+            }
+        }
+        Command::Start { unit } => cli.store()?.set_target(unit, Target::Running).await?,
+        Command::Stop { unit } => cli.store()?.set_target(unit, Target::Stopped).await?,
+        Command::Destroy { unit } => cli.store()?.destroy(unit).await?,
+        Command::Machines { json } => machines(&cli.store()?, *json).await?,
+        Command::Units { json } => units(&cli.store()?, *json).await?,
+        Command::Logs { unit, machine } => logs(&cli.store()?, unit, machine.as_deref()).await?,
+        Command::Lock { command } => {
+            let store = cli.store()?;
+            let lock = RebootLock::new(store.client.clone(), store.keys.lock());
+            match command {
+                LockCommand::Status { json } => {
+                    let s = lock.status().await?;
+                    if *json {
+                        println!("{}", serde_json::to_string_pretty(&s)?);
+                    } else {
+                        println!("max {} holders [{}]", s.max, s.holders.join(", "));
+                    }
+                }
+                LockCommand::SetMax { n } => lock.set_max(*n).await?,
+                LockCommand::Release { id } => {
+                    if !lock.release(id).await? {
+                        println!("{id} did not hold the reboot lock");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn machines(store: &Store, json: bool) -> Result<()> {
+    let ms = registry::machines(&store.client, &store.keys).await?;
+    let placed = store::by_machine(&store.placement().await?);
+    let leader = registry::leader(&store.client, &store.keys).await?;
+    if json {
+        let v: Vec<_> = ms
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                v["units"] = json!(placed.get(&m.id).cloned().unwrap_or_default());
+                v["leader"] = json!(leader.as_deref() == Some(m.id.as_str()));
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<34} {:<15} {:<8} {:<4} {:<20} {:<6} LAST-SEEN",
+        "MACHINE", "ADDRESS", "VERSION", "SLOT", "LABELS", "UNITS"
+    );
+    let now = registry::now_s();
+    for m in &ms {
+        let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let star = if leader.as_deref() == Some(m.id.as_str()) {
+            "*"
+        } else {
+            ""
+        };
+        println!(
+            "{:<34} {:<15} {:<8} {:<4} {:<20} {:<6} {}s ago",
+            format!("{}{star}", m.id),
+            m.address,
+            m.version.as_deref().unwrap_or("-"),
+            m.slot.as_deref().unwrap_or("-"),
+            if labels.is_empty() {
+                "-".to_string()
+            } else {
+                labels.join(",")
+            },
+            placed.get(&m.id).map_or(0, |u| u.len()),
+            now.saturating_sub(m.last_seen),
+        );
+    }
+    Ok(())
+}
+
+async fn units(store: &Store, json: bool) -> Result<()> {
+    let units = store.units().await?;
+    let placement = store.placement().await?;
+    let statuses = store.statuses().await?;
+    let rows: Vec<_> = units
+        .values()
+        .map(|(rec, _)| {
+            let on = placement.get(&rec.spec.name).cloned().unwrap_or_default();
+            let actual: serde_json::Map<String, serde_json::Value> = statuses
+                .iter()
+                .filter(|((_, u), _)| u == &rec.spec.name)
+                .map(|((m, _), s)| (m.clone(), serde_json::to_value(s).unwrap_or_default()))
+                .collect();
+            json!({ "name": rec.spec.name, "target": rec.target, "replicas": rec.spec.replicas,
+                    "machines": on, "actual": actual, "spec": rec.spec })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<8} {:<10} ACTUAL", "UNIT", "TARGET", "REPLICAS");
+    for r in &rows {
+        let actual: Vec<String> = r["actual"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(m, s)| format!("{m}:{}", s["state"].as_str().unwrap_or("?")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<8} {:<10} {}",
+            r["name"].as_str().unwrap_or(""),
+            r["target"].as_str().unwrap_or(""),
+            r["replicas"].to_string(),
+            if actual.is_empty() {
+                "-".to_string()
+            } else {
+                actual.join(" ")
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn logs(store: &Store, unit: &str, machine: Option<&str>) -> Result<()> {
+    let r = store.client.range(&store.keys.all_logs(), true).await?;
+    let prefix = store.keys.all_logs();
+    let mut found = false;
+    for kv in r.kvs {
+        let Some((m, u)) = kv.key[prefix.len()..].split_once('/') else {
+            continue;
+        };
+        if u != unit || machine.is_some_and(|want| want != m) {
+            continue;
+        }
+        found = true;
+        for line in kv.value_str().lines() {
+            println!("{m}| {line}");
+        }
+    }
+    if !found {
+        bail!(
+            "no output of unit {unit:?} has been reported{}",
+            machine.map(|m| format!(" by {m}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
+    let id = registry::machine_id(root)?;
+    let (version, slot) = registry::os_facts(root);
+    let address = config
+        .address
+        .clone()
+        .or_else(|| {
+            config
+                .endpoints
+                .first()
+                .and_then(|e| registry::local_address(e))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Ok(MachineRecord {
+        id,
+        address,
+        labels: config.labels.clone(),
+        version,
+        slot,
+        last_seen: 0,
+    })
+}
+
+async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
+    let config = cli.config()?;
+    let runtime = Containerd {
+        socket: config.containerd_socket.clone(),
+        namespace: config.namespace.clone(),
+    };
+    let stop = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("cannot watch SIGTERM: {e}");
+                    return std::future::pending().await;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        log::info!("stopping");
+    };
+    if !config.clustered() {
+        agent::run_local(&config, &runtime, stop).await;
+        return Ok(());
+    }
+    let record = local_record(&config, root).context("describing this machine")?;
+    let a = Agent::join(&config, record, runtime).await?;
+    a.run(stop).await;
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Agents (with an in-memory runtime) against a real etcd, and the CLI binary.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use caisson_fleet::agent::{Agent, FakeRuntime};
+use caisson_fleet::config::Config;
+use caisson_fleet::registry::MachineRecord;
+use caisson_fleet::store::Store;
+use caisson_fleet::unit::UnitSpec;
+use common::Etcd;
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn config(etcd: &Etcd) -> Config {
+    Config {
+        endpoints: vec![etcd.endpoint()],
+        ttl_s: 2,
+        ..Config::default()
+    }
+}
+
+fn record(id: &str) -> MachineRecord {
+    MachineRecord {
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        labels: BTreeMap::new(),
+        version: None,
+        slot: None,
+        last_seen: 0,
+    }
+}
+
+async fn tick_all(agents: &mut [Agent<FakeRuntime>]) {
+    for a in agents.iter_mut() {
+        a.tick().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn units_spread_and_move_when_a_machine_dies() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd);
+    let mut agents = Vec::new();
+    for id in ["m1", "m2", "m3"] {
+        agents.push(
+            Agent::join(&cfg, record(id), FakeRuntime::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let store = Store::new(agents[0].store.client.clone(), agents[0].store.keys.clone());
+    let web = UnitSpec::parse("web", "replicas = 2\n[image]\npath = \"/w.tar\"").unwrap();
+    store.submit(&[web]).await.unwrap();
+    // First tick: m1 leads and schedules; second: everyone sees its assignment.
+    tick_all(&mut agents).await;
+    tick_all(&mut agents).await;
+    let running: Vec<&str> = ["m1", "m2", "m3"]
+        .into_iter()
+        .zip(&agents)
+        .filter(|(_, a)| a.runtime.units() == ["web"])
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(running, ["m1", "m2"]);
+    let st = store.statuses().await.unwrap();
+    assert_eq!(st[&("m1".to_string(), "web".to_string())].state, "running");
+    // m1 (the leader, running web) dies without a word: within the TTL and a few ticks the
+    // survivors elect a leader and web runs on m2 and m3.
+    let dead = agents.remove(0);
+    std::mem::forget(dead);
+    let t = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tick_all(&mut agents).await;
+        if agents.iter().all(|a| a.runtime.units() == ["web"]) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(7),
+            "web did not move within TTL + 5 s"
+        );
+    }
+    // Stopping the unit removes the containers everywhere.
+    store
+        .set_target("web", caisson_fleet::store::Target::Stopped)
+        .await
+        .unwrap();
+    tick_all(&mut agents).await;
+    tick_all(&mut agents).await;
+    assert!(agents.iter().all(|a| a.runtime.units().is_empty()));
+}
+
+fn fleet(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_caisson-fleet"))
+        .args([
+            "--etcd",
+            &etcd.endpoint(),
+            "--config",
+            "/nonexistent/fleet.toml",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_submit_units_lock() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("web.toml");
+    std::fs::write(&good, "replicas = 2\n[image]\npath = \"/w.tar\"\n").unwrap();
+    let bad = dir.path().join("db.toml");
+    std::fs::write(&bad, "[image]\nurl = \"http://x/db.tar\"\n").unwrap();
+    // One bad file: nothing is submitted.
+    let (ok, _, err) = fleet(
+        &etcd,
+        &["submit", good.to_str().unwrap(), bad.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert!(err.contains("image.sha256"), "{err}");
+    let (ok, out, _) = fleet(&etcd, &["units", "--json"]);
+    assert!(ok);
+    assert_eq!(out.trim(), "[]");
+    let (ok, out, err) = fleet(&etcd, &["submit", good.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("submitted web"));
+    let (_, out, _) = fleet(&etcd, &["units"]);
+    assert!(out.contains("web") && out.contains("running"), "{out}");
+    assert!(fleet(&etcd, &["stop", "web"]).0);
+    let (_, out, _) = fleet(&etcd, &["units", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["target"], "stopped");
+    let (ok, _, err) = fleet(&etcd, &["start", "nope"]);
+    assert!(!ok && err.contains("no unit named"), "{err}");
+    assert!(fleet(&etcd, &["destroy", "web"]).0);
+    let (ok, out, _) = fleet(&etcd, &["machines", "--json"]);
+    assert!(ok);
+    assert_eq!(out.trim(), "[]");
+    assert!(fleet(&etcd, &["lock", "set-max", "3"]).0);
+    let (_, out, _) = fleet(&etcd, &["lock", "status"]);
+    assert_eq!(out.trim(), "max 3 holders []");
+    let (ok, _, err) = fleet(&etcd, &["lock", "set-max", "0"]);
+    assert!(!ok && err.contains("at least 1"), "{err}");
+}
+
+#[test]
+fn cli_without_etcd_says_how_to_configure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_caisson-fleet"))
+        .args(["--config", "/nonexistent/fleet.toml", "units"])
+        .env_remove("CAISSON_FLEET_ETCD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd"));
+}
