@@ -205,6 +205,7 @@ pub struct Agent<R: Runtime> {
     pub runtime: R,
     pub tick: Duration,
     reported: BTreeMap<String, UnitStatus>,
+    logged: BTreeMap<String, String>,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -239,6 +240,7 @@ impl<R: Runtime> Agent<R> {
             runtime,
             tick: Duration::from_millis((config.ttl_s as u64 * 1000 / 3).max(500)),
             reported: BTreeMap::new(),
+            logged: BTreeMap::new(),
         })
     }
 
@@ -256,6 +258,7 @@ impl<R: Runtime> Agent<R> {
     pub async fn tick(&mut self) -> Result<(), String> {
         if self.member.heartbeat().await.map_err(|e| e.to_string())? {
             self.reported.clear();
+            self.logged.clear();
         }
         if self.member.campaign().await.map_err(|e| e.to_string())? {
             if let Some(s) = self
@@ -298,8 +301,12 @@ impl<R: Runtime> Agent<R> {
         }
         for u in statuses.keys() {
             if let Ok(lines) = self.runtime.logs(u, LOG_LINES).await {
-                let key = self.store.keys.logs(&me, u);
                 let text = lines.join("\n");
+                if self.logged.get(u) == Some(&text) {
+                    continue;
+                }
+                let key = self.store.keys.logs(&me, u);
+                self.logged.insert(u.clone(), text.clone());
                 self.store
                     .client
                     .put(&key, text, self.member.lease())
