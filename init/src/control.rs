@@ -44,6 +44,12 @@ pub struct Status {
     pub ready: bool,
     pub shutting_down: bool,
     pub services: Vec<ServiceStatus>,
+    /// The network (interface, address, state); absent from older inits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::network::NetStatus>,
+    /// The init's resident memory (VmRSS) in KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_rss_kib: Option<u64>,
 }
 
 /// An answer.
@@ -339,6 +345,8 @@ mod tests {
                     ready: true,
                     shutting_down: false,
                     services: vec![],
+                    network: None,
+                    init_rss_kib: None,
                 }),
                 ..Default::default()
             },

@@ -216,9 +216,24 @@ impl Stage1 {
             MountFlags::NOSUID | MountFlags::NODEV,
             "",
         )?;
+        self.grow_state(&state_dev, params.state, &var);
         self.etc_overlay(sys, &sysroot)?;
         self.machine_id(&sysroot)?;
         Ok(params)
+    }
+
+    /// First boot: grow `state` to the end of the disk. A failure is logged, never fatal (the
+    /// marker stays absent, so the next boot tries again).
+    fn grow_state(&self, dev: &Path, uuid: uuid::Uuid, var: &Path) {
+        let marker = var.join(paths::STATE_GROWN_MARKER);
+        if marker.exists() {
+            return;
+        }
+        match crate::grow::grow_state(&self.root, dev, uuid, var, &marker) {
+            Ok(Some(bytes)) => log::info!("first boot: state grown to {} MiB", bytes >> 20),
+            Ok(None) => log::info!("first boot: state already fills the disk"),
+            Err(e) => log::warn!("growing state failed: {e}; keeping its size"),
+        }
     }
 
     fn wait_node(&self, node: &Path) -> Result<(), Stage1Error> {

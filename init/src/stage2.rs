@@ -66,6 +66,8 @@ pub enum Event {
     Signal(i32),
     Control(Request, Sender<Response>),
     Blessed,
+    /// The network is configured or gave up waiting (see [`crate::network`]).
+    NetworkSettled,
 }
 
 /// Signals PID1 handles; everything else keeps its default (which for PID1 means ignored).
@@ -168,8 +170,26 @@ fn hostname(sys: &dyn Syscall) {
     }
 }
 
+/// When stage 2 began (its first instruction, as near as Rust allows).
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Milliseconds since stage 2 began, once it has (`None` in stage 1 and in tests).
+pub fn elapsed_ms() -> Option<u128> {
+    STARTED.get().map(|t| t.elapsed().as_millis())
+}
+
+/// The init's resident memory, VmRSS from `/proc/self/status`, in KiB.
+pub fn rss_kib(proc_status: &str) -> Option<u64> {
+    proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
 /// Stage 2. Never returns.
 pub(crate) fn main() -> ! {
+    let _ = STARTED.set(Instant::now());
     crate::console::attach_console();
     crate::console::init(false);
     let sys: Arc<dyn Syscall> = Arc::new(Real);
@@ -257,8 +277,25 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     );
     let (tx, rx) = channel();
     start_signal_thread(sys.clone(), reaper, tx.clone())?;
+    let net = start_network(&mut sup, &tx);
     start_control(tx.clone());
-    Ok(event_loop(&mut sup, &rx, &tx, &id))
+    Ok(event_loop(&mut sup, &rx, &tx, &id, &net))
+}
+
+/// The network thread; services `after = ["network"]` wait until it settles.
+fn start_network(sup: &mut Supervisor, tx: &Sender<Event>) -> crate::network::Shared {
+    let net = crate::network::Shared::default();
+    sup.network_pending();
+    let tx = std::sync::Mutex::new(tx.clone());
+    crate::network::start(
+        net.clone(),
+        Box::new(move || {
+            if let Ok(t) = tx.lock() {
+                let _ = t.send(Event::NetworkSettled);
+            }
+        }),
+    );
+    net
 }
 
 fn start_signal_thread(
@@ -331,6 +368,7 @@ fn event_loop(
     rx: &Receiver<Event>,
     tx: &Sender<Event>,
     id: &Identity,
+    net: &crate::network::Shared,
 ) -> Power {
     let mut power = Power::PowerOff;
     let mut ready = false;
@@ -357,9 +395,10 @@ fn event_loop(
                 other => log::debug!("ignoring signal {other}"),
             },
             Ok(Event::Control(req, reply)) => {
-                let resp = control_request(sup, req, ready, id, &mut power);
+                let resp = control_request(sup, req, ready, id, &mut power, net);
                 let _ = reply.send(resp);
             }
+            Ok(Event::NetworkSettled) => sup.network_settled(),
             Ok(Event::Blessed) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {}
         }
@@ -390,6 +429,7 @@ fn control_request(
     ready: bool,
     id: &Identity,
     power: &mut Power,
+    net: &crate::network::Shared,
 ) -> Response {
     let now = Instant::now();
     let result = match req {
@@ -402,6 +442,10 @@ fn control_request(
                     ready,
                     shutting_down: sup.shutting_down(),
                     services: sup.status(),
+                    network: net.lock().ok().map(|n| n.clone()),
+                    init_rss_kib: std::fs::read_to_string("/proc/self/status")
+                        .ok()
+                        .and_then(|t| rss_kib(&t)),
                 }),
                 ..Default::default()
             }
@@ -435,6 +479,12 @@ pub fn ready_line(version: &str, slot: &str, boot_ms: u64) -> String {
 fn announce_ready(id: &Identity) {
     let line = ready_line(&id.version, &id.slot_text(), sys::boot_ms());
     log::info!("{line}");
+    if let Some(kib) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| rss_kib(&t))
+    {
+        log::info!("init resident memory {kib} KiB");
+    }
     if let Err(e) = std::fs::write(paths::READY_FILE, format!("{line}\n")) {
         log::warn!("writing {}: {e}", paths::READY_FILE);
     }
@@ -596,6 +646,13 @@ fn bounded_sync(timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_from_proc_status() {
+        let text = "Name:\tcaisson-init\nVmPeak:\t  9000 kB\nVmRSS:\t    2345 kB\nThreads: 4\n";
+        assert_eq!(rss_kib(text), Some(2345));
+        assert_eq!(rss_kib("Name: x\n"), None);
+    }
 
     #[test]
     fn ready_line_format() {

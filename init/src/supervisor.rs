@@ -184,6 +184,8 @@ pub struct Supervisor {
     healthy_since: Option<Instant>,
     healthy_announced: bool,
     shutdown_announced: bool,
+    /// Services with `network` in `after` wait while this is set (see NETWORK.md).
+    network_pending: bool,
 }
 
 impl Supervisor {
@@ -270,7 +272,19 @@ impl Supervisor {
             healthy_since: None,
             healthy_announced: false,
             shutdown_announced: false,
+            network_pending: false,
         }
+    }
+
+    /// Holds back services `after = ["network"]` until [`Supervisor::network_settled`] (unless a
+    /// real service is named `network`).
+    pub fn network_pending(&mut self) {
+        self.network_pending = true;
+    }
+
+    /// The network is configured, or gave up waiting: release the services after it.
+    pub fn network_settled(&mut self) {
+        self.network_pending = false;
     }
 
     /// The start order (shutdown goes the other way).
@@ -471,10 +485,12 @@ impl Supervisor {
             }
         }
         for dep in &spec.after {
-            if let Some(d) = self.services.get(dep) {
-                if !d.settled() {
-                    return DepStatus::Wait;
+            match self.services.get(dep) {
+                Some(d) if !d.settled() => return DepStatus::Wait,
+                None if self.network_pending && dep == crate::network::PSEUDO_SERVICE => {
+                    return DepStatus::Wait
                 }
+                _ => {}
             }
         }
         DepStatus::Ready
@@ -554,7 +570,10 @@ impl Supervisor {
                         next_probe: now,
                     };
                 }
-                log::info!("started {name} (pid {pid})");
+                match crate::stage2::elapsed_ms() {
+                    Some(ms) => log::info!("spawned {name} (pid {pid}) at +{ms} ms"),
+                    None => log::info!("started {name} (pid {pid})"),
+                }
                 self.pids.insert(pid, name.to_string());
                 if let Some(exit) = self.take_unclaimed(pid) {
                     self.on_exit(pid, exit, now);
@@ -922,6 +941,19 @@ mod tests {
         assert_eq!(n, [Notice::Ready]);
         assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
         assert_eq!(s.tick(t0 + Duration::from_secs(6)), [Notice::Healthy]);
+    }
+
+    #[test]
+    fn after_network_waits_until_the_network_settles() {
+        let (rec, mut s) = sup(vec![svc("web", &[], &["network"]), svc("local", &[], &[])]);
+        s.network_pending();
+        let t0 = Instant::now();
+        s.tick(t0);
+        assert_eq!(spawned(&rec), ["/bin/local"]);
+        assert_eq!(state_of(&s, "web"), "waiting");
+        s.network_settled();
+        s.tick(t0 + Duration::from_millis(100));
+        assert_eq!(spawned(&rec), ["/bin/local", "/bin/web"]);
     }
 
     #[test]

@@ -113,6 +113,21 @@ fn status(client: &mut Client, json: bool) -> Result<()> {
             "starting"
         }
     );
+    if let Some(n) = &st.network {
+        println!(
+            "network {} {} {}{}",
+            n.state,
+            n.interface.as_deref().unwrap_or("-"),
+            n.address.as_deref().unwrap_or("-"),
+            n.gateway
+                .as_deref()
+                .map(|g| format!(" via {g}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(kib) = st.init_rss_kib {
+        println!("init memory {kib} KiB");
+    }
     println!(
         "{:<24} {:<11} {:>7} {:>8}  LAST EXIT / ERROR",
         "SERVICE", "STATE", "PID", "RESTARTS"
