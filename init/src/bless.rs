@@ -51,6 +51,20 @@ pub fn bless(esp: &Path, version: &str, slot: Slot) -> Result<Option<String>, Bl
     Ok(None)
 }
 
+/// True when the entry of `version` in `slot` on the ESP mounted at `esp` still counts tries: this
+/// boot is being tried, and the boot loader falls back once its tries are used up.
+pub fn is_counting(esp: &Path, version: &str, slot: Slot) -> Result<bool, BlessError> {
+    let dir = esp.join(paths::ESP_ENTRIES_DIR);
+    let rd = std::fs::read_dir(&dir).map_err(|source| BlessError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(rd.filter_map(|e| e.ok()).any(|e| {
+        EntryName::parse(&e.file_name().to_string_lossy())
+            .is_ok_and(|n| n.version == version && n.slot == slot && n.counter.is_some())
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +89,18 @@ mod tests {
         assert!(dir.join("caisson-1.1.0-a+3-0.conf").exists());
         assert_eq!(bless(tmp.path(), "1.1.0", Slot::B).unwrap(), None);
         assert_eq!(bless(tmp.path(), "1.0.0", Slot::A).unwrap(), None);
+    }
+
+    #[test]
+    fn counting_only_for_our_entry_with_a_counter() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("loader/entries");
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in ["caisson-2.0.0-a.conf", "caisson-3.0.0-b+0-3.conf"] {
+            std::fs::write(dir.join(n), "title x\n").unwrap();
+        }
+        assert!(is_counting(tmp.path(), "3.0.0", Slot::B).unwrap());
+        assert!(!is_counting(tmp.path(), "2.0.0", Slot::A).unwrap());
+        assert!(!is_counting(tmp.path(), "3.0.0", Slot::A).unwrap());
     }
 }

@@ -33,6 +33,10 @@ pub struct InitConfig {
     pub console_lines_per_s: u32,
     /// Bound on the final `sync` at shutdown.
     pub sync_timeout_s: u64,
+    /// A boot that is being tried (its entry still counts tries) and is not healthy within
+    /// `bless_after_s` plus this many seconds of stage 2 starting is rebooted, so the boot loader
+    /// tries it again or falls back to the other slot. 0: never. A blessed boot is never rebooted.
+    pub unhealthy_reboot_s: u64,
 }
 
 impl Default for InitConfig {
@@ -43,6 +47,7 @@ impl Default for InitConfig {
             console_burst: 200,
             console_lines_per_s: 50,
             sync_timeout_s: 10,
+            unhealthy_reboot_s: 300,
         }
     }
 }
@@ -66,6 +71,8 @@ pub enum Event {
     Signal(i32),
     Control(Request, Sender<Response>),
     Blessed,
+    /// A tried boot did not become healthy in time: reboot.
+    Unhealthy,
     /// The network is configured or gave up waiting (see [`crate::network`]).
     NetworkSettled,
 }
@@ -279,7 +286,10 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     start_signal_thread(sys.clone(), reaper, tx.clone())?;
     let net = start_network(&mut sup, &tx);
     start_control(tx.clone());
-    Ok(event_loop(&mut sup, &rx, &tx, &id, &net))
+    let watchdog = (config.unhealthy_reboot_s > 0).then(|| {
+        Instant::now() + Duration::from_secs(config.bless_after_s + config.unhealthy_reboot_s)
+    });
+    Ok(event_loop(&mut sup, &rx, &tx, &id, watchdog, &net))
 }
 
 /// The network thread; services `after = ["network"]` wait until it settles.
@@ -368,6 +378,7 @@ fn event_loop(
     rx: &Receiver<Event>,
     tx: &Sender<Event>,
     id: &Identity,
+    mut watchdog: Option<Instant>,
     net: &crate::network::Shared,
 ) -> Power {
     let mut power = Power::PowerOff;
@@ -398,6 +409,12 @@ fn event_loop(
                 let resp = control_request(sup, req, ready, id, &mut power, net);
                 let _ = reply.send(resp);
             }
+            Ok(Event::Unhealthy) => {
+                if !sup.shutting_down() {
+                    power = Power::Reboot;
+                    sup.begin_shutdown(Instant::now());
+                }
+            }
             Ok(Event::NetworkSettled) => sup.network_settled(),
             Ok(Event::Blessed) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {}
@@ -412,9 +429,16 @@ fn event_loop(
                     ready = true;
                     announce_ready(id);
                 }
-                Notice::Healthy => start_bless(id, tx.clone()),
+                Notice::Healthy => {
+                    watchdog = None;
+                    start_bless(id, tx.clone());
+                }
                 Notice::ShutdownDone => return power,
             }
+        }
+        if watchdog.is_some_and(|d| now >= d) && !sup.shutting_down() {
+            watchdog = None;
+            start_watchdog(id, tx.clone());
         }
         if shutdown_deadline.is_some_and(|d| now >= d) {
             log::error!("services did not stop in time; shutting down anyway");
@@ -508,6 +532,36 @@ fn start_bless(id: &Identity, tx: Sender<Event>) {
     }
 }
 
+/// The machine was not healthy in time: if this boot is being tried, ask the loop to reboot (the
+/// boot loader then tries again or falls back); a blessed boot stays up to be looked at.
+fn start_watchdog(id: &Identity, tx: Sender<Event>) {
+    let Some(params) = id.params.clone() else {
+        log::warn!("not healthy in time, and no boot parameters: staying up");
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            match with_esp(&Real, &params, |esp| {
+                crate::bless::is_counting(esp, &params.version, params.slot)
+            }) {
+                Ok(true) => {
+                    log::error!(
+                        "not healthy in time on a tried boot entry: rebooting (the boot loader tries it again or falls back)"
+                    );
+                    let _ = tx.send(Event::Unhealthy);
+                }
+                Ok(false) => log::warn!(
+                    "not healthy in time, but the boot entry is blessed: staying up, not rebooting"
+                ),
+                Err(e) => log::error!("not healthy in time; checking the boot entry failed: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("no watchdog thread: {e}");
+    }
+}
+
 /// A failure while blessing.
 #[derive(Debug, thiserror::Error)]
 pub enum BlessStepError {
@@ -525,6 +579,21 @@ pub enum BlessStepError {
 
 /// Mount the ESP, bless this boot's entry, unmount it.
 pub fn bless_now(sys: &dyn Syscall, params: &BootParams) -> Result<(), BlessStepError> {
+    match with_esp(sys, params, |esp| {
+        crate::bless::bless(esp, &params.version, params.slot)
+    })? {
+        Some(name) => log::info!("boot entry blessed: {name}"),
+        None => log::info!("boot entry has no counter: nothing to bless"),
+    }
+    Ok(())
+}
+
+/// Mount the ESP at its mount point, run `f` on it, sync, unmount it.
+fn with_esp<T>(
+    sys: &dyn Syscall,
+    params: &BootParams,
+    f: impl FnOnce(&Path) -> Result<T, crate::bless::BlessError>,
+) -> Result<T, BlessStepError> {
     let dev = crate::blockdev::wait_for_partuuid(
         Path::new("/"),
         params.esp,
@@ -545,16 +614,12 @@ pub fn bless_now(sys: &dyn Syscall, params: &BootParams) -> Result<(), BlessStep
         dev: dev.clone(),
         source,
     })?;
-    let result = crate::bless::bless(esp, &params.version, params.slot);
+    let result = f(esp);
     sys.sync();
     if let Err(e) = sys.unmount(esp, false) {
         log::warn!("unmounting {}: {e}", paths::ESP_MOUNT);
     }
-    match result? {
-        Some(name) => log::info!("boot entry blessed: {name}"),
-        None => log::info!("boot entry has no counter: nothing to bless"),
-    }
-    Ok(())
+    Ok(result?)
 }
 
 /// Disk filesystems from `/proc/self/mountinfo`, deepest first.
@@ -684,5 +749,8 @@ mod tests {
         let c = InitConfig::load(&p);
         assert_eq!(c.bless_after_s, 0);
         assert_eq!(c.sync_timeout_s, 10);
+        assert_eq!(c.unhealthy_reboot_s, 300);
+        std::fs::write(&p, "unhealthy_reboot_s = 20\n").unwrap();
+        assert_eq!(InitConfig::load(&p).unhealthy_reboot_s, 20);
     }
 }
