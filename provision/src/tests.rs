@@ -1,0 +1,477 @@
+//! Schema, apply and source tests on temporary roots.
+
+use crate::apply::{apply, check, recorded, sha256_hex, Outcome, RECORD};
+use crate::config::{Config, ConfigError};
+use crate::plan::{Checks, NoChecks};
+use crate::source::{self, Env, Mounter, Source};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+const EXAMPLE: &str = include_str!("../testdata/machine.toml");
+
+fn err(text: &str) -> ConfigError {
+    Config::parse(text).unwrap_err()
+}
+
+/// A root with what `[ssh]` and owner names need.
+fn root() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    std::fs::create_dir_all(r.join("usr/sbin")).unwrap();
+    std::fs::write(r.join("usr/sbin/sshd"), b"").unwrap();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(r.join("etc/group"), "root:x:0:\napp:x:1000:\nadm:x:4:\n").unwrap();
+    tmp
+}
+
+fn read(root: &Path, p: &str) -> String {
+    std::fs::read_to_string(root.join(p.trim_start_matches('/'))).unwrap()
+}
+
+fn mode(root: &Path, p: &str) -> u32 {
+    std::fs::metadata(root.join(p.trim_start_matches('/')))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Lists every path below `root`, for "nothing was written" checks.
+fn tree(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_example_parses() {
+    let c = Config::parse(EXAMPLE).unwrap();
+    assert_eq!(c.hostname.as_deref(), Some("web-1"));
+    assert_eq!(c.files.len(), 2);
+    assert!(c.files[1].secret);
+    // Debug never shows contents.
+    assert!(!format!("{c:?}").contains("czNjcjN0"));
+}
+
+#[test]
+fn errors_name_the_field() {
+    let e = err("version = 1\nhostnme = \"x\"\n");
+    assert_eq!(e.field, "hostnme");
+    assert!(e.why.contains("line 2"), "{e}");
+    let e = err("version = 1\n[network]\nmode = \"static\"\naddres = \"1.2.3.4/24\"\n");
+    assert_eq!(e.field, "addres", "{e}");
+    assert_eq!(err("hostname = \"a\"\n").field, "version");
+    assert_eq!(err("version = 2\n").field, "version");
+    assert_eq!(err("version = 1\nhostname = \"-bad\"\n").field, "hostname");
+    let e = err("version = 1\n[network]\nmode = \"static\"\naddress = \"10.0.0.300/24\"\n");
+    assert_eq!(e.field, "network.address");
+    assert_eq!(
+        err("version = 1\n[network]\nmode = \"static\"\naddress = \"10.0.0.3\"\n").field,
+        "network.address"
+    );
+    assert_eq!(
+        err("version = 1\n[network]\ndns = [\"10.0.0.1\", \"x\"]\n").field,
+        "network.dns[1]"
+    );
+    assert_eq!(
+        err("version = 1\n[network]\nroutes = [{ to = \"10.1.0.0/16\", via = \"10.0.0.1\" }]\n")
+            .field,
+        "network.routes[0].to"
+    );
+    let e = err("version = 1\n[[files]]\npath = \"/etc/a\"\nmode = \"0999\"\n");
+    assert_eq!(e.field, "files[0].mode");
+    assert!(e.to_string().starts_with("files[0].mode: "), "{e}");
+    assert_eq!(
+        err("version = 1\n[[files]]\npath = \"/etc/a\"\nmode = 70000\n").field,
+        "files[0].mode"
+    );
+    assert_eq!(
+        err("version = 1\n[[files]]\npath = \"/usr/bin/x\"\n").field,
+        "files[0].path"
+    );
+    assert_eq!(
+        err("version = 1\n[[files]]\npath = \"/etc/../usr/x\"\n").field,
+        "files[0].path"
+    );
+    assert_eq!(
+        err("version = 1\n[[files]]\npath = \"/etc/k\"\nsecret = true\nmode = \"0644\"\n").field,
+        "files[0].mode"
+    );
+    assert_eq!(
+        err("version = 1\n[[files]]\npath = \"/etc/k\"\ncontents_base64 = \"***\"\n").field,
+        "files[0].contents_base64"
+    );
+    assert_eq!(
+        err("version = 1\n[[directories]]\npath = \"/var/x\"\nmode = \"rwx\"\n").field,
+        "directories[0].mode"
+    );
+    assert_eq!(
+        err("version = 1\n[ssh]\nauthorized_keys = [\"hunter2\"]\n").field,
+        "ssh.authorized_keys[0]"
+    );
+    assert_eq!(
+        err("version = 1\n[update]\nstrategy = \"fleet-lock\"\n").field,
+        "update.fleet_lock_url"
+    );
+    assert_eq!(
+        err("version = 1\n[update]\nmaintenance_window = { start = \"25:00\", length_minutes = 5 }\n").field,
+        "update.maintenance_window.start"
+    );
+    assert_eq!(
+        err("version = 1\n[fleet]\nendpoints = [\"etcd:2379\"]\n").field,
+        "fleet.endpoints[0]"
+    );
+    assert_eq!(
+        err("version = 1\n[kernel]\nmodules = [\"../x\"]\n").field,
+        "kernel.modules[0]"
+    );
+    assert_eq!(
+        err("version = 1\n[services.\"a b\"]\nexec = \"/x\"\n").field,
+        "services.a b"
+    );
+}
+
+#[test]
+fn a_toml_error_does_not_echo_the_line() {
+    let e = err(
+        "version = 1\n[[files]]\npath = \"/etc/k\"\nsecret = true\ncontents = \"hunter2\" oops\n",
+    );
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    assert!(e.to_string().contains("line 5"), "{e}");
+}
+
+#[test]
+fn apply_writes_everything_once() {
+    let tmp = root();
+    let r = tmp.path();
+    let out = apply(EXAMPLE.as_bytes(), r, &NoChecks, "test").unwrap();
+    let sha = sha256_hex(EXAMPLE.as_bytes());
+    assert_eq!(
+        out,
+        Outcome::Applied {
+            sha256: sha.clone(),
+            entries: 14
+        }
+    );
+    assert_eq!(read(r, "/etc/hostname"), "web-1\n");
+    assert_eq!(read(r, "/etc/app/app.conf"), "listen = 8080\n");
+    assert_eq!(mode(r, "/etc/app/app.conf"), 0o644);
+    assert_eq!(read(r, "/etc/app/token"), "s3cr3t-t0ken");
+    assert_eq!(mode(r, "/etc/app/token"), 0o600);
+    assert_eq!(mode(r, "/var/lib/app"), 0o750);
+    assert_eq!(mode(r, "/etc/caisson/ssh/authorized_keys"), 0o600);
+    assert!(read(r, "/etc/caisson/services/sshd.toml").contains("/usr/sbin/sshd"));
+    assert!(read(r, "/etc/caisson/services/hello.toml").contains("oneshot"));
+    assert_eq!(read(r, "/etc/caisson/modules.conf"), "br_netfilter\n");
+    assert_eq!(
+        read(r, "/etc/caisson/sysctl.conf"),
+        "net.ipv4.ip_forward = 1\nvm.swappiness = 10\n"
+    );
+    let net = read(r, "/etc/caisson/network.toml");
+    assert!(
+        net.contains("mode = \"static\"") && net.contains("gateway = \"10.0.2.2\""),
+        "{net}"
+    );
+    assert_eq!(recorded(r), Some(sha.clone()));
+    assert!(read(r, RECORD).contains("source = \"test\""));
+    // No staging leftovers.
+    assert!(!tree(r)
+        .iter()
+        .any(|p| p.to_string_lossy().contains("caisson-provision")));
+
+    // The second boot: nothing is applied again, even a changed file stays as it is.
+    std::fs::write(r.join("etc/app/app.conf"), "changed\n").unwrap();
+    let record = read(r, RECORD);
+    let again = apply(EXAMPLE.as_bytes(), r, &NoChecks, "test").unwrap();
+    assert_eq!(
+        again,
+        Outcome::AlreadyProvisioned {
+            sha256: sha.clone()
+        }
+    );
+    assert_eq!(read(r, "/etc/app/app.conf"), "changed\n");
+    assert_eq!(read(r, RECORD), record);
+    // Nor a different config.
+    let other = apply(b"version = 1\nhostname = \"other\"\n", r, &NoChecks, "test").unwrap();
+    assert_eq!(other, Outcome::AlreadyProvisioned { sha256: sha });
+    assert_eq!(read(r, "/etc/hostname"), "web-1\n");
+}
+
+#[test]
+fn owners_are_resolved_in_the_root() {
+    let tmp = root();
+    let r = tmp.path();
+    let cfg =
+        "version = 1\n[[files]]\npath = \"/var/lib/app/x\"\nowner = \"app\"\ngroup = \"adm\"\n";
+    apply(cfg.as_bytes(), r, &NoChecks, "t").unwrap();
+    let m = std::fs::metadata(r.join("var/lib/app/x")).unwrap();
+    if rustix_root() {
+        assert_eq!((m.uid(), m.gid()), (1000, 4));
+    }
+    let e = check(
+        b"version = 1\n[[files]]\npath = \"/etc/x\"\nowner = \"nobody-here\"\n",
+        r,
+        &NoChecks,
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "files[0].owner");
+}
+
+fn rustix_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+#[test]
+fn an_invalid_config_writes_nothing() {
+    let tmp = root();
+    let r = tmp.path();
+    let before = tree(r);
+    let bad = EXAMPLE.replace("mode = \"0750\"", "mode = \"0780\"");
+    let e = apply(bad.as_bytes(), r, &NoChecks, "t").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "directories[0].mode: \"0780\" is not a file mode (octal text such as \"0644\", or 0o644)"
+    );
+    assert_eq!(tree(r), before);
+    assert_eq!(recorded(r), None);
+
+    // A failure while staging (a file's target is a directory) removes what was staged.
+    std::fs::create_dir_all(r.join("etc/app/token")).unwrap();
+    let before = tree(r);
+    let e = apply(EXAMPLE.as_bytes(), r, &NoChecks, "t").unwrap_err();
+    assert!(e.to_string().starts_with("files[1].path: "), "{e}");
+    assert_eq!(tree(r), before);
+}
+
+#[test]
+fn ssh_needs_a_server_in_the_image() {
+    let tmp = root();
+    std::fs::remove_file(tmp.path().join("usr/sbin/sshd")).unwrap();
+    let e = check(EXAMPLE.as_bytes(), tmp.path(), &NoChecks).unwrap_err();
+    assert_eq!(e.field, "ssh");
+}
+
+struct RejectServices;
+impl Checks for RejectServices {
+    fn service(&self, name: &str, text: &str) -> Result<(), String> {
+        assert!(text.contains("exec"));
+        Err(format!("{name} is not allowed"))
+    }
+}
+
+#[test]
+fn the_callers_checks_name_the_service() {
+    let tmp = root();
+    let e = check(EXAMPLE.as_bytes(), tmp.path(), &RejectServices).unwrap_err();
+    assert_eq!(e.to_string(), "services.hello: hello is not allowed");
+}
+
+#[test]
+fn rendered_fleet_and_update_files_parse_in_their_agents() {
+    let tmp = root();
+    let r = tmp.path();
+    apply(EXAMPLE.as_bytes(), r, &NoChecks, "t").unwrap();
+    let f = caisson_fleet::config::Config::parse(
+        Path::new("fleet.toml"),
+        &read(r, "/etc/caisson/fleet.toml"),
+    )
+    .unwrap();
+    assert_eq!(f.labels["role"], "web");
+    assert_eq!(f.endpoints, ["http://10.0.2.2:2379"]);
+    let u = caisson_update::config::Config::parse(
+        &read(r, "/etc/caisson/update.toml"),
+        Path::new("update.toml"),
+    )
+    .unwrap();
+    assert_eq!(u.strategy, caisson_update::config::Strategy::FleetLock);
+    assert_eq!(u.maintenance_window.unwrap().length_minutes, 120);
+}
+
+/// "Mounts" by pointing the mount directory at a prepared one.
+struct FakeMount(PathBuf);
+impl Mounter for FakeMount {
+    fn mount_vfat_ro(&self, _dev: &Path, target: &Path) -> std::io::Result<()> {
+        std::fs::remove_dir(target)?;
+        std::os::unix::fs::symlink(&self.0, target)
+    }
+    fn unmount(&self, target: &Path) -> std::io::Result<()> {
+        std::fs::remove_file(target)?;
+        std::fs::create_dir(target)
+    }
+}
+
+fn fat_image(dir: &Path, label: &str) -> PathBuf {
+    let img = dir.join("fat.img");
+    let st = std::process::Command::new("mkfs.fat")
+        .args(["-C", "-n", label])
+        .arg(&img)
+        .arg("1024")
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    img
+}
+
+#[test]
+fn sources_first_found_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path().join("root");
+    let content = tmp.path().join("volume");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("caisson.toml"), "version = 1\n").unwrap();
+    let mounter = FakeMount(content.clone());
+    let env = |esp: Option<PathBuf>| Env {
+        root: &r,
+        mounter: &mounter,
+        cmdline: "console=ttyS0",
+        esp,
+        mount_dir: "/run/caisson/provision",
+    };
+    std::fs::create_dir_all(&r).unwrap();
+    assert_eq!(source::discover_local(&env(None)).unwrap(), None);
+
+    // The ESP.
+    std::fs::create_dir_all(content.join("caisson")).unwrap();
+    std::fs::write(content.join("caisson/config.toml"), "version = 1 # esp\n").unwrap();
+    let found = source::discover_local(&env(Some(PathBuf::from("/dev/vda1"))))
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.source, Source::Esp("/dev/vda1".into()));
+    assert_eq!(found.bytes, b"version = 1 # esp\n");
+
+    // A config drive, found by its FAT label, beats the ESP.
+    std::fs::create_dir_all(r.join("sys/class/block/vdb")).unwrap();
+    std::fs::create_dir_all(r.join("sys/class/block/vda")).unwrap();
+    std::fs::create_dir_all(r.join("dev")).unwrap();
+    std::fs::write(r.join("dev/vda"), vec![0u8; 4096]).unwrap();
+    std::fs::copy(fat_image(tmp.path(), "CAISSON-CFG"), r.join("dev/vdb")).unwrap();
+    let found = source::discover_local(&env(Some(PathBuf::from("/dev/vda1"))))
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.source, Source::Drive(r.join("dev/vdb")));
+    assert_eq!(found.bytes, b"version = 1\n");
+
+    // fw_cfg beats everything.
+    let fw = r.join(source::FW_CFG_PATH.trim_start_matches('/'));
+    std::fs::create_dir_all(fw.parent().unwrap()).unwrap();
+    std::fs::write(&fw, "version = 1 # fw_cfg\n").unwrap();
+    let found = source::discover_local(&env(None)).unwrap().unwrap();
+    assert_eq!(found.source, Source::FwCfg);
+}
+
+#[test]
+fn fat_labels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = fat_image(tmp.path(), "CAISSON-CFG");
+    let bytes = std::fs::read(img).unwrap();
+    assert_eq!(
+        source::fat_label(&bytes[..512]).as_deref(),
+        Some("CAISSON-CFG")
+    );
+    assert_eq!(source::fat_label(&[0u8; 512]), None);
+}
+
+#[test]
+fn url_source_needs_a_pinned_hash() {
+    assert_eq!(source::url_source("quiet").unwrap(), None);
+    assert!(source::url_source("caisson.config_url=http://x/c.toml").is_err());
+    let sha = "A".repeat(64);
+    let (url, got) = source::url_source(&format!(
+        "caisson.config_url=http://x/c.toml caisson.config_sha256={sha}"
+    ))
+    .unwrap()
+    .unwrap();
+    assert_eq!((url.as_str(), got), ("http://x/c.toml", "a".repeat(64)));
+}
+
+#[test]
+fn fetches_over_http_and_checks_the_hash() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = "version = 1\nhostname = \"from-url\"\n";
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(2) {
+            let mut s = s.unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let reply = if line.starts_with("GET /machine.toml ") {
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.0 404 Not Found\r\n\r\n".to_string()
+            };
+            s.write_all(reply.as_bytes()).unwrap();
+        }
+    });
+    let url = format!("http://{addr}/machine.toml");
+    let got = source::http_get(&url, std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(got, body.as_bytes());
+    let e = source::http_get(
+        &format!("http://{addr}/nope"),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("404"), "{e}");
+
+    // Through discover, with the hash pinned (and a wrong one refused).
+    let tmp = tempfile::tempdir().unwrap();
+    let mounter = FakeMount(tmp.path().into());
+    let sha = sha256_hex(body.as_bytes());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(2) {
+            let mut s = s.unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let reply = format!("HTTP/1.0 200 OK\r\n\r\n{body}");
+            s.write_all(reply.as_bytes()).unwrap();
+        }
+    });
+    for (pin, ok) in [(sha.clone(), true), ("0".repeat(64), false)] {
+        let cmdline =
+            format!("caisson.config_url=http://{addr}/m.toml caisson.config_sha256={pin}");
+        let env = Env {
+            root: tmp.path(),
+            mounter: &mounter,
+            cmdline: &cmdline,
+            esp: None,
+            mount_dir: "/mnt",
+        };
+        let r = source::discover(&env, std::time::Duration::from_secs(5));
+        match ok {
+            true => assert_eq!(
+                r.unwrap().unwrap().source,
+                Source::Url(format!("http://{addr}/m.toml"))
+            ),
+            false => assert!(
+                r.unwrap_err().to_string().contains("sha256"),
+                "wrong pin accepted"
+            ),
+        }
+    }
+}
