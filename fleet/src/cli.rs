@@ -312,10 +312,7 @@ fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
 
 async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     let config = cli.config()?;
-    let runtime = Containerd {
-        socket: config.containerd_socket.clone(),
-        namespace: config.namespace.clone(),
-    };
+    let runtime = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
     let stop = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -1,0 +1,1049 @@
+//! The containerd runtime: the agent's containers through containerd's gRPC API.
+//!
+//! - Images: an OCI archive (a path on the machine, or an HTTP URL checked against its sha256
+//!   and cached) is imported into containerd: its blobs written to the content store with the
+//!   garbage-collection labels containerd's own unpacker sets, its layers applied
+//!   (Diff.Apply) onto a chain of snapshots named by chain ID, and an image record created.
+//!   Everything already present is skipped, so importing again is cheap and idempotent.
+//! - Containers: one per unit, id = unit name, in the agent's own namespace (default
+//!   `caisson`), with a runtime spec made by [`spec`] and a writable snapshot of the image, run
+//!   by `io.containerd.runc.v2` with stdout and stderr appended to `<log_dir>/<unit>.log`.
+//!   The unit name, spec hash and restart count live in the container's labels, so the agent
+//!   needs no state of its own.
+//!
+//! Work that creates content or snapshots runs under a containerd lease, so the garbage
+//! collector never takes a half-imported image.
+
+pub mod archive;
+pub mod spec;
+
+use crate::agent::{Container, ContainerState, Runtime, RuntimeError};
+use crate::unit::{Image, UnitSpec};
+use archive::{Archive, ArchiveError, Chosen};
+use containerd_client::services::v1 as api;
+use containerd_client::services::v1::snapshots as snap;
+use containerd_client::tonic::{self, metadata::MetadataValue, transport::Channel, Code, Request};
+use containerd_client::types::{Descriptor, Mount};
+use spec::SpecError;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What went wrong talking to containerd.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    /// The socket cannot be reached.
+    #[error("connecting to containerd at {socket}: {message} (is containerd running?)")]
+    Connect { socket: String, message: String },
+    /// A call failed.
+    #[error("containerd {op} {what}: {message} ({code:?})")]
+    Call {
+        op: &'static str,
+        what: String,
+        code: Code,
+        message: String,
+    },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A local file (log, cache) cannot be read or written.
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    /// An image download failed or did not match its sha256.
+    #[error("fetching image {url}: {message}")]
+    Fetch { url: String, message: String },
+    /// The namespace is not a valid gRPC metadata value.
+    #[error("containerd namespace {namespace:?} is not valid")]
+    Namespace { namespace: String },
+}
+
+impl ContainerdError {
+    fn code(&self) -> Option<Code> {
+        match self {
+            ContainerdError::Call { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn call(
+    op: &'static str,
+    what: impl std::fmt::Display,
+) -> impl FnOnce(tonic::Status) -> ContainerdError {
+    let what = what.to_string();
+    move |s| ContainerdError::Call {
+        op,
+        what,
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ContainerdError + '_ {
+    move |e| ContainerdError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// `Ok(None)` for a NotFound answer.
+fn found<T>(r: Result<T, ContainerdError>) -> Result<Option<T>, ContainerdError> {
+    match r {
+        Err(e) if e.code() == Some(Code::NotFound) => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// Labels on the agent's containers.
+pub const LABEL_UNIT: &str = "caisson.unit";
+pub const LABEL_HASH: &str = "caisson.spec-hash";
+pub const LABEL_RESTARTS: &str = "caisson.restarts";
+const RUNTIME: &str = "io.containerd.runc.v2";
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Host files bound read-only into every container (host network: same resolver and hosts).
+const HOST_FILES: [&str; 2] = ["/etc/resolv.conf", "/etc/hosts"];
+/// The exit code reported for a container whose task is gone (containerd restarted, reboot).
+pub const LOST_TASK_EXIT: u32 = 255;
+
+/// containerd at a socket, in a namespace.
+#[derive(Debug, Clone)]
+pub struct Containerd {
+    pub socket: PathBuf,
+    pub namespace: String,
+    /// The snapshotter that unpacks images (`overlayfs`).
+    pub snapshotter: String,
+    /// Where each unit's output goes (`<unit>.log`).
+    pub log_dir: PathBuf,
+    /// Where images fetched over HTTP are kept (`<sha256>.oci.tar`).
+    pub cache_dir: PathBuf,
+    /// How long a container has to exit after SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+/// An imported image.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// The image record's name.
+    pub name: String,
+    /// The manifest digest.
+    pub digest: String,
+    /// The snapshot of the whole layer stack (its chain ID).
+    pub top: String,
+    pub chosen: Chosen,
+}
+
+/// A connection with the namespace (and maybe a lease) to put on every request.
+struct Conn {
+    channel: Channel,
+    namespace: MetadataValue<tonic::metadata::Ascii>,
+    lease: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Conn {
+    fn req<T>(&self, m: T) -> Request<T> {
+        let mut r = Request::new(m);
+        let md = r.metadata_mut();
+        md.insert("containerd-namespace", self.namespace.clone());
+        if let Some(l) = &self.lease {
+            md.insert("containerd-lease", l.clone());
+        }
+        r
+    }
+    fn content(&self) -> api::content_client::ContentClient<Channel> {
+        api::content_client::ContentClient::new(self.channel.clone())
+    }
+    fn snapshots(&self) -> snap::snapshots_client::SnapshotsClient<Channel> {
+        snap::snapshots_client::SnapshotsClient::new(self.channel.clone())
+    }
+    fn containers(&self) -> api::containers_client::ContainersClient<Channel> {
+        api::containers_client::ContainersClient::new(self.channel.clone())
+    }
+    fn tasks(&self) -> api::tasks_client::TasksClient<Channel> {
+        api::tasks_client::TasksClient::new(self.channel.clone())
+    }
+}
+
+fn nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// RFC 3339 UTC time of a Unix timestamp (for the lease's expiry label).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+impl Containerd {
+    /// containerd at `socket`, the agent's containers in `namespace`, with the machine's
+    /// default directories (`/var/log/caisson/fleet`, `/var/lib/caisson/fleet/images`).
+    pub fn new(socket: impl Into<PathBuf>, namespace: impl Into<String>) -> Containerd {
+        Containerd {
+            socket: socket.into(),
+            namespace: namespace.into(),
+            snapshotter: "overlayfs".into(),
+            log_dir: "/var/log/caisson/fleet".into(),
+            cache_dir: "/var/lib/caisson/fleet/images".into(),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, ContainerdError> {
+        let err = |message: String| ContainerdError::Connect {
+            socket: self.socket.display().to_string(),
+            message,
+        };
+        let channel = tokio::time::timeout(
+            Duration::from_secs(10),
+            containerd_client::connect(&self.socket),
+        )
+        .await
+        .map_err(|_| err("timed out".into()))?
+        .map_err(|e| {
+            err(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        let namespace = self
+            .namespace
+            .parse()
+            .map_err(|_| ContainerdError::Namespace {
+                namespace: self.namespace.clone(),
+            })?;
+        Ok(Conn {
+            channel,
+            namespace,
+            lease: None,
+        })
+    }
+
+    /// Connects and takes a lease (expiring in an hour should the agent die holding it).
+    async fn leased(&self, purpose: &str) -> Result<(Conn, String), ContainerdError> {
+        let mut conn = self.connect().await?;
+        let id = format!("caisson-{purpose}-{}", nanos());
+        let expire = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 3600;
+        let labels = HashMap::from([("containerd.io/gc.expire".to_string(), rfc3339(expire))]);
+        api::leases_client::LeasesClient::new(conn.channel.clone())
+            .create(conn.req(api::CreateRequest {
+                id: id.clone(),
+                labels,
+            }))
+            .await
+            .map_err(call("lease create", &id))?;
+        conn.lease = id.parse().ok();
+        Ok((conn, id))
+    }
+
+    async fn release(&self, conn: &Conn, id: &str) {
+        let r = api::leases_client::LeasesClient::new(conn.channel.clone())
+            .delete(conn.req(api::DeleteRequest {
+                id: id.to_string(),
+                sync: false,
+            }))
+            .await;
+        if let Err(e) = r {
+            log::warn!("containerd: deleting lease {id}: {}", e.message());
+        }
+    }
+
+    /// Imports the image of an OCI archive (idempotent). `name` picks the image in the
+    /// archive; `fallback` names the image record when the archive does not.
+    pub async fn import(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        fallback: &str,
+    ) -> Result<Imported, ContainerdError> {
+        let (conn, lease) = self.leased("import").await?;
+        let r = self.import_with(&conn, path, name, fallback).await;
+        self.release(&conn, &lease).await;
+        r
+    }
+
+    async fn import_with(
+        &self,
+        conn: &Conn,
+        path: &Path,
+        name: Option<&str>,
+        fallback: &str,
+    ) -> Result<Imported, ContainerdError> {
+        let archive = Archive::open(path)?;
+        let chosen = archive.choose(name)?;
+        let chains = archive::chain_ids(&chosen.config.rootfs.diff_ids);
+        let top = chains.last().cloned().unwrap_or_default();
+        let m = &chosen.manifest;
+        for (layer, diff_id) in m.layers.iter().zip(&chosen.config.rootfs.diff_ids) {
+            let labels = [("containerd.io/uncompressed".to_string(), diff_id.clone())];
+            self.write_blob(conn, &archive, layer, &labels).await?;
+        }
+        let mut config_labels = Vec::new();
+        if !top.is_empty() {
+            config_labels.push((
+                format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
+                top.clone(),
+            ));
+        }
+        self.write_blob(conn, &archive, &m.config, &config_labels)
+            .await?;
+        let mut manifest_labels = vec![(
+            "containerd.io/gc.ref.content.config".to_string(),
+            m.config.digest.clone(),
+        )];
+        for (i, l) in m.layers.iter().enumerate() {
+            manifest_labels.push((
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            ));
+        }
+        self.write_blob(conn, &archive, &chosen.target, &manifest_labels)
+            .await?;
+        self.unpack(conn, &chosen, &chains).await?;
+        let image_name = chosen
+            .name
+            .clone()
+            // A bare tag ("1.0") is no image name.
+            .filter(|n| (n.contains('/') || n.contains(':')) && !n.starts_with(':'))
+            .unwrap_or_else(|| format!("caisson.local/{fallback}:latest"));
+        self.put_image(conn, &image_name, &chosen.target).await?;
+        Ok(Imported {
+            name: image_name,
+            digest: chosen.target.digest.clone(),
+            top,
+            chosen,
+        })
+    }
+
+    async fn put_image(
+        &self,
+        conn: &Conn,
+        name: &str,
+        target: &archive::Descriptor,
+    ) -> Result<(), ContainerdError> {
+        let image = api::Image {
+            name: name.to_string(),
+            target: Some(descriptor(target)),
+            ..Default::default()
+        };
+        let mut images = api::images_client::ImagesClient::new(conn.channel.clone());
+        let created = images
+            .create(conn.req(api::CreateImageRequest {
+                image: Some(image.clone()),
+                ..Default::default()
+            }))
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => images
+                .update(conn.req(api::UpdateImageRequest {
+                    image: Some(image),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["target".into()],
+                    }),
+                    ..Default::default()
+                }))
+                .await
+                .map(|_| ())
+                .map_err(call("image update", name)),
+            Err(s) => Err(call("image create", name)(s)),
+        }
+    }
+
+    /// Writes one blob to the content store unless it is there; sets its labels either way.
+    async fn write_blob(
+        &self,
+        conn: &Conn,
+        archive: &Archive,
+        desc: &archive::Descriptor,
+        labels: &[(String, String)],
+    ) -> Result<(), ContainerdError> {
+        let labels: HashMap<String, String> = labels.iter().cloned().collect();
+        let mut content = conn.content();
+        let info = found(
+            content
+                .info(conn.req(api::InfoRequest {
+                    digest: desc.digest.clone(),
+                }))
+                .await
+                .map_err(call("content info", &desc.digest)),
+        )?;
+        if info.is_some() {
+            if labels.is_empty() {
+                return Ok(());
+            }
+            let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+            content
+                .update(conn.req(api::UpdateRequest {
+                    info: Some(api::Info {
+                        digest: desc.digest.clone(),
+                        labels,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                }))
+                .await
+                .map_err(call("content update", &desc.digest))?;
+            return Ok(());
+        }
+        let (mut reader, size) = archive.blob(&desc.digest)?;
+        if i64::try_from(size).ok() != Some(desc.size) {
+            return Err(ContainerdError::Archive(ArchiveError::Digest {
+                path: archive_path(archive),
+                digest: desc.digest.clone(),
+            }));
+        }
+        // Read in chunks on a blocking thread, send them as one Write stream, Commit last.
+        let (tx, rx) = tokio::sync::mpsc::channel::<api::WriteContentRequest>(4);
+        let digest = desc.digest.clone();
+        let reference = format!("caisson-import-{digest}");
+        let total = desc.size;
+        let reader_task = tokio::task::spawn_blocking(move || -> Result<(), std::io::Error> {
+            let mut offset: i64 = 0;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = reader.read(&mut buf)?;
+                let last = n == 0;
+                let msg = api::WriteContentRequest {
+                    action: if last {
+                        api::WriteAction::Commit
+                    } else {
+                        api::WriteAction::Write
+                    } as i32,
+                    r#ref: reference.clone(),
+                    total,
+                    expected: digest.clone(),
+                    offset,
+                    data: buf[..n].to_vec(),
+                    labels: if last { labels.clone() } else { HashMap::new() },
+                };
+                offset += n as i64;
+                if tx.blocking_send(msg).is_err() || last {
+                    return Ok(());
+                }
+            }
+        });
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        let written = async {
+            let mut responses = content
+                .write(conn.req(stream))
+                .await
+                .map_err(call("content write", &desc.digest))?
+                .into_inner();
+            while responses
+                .message()
+                .await
+                .map_err(call("content write", &desc.digest))?
+                .is_some()
+            {}
+            Ok::<(), ContainerdError>(())
+        }
+        .await;
+        let read = reader_task.await;
+        match written {
+            Err(e) if e.code() == Some(Code::AlreadyExists) => {}
+            other => other?,
+        }
+        match read {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ContainerdError::Io {
+                path: archive_path(archive),
+                message: format!("blob {}: {e}", desc.digest),
+            }),
+            Err(e) => Err(ContainerdError::Io {
+                path: archive_path(archive),
+                message: format!("blob {}: {e}", desc.digest),
+            }),
+        }
+    }
+
+    /// Applies each layer onto its parent's snapshot, committing it under its chain ID.
+    async fn unpack(
+        &self,
+        conn: &Conn,
+        chosen: &Chosen,
+        chains: &[String],
+    ) -> Result<(), ContainerdError> {
+        let mut snapshots = conn.snapshots();
+        let mut diff = api::diff_client::DiffClient::new(conn.channel.clone());
+        let mut parent = String::new();
+        for (layer, chain) in chosen.manifest.layers.iter().zip(chains) {
+            let exists = found(
+                snapshots
+                    .stat(conn.req(snap::StatSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: chain.clone(),
+                    }))
+                    .await
+                    .map_err(call("snapshot stat", chain)),
+            )?;
+            if exists.is_none() {
+                let key = format!("caisson-extract-{}-{chain}", nanos());
+                let mounts = snapshots
+                    .prepare(conn.req(snap::PrepareSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: key.clone(),
+                        parent: parent.clone(),
+                        labels: HashMap::new(),
+                    }))
+                    .await
+                    .map_err(call("snapshot prepare", &key))?
+                    .into_inner()
+                    .mounts;
+                let applied = diff
+                    .apply(conn.req(api::ApplyRequest {
+                        diff: Some(descriptor(layer)),
+                        mounts,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(call("diff apply (unpacking layer)", &layer.digest));
+                let committed = match applied {
+                    Ok(_) => snapshots
+                        .commit(conn.req(snap::CommitSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            name: chain.clone(),
+                            key: key.clone(),
+                            labels: HashMap::new(),
+                        }))
+                        .await
+                        .map(|_| ())
+                        .map_err(call("snapshot commit", chain)),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = committed {
+                    let _ = self.remove_snapshot(conn, &key).await;
+                    if e.code() != Some(Code::AlreadyExists) {
+                        return Err(e);
+                    }
+                }
+            }
+            parent = chain.clone();
+        }
+        Ok(())
+    }
+
+    async fn remove_snapshot(&self, conn: &Conn, key: &str) -> Result<(), ContainerdError> {
+        found(
+            conn.snapshots()
+                .remove(conn.req(snap::RemoveSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    key: key.to_string(),
+                }))
+                .await
+                .map_err(call("snapshot remove", key)),
+        )
+        .map(|_| ())
+    }
+
+    /// The archive of a unit's image on this machine (downloading it first for a URL).
+    async fn archive_of(
+        &self,
+        spec: &UnitSpec,
+    ) -> Result<(PathBuf, Option<String>), ContainerdError> {
+        match &spec.image {
+            Image::Path { path, name } => Ok((PathBuf::from(path), name.clone())),
+            Image::Url { url, sha256, name } => Ok((self.fetch(url, sha256).await?, name.clone())),
+        }
+    }
+
+    /// Downloads an archive into the cache (once), checking its sha256 on the way.
+    pub async fn fetch(&self, url: &str, sha256: &str) -> Result<PathBuf, ContainerdError> {
+        use sha2::{Digest, Sha256};
+        use tokio::io::AsyncWriteExt;
+        let sha256 = sha256.to_ascii_lowercase();
+        let dest = self.cache_dir.join(format!("{sha256}.oci.tar"));
+        if dest.exists() {
+            return Ok(dest);
+        }
+        tokio::fs::create_dir_all(&self.cache_dir)
+            .await
+            .map_err(io(&self.cache_dir))?;
+        let fail = |message: String| ContainerdError::Fetch {
+            url: url.to_string(),
+            message,
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = client
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| fail(e.to_string()))?;
+        let part = self
+            .cache_dir
+            .join(format!("{sha256}.part-{}", std::process::id()));
+        let mut file = tokio::fs::File::create(&part).await.map_err(io(&part))?;
+        let mut hasher = Sha256::new();
+        let mut body = resp;
+        while let Some(chunk) = body.chunk().await.map_err(|e| fail(e.to_string()))? {
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io(&part))?;
+        }
+        file.flush().await.map_err(io(&part))?;
+        drop(file);
+        let got = hex::encode(hasher.finalize());
+        if got != sha256 {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(fail(format!("sha256 is {got}, the unit says {sha256}")));
+        }
+        tokio::fs::rename(&part, &dest).await.map_err(io(&dest))?;
+        Ok(dest)
+    }
+
+    fn log_path(&self, unit: &str) -> PathBuf {
+        self.log_dir.join(format!("{unit}.log"))
+    }
+
+    /// Imports the unit's image, creates its container and starts its task.
+    pub async fn create_and_start(
+        &self,
+        spec: &UnitSpec,
+        spec_hash: &str,
+    ) -> Result<(), ContainerdError> {
+        let (path, name) = self.archive_of(spec).await?;
+        let (conn, lease) = self.leased("start").await?;
+        let r = async {
+            let image = self
+                .import_with(&conn, &path, name.as_deref(), &spec.name)
+                .await?;
+            self.create_container(&conn, spec, spec_hash, &image).await
+        }
+        .await;
+        self.release(&conn, &lease).await;
+        r?;
+        let conn = self.connect().await?;
+        if let Err(e) = self.start_task(&conn, &spec.name, true).await {
+            // Leave nothing half-made: the next reconciliation starts from scratch.
+            let _ = self.delete(&conn, &spec.name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn create_container(
+        &self,
+        conn: &Conn,
+        spec: &UnitSpec,
+        spec_hash: &str,
+        image: &Imported,
+    ) -> Result<(), ContainerdError> {
+        let id = spec.name.clone();
+        let host_files: Vec<&str> = HOST_FILES
+            .iter()
+            .copied()
+            .filter(|f| Path::new(f).exists())
+            .collect();
+        let runtime_spec = spec::runtime_spec(
+            spec,
+            &image.chosen.config.config,
+            &self.namespace,
+            &host_files,
+        )?;
+        // A snapshot left by an earlier failed attempt would make Prepare fail.
+        self.remove_snapshot(conn, &id).await?;
+        conn.snapshots()
+            .prepare(conn.req(snap::PrepareSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: id.clone(),
+                parent: image.top.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(call("snapshot prepare", &id))?;
+        let labels = HashMap::from([
+            (LABEL_UNIT.to_string(), id.clone()),
+            (LABEL_HASH.to_string(), spec_hash.to_string()),
+            (LABEL_RESTARTS.to_string(), "0".to_string()),
+        ]);
+        let container = api::Container {
+            id: id.clone(),
+            labels,
+            image: image.name.clone(),
+            runtime: Some(api::container::Runtime {
+                name: RUNTIME.into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE.into(),
+                value: runtime_spec.to_string().into_bytes(),
+            }),
+            snapshotter: self.snapshotter.clone(),
+            snapshot_key: id.clone(),
+            ..Default::default()
+        };
+        conn.containers()
+            .create(conn.req(api::CreateContainerRequest {
+                container: Some(container),
+            }))
+            .await
+            .map_err(call("container create", &id))?;
+        Ok(())
+    }
+
+    /// Creates and starts the container's task; `fresh` starts a new log file.
+    async fn start_task(&self, conn: &Conn, id: &str, fresh: bool) -> Result<(), ContainerdError> {
+        let mounts: Vec<Mount> = conn
+            .snapshots()
+            .mounts(conn.req(snap::MountsRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: id.to_string(),
+            }))
+            .await
+            .map_err(call("snapshot mounts", id))?
+            .into_inner()
+            .mounts;
+        std::fs::create_dir_all(&self.log_dir).map_err(io(&self.log_dir))?;
+        let log = self.log_path(id);
+        let mut open = std::fs::OpenOptions::new();
+        open.create(true);
+        if fresh {
+            open.write(true).truncate(true);
+        } else {
+            open.append(true);
+        }
+        open.open(&log).map_err(io(&log))?;
+        // The runc shim appends stdout and stderr to a `file://` URI.
+        let uri = format!("file://{}", log.display());
+        let mut tasks = conn.tasks();
+        tasks
+            .create(conn.req(api::CreateTaskRequest {
+                container_id: id.to_string(),
+                rootfs: mounts,
+                stdout: uri.clone(),
+                stderr: uri,
+                ..Default::default()
+            }))
+            .await
+            .map_err(call("task create", id))?;
+        tasks
+            .start(conn.req(api::StartRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map_err(call("task start", id))?;
+        Ok(())
+    }
+
+    /// The agent's containers and their states.
+    pub async fn containers(&self) -> Result<Vec<Container>, ContainerdError> {
+        let conn = self.connect().await?;
+        let list = conn
+            .containers()
+            .list(conn.req(api::ListContainersRequest { filters: vec![] }))
+            .await
+            .map_err(call("container list", &self.namespace))?
+            .into_inner()
+            .containers;
+        let mut out = Vec::new();
+        for c in list {
+            let Some(unit) = c.labels.get(LABEL_UNIT) else {
+                continue;
+            };
+            let state = match self.task_state(&conn, &c.id).await? {
+                Some(s) => s,
+                None => ContainerState::Exited(LOST_TASK_EXIT),
+            };
+            out.push(Container {
+                unit: unit.clone(),
+                spec_hash: c.labels.get(LABEL_HASH).cloned().unwrap_or_default(),
+                state,
+                restarts: c
+                    .labels
+                    .get(LABEL_RESTARTS)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The task's state, `None` without a task.
+    async fn task_state(
+        &self,
+        conn: &Conn,
+        id: &str,
+    ) -> Result<Option<ContainerState>, ContainerdError> {
+        use containerd_client::types::v1::Status;
+        let got = found(
+            conn.tasks()
+                .get(conn.req(api::GetRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                }))
+                .await
+                .map_err(call("task get", id)),
+        )?;
+        Ok(got.and_then(|r| r.into_inner().process).map(|p| {
+            if p.status == Status::Stopped as i32 {
+                ContainerState::Exited(p.exit_status)
+            } else {
+                ContainerState::Running
+            }
+        }))
+    }
+
+    /// Starts an exited container's task again and counts the restart.
+    pub async fn restart_unit(&self, unit: &str) -> Result<(), ContainerdError> {
+        let conn = self.connect().await?;
+        self.delete_task(&conn, unit).await?;
+        let mut containers = conn.containers();
+        let mut c = containers
+            .get(conn.req(api::GetContainerRequest {
+                id: unit.to_string(),
+            }))
+            .await
+            .map_err(call("container get", unit))?
+            .into_inner()
+            .container
+            .unwrap_or_default();
+        let restarts: u32 = c
+            .labels
+            .get(LABEL_RESTARTS)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        c.labels
+            .insert(LABEL_RESTARTS.into(), (restarts + 1).to_string());
+        containers
+            .update(conn.req(api::UpdateContainerRequest {
+                container: Some(c),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec![format!("labels.{LABEL_RESTARTS}")],
+                }),
+            }))
+            .await
+            .map_err(call("container update", unit))?;
+        self.start_task(&conn, unit, false).await
+    }
+
+    async fn delete_task(&self, conn: &Conn, id: &str) -> Result<Option<u32>, ContainerdError> {
+        let r = found(
+            conn.tasks()
+                .delete(conn.req(api::DeleteTaskRequest {
+                    container_id: id.to_string(),
+                }))
+                .await
+                .map_err(call("task delete", id)),
+        )?;
+        Ok(r.map(|r| r.into_inner().exit_status))
+    }
+
+    async fn kill(&self, conn: &Conn, id: &str, signal: u32) -> Result<(), ContainerdError> {
+        found(
+            conn.tasks()
+                .kill(conn.req(api::KillRequest {
+                    container_id: id.to_string(),
+                    exec_id: String::new(),
+                    signal,
+                    all: false,
+                }))
+                .await
+                .map_err(call("task kill", id)),
+        )
+        .map(|_| ())
+    }
+
+    /// Waits up to `limit` for the task to exit; its exit code, `None` on timeout.
+    async fn wait(
+        &self,
+        conn: &Conn,
+        id: &str,
+        limit: Duration,
+    ) -> Result<Option<u32>, ContainerdError> {
+        let waited = tokio::time::timeout(
+            limit,
+            conn.tasks().wait(conn.req(api::WaitRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            })),
+        )
+        .await;
+        match waited {
+            Err(_) => Ok(None),
+            Ok(r) => {
+                Ok(found(r.map_err(call("task wait", id)))?.map(|r| r.into_inner().exit_status))
+            }
+        }
+    }
+
+    /// Stops a container's task: SIGTERM, then SIGKILL after the stop timeout.
+    /// The exit code, or `None` when there was no running task.
+    pub async fn stop(&self, unit: &str) -> Result<Option<u32>, ContainerdError> {
+        let conn = self.connect().await?;
+        self.stop_with(&conn, unit).await
+    }
+
+    async fn stop_with(&self, conn: &Conn, id: &str) -> Result<Option<u32>, ContainerdError> {
+        match self.task_state(conn, id).await? {
+            None => return Ok(None),
+            Some(ContainerState::Exited(code)) => return Ok(Some(code)),
+            Some(ContainerState::Running) => {}
+        }
+        const SIGTERM: u32 = 15;
+        const SIGKILL: u32 = 9;
+        self.kill(conn, id, SIGTERM).await?;
+        if let Some(code) = self.wait(conn, id, self.stop_timeout).await? {
+            return Ok(Some(code));
+        }
+        log::info!(
+            "container {id}: no exit {:?} after SIGTERM; SIGKILL",
+            self.stop_timeout
+        );
+        self.kill(conn, id, SIGKILL).await?;
+        self.wait(conn, id, Duration::from_secs(30)).await
+    }
+
+    /// Stops and deletes a unit's task, container and snapshot (each only if there).
+    async fn delete(&self, conn: &Conn, id: &str) -> Result<(), ContainerdError> {
+        self.stop_with(conn, id).await?;
+        self.delete_task(conn, id).await?;
+        found(
+            conn.containers()
+                .delete(conn.req(api::DeleteContainerRequest { id: id.to_string() }))
+                .await
+                .map_err(call("container delete", id)),
+        )?;
+        self.remove_snapshot(conn, id).await
+    }
+
+    /// The last `lines` lines of a unit's log.
+    pub fn tail(&self, unit: &str, lines: usize) -> Result<Vec<String>, ContainerdError> {
+        let path = self.log_path(unit);
+        let text = match std::fs::read(&path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let all: Vec<&str> = text.lines().collect();
+        Ok(all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|s| s.to_string())
+            .collect())
+    }
+
+    fn runtime_error(&self, unit: &str, e: ContainerdError) -> RuntimeError {
+        match e {
+            ContainerdError::Connect { socket, message } => RuntimeError::Unavailable {
+                endpoint: socket,
+                message,
+            },
+            other => RuntimeError::Unit {
+                unit: unit.to_string(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+fn archive_path(a: &Archive) -> String {
+    a.path().display().to_string()
+}
+
+fn descriptor(d: &archive::Descriptor) -> Descriptor {
+    Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size,
+        annotations: HashMap::new(),
+    }
+}
+
+impl Runtime for Containerd {
+    async fn list(&self) -> Result<Vec<Container>, RuntimeError> {
+        self.containers().await.map_err(|e| match e {
+            ContainerdError::Connect { socket, message } => RuntimeError::Unavailable {
+                endpoint: socket,
+                message,
+            },
+            other => RuntimeError::Unavailable {
+                endpoint: self.socket.display().to_string(),
+                message: other.to_string(),
+            },
+        })
+    }
+    async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError> {
+        self.create_and_start(spec, spec_hash)
+            .await
+            .map_err(|e| self.runtime_error(&spec.name, e))
+    }
+    async fn restart(&self, unit: &str) -> Result<(), RuntimeError> {
+        self.restart_unit(unit)
+            .await
+            .map_err(|e| self.runtime_error(unit, e))
+    }
+    async fn remove(&self, unit: &str) -> Result<(), RuntimeError> {
+        let r = async {
+            let conn = self.connect().await?;
+            self.delete(&conn, unit).await
+        };
+        r.await.map_err(|e| self.runtime_error(unit, e))
+    }
+    async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
+        self.tail(unit, lines)
+            .map_err(|e| self.runtime_error(unit, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn tail_of_missing_and_present_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Containerd::new("/nonexistent.sock", "caisson");
+        c.log_dir = dir.path().into();
+        assert!(c.tail("web", 5).unwrap().is_empty());
+        std::fs::write(dir.path().join("web.log"), "a\nb\nc\n").unwrap();
+        assert_eq!(c.tail("web", 2).unwrap(), ["b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_unavailable() {
+        let c = Containerd::new("/nonexistent/containerd.sock", "caisson");
+        let e = c.list().await.unwrap_err();
+        assert!(matches!(e, RuntimeError::Unavailable { .. }), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent/containerd.sock"),
+            "{e}"
+        );
+    }
+}
