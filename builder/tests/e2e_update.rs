@@ -1,5 +1,11 @@
-//! QEMU end-to-end: a machine running v1 applies a signed v2 bundle with `caisson-update apply
-//! --file` (no network), reboots into slot B, and the init blesses v2.
+//! QEMU end-to-end updates, from a file in the state partition (the guest has no network):
+//! - a machine running v1 applies a signed v2 bundle, reboots into slot B, the init blesses v2,
+//!   and `caisson-update status --json` reports the success;
+//! - a machine running v2 applies a v3 that never becomes healthy: the init reboots each try,
+//!   systemd-boot tries v3 three times, then boots v2 again, which says "rolled back from
+//!   3.0.0" and refuses v3 from then on.
+//!
+//! The images (v1, v2, v3) are built once for the whole file; one VM runs at a time.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,25 +13,34 @@ mod common;
 
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, Vm, VmOptions};
+use serde_json::Value;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// Where the test puts the bundle to apply, under `/var`.
 const INBOX: &str = "lib/caisson/inbox";
+/// Seconds a tried boot may stay unhealthy before the init reboots it (the default is 300).
+const UNHEALTHY_REBOOT_S: u64 = 10;
 
-/// images/minimal.toml plus caisson-update, the test's public key, and a oneshot service that
-/// applies the bundle waiting in the state partition's inbox and reboots.
-fn test_spec(dir: &Path) -> PathBuf {
+/// images/minimal.toml plus caisson-update, the test's public key, a oneshot service that applies
+/// whatever bundle waits in the state partition's inbox and reboots, and a oneshot `status`
+/// (`caisson-update status --json`) the test starts through the control channel.
+fn test_spec(dir: &Path, keys: &Path, extra: &str) -> PathBuf {
     let ws = common::workspace();
     std::fs::create_dir_all(dir.join("minimal/files/etc/caisson")).unwrap();
-    std::fs::copy(
-        ws.join("images/minimal/files/etc/caisson/init.toml"),
-        dir.join("minimal/files/etc/caisson/init.toml"),
-    )
-    .unwrap();
+    let mut init =
+        std::fs::read_to_string(ws.join("images/minimal/files/etc/caisson/init.toml")).unwrap();
+    init += &format!("unhealthy_reboot_s = {UNHEALTHY_REBOOT_S}\n");
+    std::fs::write(dir.join("minimal/files/etc/caisson/init.toml"), init).unwrap();
     std::fs::copy(ws.join("images/minimal.lock"), dir.join("minimal.lock")).unwrap();
+    if keys != dir.join("keys") {
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        std::fs::copy(keys.join("caisson.pub"), dir.join("keys/caisson.pub")).unwrap();
+    }
     let mut spec = std::fs::read_to_string(ws.join("images/minimal.toml")).unwrap();
     spec = spec.replace(
         "version = \"1.0.0\"\n",
@@ -39,14 +54,30 @@ public_keys = ["keys/caisson.pub"]
 [services.update]
 kind = "oneshot"
 exec = "/usr/bin/caisson-update"
-args = ["apply", "--file", "/var/{INBOX}/minimal-2.0.0.bundle", "--manifest", "/var/{INBOX}/minimal-2.0.0.manifest.json", "--reboot"]
+args = ["apply", "--file", "/var/{INBOX}/update.bundle", "--manifest", "/var/{INBOX}/update.manifest.json", "--reboot"]
 required = false
-"#
+
+[services.status]
+kind = "oneshot"
+exec = "/usr/bin/caisson-update"
+args = ["status", "--json"]
+after = ["update"]
+required = false
+{extra}"#
     );
     let p = dir.join("minimal.toml");
     std::fs::write(&p, spec).unwrap();
     p
 }
+
+/// A required service that always fails: the machine never becomes ready.
+const NEVER_HEALTHY: &str = r#"
+[services.broken]
+kind = "oneshot"
+exec = "/usr/bin/caisson-update"
+args = ["no-such-command"]
+required = true
+"#;
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -58,13 +89,64 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// Copies `files` into the state partition of the raw disk `disk` under `/var/<INBOX>/`.
-fn inject_into_state(disk: &Path, files: &[PathBuf], dir: &Path) {
-    let state = common::extract_partition(disk, Part::State, dir);
+/// The three builds and the channel they are published in, made once.
+struct Images {
+    root: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+    chan: PathBuf,
+}
+
+fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let root = common::workspace().join("target/e2e/update");
+        let _ = std::fs::remove_dir_all(&root);
+        let caisson = env!("CARGO_BIN_EXE_caisson");
+        let keys = root.join("spec/keys");
+        run(Command::new(caisson).args(["keygen", "--out"]).arg(&keys));
+        let good = test_spec(&root.join("spec"), &keys, "");
+        let bad = test_spec(&root.join("spec-v3"), &keys, NEVER_HEALTHY);
+        let v1 = common::build(good.to_str().unwrap(), &root.join("v1"), &[]);
+        let v2 = common::build(
+            good.to_str().unwrap(),
+            &root.join("v2"),
+            &["--version", "2.0.0"],
+        );
+        common::build(
+            bad.to_str().unwrap(),
+            &root.join("v3"),
+            &["--version", "3.0.0"],
+        );
+        let chan = root.join("www/stable");
+        for (dir, v) in [("v2", "2.0.0"), ("v3", "3.0.0")] {
+            run(Command::new(caisson)
+                .arg("publish")
+                .arg(root.join(format!("{dir}/minimal-{v}.bundle")))
+                .arg("--channel-dir")
+                .arg(&chan)
+                .arg("--key")
+                .arg(keys.join("caisson.key")));
+        }
+        Images { root, v1, v2, chan }
+    })
+}
+
+/// A raw disk for one test: a copy of `image` with `version`'s signed bundle in its inbox.
+fn disk_with_update(image: &Path, version: &str, dir: &Path) -> PathBuf {
+    let imgs = images();
+    std::fs::create_dir_all(dir).unwrap();
+    let disk = dir.join("disk.raw");
+    std::fs::copy(image, &disk).unwrap();
+    let state = common::extract_partition(&disk, Part::State, dir);
     let mut cmds = String::from("mkdir lib\nmkdir lib/caisson\nmkdir lib/caisson/inbox\n");
-    for f in files {
-        let name = f.file_name().unwrap().to_string_lossy();
-        cmds += &format!("write {} {INBOX}/{name}\n", f.display());
+    for (from, to) in [
+        ("bundle", "update.bundle"),
+        ("manifest.json", "update.manifest.json"),
+        ("manifest.json.minisig", "update.manifest.json.minisig"),
+    ] {
+        let f = imgs.chan.join(format!("minimal-{version}.{from}"));
+        cmds += &format!("write {} {INBOX}/{to}\n", f.display());
     }
     let cmdfile = dir.join("debugfs.cmds");
     std::fs::write(&cmdfile, cmds).unwrap();
@@ -73,61 +155,225 @@ fn inject_into_state(disk: &Path, files: &[PathBuf], dir: &Path) {
         .arg("-f")
         .arg(&cmdfile)
         .arg(&state));
-    let layout = caisson_disk::read_layout(disk).unwrap();
+    let layout = caisson_disk::read_layout(&disk).unwrap();
     let info = layout.get(Part::State).unwrap();
     let bytes = std::fs::read(&state).unwrap();
-    let mut f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     f.seek(SeekFrom::Start(info.start)).unwrap();
     f.write_all(&bytes).unwrap();
+    disk
+}
+
+fn boot(disk: &Path) -> Vm {
+    let mut opts = VmOptions::new(disk);
+    opts.disk = Disk::direct(disk);
+    opts.user_net = None;
+    Vm::launch(opts).unwrap()
+}
+
+fn request(vm: &Vm, line: &str) -> Value {
+    let mut ctl = vm.control().expect("connecting to the guest channel");
+    let answer = ctl
+        .request_timeout(line, Duration::from_secs(30))
+        .expect("the init answers on the control channel");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// Waits until the oneshot `name` has finished (exited or failed) and returns its status.
+fn wait_oneshot(vm: &Vm, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = request(vm, r#"{"cmd":"status"}"#);
+        let svc = s["status"]["services"]
+            .as_array()
+            .and_then(|v| v.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no service {name}: {s}"));
+        if svc["state"] == "exited" || svc["state"] == "failed" {
+            return svc;
+        }
+        assert!(Instant::now() < deadline, "{name} did not finish: {svc}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs the `status` oneshot (`caisson-update status --json`) now and returns what it printed.
+fn update_status(vm: &Vm) -> Value {
+    wait_oneshot(vm, "status");
+    let answer = request(vm, r#"{"cmd":"start","service":"status"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    std::thread::sleep(Duration::from_millis(500));
+    let svc = wait_oneshot(vm, "status");
+    assert_eq!(
+        svc["state"], "exited",
+        "caisson-update status failed: {svc}"
+    );
+    // The log holds every run since the first boot: the last JSON document is this one.
+    let mut ctl = vm.control().unwrap();
+    ctl.send(r#"{"cmd":"logs","service":"status","lines":400}"#)
+        .unwrap();
+    let mut lines = Vec::new();
+    loop {
+        let l = ctl.read_line(Duration::from_secs(30)).unwrap();
+        let v: Value = serde_json::from_str(&l).unwrap();
+        match v["line"].as_str() {
+            Some(t) => lines.push(t.to_string()),
+            None => break,
+        }
+    }
+    let start = lines.iter().rposition(|l| l == "{").expect("a JSON status");
+    let text = lines[start..].join("\n");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Powers the machine off through the control channel and waits for QEMU to exit.
+fn poweroff(vm: &mut Vm) {
+    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    let status = vm.wait_exit(Duration::from_secs(90)).unwrap();
+    assert!(status.success(), "QEMU exited with {status}");
+}
+
+/// After a clean poweroff: the state filesystem is clean; returns the updater's record
+/// (`/var/lib/caisson/update/state.json`).
+fn record_on_disk(disk: &Path, dir: &Path) -> Value {
+    let state = common::extract_partition(disk, Part::State, dir);
+    let state = state.to_str().unwrap();
+    common::check("e2fsck", &["-fn", state]);
+    let out = common::check(
+        "debugfs",
+        &["-R", "cat /lib/caisson/update/state.json", state],
+    );
+    let json = &out[out.find('{').unwrap_or_else(|| panic!("no record: {out}"))..];
+    // debugfs prints its banner after the file.
+    serde_json::Deserializer::from_str(json)
+        .into_iter::<Value>()
+        .next()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The boot entries on the ESP of a raw disk (mtools, no mounting).
+fn entries(disk: &Path, dir: &Path) -> Vec<String> {
+    let esp = common::extract_partition(disk, Part::Esp, dir);
+    let out = common::check(
+        "mdir",
+        &["-b", "-i", esp.to_str().unwrap(), "::/loader/entries"],
+    );
+    let mut v: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|n| n.starts_with("caisson-"))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
 }
 
 #[test]
-#[ignore = "written, not yet run: run with --ignored (builds two images, boots once)"]
 fn v1_applies_a_signed_v2_from_a_file_and_runs_it_blessed_from_slot_b() {
-    let root = common::workspace().join("target/e2e/update");
-    let _ = std::fs::remove_dir_all(&root);
-    let spec_dir = root.join("spec");
-    let spec = test_spec(&spec_dir);
-    let caisson = env!("CARGO_BIN_EXE_caisson");
-    run(Command::new(caisson)
-        .args(["keygen", "--out"])
-        .arg(spec_dir.join("keys")));
-    let spec_s = spec.to_str().unwrap();
-    let raw1 = common::build(spec_s, &root.join("v1"), &[]);
-    common::build(spec_s, &root.join("v2"), &["--version", "2.0.0"]);
-    let chan = root.join("www/stable");
-    run(Command::new(caisson)
-        .arg("publish")
-        .arg(root.join("v2/minimal-2.0.0.bundle"))
-        .arg("--channel-dir")
-        .arg(&chan)
-        .arg("--key")
-        .arg(spec_dir.join("keys/caisson.key")));
-
-    let disk = root.join("disk.raw");
-    std::fs::copy(&raw1, &disk).unwrap();
-    let files: Vec<PathBuf> = [
-        "minimal-2.0.0.bundle",
-        "minimal-2.0.0.manifest.json",
-        "minimal-2.0.0.manifest.json.minisig",
-    ]
-    .iter()
-    .map(|n| chan.join(n))
-    .collect();
-    inject_into_state(&disk, &files, &root);
-
+    let imgs = images();
+    let dir = imgs.root.join("t-v2");
+    let _ = std::fs::remove_dir_all(&dir);
+    let disk = disk_with_update(&imgs.v1, "2.0.0", &dir);
     let _one_vm = common::vm_lock();
-    let mut opts = VmOptions::new(&disk);
-    opts.disk = Disk::direct(&disk);
-    opts.user_net = None;
-    let mut vm = Vm::launch(opts).unwrap();
+    let t0 = Instant::now();
+    let mut vm = boot(&disk);
     let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
     assert!(ready.contains("version=1.0.0 slot=a"), "{ready}");
+    // The updater writes slot B and a tried entry, then reboots through the init.
+    vm.wait_for("next boot: caisson-2.0.0-b+3-0.conf", BOOT_TIMEOUT)
+        .unwrap();
     let ready = vm
         .wait_for("caisson: ready ", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("v2 did not come up: {e}"));
     assert!(ready.contains("version=2.0.0 slot=b"), "{ready}");
     vm.wait_for("boot entry blessed: caisson-2.0.0-b.conf", BOOT_TIMEOUT)
         .unwrap();
-    let _ = vm.kill();
+
+    let status = update_status(&vm);
+    assert_eq!(status["version"], "2.0.0", "{status}");
+    assert_eq!(status["slot"], "b", "{status}");
+    assert_eq!(status["blessed"], true, "{status}");
+    assert_eq!(status["booted_entry"], "caisson-2.0.0-b.conf", "{status}");
+    assert_eq!(status["record"]["last"]["result"], "succeeded", "{status}");
+    assert_eq!(status["record"]["last"]["version"], "2.0.0", "{status}");
+    assert_eq!(status["record"]["pending"], Value::Null, "{status}");
+    assert_eq!(status["rolled_back_from"], Value::Null, "{status}");
+    poweroff(&mut vm);
+    drop(vm);
+    eprintln!("v1 -> v2: {:.1} s in QEMU", t0.elapsed().as_secs_f64());
+
+    let rec = record_on_disk(&disk, &dir);
+    assert_eq!(rec["last"]["result"], "succeeded", "{rec}");
+    assert_eq!(rec["last"]["version"], "2.0.0", "{rec}");
+    assert_eq!(
+        entries(&disk, &dir),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b.conf"]
+    );
+}
+
+#[test]
+fn v3_never_healthy_is_tried_three_times_then_v2_runs_again_and_v3_is_refused() {
+    let imgs = images();
+    let dir = imgs.root.join("t-v3");
+    let _ = std::fs::remove_dir_all(&dir);
+    let disk = disk_with_update(&imgs.v2, "3.0.0", &dir);
+    let _one_vm = common::vm_lock();
+    let t0 = Instant::now();
+    let mut vm = boot(&disk);
+    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
+    vm.wait_for("next boot: caisson-3.0.0-b+3-0.conf", BOOT_TIMEOUT)
+        .unwrap();
+    // Each try: v3 starts, never gets healthy, and the init reboots it.
+    for _ in 0..3 {
+        vm.wait_for("stage 2: ", BOOT_TIMEOUT).unwrap();
+        vm.wait_for("not healthy in time on a tried boot entry", BOOT_TIMEOUT)
+            .unwrap();
+    }
+    // Its tries used up, systemd-boot falls back to v2 in slot A.
+    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
+    // The apply service finds v3 in its inbox again and refuses it.
+    let update = wait_oneshot(&vm, "update");
+    assert_eq!(
+        update["state"], "failed",
+        "applying v3 again is refused: {update}"
+    );
+    let console = vm.console_text().unwrap();
+    assert!(
+        !console.contains("ready version=3.0.0"),
+        "v3 was never ready"
+    );
+    assert_eq!(
+        console
+            .matches("not healthy in time on a tried boot entry")
+            .count(),
+        3,
+        "v3 was tried exactly three times"
+    );
+
+    let status = update_status(&vm);
+    assert_eq!(status["version"], "2.0.0", "{status}");
+    assert_eq!(status["slot"], "a", "{status}");
+    assert_eq!(status["rolled_back_from"], "3.0.0", "{status}");
+    assert_eq!(
+        status["record"]["last"]["result"], "rolled-back",
+        "{status}"
+    );
+    assert_eq!(status["record"]["rejected"][0], "3.0.0", "{status}");
+    assert_eq!(status["next_boot"], "caisson-2.0.0-a.conf", "{status}");
+    poweroff(&mut vm);
+    drop(vm);
+    eprintln!(
+        "v2 -> v3 x3 -> v2: {:.1} s in QEMU",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let rec = record_on_disk(&disk, &dir);
+    assert_eq!(rec["rejected"][0], "3.0.0", "{rec}");
+    assert_eq!(
+        entries(&disk, &dir),
+        ["caisson-2.0.0-a.conf", "caisson-3.0.0-b+0-3.conf"]
+    );
 }

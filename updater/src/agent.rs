@@ -27,6 +27,9 @@ pub enum Round {
     },
     /// The running version is not blessed yet: nothing is changed until it is.
     NotBlessed,
+    /// No `channel_url` is configured: the round only recorded what the last boot tells
+    /// (updates come by `apply --file`).
+    NoChannel,
 }
 
 /// Options of `agent` and `apply`.
@@ -67,10 +70,9 @@ pub fn round(
     if !m.slots()?.booted_is_blessed() {
         return Ok(Round::NotBlessed);
     }
-    let url = config
-        .channel_url
-        .as_deref()
-        .ok_or_else(|| Error::NoChannel(crate::config::CONFIG_PATH.into()))?;
+    let Some(url) = config.channel_url.as_deref() else {
+        return Ok(Round::NoChannel);
+    };
     let Some(offer) = m.check(url)? else {
         return Ok(Round::UpToDate);
     };

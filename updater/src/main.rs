@@ -73,6 +73,9 @@ enum Command {
     },
 }
 
+/// How often the agent looks again while the running boot is not blessed yet.
+const NOT_BLESSED_RECHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A progress bar on a terminal, a log line every 10% otherwise.
 struct Bar {
     bar: Option<indicatif::ProgressBar>,
@@ -186,6 +189,12 @@ fn main() -> Result<()> {
                 let opts = AgentOptions { now, reboot };
                 match agent::round(&machine, &config, opts, &mut bar, socket)? {
                     Round::UpToDate => println!("up to date: {}", machine.booted.version),
+                    Round::NoChannel => {
+                        return Err(caisson_update::Error::NoChannel(
+                            cli.config.display().to_string(),
+                        )
+                        .into())
+                    }
                     Round::NotBlessed => anyhow::bail!(
                         "the running version is not blessed yet; try again once it is healthy"
                     ),
@@ -219,7 +228,14 @@ fn main() -> Result<()> {
             let mut n = 0;
             loop {
                 let mut bar = Bar::new();
-                match agent::round(&machine, &config, opts, &mut bar, socket) {
+                let round = agent::round(&machine, &config, opts, &mut bar, socket);
+                match &round {
+                    Ok(Round::NoChannel) if n == 0 => log::info!(
+                        "agent: no channel_url in {}: recording boot results only (updates by `apply --file`)",
+                        cli.config.display()
+                    ),
+                    Ok(Round::NoChannel) => {}
+                    Ok(Round::NotBlessed) if n > 0 => {}
                     Ok(r) => log::info!("agent: {r:?}"),
                     Err(e) => log::error!("agent: {e}"),
                 }
@@ -227,7 +243,13 @@ fn main() -> Result<()> {
                     break;
                 }
                 n += 1;
-                std::thread::sleep(agent::next_sleep(&config, &machine.machine_id, n));
+                // Until the init blesses this boot, look again soon: the result of an update
+                // (success, or the fallback) is recorded and reported right after.
+                let sleep = match round {
+                    Ok(Round::NotBlessed) => NOT_BLESSED_RECHECK,
+                    _ => agent::next_sleep(&config, &machine.machine_id, n),
+                };
+                std::thread::sleep(sleep);
             }
         }
     }
