@@ -365,6 +365,7 @@ pub async fn run_local<R: Runtime>(
         "no etcd endpoints configured: running the units in {} on this machine alone",
         config.units_dir.display()
     );
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
     loop {
         match local_units(&config.units_dir) {
             Ok(desired) => match reconcile(runtime, &desired).await {
@@ -372,6 +373,7 @@ pub async fn run_local<R: Runtime>(
                     for (u, s) in st.iter().filter(|(_, s)| s.error.is_some()) {
                         log::warn!("unit {u}: {}", s.error.as_deref().unwrap_or(""));
                     }
+                    log_changes(&mut shown, &st);
                 }
                 Err(e) => log::warn!("{e}"),
             },
@@ -380,6 +382,22 @@ pub async fn run_local<R: Runtime>(
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+    }
+}
+
+/// One line per unit whose state changed since the last call (`unit web: running`,
+/// `unit job: exited 3 (restarts 0)`), so the console shows what the agent does.
+fn log_changes(shown: &mut BTreeMap<String, String>, statuses: &BTreeMap<String, UnitStatus>) {
+    shown.retain(|u, _| statuses.contains_key(u));
+    for (u, s) in statuses {
+        let line = match s.exit_code {
+            Some(code) => format!("{} {code} (restarts {})", s.state, s.restarts),
+            None => format!("{} (restarts {})", s.state, s.restarts),
+        };
+        if shown.get(u) != Some(&line) {
+            log::info!("unit {u}: {line}");
+            shown.insert(u.clone(), line);
         }
     }
 }
