@@ -32,7 +32,8 @@ pub const INITRD_MODULES: &[&str] = &[
     "overlay",
 ];
 
-/// Modules stage 2 always loads: the ESP (to bless entries), the console channel and networking.
+/// Modules stage 2 always loads: the ESP (to bless entries, and config drives), the console
+/// channel, networking, and QEMU's fw_cfg (a provisioning source, provision/CONFIG.md).
 pub const ROOT_MODULES: &[&str] = &[
     "vfat",
     "nls_cp437",
@@ -41,6 +42,7 @@ pub const ROOT_MODULES: &[&str] = &[
     "virtio_console",
     "virtio_net",
     "af_packet",
+    "qemu_fw_cfg",
 ];
 
 /// What can go wrong in a build.

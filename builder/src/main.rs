@@ -133,6 +133,34 @@ enum Command {
         /// With --until-ready: how long to wait, in seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// A machine config for first-boot provisioning, passed through fw_cfg (opt/caisson/config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Work with machine configs (first-boot provisioning, provision/CONFIG.md).
+    ProvisionConfig {
+        #[command(subcommand)]
+        command: ProvisionCommand,
+    },
+    /// Make a config drive: a small FAT volume labelled CAISSON-CFG holding the machine config.
+    ConfigDrive {
+        /// The machine config, e.g. machine.toml.
+        config: PathBuf,
+        /// The drive image to write.
+        #[arg(short, long, default_value = "config.img")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProvisionCommand {
+    /// Validate a machine config; prints what it writes, or the field that is wrong.
+    Check {
+        /// The machine config, e.g. machine.toml.
+        config: PathBuf,
+        /// Print what it writes as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -274,11 +302,13 @@ fn main() -> Result<()> {
             accel,
             until_ready,
             timeout,
+            config,
         } => {
             let args = run::RunArgs {
                 mem,
                 forwards,
                 accel,
+                config,
             };
             if until_ready {
                 let wait = std::time::Duration::from_secs(timeout);
@@ -288,6 +318,30 @@ fn main() -> Result<()> {
                 let status = run::run(&image, &args)?;
                 std::process::exit(status.code().unwrap_or(1));
             }
+        }
+        Command::ProvisionConfig {
+            command: ProvisionCommand::Check { config, json },
+        } => {
+            let plan = run::check_config(&config)?;
+            let paths: Vec<String> = plan.entries.iter().map(|e| format!("{e:?}")).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&paths)?);
+            } else {
+                println!("{}: valid, writes {} paths", config.display(), paths.len());
+                for p in paths {
+                    println!("  {p}");
+                }
+            }
+        }
+        Command::ConfigDrive { config, out } => {
+            run::check_config(&config)?;
+            caisson_provision::drive::make(&config, &out)
+                .with_context(|| format!("making the config drive {}", out.display()))?;
+            println!(
+                "{}: config drive (label CAISSON-CFG) with {}",
+                out.display(),
+                config.display()
+            );
         }
     }
     Ok(())

@@ -14,6 +14,17 @@ pub enum RunError {
     Accel(String),
     #[error(transparent)]
     Qemu(#[from] caisson_qemu::QemuError),
+    #[error("--config {path}: {source}")]
+    ConfigRead {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--config {path}: {why}")]
+    Config {
+        path: std::path::PathBuf,
+        why: caisson_provision::ConfigError,
+    },
 }
 
 /// Parses `1G`, `512M` or a number of MiB into MiB.
@@ -48,12 +59,47 @@ pub struct RunArgs {
     pub mem: String,
     pub forwards: Vec<String>,
     pub accel: String,
+    /// A machine config handed to the guest through fw_cfg (provision/CONFIG.md).
+    pub config: Option<std::path::PathBuf>,
 }
 
 struct Parsed {
     memory_mib: u64,
     forwards: Vec<(u16, u16)>,
     accel: caisson_qemu::Accel,
+    fw_cfg: Vec<(String, caisson_qemu::FwCfgValue)>,
+}
+
+/// Checks a machine config as `caisson provision-config check` does (without the image).
+pub fn check_config(path: &Path) -> Result<caisson_provision::Plan, RunError> {
+    let bytes = std::fs::read(path).map_err(|source| RunError::ConfigRead {
+        path: path.into(),
+        source,
+    })?;
+    caisson_provision::check(&bytes, None, &caisson_init::provisioning::InitChecks).map_err(|why| {
+        RunError::Config {
+            path: path.into(),
+            why,
+        }
+    })
+}
+
+/// The fw_cfg entry that hands `config` to the guest, once it is checked.
+fn config_fw_cfg(
+    config: Option<&Path>,
+) -> Result<Vec<(String, caisson_qemu::FwCfgValue)>, RunError> {
+    let Some(path) = config else {
+        return Ok(Vec::new());
+    };
+    check_config(path)?;
+    let abs = std::fs::canonicalize(path).map_err(|source| RunError::ConfigRead {
+        path: path.into(),
+        source,
+    })?;
+    Ok(vec![(
+        caisson_provision::source::FW_CFG_NAME.to_string(),
+        caisson_qemu::FwCfgValue::File(abs),
+    )])
 }
 
 fn parse(args: &RunArgs) -> Result<Parsed, RunError> {
@@ -70,6 +116,7 @@ fn parse(args: &RunArgs) -> Result<Parsed, RunError> {
             .map(|f| parse_forward(f))
             .collect::<Result<_, _>>()?,
         accel,
+        fw_cfg: config_fw_cfg(args.config.as_deref())?,
     })
 }
 
@@ -80,6 +127,7 @@ pub fn run(image: &Path, args: &RunArgs) -> Result<ExitStatus, RunError> {
         memory_mib: p.memory_mib,
         forwards: p.forwards,
         accel: p.accel,
+        fw_cfg: p.fw_cfg,
         ..Default::default()
     };
     Ok(caisson_qemu::run_interactive(image, opts)?)
@@ -95,6 +143,7 @@ pub fn run_until_ready(
     let mut opts = caisson_qemu::VmOptions::new(image);
     opts.memory_mib = p.memory_mib;
     opts.accel = p.accel;
+    opts.fw_cfg = p.fw_cfg;
     opts.user_net = Some(caisson_qemu::UserNet {
         forwards: p.forwards,
         restrict: false,

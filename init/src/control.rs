@@ -50,6 +50,9 @@ pub struct Status {
     /// The init's resident memory (VmRSS) in KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_rss_kib: Option<u64>,
+    /// The kernel's host name (provisioned or `caisson`); absent from older inits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// An answer.
@@ -347,6 +350,7 @@ mod tests {
                     services: vec![],
                     network: None,
                     init_rss_kib: None,
+                    hostname: Some("web-1".into()),
                 }),
                 ..Default::default()
             },

@@ -19,6 +19,7 @@ pub mod logs;
 pub mod modules;
 pub mod netdev;
 pub mod network;
+pub mod provisioning;
 pub mod reaper;
 pub mod service;
 pub mod stage1;

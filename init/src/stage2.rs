@@ -231,7 +231,6 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         id.version,
         id.slot_text()
     );
-    hostname(sys.as_ref());
     if let Err(e) = sys.loopback_up() {
         log::warn!("bringing up lo failed: {e}");
     }
@@ -241,6 +240,9 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
             log::warn!("creating {d}: {e}");
         }
     }
+    // Before the host name is set and any service file is read (provision/CONFIG.md).
+    crate::provisioning::first_boot(sys.as_ref(), id.params.as_ref().map(|p| p.esp));
+    hostname(sys.as_ref());
     let config = InitConfig::load(Path::new(CONFIG_PATH));
     let cgroups = Cgroups {
         root: PathBuf::from("/sys/fs/cgroup"),
@@ -470,6 +472,9 @@ fn control_request(
                     init_rss_kib: std::fs::read_to_string("/proc/self/status")
                         .ok()
                         .and_then(|t| rss_kib(&t)),
+                    hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string()),
                 }),
                 ..Default::default()
             }

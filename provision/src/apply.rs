@@ -58,7 +58,8 @@ pub fn recorded(root: &Path) -> Option<String> {
 }
 
 /// Parses, validates and plans a config's bytes (what `caisson provision-config check` does).
-pub fn check(bytes: &[u8], root: &Path, checks: &dyn Checks) -> Result<Plan, ConfigError> {
+/// Without `root`, what depends on the image (user names, the SSH server) is not checked.
+pub fn check(bytes: &[u8], root: Option<&Path>, checks: &dyn Checks) -> Result<Plan, ConfigError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| ConfigError::new("config", format!("not UTF-8 text: {e}")))?;
     let config = Config::parse(text)?;
@@ -76,7 +77,7 @@ pub fn apply(
         return Ok(Outcome::AlreadyProvisioned { sha256 });
     }
     let sha256 = sha256_hex(bytes);
-    let plan = check(bytes, root, checks)?;
+    let plan = check(bytes, Some(root), checks)?;
     commit(&plan, root)?;
     let record = format!(
         "sha256 = \"{sha256}\"\nsource = {}\n",

@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod boot;
 pub mod config;
+pub mod drive;
 pub mod plan;
 pub mod source;
 

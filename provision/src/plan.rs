@@ -96,7 +96,7 @@ fn lookup(root: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
 
 /// Owner and group of an entry: names from the root's /etc/passwd and /etc/group.
 fn owners(
-    root: &Path,
+    root: Option<&Path>,
     field: &str,
     owner: Option<&Id>,
     group: Option<&Id>,
@@ -104,17 +104,22 @@ fn owners(
     let (uid, primary) = match owner {
         None => (0, 0),
         Some(Id::Number(n)) => (*n, *n),
-        Some(Id::Name(n)) => lookup(root, "etc/passwd", n).ok_or_else(|| {
-            ConfigError::new(
-                format!("{field}.owner"),
-                format!("no user {n:?} in /etc/passwd"),
-            )
-        })?,
+        Some(Id::Name(_)) if root.is_none() => (0, 0),
+        Some(Id::Name(n)) => root
+            .and_then(|r| lookup(r, "etc/passwd", n))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    format!("{field}.owner"),
+                    format!("no user {n:?} in /etc/passwd"),
+                )
+            })?,
     };
     let gid = match group {
         None => primary,
         Some(Id::Number(n)) => *n,
-        Some(Id::Name(n)) => lookup(root, "etc/group", n)
+        Some(Id::Name(_)) if root.is_none() => 0,
+        Some(Id::Name(n)) => root
+            .and_then(|r| lookup(r, "etc/group", n))
             .map(|(g, _)| g)
             .ok_or_else(|| {
                 ConfigError::new(
@@ -179,8 +184,8 @@ fn network_text(n: &crate::config::Network) -> Result<String, ConfigError> {
     Ok(t)
 }
 
-fn ssh_entries(root: &Path, keys: &[String]) -> Result<Vec<Entry>, ConfigError> {
-    if !root.join(SSHD.trim_start_matches('/')).exists() {
+fn ssh_entries(root: Option<&Path>, keys: &[String]) -> Result<Vec<Entry>, ConfigError> {
+    if root.is_some_and(|r| !r.join(SSHD.trim_start_matches('/')).exists()) {
         return Err(ConfigError::new(
             "ssh",
             format!("this image has no SSH server ({SSHD}, Debian's openssh-server): build one with it to use [ssh]"),
@@ -233,8 +238,13 @@ fn kernel_entries(k: &crate::config::Kernel) -> Result<Vec<Entry>, ConfigError> 
     Ok(out)
 }
 
-/// Everything `config` writes under `root`.
-pub fn plan(config: &Config, root: &Path, checks: &dyn Checks) -> Result<Plan, ConfigError> {
+/// Everything `config` writes under `root`. Without a root (checking a config away from the
+/// machine) user and group names and the SSH server in the image are not checked.
+pub fn plan(
+    config: &Config,
+    root: Option<&Path>,
+    checks: &dyn Checks,
+) -> Result<Plan, ConfigError> {
     config.validate()?;
     let mut files: Vec<Entry> = Vec::new();
     if let Some(h) = &config.hostname {

@@ -305,11 +305,16 @@ pub fn discover_local(env: &Env) -> Result<Option<Found>, SourceError> {
         }));
     }
     if let Some(esp) = &env.esp {
-        if let Some(bytes) = read_from_volume(env, esp, ESP_FILE)? {
-            return Ok(Some(Found {
-                source: Source::Esp(esp.clone()),
-                bytes,
-            }));
+        // The ESP is on every machine: a failure to read it must not stop an unprovisioned one.
+        match read_from_volume(env, esp, ESP_FILE) {
+            Ok(Some(bytes)) => {
+                return Ok(Some(Found {
+                    source: Source::Esp(esp.clone()),
+                    bytes,
+                }))
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("provisioning: looking on the ESP: {e}"),
         }
     }
     Ok(None)

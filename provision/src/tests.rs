@@ -225,7 +225,7 @@ fn owners_are_resolved_in_the_root() {
     }
     let e = check(
         b"version = 1\n[[files]]\npath = \"/etc/x\"\nowner = \"nobody-here\"\n",
-        r,
+        Some(r),
         &NoChecks,
     )
     .unwrap_err();
@@ -264,7 +264,7 @@ fn an_invalid_config_writes_nothing() {
 fn ssh_needs_a_server_in_the_image() {
     let tmp = root();
     std::fs::remove_file(tmp.path().join("usr/sbin/sshd")).unwrap();
-    let e = check(EXAMPLE.as_bytes(), tmp.path(), &NoChecks).unwrap_err();
+    let e = check(EXAMPLE.as_bytes(), Some(tmp.path()), &NoChecks).unwrap_err();
     assert_eq!(e.field, "ssh");
 }
 
@@ -279,7 +279,7 @@ impl Checks for RejectServices {
 #[test]
 fn the_callers_checks_name_the_service() {
     let tmp = root();
-    let e = check(EXAMPLE.as_bytes(), tmp.path(), &RejectServices).unwrap_err();
+    let e = check(EXAMPLE.as_bytes(), Some(tmp.path()), &RejectServices).unwrap_err();
     assert_eq!(e.to_string(), "services.hello: hello is not allowed");
 }
 
@@ -474,4 +474,35 @@ fn fetches_over_http_and_checks_the_hash() {
             ),
         }
     }
+}
+
+#[test]
+fn a_config_drive_is_found_by_its_label() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("machine.toml");
+    std::fs::write(&cfg, EXAMPLE).unwrap();
+    let img = tmp.path().join("config.img");
+    crate::drive::make(&cfg, &img).unwrap();
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(
+        source::fat_label(&bytes[..512]).as_deref(),
+        Some("CAISSON-CFG")
+    );
+    let out = std::process::Command::new("fsck.fat")
+        .arg("-n")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = std::process::Command::new("mtype")
+        .args(["-i"])
+        .arg(&img)
+        .arg("::/caisson.toml")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), EXAMPLE);
 }

@@ -164,6 +164,8 @@ pub struct RunOptions {
     pub forwards: Vec<(u16, u16)>,
     pub accel: Accel,
     pub paths: QemuPaths,
+    /// fw_cfg entries, e.g. the machine config (`opt/caisson/config`).
+    pub fw_cfg: Vec<(String, FwCfgValue)>,
 }
 
 impl Default for RunOptions {
@@ -174,6 +176,7 @@ impl Default for RunOptions {
             forwards: Vec::new(),
             accel: Accel::Tcg,
             paths: QemuPaths::default(),
+            fw_cfg: Vec::new(),
         }
     }
 }
@@ -697,7 +700,7 @@ pub fn run_interactive(image: &Path, opts: RunOptions) -> Result<ExitStatus, Qem
             restrict: false,
         }),
         networks: Vec::new(),
-        fw_cfg: Vec::new(),
+        fw_cfg: opts.fw_cfg.clone(),
         serial: Serial::Stdio,
         qmp: None,
         control: Some(dir.path().join("control.sock")),

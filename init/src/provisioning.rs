@@ -1,0 +1,132 @@
+//! First-boot provisioning in stage 2 (provision/CONFIG.md): find the machine config, apply it
+//! once before any service file is read, and on every boot set its sysctls and load its modules.
+//! A config that fails stops the boot here, before any service, and never echoes contents.
+
+use crate::sys::{MountFlags, Power, Syscall};
+use caisson_provision::source::{self, Env, Mounter};
+use caisson_provision::{Checks, Outcome};
+use std::path::Path;
+use uuid::Uuid;
+
+/// Where the config drive or the ESP is mounted for a moment.
+pub const MOUNT_DIR: &str = "/run/caisson/provision";
+
+/// The init's own parsers, so a provisioned file is one the init will take.
+pub struct InitChecks;
+
+impl Checks for InitChecks {
+    fn service(&self, name: &str, text: &str) -> Result<(), String> {
+        crate::service::ServiceSpec::parse(name, text)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    fn network(&self, text: &str) -> Result<(), String> {
+        crate::network::NetworkConfig::parse(text).map(|_| ())
+    }
+}
+
+struct SysMounter<'a>(&'a dyn Syscall);
+
+impl Mounter for SysMounter<'_> {
+    fn mount_vfat_ro(&self, dev: &Path, target: &Path) -> std::io::Result<()> {
+        let flags =
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        self.0
+            .mount(&dev.to_string_lossy(), target, "vfat", flags, "umask=0077")
+    }
+    fn unmount(&self, target: &Path) -> std::io::Result<()> {
+        self.0.unmount(target, false)
+    }
+}
+
+/// Applies the machine config on the first boot; returns only when the boot may go on.
+pub fn first_boot(sys: &dyn Syscall, esp: Option<Uuid>) {
+    let root = Path::new("/");
+    match caisson_provision::recorded(root) {
+        Some(sha) => log::info!("provisioning: already provisioned (sha256 {sha})"),
+        None => {
+            if let Err(why) = find_and_apply(sys, root, esp) {
+                halt(sys, &why);
+            }
+        }
+    }
+    every_boot(sys, root);
+}
+
+fn find_and_apply(sys: &dyn Syscall, root: &Path, esp: Option<Uuid>) -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mounter = SysMounter(sys);
+    let env = Env {
+        root,
+        mounter: &mounter,
+        cmdline: &cmdline,
+        esp: esp.and_then(|u| crate::blockdev::find_partuuid(root, u)),
+        mount_dir: MOUNT_DIR,
+    };
+    let found = match source::discover_local(&env).map_err(|e| format!("source: {e}"))? {
+        Some(f) => f,
+        None => {
+            if let Ok(Some((url, _))) = source::url_source(&cmdline) {
+                log::warn!("provisioning: {url}: fetching a config before the network is up is not supported yet");
+            }
+            log::info!("provisioning: no machine config");
+            return Ok(());
+        }
+    };
+    let from = found.source.to_string();
+    match caisson_provision::apply(&found.bytes, root, &InitChecks, &from) {
+        Ok(Outcome::Applied { sha256, entries }) => {
+            sys.sync();
+            log::info!("provisioning: applied {entries} entries from {from} (sha256 {sha256})");
+            Ok(())
+        }
+        Ok(Outcome::AlreadyProvisioned { sha256 }) => {
+            log::info!("provisioning: already provisioned (sha256 {sha256})");
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Sysctls and modules of the provisioned config, on every boot.
+fn every_boot(sys: &dyn Syscall, root: &Path) {
+    for e in caisson_provision::boot::apply_sysctls(root) {
+        log::warn!("provisioning: {e}");
+    }
+    let names = caisson_provision::boot::module_names(root);
+    if names.is_empty() {
+        return;
+    }
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().into_owned();
+    for found in caisson_provision::boot::module_paths(root, &release, &names) {
+        match found.map_err(|e| e.to_string()).and_then(|p| {
+            sys.load_module(&p)
+                .map_err(|e| format!("loading {}: {e}", p.display()))
+        }) {
+            Ok(()) => {}
+            Err(e) => log::warn!("provisioning: {e}"),
+        }
+    }
+}
+
+/// The config failed: say so, start nothing, wait for ctrl-alt-del or a power-off signal.
+fn halt(sys: &dyn Syscall, why: &str) -> ! {
+    log::info!("provisioning failed: {why}");
+    log::info!("no services start; fix the machine config and reboot (ctrl-alt-del)");
+    sys.sync();
+    loop {
+        let power = match crate::sys::wait_signal(&[libc::SIGINT, libc::SIGTERM, libc::SIGPWR]) {
+            Ok(libc::SIGINT) => Power::Reboot,
+            Ok(_) => Power::PowerOff,
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        sys.sync();
+        if let Err(e) = sys.reboot(power) {
+            log::error!("reboot(2) failed: {e}");
+        }
+    }
+}
