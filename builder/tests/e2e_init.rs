@@ -1,0 +1,359 @@
+//! QEMU end-to-end for the init's own features: DHCP on the first Ethernet interface, first-boot
+//! growth of `state`, restart with backoff, a container from an OCI archive baked into the image,
+//! and the numbers `ci/bench` reads (containerd spawn time, the init's resident memory).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use caisson_layout::partition::Part;
+use caisson_qemu::{Disk, Vm, VmOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?}: {text}");
+    text
+}
+
+/// A qcow2 overlay over `image` that the test keeps.
+fn overlay(image: &Path, dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image)
+        .arg(&disk));
+    disk
+}
+
+fn boot(disk: &Path) -> Vm {
+    let mut opts = VmOptions::new(disk);
+    opts.disk = Disk::direct(disk);
+    Vm::launch(opts).expect("launching QEMU")
+}
+
+fn request(vm: &Vm, line: &str) -> serde_json::Value {
+    let mut ctl = vm.control().expect("connecting to the guest channel");
+    let answer = ctl
+        .request_timeout(line, Duration::from_secs(30))
+        .expect("the init answers on the control channel");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+fn status(vm: &Vm) -> serde_json::Value {
+    request(vm, r#"{"cmd":"status"}"#)["status"].clone()
+}
+
+fn service(status: &serde_json::Value, name: &str) -> serde_json::Value {
+    status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no service {name} in {status}"))
+}
+
+fn poweroff(vm: &mut Vm) {
+    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    let st = vm
+        .wait_exit(Duration::from_secs(90))
+        .expect("the machine powers off");
+    assert!(st.success(), "QEMU exited with {st}");
+}
+
+/// Polls `status` until `f` accepts it.
+fn wait_status(vm: &Vm, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = status(vm);
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{what}: not seen in 120 s; last status {s}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn dhcp_address_and_state_grown_on_first_boot() {
+    let image = common::image("minimal");
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = overlay(&image, dir.path());
+    run(Command::new("qemu-img")
+        .arg("resize")
+        .arg("-q")
+        .arg(&disk)
+        .arg("+1G"));
+
+    let mut vm = boot(&disk);
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("first boot reaches ready");
+    let s = wait_status(&vm, "network up", |s| s["network"]["state"] == "up");
+    assert_eq!(s["network"]["interface"], "eth0", "{s}");
+    assert_eq!(s["network"]["address"], "10.0.2.15/24", "{s}");
+    assert_eq!(s["network"]["gateway"], "10.0.2.2", "{s}");
+    assert_eq!(s["network"]["dns"][0], "10.0.2.3", "{s}");
+    let rss = s["init_rss_kib"].as_u64().expect("init_rss_kib");
+    assert!(rss > 100 && rss < 64 * 1024, "{rss} KiB");
+    let console = vm.console_text().unwrap();
+    assert!(console.contains("first boot: state grown to"), "{console}");
+    assert!(
+        console.contains("network: eth0 10.0.2.15/24 via 10.0.2.2"),
+        "{console}"
+    );
+    poweroff(&mut vm);
+    drop(vm);
+
+    // The partition ends where the disk's usable space does; ext4 fills it and is clean.
+    let raw = dir.path().join("flat.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&disk)
+        .arg(&raw));
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    let state = parts.last().unwrap();
+    let end = state["start"].as_u64().unwrap() + state["size"].as_u64().unwrap() - 1;
+    assert_eq!(
+        end,
+        table["partitiontable"]["lastlba"].as_u64().unwrap(),
+        "{table}"
+    );
+    let part_bytes = state["size"].as_u64().unwrap() * 512;
+    assert!(part_bytes > 1 << 30, "{table}");
+    run(Command::new("sfdisk").arg("-V").arg(&raw));
+    let state_img = common::extract_partition(&raw, Part::State, dir.path());
+    common::check("e2fsck", &["-fn", state_img.to_str().unwrap()]);
+    let header = common::check("dumpe2fs", &["-h", state_img.to_str().unwrap()]);
+    let field = |name: &str| -> u64 {
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {header}"))
+    };
+    let fs_bytes = field("Block count:") * field("Block size:");
+    assert!(
+        fs_bytes <= part_bytes && part_bytes - fs_bytes < 4 << 20,
+        "filesystem {fs_bytes} B in a {part_bytes} B partition"
+    );
+    let marker = common::check(
+        "debugfs",
+        &[
+            "-R",
+            &format!("stat /{}", caisson_layout::paths::STATE_GROWN_MARKER),
+            state_img.to_str().unwrap(),
+        ],
+    );
+    assert!(marker.contains("Inode:"), "{marker}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Writes `blob` into an OCI layout's blob store and returns its descriptor.
+fn put_blob(layout: &Path, media_type: &str, blob: &[u8]) -> serde_json::Value {
+    let digest = sha256_hex(blob);
+    std::fs::write(layout.join("blobs/sha256").join(&digest), blob).unwrap();
+    serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{digest}"), "size": blob.len()})
+}
+
+fn tar_dir(dir: &Path, out: &Path) {
+    run(Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@1700000000",
+            "-cf",
+        ])
+        .arg(out)
+        .arg("-C")
+        .arg(dir)
+        .arg("."));
+}
+
+/// An OCI image-layout archive of one layer holding the build host's static busybox.
+fn busybox_oci_archive(work: &Path, out: &Path) {
+    let rootfs = work.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    let layer_tar = work.join("layer.tar");
+    tar_dir(&rootfs, &layer_tar);
+    let layout = work.join("oci");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let layer = std::fs::read(&layer_tar).unwrap();
+    let layer_desc = put_blob(&layout, "application/vnd.oci.image.layer.v1.tar", &layer);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["/bin/busybox", "echo", "hello-from-container"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]},
+    });
+    let config_desc = put_blob(
+        &layout,
+        "application/vnd.oci.image.config.v1+json",
+        config.to_string().as_bytes(),
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_desc,
+        "layers": [layer_desc],
+    });
+    let mut manifest_desc = put_blob(
+        &layout,
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().as_bytes(),
+    );
+    manifest_desc["platform"] = serde_json::json!({"architecture": "amd64", "os": "linux"});
+    manifest_desc["annotations"] = serde_json::json!({
+        "io.containerd.image.name": "docker.io/caisson/hello:1",
+        "org.opencontainers.image.ref.name": "1",
+    });
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest_desc]});
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    tar_dir(&layout, out);
+}
+
+/// images/host.toml plus a service that fails every second and a oneshot that imports an OCI
+/// archive baked into the image and runs it with ctr.
+fn host_test_spec(dir: &Path) -> PathBuf {
+    let ws = common::workspace();
+    let files = dir.join("host/files");
+    for f in ["etc/caisson/init.toml", "etc/containerd/config.toml"] {
+        std::fs::create_dir_all(files.join(f).parent().unwrap()).unwrap();
+        std::fs::copy(ws.join("images/host/files").join(f), files.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(files.join("usr/lib/caisson-test")).unwrap();
+    busybox_oci_archive(
+        &dir.join("oci-work"),
+        &files.join("usr/lib/caisson-test/hello.tar"),
+    );
+    std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
+    let mut spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap();
+    let sock = "/run/containerd/containerd.sock";
+    spec += &format!(
+        r#"
+[[files]]
+src = "usr/lib/caisson-test/hello.tar"
+dst = "/usr/lib/caisson-test/hello.tar"
+
+[services.flaky]
+exec = "/bin/busybox"
+args = ["sh", "-c", "echo flaky-start; sleep 1; exit 3"]
+restart = "on-failure"
+required = false
+
+[services.hello]
+kind = "oneshot"
+exec = "/bin/busybox"
+args = ["sh", "-c", "ctr -a {sock} images import /usr/lib/caisson-test/hello.tar && ctr -a {sock} run --rm docker.io/caisson/hello:1 hello /bin/busybox echo hello-from-container"]
+requires = ["containerd"]
+required = false
+"#
+    );
+    let p = dir.join("host.toml");
+    std::fs::write(&p, spec).unwrap();
+    p
+}
+
+#[test]
+fn host_restarts_a_failing_service_and_runs_a_baked_container() {
+    let root = common::workspace().join("target/e2e/init-host");
+    let _ = std::fs::remove_dir_all(&root);
+    let spec = host_test_spec(&root.join("spec"));
+    let raw = common::build(spec.to_str().unwrap(), &root.join("out"), &[]);
+    let _one_vm = common::vm_lock();
+    let disk = overlay(&raw, &root);
+    let mut vm = boot(&disk);
+    let ready = vm
+        .wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("host reaches ready");
+    eprintln!("{ready}");
+    vm.wait_for("hello| hello-from-container", Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("the container did not run: {e}"));
+    let s = wait_status(&vm, "hello exited", |s| {
+        service(s, "hello")["state"] == "exited"
+    });
+    assert_eq!(service(&s, "hello")["last_exit"], "exit code 0", "{s}");
+
+    // flaky fails every second: restarted with a growing delay, containerd untouched.
+    let containerd_pid = service(&s, "containerd")["pid"].clone();
+    let first = service(&s, "flaky")["restarts"].as_u64().unwrap();
+    let s = wait_status(&vm, "flaky restarted twice more", |s| {
+        service(s, "flaky")["restarts"].as_u64().unwrap() >= first + 2
+    });
+    assert_eq!(service(&s, "flaky")["last_exit"], "exit code 3", "{s}");
+    assert_eq!(service(&s, "containerd")["pid"], containerd_pid, "{s}");
+    assert_eq!(service(&s, "containerd")["state"], "running", "{s}");
+    assert_eq!(s["ready"], true, "{s}");
+    let console = vm.console_text().unwrap();
+    let starts = console.matches("flaky| flaky-start").count();
+    assert!(starts >= 3, "{starts} starts:\n{console}");
+    let spawned = console
+        .lines()
+        .find(|l| l.contains("spawned containerd"))
+        .unwrap_or_else(|| panic!("no spawn time on the console:\n{console}"));
+    eprintln!("{spawned}; init memory {} KiB", s["init_rss_kib"]);
+    poweroff(&mut vm);
+}
+
+/// For `ci/bench`: boots images/host.toml and prints the init's numbers on one line,
+/// `BENCH containerd_spawn_ms=<ms since stage 2 began> init_rss_kib=<KiB after ready>`.
+#[test]
+#[ignore = "a benchmark: ci/bench runs it"]
+fn bench_host_init_numbers() {
+    let image = common::image("host");
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = overlay(&image, dir.path());
+    let mut vm = boot(&disk);
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("host reaches ready");
+    let console = vm.console_text().unwrap();
+    let spawned = console
+        .lines()
+        .find(|l| l.contains("spawned containerd"))
+        .unwrap_or_else(|| panic!("no spawn line on the console:\n{console}"));
+    let ms: u64 = spawned
+        .rsplit_once("at +")
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {spawned:?}"));
+    // Let the boot settle before reading the init's memory.
+    std::thread::sleep(Duration::from_secs(5));
+    let rss = status(&vm)["init_rss_kib"].as_u64().expect("init_rss_kib");
+    println!("BENCH containerd_spawn_ms={ms} init_rss_kib={rss}");
+    poweroff(&mut vm);
+}
