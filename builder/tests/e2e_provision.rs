@@ -1,0 +1,262 @@
+//! QEMU end-to-end: first-boot provisioning (provision/CONFIG.md). The minimal image boots with a
+//! machine config through fw_cfg and through a config drive: host name, an extra service, files
+//! and a secret written 0600; a second boot does not apply again; an invalid config stops the boot
+//! before any service with its message on the console.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use caisson_layout::partition::Part;
+use caisson_qemu::{Disk, FwCfgValue, Vm, VmOptions};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const SECRET: &str = "s3cr3t-t0ken-never-echoed";
+
+fn config() -> String {
+    format!(
+        r#"version = 1
+hostname = "prov-1"
+
+[[files]]
+path = "/etc/app/app.conf"
+contents = "listen = 8080\n"
+
+[[files]]
+path = "/var/lib/app/token"
+secret = true
+contents = "{SECRET}"
+
+[[directories]]
+path = "/var/lib/app/data"
+mode = "0700"
+
+[services.hello]
+kind = "oneshot"
+exec = "/usr/bin/caisson-ctl"
+args = ["--help"]
+
+[kernel]
+sysctls = {{ "vm.swappiness" = 7 }}
+"#
+    )
+}
+
+/// The minimal image, built once for this file in its own directory.
+fn image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let out = common::workspace().join("target/e2e/provision");
+            let _ = std::fs::remove_dir_all(&out);
+            common::build("images/minimal.toml", &out, &[])
+        })
+        .clone()
+}
+
+fn kept_overlay(image: &Path, dir: &Path) -> PathBuf {
+    let overlay = dir.join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image)
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    overlay
+}
+
+fn boot(disk: &Path, config: Option<&Path>, drive: Option<&Path>) -> Vm {
+    let mut opts = VmOptions::new(disk);
+    opts.disk = Disk::direct(disk);
+    if let Some(c) = config {
+        opts.fw_cfg = vec![("opt/caisson/config".into(), FwCfgValue::File(c.into()))];
+    }
+    if let Some(d) = drive {
+        opts.extra_disks = vec![Disk::overlay(d)];
+    }
+    Vm::launch(opts).expect("launching QEMU")
+}
+
+fn status(vm: &Vm) -> serde_json::Value {
+    let mut ctl = vm.control().expect("connecting to the guest channel");
+    let answer = ctl
+        .request_timeout(r#"{"cmd":"status"}"#, Duration::from_secs(30))
+        .expect("the init answers");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    v["status"].clone()
+}
+
+fn poweroff(vm: &mut Vm) {
+    let mut ctl = vm.control().unwrap();
+    let _ = ctl.request_timeout(r#"{"cmd":"poweroff"}"#, Duration::from_secs(30));
+    vm.wait_exit(Duration::from_secs(90))
+        .expect("the machine powers off");
+}
+
+/// Checks a provisioned machine: host name, the extra service, the secret never on the console.
+fn check_provisioned(vm: &mut Vm, from: &str) {
+    let applied = vm
+        .wait_for("caisson: provisioning: applied", BOOT_TIMEOUT)
+        .expect("the config is applied");
+    assert!(applied.contains(from), "{applied}");
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("a provisioned machine reaches ready");
+    let st = status(vm);
+    assert_eq!(st["hostname"], "prov-1", "{st}");
+    let hello = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "hello")
+        .unwrap_or_else(|| panic!("the provisioned service is loaded: {st}"))
+        .clone();
+    assert_eq!(hello["ready"], true, "{hello}");
+    let console = vm.console_text().unwrap();
+    assert!(!console.contains(SECRET), "the secret reached the console");
+}
+
+fn state_of(disk: &Path, dir: &Path) -> PathBuf {
+    let raw = dir.join("flat.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::extract_partition(&raw, Part::State, dir)
+}
+
+fn debugfs(state: &Path, cmd: &str) -> String {
+    common::check("debugfs", &["-R", cmd, state.to_str().unwrap()])
+}
+
+#[test]
+fn fw_cfg_config_is_applied_once() {
+    let image = image();
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("machine.toml");
+    std::fs::write(&cfg, config()).unwrap();
+    let disk = kept_overlay(&image, dir.path());
+
+    let mut vm = boot(&disk, Some(&cfg), None);
+    check_provisioned(&mut vm, "fw_cfg");
+    poweroff(&mut vm);
+    drop(vm);
+
+    let state = state_of(&disk, dir.path());
+    let record = debugfs(&state, "cat /lib/caisson/provisioned");
+    let sha = caisson_provision::apply::sha256_hex(config().as_bytes());
+    assert!(record.contains(&sha), "{record}");
+    let token = debugfs(&state, "stat /lib/app/token");
+    assert!(token.contains("Mode:  0600"), "{token}");
+    let data = debugfs(&state, "stat /lib/app/data");
+    assert!(data.contains("Mode:  0700"), "{data}");
+    let conf = debugfs(&state, "cat /lib/caisson/etc/upper/app/app.conf");
+    assert!(conf.contains("listen = 8080"), "{conf}");
+
+    // Second boot, same config offered: not applied again, the record unchanged.
+    let mut vm = boot(&disk, Some(&cfg), None);
+    vm.wait_for("caisson: provisioning: already provisioned", BOOT_TIMEOUT)
+        .expect("the second boot sees the record");
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("second boot reaches ready");
+    assert_eq!(status(&vm)["hostname"], "prov-1");
+    let console = vm.console_text().unwrap();
+    assert!(!console.contains("provisioning: applied"), "applied twice");
+    poweroff(&mut vm);
+    drop(vm);
+    let state = state_of(&disk, dir.path());
+    assert_eq!(debugfs(&state, "cat /lib/caisson/provisioned"), record);
+}
+
+#[test]
+fn an_invalid_config_stops_the_first_boot() {
+    let image = image();
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    let bad = config().replace("mode = \"0700\"", "mode = \"0790\"");
+    std::fs::write(&cfg, bad).unwrap();
+    let disk = kept_overlay(&image, dir.path());
+    let mut vm = boot(&disk, Some(&cfg), None);
+    let line = vm
+        .wait_for("caisson: provisioning failed: ", BOOT_TIMEOUT)
+        .expect("the failure is on the console");
+    assert!(line.contains("directories[0].mode: \"0790\""), "{line}");
+    std::thread::sleep(Duration::from_secs(5));
+    let console = vm.console_text().unwrap();
+    assert!(
+        !console.contains("caisson: ready "),
+        "no ready line after a failed config"
+    );
+    assert!(!console.contains(SECRET));
+    vm.kill().unwrap();
+    drop(vm);
+    let state = state_of(&disk, dir.path());
+    // Killed, not shut down: replay the journal on the copy before reading it.
+    let _ = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let out = Command::new("debugfs")
+        .args(["-R", "stat /lib/caisson/provisioned"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("File not found"), "{text}");
+    let out = Command::new("debugfs")
+        .args(["-R", "stat /lib/app/token"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("File not found"),
+        "nothing half-applied: {text}"
+    );
+}
+
+#[test]
+fn a_config_drive_is_applied() {
+    let image = image();
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("machine.toml");
+    std::fs::write(&cfg, config()).unwrap();
+    let drive = dir.path().join("config.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_caisson"))
+        .arg("config-drive")
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&drive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk = kept_overlay(&image, dir.path());
+    let mut vm = boot(&disk, None, Some(&drive));
+    check_provisioned(&mut vm, "config drive");
+    poweroff(&mut vm);
+}
