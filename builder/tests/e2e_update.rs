@@ -134,6 +134,11 @@ fn images() -> &'static Images {
 
 /// A raw disk for one test: a copy of `image` with `version`'s signed bundle in its inbox.
 fn disk_with_update(image: &Path, version: &str, dir: &Path) -> PathBuf {
+    disk_with_bundle(image, version, dir, None)
+}
+
+/// [`disk_with_update`], with the bundle's byte at `corrupt` flipped.
+fn disk_with_bundle(image: &Path, version: &str, dir: &Path, corrupt: Option<u64>) -> PathBuf {
     let imgs = images();
     std::fs::create_dir_all(dir).unwrap();
     let disk = dir.join("disk.raw");
@@ -145,7 +150,13 @@ fn disk_with_update(image: &Path, version: &str, dir: &Path) -> PathBuf {
         ("manifest.json", "update.manifest.json"),
         ("manifest.json.minisig", "update.manifest.json.minisig"),
     ] {
-        let f = imgs.chan.join(format!("minimal-{version}.{from}"));
+        let mut f = imgs.chan.join(format!("minimal-{version}.{from}"));
+        if let (Some(at), "bundle") = (corrupt, from) {
+            let mut bytes = std::fs::read(&f).unwrap();
+            bytes[at as usize] ^= 0x40;
+            f = dir.join("corrupted.bundle");
+            std::fs::write(&f, bytes).unwrap();
+        }
         cmds += &format!("write {} {INBOX}/{to}\n", f.display());
     }
     let cmdfile = dir.join("debugfs.cmds");
@@ -376,4 +387,48 @@ fn v3_never_healthy_is_tried_three_times_then_v2_runs_again_and_v3_is_refused() 
         entries(&disk, &dir),
         ["caisson-2.0.0-a.conf", "caisson-3.0.0-b+0-3.conf"]
     );
+}
+
+#[test]
+fn a_corrupted_bundle_is_refused_and_nothing_changes() {
+    let imgs = images();
+    let dir = imgs.root.join("t-corrupt");
+    let _ = std::fs::remove_dir_all(&dir);
+    // One byte in the middle of the root payload.
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(imgs.chan.join("minimal-2.0.0.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let root = manifest["artifacts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["kind"] == "root"))
+        .unwrap();
+    let at = root["offset"].as_u64().unwrap() + root["size"].as_u64().unwrap() / 2;
+    let disk = disk_with_bundle(&imgs.v1, "2.0.0", &dir, Some(at));
+    let before = common::extract_partition(&disk, Part::RootB, &dir);
+    let before = std::fs::read(before).unwrap();
+    let entries_before = entries(&disk, &dir);
+    let _one_vm = common::vm_lock();
+    let mut vm = boot(&disk);
+    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("version=1.0.0 slot=a"), "{ready}");
+    let update = wait_oneshot(&vm, "update");
+    assert_eq!(
+        update["state"], "failed",
+        "the corrupted bundle is refused: {update}"
+    );
+    let console = vm.console_text().unwrap();
+    assert!(
+        console.contains("sha256"),
+        "the refusal names the hash mismatch"
+    );
+    poweroff(&mut vm);
+    drop(vm);
+    assert_eq!(
+        entries(&disk, &dir),
+        entries_before,
+        "boot entries unchanged"
+    );
+    let after = common::extract_partition(&disk, Part::RootB, &dir);
+    assert!(std::fs::read(after).unwrap() == before, "slot B unchanged");
 }
