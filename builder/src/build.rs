@@ -417,10 +417,17 @@ fn assemble_root(
         &spec.spec.directories,
     )?;
     rootfs::install_update(root, spec.dir(), &spec.spec.update)?;
-    let mut wanted: Vec<String> = ROOT_MODULES.iter().map(|s| s.to_string()).collect();
-    wanted.extend(spec.spec.kernel.modules.iter().cloned());
-    let modules = kernel.closure(&wanted)?;
-    rootfs::install_modules(root, &kernel.root, &modules, paths::ROOT_MODULES_LIST)?;
+    // Stage 2 loads ROOT_MODULES before anything else (the ESP, provisioning sources, the
+    // control channel, the network) and the spec's modules on a thread while services start.
+    let early_names: Vec<String> = ROOT_MODULES.iter().map(|s| s.to_string()).collect();
+    let early = kernel.closure(&early_names)?;
+    let late: Vec<String> = kernel
+        .closure(&spec.spec.kernel.modules)?
+        .into_iter()
+        .filter(|m| !early.contains(m))
+        .collect();
+    rootfs::install_modules(root, &kernel.root, &early, paths::ROOT_MODULES_LIST)?;
+    rootfs::install_modules(root, &kernel.root, &late, paths::ROOT_MODULES_LATE_LIST)?;
     let packages: Vec<rootfs::SbomPackage> = lock
         .rootfs
         .packages

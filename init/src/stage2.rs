@@ -235,6 +235,13 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         log::warn!("bringing up lo failed: {e}");
     }
     crate::modules::load_list(sys.as_ref(), Path::new("/"), paths::ROOT_MODULES_LIST);
+    let late_modules = start_late_modules(sys.clone());
+    // Provisioned sysctls may belong to late modules (net.bridge.*): wait for them then.
+    if Path::new(PROVISIONED_SYSCTLS).exists() {
+        if let Some(h) = late_modules {
+            let _ = h.join();
+        }
+    }
     for d in ["/run/caisson", paths::LOG_DIR] {
         if let Err(e) = std::fs::create_dir_all(d) {
             log::warn!("creating {d}: {e}");
@@ -292,6 +299,25 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         Instant::now() + Duration::from_secs(config.bless_after_s + config.unhealthy_reboot_s)
     });
     Ok(event_loop(&mut sup, &rx, &tx, &id, watchdog, &net))
+}
+
+/// Sysctls a machine config asked for (provision/CONFIG.md), applied on every boot.
+const PROVISIONED_SYSCTLS: &str = "/etc/caisson/sysctl.conf";
+
+/// Loads the late module list on its own thread, so services start without waiting for it.
+fn start_late_modules(sys: Arc<dyn Syscall>) -> Option<std::thread::JoinHandle<usize>> {
+    let spawned = std::thread::Builder::new()
+        .name("modules".into())
+        .spawn(move || {
+            crate::modules::load_list(sys.as_ref(), Path::new("/"), paths::ROOT_MODULES_LATE_LIST)
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            log::warn!("no thread for the late modules ({e}); they are not loaded");
+            None
+        }
+    }
 }
 
 /// The network thread; services `after = ["network"]` wait until it settles.

@@ -27,6 +27,9 @@ pub const INITRD_MARKER: &str = "/etc/initrd-release";
 pub const INITRD_MODULES_LIST: &str = "/etc/caisson/initrd-modules";
 /// Ordered list of module files (relative to `/`) that stage 2 loads from the root, one per line.
 pub const ROOT_MODULES_LIST: &str = "/usr/lib/caisson/modules";
+/// Ordered list of module files that stage 2 loads on a thread while services start: the
+/// spec's `kernel.modules` (bridge, netfilter...), which no service needs in its first moments.
+pub const ROOT_MODULES_LATE_LIST: &str = "/usr/lib/caisson/modules.late";
 /// Where stage 1 mounts the verified root.
 pub const SYSROOT: &str = "/sysroot";
 /// The name of the dm-verity device stage 1 creates.
