@@ -5,53 +5,14 @@
 
 mod common;
 
+use common::{boot, kept_overlay, poweroff, request};
+
 use caisson_layout::partition::Part;
-use caisson_qemu::{Disk, Vm, VmOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// A qcow2 overlay the test keeps, so a second boot sees what the first one wrote.
-fn kept_overlay(image: &Path, dir: &Path) -> PathBuf {
-    let overlay = dir.join("disk.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image)
-        .arg(&overlay)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    overlay
-}
-
-fn boot(disk: &Path) -> Vm {
-    let mut opts = VmOptions::new(disk);
-    opts.disk = Disk::direct(disk);
-    Vm::launch(opts).expect("launching QEMU")
-}
-
-fn request(vm: &Vm, line: &str) -> serde_json::Value {
-    let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(line, Duration::from_secs(30))
-        .expect("the init answers on the control channel");
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
-}
-
-fn poweroff(vm: &mut Vm) {
-    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
-    assert_eq!(answer["ok"], true, "{answer}");
-    let status = vm
-        .wait_exit(Duration::from_secs(90))
-        .expect("the machine powers off");
-    assert!(status.success(), "QEMU exited with {status}");
-}
 
 /// The state partition of a qcow2 disk, as a raw file (for e2fsck and debugfs).
 fn state_of(disk: &Path, dir: &Path) -> PathBuf {

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::request;
+
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, Vm, VmOptions};
 use sha2::{Digest, Sha256};
@@ -138,14 +140,6 @@ fn fleet_spec(dir: &Path) -> String {
     let path = dir.join("host.toml");
     std::fs::write(&path, spec).unwrap();
     path.display().to_string()
-}
-
-fn request(vm: &Vm, line: &str) -> serde_json::Value {
-    let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(line, Duration::from_secs(30))
-        .expect("the init answers on the control channel");
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
 #[test]

@@ -6,8 +6,10 @@
 
 mod common;
 
+use common::{boot, kept_overlay, poweroff, request};
+
 use caisson_layout::partition::Part;
-use caisson_qemu::{Disk, Vm, VmOptions};
+use caisson_qemu::Vm;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,30 +27,6 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-/// A qcow2 overlay over `image` that the test keeps.
-fn overlay(image: &Path, dir: &Path) -> PathBuf {
-    let disk = dir.join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image)
-        .arg(&disk));
-    disk
-}
-
-fn boot(disk: &Path) -> Vm {
-    let mut opts = VmOptions::new(disk);
-    opts.disk = Disk::direct(disk);
-    Vm::launch(opts).expect("launching QEMU")
-}
-
-fn request(vm: &Vm, line: &str) -> serde_json::Value {
-    let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(line, Duration::from_secs(30))
-        .expect("the init answers on the control channel");
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
-}
-
 fn status(vm: &Vm) -> serde_json::Value {
     request(vm, r#"{"cmd":"status"}"#)["status"].clone()
 }
@@ -58,15 +36,6 @@ fn service(status: &serde_json::Value, name: &str) -> serde_json::Value {
         .as_array()
         .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
         .unwrap_or_else(|| panic!("no service {name} in {status}"))
-}
-
-fn poweroff(vm: &mut Vm) {
-    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
-    assert_eq!(answer["ok"], true, "{answer}");
-    let st = vm
-        .wait_exit(Duration::from_secs(90))
-        .expect("the machine powers off");
-    assert!(st.success(), "QEMU exited with {st}");
 }
 
 /// Polls `status` until `f` accepts it.
@@ -90,7 +59,7 @@ fn dhcp_address_and_state_grown_on_first_boot() {
     let image = common::image("minimal");
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
-    let disk = overlay(&image, dir.path());
+    let disk = kept_overlay(&image, dir.path());
     run(Command::new("qemu-img")
         .arg("resize")
         .arg("-q")
@@ -295,7 +264,7 @@ fn host_restarts_a_failing_service_and_runs_a_baked_container() {
     let spec = host_test_spec(&root.join("spec"));
     let raw = common::build(spec.to_str().unwrap(), &root.join("out"), &[]);
     let _one_vm = common::vm_lock();
-    let disk = overlay(&raw, &root);
+    let disk = kept_overlay(&raw, &root);
     let mut vm = boot(&disk);
     let ready = vm
         .wait_for("caisson: ready ", BOOT_TIMEOUT)
@@ -337,7 +306,7 @@ fn bench_host_init_numbers() {
     let image = common::image("host");
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
-    let disk = overlay(&image, dir.path());
+    let disk = kept_overlay(&image, dir.path());
     let mut vm = boot(&disk);
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("host reaches ready");

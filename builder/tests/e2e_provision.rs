@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{kept_overlay, poweroff};
+
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, FwCfgValue, Vm, VmOptions};
 use std::path::{Path, PathBuf};
@@ -58,22 +60,6 @@ fn image() -> PathBuf {
         .clone()
 }
 
-fn kept_overlay(image: &Path, dir: &Path) -> PathBuf {
-    let overlay = dir.join("disk.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image)
-        .arg(&overlay)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    overlay
-}
-
 fn boot(disk: &Path, config: Option<&Path>, drive: Option<&Path>) -> Vm {
     let mut opts = VmOptions::new(disk);
     opts.disk = Disk::direct(disk);
@@ -93,13 +79,6 @@ fn status(vm: &Vm) -> serde_json::Value {
         .expect("the init answers");
     let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
     v["status"].clone()
-}
-
-fn poweroff(vm: &mut Vm) {
-    let mut ctl = vm.control().unwrap();
-    let _ = ctl.request_timeout(r#"{"cmd":"poweroff"}"#, Duration::from_secs(30));
-    vm.wait_exit(Duration::from_secs(90))
-        .expect("the machine powers off");
 }
 
 /// Checks a provisioned machine: host name, the extra service, the secret never on the console.

@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::{poweroff, request};
+
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, Vm, VmOptions};
 use serde_json::Value;
@@ -182,14 +184,6 @@ fn boot(disk: &Path) -> Vm {
     Vm::launch(opts).unwrap()
 }
 
-fn request(vm: &Vm, line: &str) -> Value {
-    let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(line, Duration::from_secs(30))
-        .expect("the init answers on the control channel");
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
-}
-
 /// Waits until the oneshot `name` has finished (exited or failed) and returns its status.
 fn wait_oneshot(vm: &Vm, name: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -234,14 +228,6 @@ fn update_status(vm: &Vm) -> Value {
     let start = lines.iter().rposition(|l| l == "{").expect("a JSON status");
     let text = lines[start..].join("\n");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-/// Powers the machine off through the control channel and waits for QEMU to exit.
-fn poweroff(vm: &mut Vm) {
-    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
-    assert_eq!(answer["ok"], true, "{answer}");
-    let status = vm.wait_exit(Duration::from_secs(90)).unwrap();
-    assert!(status.success(), "QEMU exited with {status}");
 }
 
 /// After a clean poweroff: the state filesystem is clean; returns the updater's record

@@ -215,23 +215,36 @@ pub fn find_virtio_port(root: &Path, name: &str) -> Option<PathBuf> {
     })
 }
 
-/// Serve the protocol on the virtio port, reopening it whenever the host side goes away.
+/// Serve the protocol on the virtio port for as long as the machine runs.
+///
+/// The port stays open between host connections: the guest kernel throws away whatever arrives
+/// on a closed port, so closing it when one host client leaves would lose the first request of
+/// the next client if it came quickly. A read returns EOF while no host is connected; we poll
+/// gently and read again on the same descriptor. Only a real error reopens the port.
 pub fn serve_virtio(port: PathBuf, dispatch: Dispatch, log_dir: PathBuf) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("control-virtio".into())
-        .spawn(move || loop {
-            let opened = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&port);
-            match opened.and_then(|f| Ok((f.try_clone()?, f))) {
-                Ok((r, w)) => {
-                    let _ = serve_stream(r, w, &dispatch, &log_dir);
+        .spawn(move || {
+            let mut open: Option<std::fs::File> = None;
+            loop {
+                if open.is_none() {
+                    match std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&port)
+                    {
+                        Ok(f) => open = Some(f),
+                        Err(e) => log::debug!("virtio port {}: {e}", port.display()),
+                    }
                 }
-                Err(e) => log::debug!("virtio port {}: {e}", port.display()),
+                if let Some(f) = &open {
+                    if let Err(e) = serve_stream(f, f, &dispatch, &log_dir) {
+                        log::debug!("virtio port {}: {e}", port.display());
+                        open = None;
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
             }
-            // EOF on a virtio port means no host is connected: poll gently.
-            std::thread::sleep(std::time::Duration::from_millis(500));
         })?;
     Ok(())
 }

@@ -108,3 +108,49 @@ pub fn check(tool: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
     text
 }
+
+/// A qcow2 overlay over `image` that the test keeps, so a second boot sees what the first wrote.
+pub fn kept_overlay(image: &Path, dir: &Path) -> PathBuf {
+    let overlay = dir.join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image)
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    overlay
+}
+
+/// Boots `disk` as it is (no overlay of the harness's own), with user-mode networking.
+pub fn boot(disk: &Path) -> caisson_qemu::Vm {
+    let mut opts = caisson_qemu::VmOptions::new(disk);
+    opts.disk = caisson_qemu::Disk::direct(disk);
+    caisson_qemu::Vm::launch(opts).expect("launching QEMU")
+}
+
+/// One request on the init's control channel, its answer parsed.
+pub fn request(vm: &caisson_qemu::Vm, line: &str) -> serde_json::Value {
+    let mut ctl = vm.control().expect("connecting to the guest channel");
+    let answer = ctl
+        .request_timeout(line, std::time::Duration::from_secs(30))
+        .expect("the init answers on the control channel");
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// Asks the init to power off and waits for a clean exit.
+pub fn poweroff(vm: &mut caisson_qemu::Vm) {
+    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    match vm.wait_exit(std::time::Duration::from_secs(90)) {
+        Ok(status) => assert!(status.success(), "QEMU exited with {status}"),
+        Err(e) => {
+            let tail = vm.console_tail(60).unwrap_or_default();
+            panic!("the machine did not power off: {e}\nconsole:\n{tail}");
+        }
+    }
+}
