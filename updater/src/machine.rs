@@ -142,6 +142,7 @@ impl Machine {
     /// (its predecessor's unused files are removed); a version the boot loader fell back from is
     /// rejected for good. Returns the new outcome, if any.
     pub fn reconcile(&self) -> Result<Option<Outcome>, Error> {
+        let _lock = self.records.lock()?;
         let slots = self.slots()?;
         let mut rec = self.records.load()?;
         let now = record::now();
@@ -261,6 +262,7 @@ impl Machine {
         progress: &mut dyn Progress,
         stop: StopAfter,
     ) -> Result<ApplyStats, Error> {
+        let _lock = self.records.lock()?;
         let rec = self.records.load()?;
         if rec.rejected.contains(&m.version) {
             return Err(Error::Rejected(m.version.clone()));
@@ -343,6 +345,7 @@ impl Machine {
     /// Makes the other slot boot next by giving up the running entry. Refused when the other slot
     /// has nothing bootable.
     pub fn rollback(&self) -> Result<String, Error> {
+        let _lock = self.records.lock()?;
         let mut slots = self.slots()?;
         let other = self.booted.slot.other();
         match slots.health(other) {

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 /// The directory on a machine.
 pub const STATE_DIR: &str = "/var/lib/caisson/update";
 const RECORD_FILE: &str = "state.json";
+/// The flock that serializes changes (see [`Records::lock`]).
+pub const LOCK_FILE: &str = "update.lock";
 const PROGRESS_FILE: &str = "progress.json";
 
 /// A record that cannot be read or written.
@@ -75,11 +77,43 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Recor
     move |source| RecordError::Io { op, path, source }
 }
 
+/// Held while one process changes the slots, the ESP or the records (flock on `LOCK_FILE`, so it
+/// is released when the process dies).
+#[derive(Debug)]
+pub struct ChangeLock {
+    _file: std::fs::File,
+}
+
 impl Records {
     pub fn new(dir: &Path) -> Records {
         Records {
             dir: dir.to_path_buf(),
         }
+    }
+
+    /// Takes the machine's update lock, waiting while another `caisson-update` (the agent, an
+    /// `apply` from the shell) holds it: two processes never write the ESP or a slot at once.
+    pub fn lock(&self) -> Result<ChangeLock, RecordError> {
+        std::fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
+        let path = self.dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                log::info!(
+                    "another caisson-update is changing this machine ({} is locked); waiting",
+                    path.display()
+                );
+                file.lock().map_err(io_err("locking", &path))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("locking", &path)(e)),
+        }
+        Ok(ChangeLock { _file: file })
     }
 
     pub fn load(&self) -> Result<Record, RecordError> {
@@ -141,6 +175,31 @@ pub fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_change_waits_for_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Records::new(&d.path().join("u"));
+        let held = r.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r2 = r.clone();
+        let waiter = std::thread::spawn(move || {
+            let second = r2.lock().unwrap();
+            tx.send(()).unwrap();
+            drop(second);
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the second lock was granted while the first was held"
+        );
+        drop(held);
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the second lock is granted once the first is dropped");
+        waiter.join().unwrap();
+        // Released when dropped: taken again at once.
+        drop(r.lock().unwrap());
+    }
 
     #[test]
     fn round_trip_and_missing_is_empty() {
