@@ -324,5 +324,8 @@ fn bench_host_init_numbers() {
     std::thread::sleep(Duration::from_secs(5));
     let rss = status(&vm)["init_rss_kib"].as_u64().expect("init_rss_kib");
     println!("BENCH containerd_spawn_ms={ms} init_rss_kib={rss}");
+    if let Some(steps) = console.lines().find(|l| l.contains("stage 2 steps (ms):")) {
+        println!("BENCH {}", steps.trim());
+    }
     poweroff(&mut vm);
 }

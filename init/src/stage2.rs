@@ -219,8 +219,36 @@ pub enum Stage2Error {
     Thread(&'static str, #[source] std::io::Error),
 }
 
+/// How long each step of stage 2 took before the first service could start, for one log line.
+#[derive(Default)]
+struct Steps {
+    last: Option<Instant>,
+    taken: Vec<(&'static str, u128)>,
+}
+
+impl Steps {
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        let since = self.last.or_else(|| STARTED.get().copied()).unwrap_or(now);
+        self.taken
+            .push((step, now.duration_since(since).as_millis()));
+        self.last = Some(now);
+    }
+
+    fn line(&self) -> String {
+        let parts: Vec<String> = self
+            .taken
+            .iter()
+            .map(|(step, ms)| format!("{step} {ms}"))
+            .collect();
+        format!("stage 2 steps (ms): {}", parts.join(", "))
+    }
+}
+
 fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
+    let mut steps = Steps::default();
     mounts(sys.as_ref());
+    steps.mark("mounts");
     let id = Identity::read();
     if let Some(p) = &id.params {
         crate::console::set_debug(p.debug);
@@ -234,13 +262,16 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     if let Err(e) = sys.loopback_up() {
         log::warn!("bringing up lo failed: {e}");
     }
+    steps.mark("identity");
     crate::modules::load_list(sys.as_ref(), Path::new("/"), paths::ROOT_MODULES_LIST);
+    steps.mark("modules");
     let late_modules = start_late_modules(sys.clone());
     // Provisioned sysctls may belong to late modules (net.bridge.*): wait for them then.
     if Path::new(PROVISIONED_SYSCTLS).exists() {
         if let Some(h) = late_modules {
             let _ = h.join();
         }
+        steps.mark("late modules");
     }
     for d in ["/run/caisson", paths::LOG_DIR] {
         if let Err(e) = std::fs::create_dir_all(d) {
@@ -249,6 +280,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     }
     // Before the host name is set and any service file is read (provision/CONFIG.md).
     crate::provisioning::first_boot(sys.as_ref(), id.params.as_ref().map(|p| p.esp));
+    steps.mark("provisioning");
     hostname(sys.as_ref());
     let config = InitConfig::load(Path::new(CONFIG_PATH));
     let cgroups = Cgroups {
@@ -261,6 +293,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
             None
         }
     };
+    steps.mark("cgroups");
     let loaded = service::load_dirs(&[
         Path::new(paths::IMAGE_SERVICES_DIR),
         Path::new(paths::ETC_SERVICES_DIR),
@@ -295,6 +328,8 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     start_signal_thread(sys.clone(), reaper, tx.clone())?;
     let net = start_network(&mut sup, &tx);
     start_control(tx.clone());
+    steps.mark("services and threads");
+    log::info!("{}", steps.line());
     let watchdog = (config.unhealthy_reboot_s > 0).then(|| {
         Instant::now() + Duration::from_secs(config.bless_after_s + config.unhealthy_reboot_s)
     });
