@@ -1,6 +1,9 @@
-//! QEMU end-to-end updates, from a file in the state partition (the guest has no network):
-//! - a machine running v1 applies a signed v2 bundle, reboots into slot B, the init blesses v2,
-//!   and `caisson-update status --json` reports the success;
+//! QEMU end-to-end updates:
+//! - over HTTP: `caisson serve` on the host serves a channel holding a signed v2; a machine running
+//!   v1 is provisioned (fw_cfg) with the channel URL and the update agent, which finds v2, writes
+//!   slot B and reboots; the init blesses v2 and `caisson-update status --json` reports the
+//!   success (the guest reaches the host at 10.0.2.2 through QEMU's user network);
+//! - from a file in the state partition (the guest has no network):
 //! - a machine running v2 applies a v3 that never becomes healthy: the init reboots each try,
 //!   systemd-boot tries v3 three times, then boots v2 again, which says "rolled back from
 //!   3.0.0" and refuses v3 from then on.
@@ -97,6 +100,8 @@ struct Images {
     v1: PathBuf,
     v2: PathBuf,
     chan: PathBuf,
+    /// The directory `caisson serve` serves; its channel `http` holds v2 only.
+    www: PathBuf,
 }
 
 fn images() -> &'static Images {
@@ -130,7 +135,22 @@ fn images() -> &'static Images {
                 .arg("--key")
                 .arg(keys.join("caisson.key")));
         }
-        Images { root, v1, v2, chan }
+        // A channel with v2 alone, for the agent: it takes the newest version it is offered.
+        run(Command::new(caisson)
+            .arg("publish")
+            .arg(root.join("v2/minimal-2.0.0.bundle"))
+            .arg("--channel-dir")
+            .arg(root.join("www/http"))
+            .arg("--key")
+            .arg(keys.join("caisson.key")));
+        let www = root.join("www");
+        Images {
+            root,
+            v1,
+            v2,
+            chan,
+            www,
+        }
     })
 }
 
@@ -182,6 +202,64 @@ fn boot(disk: &Path) -> Vm {
     opts.disk = Disk::direct(disk);
     opts.user_net = None;
     Vm::launch(opts).unwrap()
+}
+
+/// `caisson serve DIR` on a free loopback port, killed when dropped.
+struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_caisson"))
+            .arg("serve")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "serving DIR on http://127.0.0.1:PORT"
+        let port = line
+            .trim()
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Server { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A machine config that turns on the update agent against `channel_url`.
+fn agent_config(channel_url: &str) -> String {
+    format!(
+        r#"version = 1
+
+[services.agent]
+exec = "/usr/bin/caisson-update"
+args = ["agent"]
+after = ["network"]
+restart = "always"
+required = false
+
+[update]
+channel_url = "{channel_url}"
+strategy = "immediate"
+interval_s = 5
+jitter_s = 0
+"#
+    )
 }
 
 /// Waits until the oneshot `name` has finished (exited or failed) and returns its status.
@@ -267,17 +345,34 @@ fn entries(disk: &Path, dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn v1_applies_a_signed_v2_from_a_file_and_runs_it_blessed_from_slot_b() {
+fn v1_finds_a_signed_v2_over_http_and_runs_it_blessed_from_slot_b() {
     let imgs = images();
     let dir = imgs.root.join("t-v2");
     let _ = std::fs::remove_dir_all(&dir);
-    let disk = disk_with_update(&imgs.v1, "2.0.0", &dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.raw");
+    std::fs::copy(&imgs.v1, &disk).unwrap();
+    let server = Server::start(&imgs.www);
+    let config = dir.join("machine.toml");
+    std::fs::write(
+        &config,
+        agent_config(&format!("http://10.0.2.2:{}/http", server.port)),
+    )
+    .unwrap();
     let _one_vm = common::vm_lock();
     let t0 = Instant::now();
-    let mut vm = boot(&disk);
+    let mut opts = VmOptions::new(&disk);
+    opts.disk = Disk::direct(&disk);
+    opts.fw_cfg = vec![(
+        "opt/caisson/config".into(),
+        caisson_qemu::FwCfgValue::File(config.clone()),
+    )];
+    let mut vm = Vm::launch(opts).unwrap();
     let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
     assert!(ready.contains("version=1.0.0 slot=a"), "{ready}");
-    // The updater writes slot B and a tried entry, then reboots through the init.
+    // The agent finds v2 in the channel, writes slot B and a tried entry, reboots through the init.
+    vm.wait_for("updating 1.0.0 -> 2.0.0", BOOT_TIMEOUT)
+        .unwrap();
     vm.wait_for("next boot: caisson-2.0.0-b+3-0.conf", BOOT_TIMEOUT)
         .unwrap();
     let ready = vm
@@ -298,7 +393,11 @@ fn v1_applies_a_signed_v2_from_a_file_and_runs_it_blessed_from_slot_b() {
     assert_eq!(status["rolled_back_from"], Value::Null, "{status}");
     poweroff(&mut vm);
     drop(vm);
-    eprintln!("v1 -> v2: {:.1} s in QEMU", t0.elapsed().as_secs_f64());
+    drop(server);
+    eprintln!(
+        "v1 -> v2 over HTTP: {:.1} s in QEMU",
+        t0.elapsed().as_secs_f64()
+    );
 
     let rec = record_on_disk(&disk, &dir);
     assert_eq!(rec["last"]["result"], "succeeded", "{rec}");

@@ -439,6 +439,31 @@ impl Drop for Process {
     }
 }
 
+/// When a test panics with a VM alive, its console is kept at
+/// `<temp dir>/<vm dir name>-console.log` and the path is printed with the last lines, so a
+/// failure in CI shows what the guest said.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "caisson-vm".into());
+        let kept = std::env::temp_dir().join(format!("{name}-console.log"));
+        let copied = std::fs::copy(self.console.path(), &kept);
+        let tail = self.console_tail(40).unwrap_or_default();
+        match copied {
+            Ok(_) => eprintln!("VM console kept at {}; its last lines:", kept.display()),
+            Err(e) => eprintln!("keeping the VM console failed ({e}); its last lines:"),
+        }
+        eprintln!("{tail}");
+    }
+}
+
 /// A running VM. Dropping it kills QEMU and removes its temporary directory.
 #[derive(Debug)]
 pub struct Vm {

@@ -25,6 +25,11 @@ pub enum Round {
         version: String,
         rebooting: bool,
     },
+    /// The offered version is already written to the other slot and waits for a reboot: it is
+    /// not written again (the reboot was requested, or is left to the strategy).
+    AwaitingReboot {
+        version: String,
+    },
     /// The running version is not blessed yet: nothing is changed until it is.
     NotBlessed,
     /// No `channel_url` is configured: the round only recorded what the last boot tells
@@ -76,6 +81,11 @@ pub fn round(
     let Some(offer) = m.check(url)? else {
         return Ok(Round::UpToDate);
     };
+    if m.is_pending(&offer.manifest.version)? {
+        return Ok(Round::AwaitingReboot {
+            version: offer.manifest.version,
+        });
+    }
     let now = record::now();
     if !opts.now && offer.wave_start > now {
         return Ok(Round::Waiting {

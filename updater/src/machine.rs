@@ -16,7 +16,9 @@ use caisson_layout::{paths, Slot};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// Where the updater mounts the ESP on a machine (the init mounts it at /efi only to bless).
+/// Where the updater mounts the ESP on a machine, in a directory of its own per process
+/// (`esp/<pid>`): the agent keeps it mounted while an `apply` from the shell mounts it too, and
+/// one mount point cannot take the same device twice. The init mounts it at /efi only to bless.
 pub const ESP_MOUNT: &str = "/run/caisson/update/esp";
 
 /// Everything the updater needs to know about the machine it runs on.
@@ -41,8 +43,11 @@ pub struct EspMount {
 impl Drop for EspMount {
     fn drop(&mut self) {
         rustix::fs::sync();
-        if let Err(e) = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::empty()) {
-            log::warn!("unmounting {}: {e}", self.target.display());
+        match rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::empty()) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(&self.target);
+            }
+            Err(e) => log::warn!("unmounting {}: {e}", self.target.display()),
         }
     }
 }
@@ -91,10 +96,11 @@ impl Machine {
             &disk_node,
             disk.extent(caisson_layout::partition::Part::Esp).number,
         );
-        let mount = mount_esp(&esp_node, Path::new(ESP_MOUNT))?;
+        let target = Path::new(ESP_MOUNT).join(std::process::id().to_string());
+        let mount = mount_esp(&esp_node, &target)?;
         Ok(Machine {
             disk,
-            esp: PathBuf::from(ESP_MOUNT),
+            esp: target,
             booted,
             image: os.image_id,
             keys_dir: PathBuf::from(paths::UPDATE_KEYS_DIR),
@@ -180,6 +186,19 @@ impl Machine {
             self.records.save(&rec)?;
         }
         Ok(outcome)
+    }
+
+    /// True when `version` was applied and its entry in the other slot still waits to be tried:
+    /// writing it again would only undo the work (and race the reboot that runs it).
+    pub fn is_pending(&self, version: &str) -> Result<bool, Error> {
+        let rec = self.records.load()?;
+        if rec.pending.as_deref() != Some(version) {
+            return Ok(false);
+        }
+        let slots = self.slots()?;
+        let other = self.booted.slot.other();
+        Ok(slots.health(other) == Health::Trying
+            && slots.entry(other).is_some_and(|e| e.version == version))
     }
 
     /// The machine's state for `status`.

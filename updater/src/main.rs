@@ -195,6 +195,9 @@ fn main() -> Result<()> {
                         )
                         .into())
                     }
+                    Round::AwaitingReboot { version } => println!(
+                        "{version} is already written to the other slot; reboot to run it"
+                    ),
                     Round::NotBlessed => anyhow::bail!(
                         "the running version is not blessed yet; try again once it is healthy"
                     ),
@@ -241,6 +244,16 @@ fn main() -> Result<()> {
                 }
                 if once {
                     break;
+                }
+                if let Ok(Round::Applied {
+                    rebooting: true, ..
+                }) = round
+                {
+                    // The init is shutting down: no more rounds until the new version runs.
+                    log::info!("agent: waiting for the reboot");
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
                 }
                 n += 1;
                 // Until the init blesses this boot, look again soon: the result of an update

@@ -234,6 +234,30 @@ fn update_over_http_with_delta_then_bless_then_rollback() {
     let root_bytes = std::fs::read(f.dir.path().join("root-2.0.0.img")).unwrap();
     assert_eq!(slot_bytes(&f, Part::RootB, root_bytes.len()), root_bytes);
     assert_eq!(m.status().unwrap().record.pending.as_deref(), Some("2.0.0"));
+    // The agent's next round before the reboot leaves the written slot alone.
+    assert!(m.is_pending("2.0.0").unwrap());
+    let config: caisson_update::config::Config =
+        toml::from_str(&format!("channel_url = \"{url}\"\n")).unwrap();
+    let round = caisson_update::agent::round(
+        &m,
+        &config,
+        caisson_update::agent::AgentOptions {
+            now: true,
+            reboot: true,
+        },
+        &mut Quiet,
+        Path::new("/nonexistent/init.sock"),
+    );
+    assert_eq!(
+        round.unwrap(),
+        caisson_update::agent::Round::AwaitingReboot {
+            version: "2.0.0".into()
+        }
+    );
+    assert_eq!(
+        entries(&f),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+3-0.conf"]
+    );
     // Not blessed yet on the new slot: no further update.
     drop(m);
 
