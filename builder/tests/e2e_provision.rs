@@ -1,6 +1,7 @@
 //! QEMU end-to-end: first-boot provisioning (provision/CONFIG.md). The minimal image boots with a
 //! machine config through fw_cfg and through a config drive: host name, an extra service, files
-//! and a secret written 0600; a second boot does not apply again; an invalid config stops the boot
+//! and a secret written 0600, a static address; a second boot does not apply again but keeps the
+//! /etc changes; an invalid config stops the boot
 //! before any service with its message on the console.
 
 #![allow(clippy::unwrap_used)]
@@ -154,7 +155,17 @@ fn fw_cfg_config_is_applied_once() {
         .expect("the second boot sees the record");
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("second boot reaches ready");
-    assert_eq!(status(&vm)["hostname"], "prov-1");
+    // /etc changes of the first boot (host name, the extra service) are kept in the overlay.
+    let st = status(&vm);
+    assert_eq!(st["hostname"], "prov-1", "{st}");
+    assert!(
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "hello"),
+        "{st}"
+    );
     let console = vm.console_text().unwrap();
     assert!(!console.contains("provisioning: applied"), "applied twice");
     poweroff(&mut vm);
@@ -215,12 +226,16 @@ fn an_invalid_config_stops_the_first_boot() {
 }
 
 #[test]
-fn a_config_drive_is_applied() {
+fn a_config_drive_is_applied_with_a_static_address() {
     let image = image();
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("machine.toml");
-    std::fs::write(&cfg, config()).unwrap();
+    let with_network = format!(
+        "{}\n[network]\nmode = \"static\"\naddress = \"10.0.2.50/24\"\ngateway = \"10.0.2.2\"\ndns = [\"10.0.2.3\"]\n",
+        config()
+    );
+    std::fs::write(&cfg, with_network).unwrap();
     let drive = dir.path().join("config.img");
     let out = Command::new(env!("CARGO_BIN_EXE_caisson"))
         .arg("config-drive")
@@ -237,5 +252,18 @@ fn a_config_drive_is_applied() {
     let disk = kept_overlay(&image, dir.path());
     let mut vm = boot(&disk, None, Some(&drive));
     check_provisioned(&mut vm, "config drive");
+    // The provisioned /etc/caisson/network.toml is what the init's network uses (no DHCP).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let net = loop {
+        let net = status(&vm)["network"].clone();
+        if net["state"] == "up" || std::time::Instant::now() > deadline {
+            break net;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(net["state"], "up", "{net}");
+    assert_eq!(net["address"], "10.0.2.50/24", "{net}");
+    assert_eq!(net["gateway"], "10.0.2.2", "{net}");
+    assert_eq!(net["dns"][0], "10.0.2.3", "{net}");
     poweroff(&mut vm);
 }
