@@ -249,6 +249,15 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     let mut steps = Steps::default();
     mounts(sys.as_ref());
     steps.mark("mounts");
+    // Enabling the controllers waits on the kernel; it needs nothing from the steps below.
+    let cgroups = std::thread::Builder::new()
+        .name("cgroups".into())
+        .spawn(|| {
+            let c = Cgroups {
+                root: PathBuf::from("/sys/fs/cgroup"),
+            };
+            c.setup().map(|()| c)
+        });
     let id = Identity::read();
     if let Some(p) = &id.params {
         crate::console::set_debug(p.debug);
@@ -283,13 +292,18 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     steps.mark("provisioning");
     hostname(sys.as_ref());
     let config = InitConfig::load(Path::new(CONFIG_PATH));
-    let cgroups = Cgroups {
-        root: PathBuf::from("/sys/fs/cgroup"),
-    };
-    let cgroups = match cgroups.setup() {
-        Ok(()) => Some(cgroups),
-        Err(e) => {
+    let cgroups = match cgroups.map(|h| h.join()) {
+        Ok(Ok(Ok(c))) => Some(c),
+        Ok(Ok(Err(e))) => {
             log::warn!("{e}; services run without cgroup limits");
+            None
+        }
+        Ok(Err(_)) => {
+            log::warn!("the cgroup setup thread panicked; services run without cgroup limits");
+            None
+        }
+        Err(e) => {
+            log::warn!("no thread for the cgroup setup ({e}); services run without cgroup limits");
             None
         }
     };
@@ -447,7 +461,33 @@ fn event_loop(
     let mut power = Power::PowerOff;
     let mut ready = false;
     let mut shutdown_deadline: Option<Instant> = None;
+    // Tick first: the services start at once, not after the first wait for an event.
     loop {
+        let now = Instant::now();
+        if sup.shutting_down() && shutdown_deadline.is_none() {
+            shutdown_deadline = Some(now + Duration::from_secs(90));
+        }
+        for notice in sup.tick(now) {
+            match notice {
+                Notice::Ready => {
+                    ready = true;
+                    announce_ready(id);
+                }
+                Notice::Healthy => {
+                    watchdog = None;
+                    start_bless(id, tx.clone());
+                }
+                Notice::ShutdownDone => return power,
+            }
+        }
+        if watchdog.is_some_and(|d| now >= d) && !sup.shutting_down() {
+            watchdog = None;
+            start_watchdog(id, tx.clone());
+        }
+        if shutdown_deadline.is_some_and(|d| now >= d) {
+            log::error!("services did not stop in time; shutting down anyway");
+            return power;
+        }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Exits(exits)) => {
                 let now = Instant::now();
@@ -481,31 +521,6 @@ fn event_loop(
             Ok(Event::NetworkSettled) => sup.network_settled(),
             Ok(Event::Blessed) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {}
-        }
-        let now = Instant::now();
-        if sup.shutting_down() && shutdown_deadline.is_none() {
-            shutdown_deadline = Some(now + Duration::from_secs(90));
-        }
-        for notice in sup.tick(now) {
-            match notice {
-                Notice::Ready => {
-                    ready = true;
-                    announce_ready(id);
-                }
-                Notice::Healthy => {
-                    watchdog = None;
-                    start_bless(id, tx.clone());
-                }
-                Notice::ShutdownDone => return power,
-            }
-        }
-        if watchdog.is_some_and(|d| now >= d) && !sup.shutting_down() {
-            watchdog = None;
-            start_watchdog(id, tx.clone());
-        }
-        if shutdown_deadline.is_some_and(|d| now >= d) {
-            log::error!("services did not stop in time; shutting down anyway");
-            return power;
         }
     }
 }
