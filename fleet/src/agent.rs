@@ -204,8 +204,31 @@ pub struct Agent<R: Runtime> {
     pub member: Member,
     pub runtime: R,
     pub tick: Duration,
+    /// Where the updater asks for a reboot, and where the init takes it.
+    pub reboot: RebootPaths,
     reported: BTreeMap<String, UnitStatus>,
     logged: BTreeMap<String, String>,
+    /// The init was asked to reboot on this boot: nothing more to ask.
+    reboot_asked: bool,
+    /// The version already said to wait for the lock (one log line, not one per tick).
+    waiting_told: Option<String>,
+}
+
+/// The updater's `etcd-lock` strategy (caisson_layout::paths::REBOOT_NEEDED): the updater
+/// writes the marker, the agent takes the fleet's reboot lock, then asks the init to reboot.
+#[derive(Debug, Clone)]
+pub struct RebootPaths {
+    pub marker: std::path::PathBuf,
+    pub control_socket: std::path::PathBuf,
+}
+
+impl Default for RebootPaths {
+    fn default() -> Self {
+        RebootPaths {
+            marker: caisson_layout::paths::REBOOT_NEEDED.into(),
+            control_socket: caisson_layout::paths::CONTROL_SOCKET.into(),
+        }
+    }
 }
 
 impl<R: Runtime> Agent<R> {
@@ -239,8 +262,11 @@ impl<R: Runtime> Agent<R> {
             member,
             runtime,
             tick: Duration::from_millis((config.ttl_s as u64 * 1000 / 3).max(500)),
+            reboot: RebootPaths::default(),
             reported: BTreeMap::new(),
             logged: BTreeMap::new(),
+            reboot_asked: false,
+            waiting_told: None,
         })
     }
 
@@ -252,6 +278,42 @@ impl<R: Runtime> Agent<R> {
             Ok(false) => {}
             Err(e) => log::warn!("releasing the reboot lock: {e}"),
         }
+    }
+
+    /// When the updater asked for a reboot: take a slot of the fleet's reboot lock, then ask the
+    /// init to reboot. Without a slot, asks again on the next tick. True once the init took it.
+    pub async fn reboot_if_asked(&mut self) -> bool {
+        if self.reboot_asked {
+            return true;
+        }
+        let Ok(text) = tokio::fs::read_to_string(&self.reboot.marker).await else {
+            return false;
+        };
+        let version = text.trim().to_string();
+        let lock = crate::lock::RebootLock::new(self.store.client.clone(), self.store.keys.lock());
+        match lock.acquire(self.member.id()).await {
+            Ok(true) => {
+                log::info!("holding the fleet's reboot lock: rebooting into {version}");
+                let socket = self.reboot.control_socket.clone();
+                let asked = tokio::task::spawn_blocking(move || {
+                    caisson_layout::control::request_reboot(&socket)
+                })
+                .await;
+                match asked {
+                    Ok(Ok(())) => self.reboot_asked = true,
+                    Ok(Err(e)) => log::warn!("{e}; asking again on the next tick"),
+                    Err(e) => log::warn!("asking the init to reboot: {e}"),
+                }
+            }
+            Ok(false) => {
+                if self.waiting_told.as_deref() != Some(version.as_str()) {
+                    log::info!("{version} waits for a slot of the fleet's reboot lock");
+                    self.waiting_told = Some(version);
+                }
+            }
+            Err(e) => log::warn!("taking the fleet's reboot lock: {e}"),
+        }
+        self.reboot_asked
     }
 
     /// One tick: heartbeat, lead if possible, reconcile, report.
@@ -342,6 +404,9 @@ impl<R: Runtime> Agent<R> {
                 }
                 Ok(()) => {}
                 Err(e) => log::warn!("fleet tick: {e} (containers keep running; retrying)"),
+            }
+            if released {
+                self.reboot_if_asked().await;
             }
             tokio::select! {
                 _ = &mut stop => break,

@@ -160,3 +160,77 @@ fn cli_without_etcd_says_how_to_configure() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--etcd"));
 }
+
+/// A stand-in for the init's control socket that answers every request "ok" and counts reboots.
+fn fake_init(path: &std::path::Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{BufRead, BufReader, Write};
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let conn = conn.unwrap();
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line).unwrap();
+            if line.trim() == caisson_layout::control::REBOOT_REQUEST {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            (&conn).write_all(b"{\"ok\":true}\n").unwrap();
+        }
+    });
+    count
+}
+
+#[tokio::test]
+async fn etcd_lock_reboots_one_machine_at_a_time() {
+    use std::sync::atomic::Ordering;
+    let etcd = Etcd::start();
+    let cfg = config(&etcd);
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    let mut reboots = Vec::new();
+    for id in ["m1", "m2", "m3"] {
+        let mut a = Agent::join(&cfg, record(id), FakeRuntime::default())
+            .await
+            .unwrap();
+        a.reboot.marker = dir.path().join(format!("{id}.reboot-needed"));
+        a.reboot.control_socket = dir.path().join(format!("{id}.sock"));
+        reboots.push(fake_init(&a.reboot.control_socket));
+        agents.push(a);
+    }
+    let total = |r: &[std::sync::Arc<std::sync::atomic::AtomicUsize>]| {
+        r.iter().map(|c| c.load(Ordering::SeqCst)).sum::<usize>()
+    };
+    // No marker: nobody reboots.
+    for a in agents.iter_mut() {
+        assert!(!a.reboot_if_asked().await);
+    }
+    assert_eq!(total(&reboots), 0);
+    // The updater of every machine wrote 2.0.0 and asks for a reboot; the lock's max is 1.
+    for a in &agents {
+        std::fs::write(&a.reboot.marker, "2.0.0\n").unwrap();
+    }
+    let mut done: Vec<usize> = Vec::new();
+    for round in 1..=3 {
+        for _ in 0..2 {
+            for (i, a) in agents.iter_mut().enumerate() {
+                if a.reboot_if_asked().await && !done.contains(&i) {
+                    done.push(i);
+                }
+            }
+        }
+        assert_eq!(done.len(), round, "machines rebooting after round {round}");
+        assert_eq!(
+            total(&reboots),
+            round,
+            "reboot requests after round {round}"
+        );
+        // The holder comes back on 2.0.0: /run is empty again and the agent releases its slot.
+        let i = done[round - 1];
+        std::fs::remove_file(&agents[i].reboot.marker).unwrap();
+        agents[i].release_reboot_lock().await;
+    }
+    let mut order = done.clone();
+    order.sort();
+    assert_eq!(order, [0, 1, 2], "every machine rebooted once");
+}

@@ -12,6 +12,9 @@ pub const ETC_SERVICES_DIR: &str = "/etc/caisson/services";
 pub const CONTROL_SOCKET: &str = "/run/caisson/init.sock";
 /// Written when every required service is ready.
 pub const READY_FILE: &str = "/run/caisson/ready";
+/// Written by the updater (strategy `etcd-lock`) with the version waiting in the other slot; the
+/// fleet agent takes the fleet's reboot lock, then asks the init to reboot.
+pub const REBOOT_NEEDED: &str = "/run/caisson/reboot-needed";
 /// Per-service log files.
 pub const LOG_DIR: &str = "/var/log/caisson";
 /// The software bill of materials in the root.

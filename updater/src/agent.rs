@@ -101,24 +101,36 @@ pub fn round(
         offer.keyid
     );
     m.apply_offer(&offer, progress)?;
-    let rebooting = opts.reboot && reboot_when_allowed(config, lock.as_mut(), control_socket)?;
+    let rebooting = opts.reboot
+        && reboot_when_allowed_for(
+            config,
+            lock.as_mut(),
+            control_socket,
+            &offer.manifest.version,
+        )?;
     Ok(Round::Applied {
         version: offer.manifest.version,
         rebooting,
     })
 }
 
-/// Waits for the strategy's permission, then asks the init to reboot. False for `off` and
-/// `etcd-lock` (the fleet agent reboots through its semaphore).
-pub fn reboot_when_allowed(
+/// Waits for the strategy's permission, then asks the init to reboot into `version`. False for
+/// `off`, and for `etcd-lock`, where the fleet agent reboots once it holds the fleet's reboot
+/// lock (asked through [`caisson_layout::paths::REBOOT_NEEDED`]).
+pub fn reboot_when_allowed_for(
     config: &Config,
     lock: &mut dyn RebootLock,
     control_socket: &Path,
+    version: &str,
 ) -> Result<bool, Error> {
     match config.strategy {
         Strategy::Off => return Ok(false),
         Strategy::EtcdLock => {
-            log::info!("strategy etcd-lock: the fleet agent takes the semaphore and reboots");
+            reboot::ask_fleet_for_reboot(Path::new(caisson_layout::paths::REBOOT_NEEDED), version)?;
+            log::info!(
+                "strategy etcd-lock: {} written; the fleet agent reboots once it holds the fleet's reboot lock",
+                caisson_layout::paths::REBOOT_NEEDED
+            );
             return Ok(false);
         }
         _ => {}

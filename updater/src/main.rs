@@ -179,11 +179,12 @@ fn main() -> Result<()> {
             machine.reconcile()?;
             let mut bar = Bar::new();
             if let (Some(file), Some(manifest)) = (file, manifest) {
+                let version = machine.local_manifest(&manifest)?.version;
                 machine.apply_file(&file, &manifest, &mut bar)?;
                 println!("applied; the next boot runs the new version");
                 if reboot {
                     let mut lock = agent::lock_for(&config, &machine.machine_id)?;
-                    agent::reboot_when_allowed(&config, lock.as_mut(), socket)?;
+                    agent::reboot_when_allowed_for(&config, lock.as_mut(), socket, &version)?;
                 }
             } else {
                 let opts = AgentOptions { now, reboot };

@@ -1,42 +1,40 @@
 //! Rebooting into the new slot: through the init's control socket, after the strategy allows it
 //! (a FleetLock server's slot, the fleet agent's etcd semaphore, a maintenance window).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// A reboot that could not be asked for or coordinated.
 #[derive(Debug, thiserror::Error)]
 pub enum RebootError {
-    #[error("asking the init for a reboot on {path}: {source}")]
-    Socket {
+    #[error(transparent)]
+    Control(#[from] caisson_layout::control::ControlError),
+    #[error("writing the reboot request for the fleet agent to {path}: {source}")]
+    Marker {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the init refused the reboot: {0}")]
-    Refused(String),
     #[error("FleetLock {url}: {why}")]
     FleetLock { url: String, why: String },
 }
 
 /// Asks the init (`/run/caisson/init.sock`) to reboot the machine.
 pub fn request_reboot(socket: &Path) -> Result<(), RebootError> {
-    let sock_err = |source| RebootError::Socket {
-        path: socket.to_path_buf(),
+    Ok(caisson_layout::control::request_reboot(socket)?)
+}
+
+/// Strategy `etcd-lock`: leaves the reboot to the fleet agent, which takes the fleet's reboot
+/// lock first. The marker (in /run, so a reboot clears it) holds the waiting version.
+pub fn ask_fleet_for_reboot(marker: &Path, version: &str) -> Result<(), RebootError> {
+    let err = |source| RebootError::Marker {
+        path: marker.to_path_buf(),
         source,
     };
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(sock_err)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(sock_err)?;
-    s.write_all(b"{\"cmd\":\"reboot\"}\n").map_err(sock_err)?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(sock_err)?;
-    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_default();
-    if v["ok"] == true {
-        Ok(())
-    } else {
-        Err(RebootError::Refused(line.trim().to_string()))
+    if let Some(dir) = marker.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
     }
+    let tmp = marker.with_extension("tmp");
+    std::fs::write(&tmp, format!("{version}\n")).map_err(err)?;
+    std::fs::rename(&tmp, marker).map_err(err)
 }
 
 /// A lock that at most N machines of a group hold while they reboot.
@@ -124,6 +122,7 @@ impl RebootLock for FleetLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
 
     #[test]
