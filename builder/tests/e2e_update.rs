@@ -6,9 +6,10 @@
 //! - from a file in the state partition (the guest has no network):
 //! - a machine running v2 applies a v3 that never becomes healthy: the init reboots each try,
 //!   systemd-boot tries v3 three times, then boots v2 again, which says "rolled back from
-//!   3.0.0" and refuses v3 from then on.
+//!   3.0.0" and refuses v3 from then on;
+//! - a v4 whose kernel panics at every boot is tried three times the same way, then v2 runs again.
 //!
-//! The images (v1, v2, v3) are built once for the whole file; one VM runs at a time.
+//! The images (v1 to v4) are built once for the whole file; one VM runs at a time.
 
 #![allow(clippy::unwrap_used)]
 
@@ -125,8 +126,23 @@ fn images() -> &'static Images {
             &root.join("v3"),
             &["--version", "3.0.0"],
         );
+        // v4's kernel panics at every boot: no /init to run, so it looks for the root itself,
+        // finds no disk driver and panics (panic=5 reboots).
+        let panics = test_spec(&root.join("spec-v4"), &keys, "");
+        let text = std::fs::read_to_string(&panics).unwrap();
+        let with_rdinit = text.replace(
+            "\"loglevel=4\"]",
+            "\"loglevel=4\", \"rdinit=/nonexistent\"]",
+        );
+        assert_ne!(text, with_rdinit, "the spec's cmdline changed shape");
+        std::fs::write(&panics, with_rdinit).unwrap();
+        common::build(
+            panics.to_str().unwrap(),
+            &root.join("v4"),
+            &["--version", "4.0.0"],
+        );
         let chan = root.join("www/stable");
-        for (dir, v) in [("v2", "2.0.0"), ("v3", "3.0.0")] {
+        for (dir, v) in [("v2", "2.0.0"), ("v3", "3.0.0"), ("v4", "4.0.0")] {
             run(Command::new(caisson)
                 .arg("publish")
                 .arg(root.join(format!("{dir}/minimal-{v}.bundle")))
@@ -471,6 +487,53 @@ fn v3_never_healthy_is_tried_three_times_then_v2_runs_again_and_v3_is_refused() 
     assert_eq!(
         entries(&disk, &dir),
         ["caisson-2.0.0-a.conf", "caisson-3.0.0-b+0-3.conf"]
+    );
+}
+
+#[test]
+fn v4_whose_kernel_panics_is_tried_three_times_then_v2_runs_again() {
+    let imgs = images();
+    let dir = imgs.root.join("t-v4");
+    let _ = std::fs::remove_dir_all(&dir);
+    let disk = disk_with_update(&imgs.v2, "4.0.0", &dir);
+    let _one_vm = common::vm_lock();
+    let t0 = Instant::now();
+    let mut vm = boot(&disk);
+    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
+    vm.wait_for("next boot: caisson-4.0.0-b+3-0.conf", BOOT_TIMEOUT)
+        .unwrap();
+    for _ in 0..3 {
+        vm.wait_for("Kernel panic - not syncing", BOOT_TIMEOUT)
+            .unwrap();
+    }
+    // Its tries used up, systemd-boot falls back to v2 in slot A, which rejects v4 for good.
+    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
+    let update = wait_oneshot(&vm, "update");
+    assert_eq!(
+        update["state"], "failed",
+        "applying v4 again is refused: {update}"
+    );
+    let console = vm.console_text().unwrap();
+    assert_eq!(
+        console.matches("Kernel panic - not syncing").count(),
+        3,
+        "v4 was tried exactly three times"
+    );
+    let status = update_status(&vm);
+    assert_eq!(status["rolled_back_from"], "4.0.0", "{status}");
+    assert_eq!(status["record"]["rejected"][0], "4.0.0", "{status}");
+    assert_eq!(status["next_boot"], "caisson-2.0.0-a.conf", "{status}");
+    poweroff(&mut vm);
+    drop(vm);
+    eprintln!(
+        "v2 -> v4 (kernel panic) x3 -> v2: {:.1} s in QEMU",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        entries(&disk, &dir),
+        ["caisson-2.0.0-a.conf", "caisson-4.0.0-b+0-3.conf"]
     );
 }
 
