@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{kept_overlay, poweroff};
+use common::{kept_overlay, poweroff, Server};
 
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, FwCfgValue, Vm, VmOptions};
@@ -266,4 +266,59 @@ fn a_config_drive_is_applied_with_a_static_address() {
     assert_eq!(net["gateway"], "10.0.2.2", "{net}");
     assert_eq!(net["dns"][0], "10.0.2.3", "{net}");
     poweroff(&mut vm);
+}
+
+/// Appends `words` to the options line of the image's first boot entry (mtools, on a raw copy).
+fn add_to_cmdline(raw: &Path, words: &str, dir: &Path) {
+    let layout = caisson_disk::read_layout(raw).unwrap();
+    let esp = layout.get(Part::Esp).unwrap();
+    let image = format!("{}@@{}", raw.display(), esp.start);
+    let entry = "::/loader/entries/caisson-1.0.0-a.conf";
+    let text = common::check("mtype", &["-i", &image, entry]);
+    let changed: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("options ") {
+                format!("{l} {words}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(changed.contains(words), "{text}");
+    let local = dir.join("entry.conf");
+    std::fs::write(&local, changed).unwrap();
+    common::check(
+        "mcopy",
+        &["-o", "-i", &image, local.to_str().unwrap(), entry],
+    );
+}
+
+#[test]
+fn a_url_config_is_fetched_once_the_network_is_up() {
+    let image = image();
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("machine.toml"), config()).unwrap();
+    let server = Server::start(&www);
+    let sha = caisson_provision::apply::sha256_hex(config().as_bytes());
+    let url = format!("http://10.0.2.2:{}/machine.toml", server.port);
+    let disk = dir.path().join("disk.raw");
+    std::fs::copy(&image, &disk).unwrap();
+    add_to_cmdline(
+        &disk,
+        &format!("caisson.config_url={url} caisson.config_sha256={sha}"),
+        dir.path(),
+    );
+    let mut vm = boot(&disk, None, None);
+    vm.wait_for(
+        "provisioning: bringing the network up to fetch",
+        BOOT_TIMEOUT,
+    )
+    .expect("the init starts the network for the URL source");
+    check_provisioned(&mut vm, &url);
+    poweroff(&mut vm);
+    drop(server);
 }

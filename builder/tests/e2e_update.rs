@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{poweroff, request};
+use common::{poweroff, request, Server};
 
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, Vm, VmOptions};
@@ -220,43 +220,6 @@ fn boot(disk: &Path) -> Vm {
     opts.disk = Disk::direct(disk);
     opts.user_net = None;
     Vm::launch(opts).unwrap()
-}
-
-/// `caisson serve DIR` on a free loopback port, killed when dropped.
-struct Server {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_caisson"))
-            .arg("serve")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "serving DIR on http://127.0.0.1:PORT"
-        let port = line
-            .trim()
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Server { child, port }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A machine config that turns on the update agent against `channel_url`.

@@ -39,13 +39,20 @@ impl Mounter for SysMounter<'_> {
     }
 }
 
+/// How many times the URL source is tried (a pause between tries) before the boot stops.
+const URL_TRIES: u32 = 5;
+/// How long one fetch of the URL source may take.
+const URL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Applies the machine config on the first boot; returns only when the boot may go on.
-pub fn first_boot(sys: &dyn Syscall, esp: Option<Uuid>) {
+/// `network` brings the network up and returns once it has settled; it is called only when the
+/// config must come from the URL of the kernel command line.
+pub fn first_boot(sys: &dyn Syscall, esp: Option<Uuid>, network: &mut dyn FnMut()) {
     let root = Path::new("/");
     match caisson_provision::recorded(root) {
         Some(sha) => log::info!("provisioning: already provisioned (sha256 {sha})"),
         None => {
-            if let Err(why) = find_and_apply(sys, root, esp) {
+            if let Err(why) = find_and_apply(sys, root, esp, network) {
                 halt(sys, &why);
             }
         }
@@ -53,7 +60,36 @@ pub fn first_boot(sys: &dyn Syscall, esp: Option<Uuid>) {
     every_boot(sys, root);
 }
 
-fn find_and_apply(sys: &dyn Syscall, root: &Path, esp: Option<Uuid>) -> Result<(), String> {
+/// The URL source: the network first, then a few tries (a web server may come up late).
+fn fetch(
+    cmdline: &str,
+    url: &str,
+    network: &mut dyn FnMut(),
+) -> Result<Option<source::Found>, String> {
+    log::info!("provisioning: bringing the network up to fetch {url}");
+    network();
+    let mut last = String::new();
+    for attempt in 1..=URL_TRIES {
+        match source::fetch_url(cmdline, URL_TIMEOUT) {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                last = e.to_string();
+                log::warn!("provisioning: try {attempt} of {URL_TRIES}: {last}");
+            }
+        }
+        if attempt < URL_TRIES {
+            std::thread::sleep(std::time::Duration::from_secs(2 * u64::from(attempt)));
+        }
+    }
+    Err(format!("source: {last}"))
+}
+
+fn find_and_apply(
+    sys: &dyn Syscall,
+    root: &Path,
+    esp: Option<Uuid>,
+    network: &mut dyn FnMut(),
+) -> Result<(), String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mounter = SysMounter(sys);
     let env = Env {
@@ -63,15 +99,17 @@ fn find_and_apply(sys: &dyn Syscall, root: &Path, esp: Option<Uuid>) -> Result<(
         esp: esp.and_then(|u| crate::blockdev::find_partuuid(root, u)),
         mount_dir: MOUNT_DIR,
     };
-    let found = match source::discover_local(&env).map_err(|e| format!("source: {e}"))? {
-        Some(f) => f,
-        None => {
-            if let Ok(Some((url, _))) = source::url_source(&cmdline) {
-                log::warn!("provisioning: {url}: fetching a config before the network is up is not supported yet");
-            }
-            log::info!("provisioning: no machine config");
-            return Ok(());
-        }
+    let local = source::discover_local(&env).map_err(|e| format!("source: {e}"))?;
+    let found = match local {
+        Some(f) => Some(f),
+        None => match source::url_source(&cmdline).map_err(|e| format!("source: {e}"))? {
+            Some((url, _)) => fetch(&cmdline, &url, network)?,
+            None => None,
+        },
+    };
+    let Some(found) = found else {
+        log::info!("provisioning: no machine config");
+        return Ok(());
     };
     let from = found.source.to_string();
     match caisson_provision::apply(&found.bytes, root, &InitChecks, &from) {

@@ -288,7 +288,13 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         }
     }
     // Before the host name is set and any service file is read (provision/CONFIG.md).
-    crate::provisioning::first_boot(sys.as_ref(), id.params.as_ref().map(|p| p.esp));
+    // A config fetched from a URL needs the network before any service: then it starts here.
+    let mut early_net: Option<crate::network::Shared> = None;
+    crate::provisioning::first_boot(sys.as_ref(), id.params.as_ref().map(|p| p.esp), &mut || {
+        if early_net.is_none() {
+            early_net = Some(network_now());
+        }
+    });
     steps.mark("provisioning");
     hostname(sys.as_ref());
     let config = InitConfig::load(Path::new(CONFIG_PATH));
@@ -340,7 +346,10 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     );
     let (tx, rx) = channel();
     start_signal_thread(sys.clone(), reaper, tx.clone())?;
-    let net = start_network(&mut sup, &tx);
+    let net = match early_net {
+        Some(n) => n,
+        None => start_network(&mut sup, &tx),
+    };
     start_control(tx.clone());
     steps.mark("services and threads");
     log::info!("{}", steps.line());
@@ -367,6 +376,26 @@ fn start_late_modules(sys: Arc<dyn Syscall>) -> Option<std::thread::JoinHandle<u
             None
         }
     }
+}
+
+/// The network thread started before the services (for provisioning), waited on until it has
+/// settled, which its own `timeout_s` bounds.
+fn network_now() -> crate::network::Shared {
+    let net = crate::network::Shared::default();
+    let (tx, rx) = channel::<()>();
+    let tx = std::sync::Mutex::new(tx);
+    crate::network::start(
+        net.clone(),
+        Box::new(move || {
+            if let Ok(t) = tx.lock() {
+                let _ = t.send(());
+            }
+        }),
+    );
+    if rx.recv_timeout(Duration::from_secs(300)).is_err() {
+        log::warn!("network: not settled after 300 s; going on");
+    }
+    net
 }
 
 /// The network thread; services `after = ["network"]` wait until it settles.

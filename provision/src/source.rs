@@ -325,7 +325,13 @@ pub fn discover(env: &Env, timeout: Duration) -> Result<Option<Found>, SourceErr
     if let Some(found) = discover_local(env)? {
         return Ok(Some(found));
     }
-    match url_source(env.cmdline)? {
+    fetch_url(env.cmdline, timeout)
+}
+
+/// The URL source of the kernel command line, fetched and checked against its sha256; `None`
+/// when the command line names no URL. The caller brings the network up first.
+pub fn fetch_url(cmdline: &str, timeout: Duration) -> Result<Option<Found>, SourceError> {
+    match url_source(cmdline)? {
         Some((url, sha)) => {
             let bytes = pinned(url.clone(), http_get(&url, timeout)?, &sha)?;
             Ok(Some(Found {
