@@ -7,29 +7,10 @@ mod common;
 
 use common::{boot, kept_overlay, poweroff, request};
 
-use caisson_layout::partition::Part;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// The state partition of a qcow2 disk, as a raw file (for e2fsck and debugfs).
-fn state_of(disk: &Path, dir: &Path) -> PathBuf {
-    let raw = dir.join("flat.raw");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(disk)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    common::extract_partition(&raw, Part::State, dir)
-}
 
 fn machine_id(state: &Path) -> String {
     let path = format!("/{}", caisson_layout::paths::STATE_MACHINE_ID);
@@ -62,7 +43,7 @@ fn minimal_boots_to_ready_powers_off_clean_and_keeps_state() {
     drop(vm);
 
     // A clean shutdown leaves the state filesystem clean; first boot made a machine-id.
-    let state = state_of(&disk, dir.path());
+    let state = common::state_of(&disk, dir.path());
     common::check("e2fsck", &["-fn", state.to_str().unwrap()]);
     let first_id = machine_id(&state);
 
@@ -71,7 +52,7 @@ fn minimal_boots_to_ready_powers_off_clean_and_keeps_state() {
         .expect("second boot reaches ready");
     poweroff(&mut vm);
     drop(vm);
-    let state = state_of(&disk, dir.path());
+    let state = common::state_of(&disk, dir.path());
     common::check("e2fsck", &["-fn", state.to_str().unwrap()]);
     assert_eq!(machine_id(&state), first_id, "machine-id kept across boots");
 }

@@ -104,22 +104,6 @@ fn check_provisioned(vm: &mut Vm, from: &str) {
     assert!(!console.contains(SECRET), "the secret reached the console");
 }
 
-fn state_of(disk: &Path, dir: &Path) -> PathBuf {
-    let raw = dir.join("flat.raw");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(disk)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    common::extract_partition(&raw, Part::State, dir)
-}
-
 fn debugfs(state: &Path, cmd: &str) -> String {
     common::check("debugfs", &["-R", cmd, state.to_str().unwrap()])
 }
@@ -138,7 +122,7 @@ fn fw_cfg_config_is_applied_once() {
     poweroff(&mut vm);
     drop(vm);
 
-    let state = state_of(&disk, dir.path());
+    let state = common::state_of(&disk, dir.path());
     let record = debugfs(&state, "cat /lib/caisson/provisioned");
     let sha = caisson_provision::apply::sha256_hex(config().as_bytes());
     assert!(record.contains(&sha), "{record}");
@@ -170,7 +154,7 @@ fn fw_cfg_config_is_applied_once() {
     assert!(!console.contains("provisioning: applied"), "applied twice");
     poweroff(&mut vm);
     drop(vm);
-    let state = state_of(&disk, dir.path());
+    let state = common::state_of(&disk, dir.path());
     assert_eq!(debugfs(&state, "cat /lib/caisson/provisioned"), record);
 }
 
@@ -197,7 +181,7 @@ fn an_invalid_config_stops_the_first_boot() {
     assert!(!console.contains(SECRET));
     vm.kill().unwrap();
     drop(vm);
-    let state = state_of(&disk, dir.path());
+    let state = common::state_of(&disk, dir.path());
     // Killed, not shut down: replay the journal on the copy before reading it.
     let _ = Command::new("e2fsck")
         .arg("-fy")

@@ -389,117 +389,90 @@ fn v1_finds_a_signed_v2_over_http_and_runs_it_blessed_from_slot_b() {
     );
 }
 
-#[test]
-fn v3_never_healthy_is_tried_three_times_then_v2_runs_again_and_v3_is_refused() {
+/// Puts `version` (which fails on every try) in the inbox of a v2 machine: v2 applies it and
+/// reboots; each of three tries prints the `per_try` lines in order; then systemd-boot falls
+/// back to v2 in slot A, which refuses `version` from then on. Returns the updater's status on
+/// v2 after all that (the disk is checked here: the record and the entries).
+fn tried_three_times_then_v2_again(version: &str, per_try: &[&str]) -> Value {
     let imgs = images();
-    let dir = imgs.root.join("t-v3");
+    let dir = imgs.root.join(format!("t-{version}"));
     let _ = std::fs::remove_dir_all(&dir);
-    let disk = disk_with_update(&imgs.v2, "3.0.0", &dir);
+    let disk = disk_with_update(&imgs.v2, version, &dir);
     let _one_vm = common::vm_lock();
     let t0 = Instant::now();
     let mut vm = boot(&disk);
     let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
     assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
-    vm.wait_for("next boot: caisson-3.0.0-b+3-0.conf", BOOT_TIMEOUT)
-        .unwrap();
-    // Each try: v3 starts, never gets healthy, and the init reboots it.
+    vm.wait_for(
+        format!("next boot: caisson-{version}-b+3-0.conf").as_str(),
+        BOOT_TIMEOUT,
+    )
+    .unwrap();
     for _ in 0..3 {
-        vm.wait_for("stage 2: ", BOOT_TIMEOUT).unwrap();
-        vm.wait_for("not healthy in time on a tried boot entry", BOOT_TIMEOUT)
-            .unwrap();
+        for line in per_try {
+            vm.wait_for(*line, BOOT_TIMEOUT).unwrap();
+        }
     }
     // Its tries used up, systemd-boot falls back to v2 in slot A.
     let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
     assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
-    // The apply service finds v3 in its inbox again and refuses it.
+    // The apply service finds the bad version in its inbox again and refuses it.
     let update = wait_oneshot(&vm, "update");
     assert_eq!(
         update["state"], "failed",
-        "applying v3 again is refused: {update}"
+        "applying {version} again is refused: {update}"
     );
     let console = vm.console_text().unwrap();
     assert!(
-        !console.contains("ready version=3.0.0"),
-        "v3 was never ready"
+        !console.contains(&format!("ready version={version}")),
+        "{version} was never ready"
     );
+    let last = per_try.last().unwrap();
     assert_eq!(
-        console
-            .matches("not healthy in time on a tried boot entry")
-            .count(),
+        console.matches(last).count(),
         3,
-        "v3 was tried exactly three times"
+        "{version} was tried exactly three times"
     );
-
     let status = update_status(&vm);
     assert_eq!(status["version"], "2.0.0", "{status}");
     assert_eq!(status["slot"], "a", "{status}");
-    assert_eq!(status["rolled_back_from"], "3.0.0", "{status}");
+    assert_eq!(status["rolled_back_from"], version, "{status}");
     assert_eq!(
         status["record"]["last"]["result"], "rolled-back",
         "{status}"
     );
-    assert_eq!(status["record"]["rejected"][0], "3.0.0", "{status}");
+    assert_eq!(status["record"]["rejected"][0], version, "{status}");
     assert_eq!(status["next_boot"], "caisson-2.0.0-a.conf", "{status}");
     poweroff(&mut vm);
     drop(vm);
     eprintln!(
-        "v2 -> v3 x3 -> v2: {:.1} s in QEMU",
+        "v2 -> {version} x3 -> v2: {:.1} s in QEMU",
         t0.elapsed().as_secs_f64()
     );
-
     let rec = record_on_disk(&disk, &dir);
-    assert_eq!(rec["rejected"][0], "3.0.0", "{rec}");
+    assert_eq!(rec["rejected"][0], version, "{rec}");
     assert_eq!(
         entries(&disk, &dir),
-        ["caisson-2.0.0-a.conf", "caisson-3.0.0-b+0-3.conf"]
+        [
+            "caisson-2.0.0-a.conf".to_string(),
+            format!("caisson-{version}-b+0-3.conf")
+        ]
+    );
+    status
+}
+
+#[test]
+fn v3_never_healthy_is_tried_three_times_then_v2_runs_again_and_v3_is_refused() {
+    // Each try: v3 starts, never gets healthy, and the init reboots it.
+    tried_three_times_then_v2_again(
+        "3.0.0",
+        &["stage 2: ", "not healthy in time on a tried boot entry"],
     );
 }
 
 #[test]
 fn v4_whose_kernel_panics_is_tried_three_times_then_v2_runs_again() {
-    let imgs = images();
-    let dir = imgs.root.join("t-v4");
-    let _ = std::fs::remove_dir_all(&dir);
-    let disk = disk_with_update(&imgs.v2, "4.0.0", &dir);
-    let _one_vm = common::vm_lock();
-    let t0 = Instant::now();
-    let mut vm = boot(&disk);
-    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
-    assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
-    vm.wait_for("next boot: caisson-4.0.0-b+3-0.conf", BOOT_TIMEOUT)
-        .unwrap();
-    for _ in 0..3 {
-        vm.wait_for("Kernel panic - not syncing", BOOT_TIMEOUT)
-            .unwrap();
-    }
-    // Its tries used up, systemd-boot falls back to v2 in slot A, which rejects v4 for good.
-    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
-    assert!(ready.contains("version=2.0.0 slot=a"), "{ready}");
-    let update = wait_oneshot(&vm, "update");
-    assert_eq!(
-        update["state"], "failed",
-        "applying v4 again is refused: {update}"
-    );
-    let console = vm.console_text().unwrap();
-    assert_eq!(
-        console.matches("Kernel panic - not syncing").count(),
-        3,
-        "v4 was tried exactly three times"
-    );
-    let status = update_status(&vm);
-    assert_eq!(status["rolled_back_from"], "4.0.0", "{status}");
-    assert_eq!(status["record"]["rejected"][0], "4.0.0", "{status}");
-    assert_eq!(status["next_boot"], "caisson-2.0.0-a.conf", "{status}");
-    poweroff(&mut vm);
-    drop(vm);
-    eprintln!(
-        "v2 -> v4 (kernel panic) x3 -> v2: {:.1} s in QEMU",
-        t0.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        entries(&disk, &dir),
-        ["caisson-2.0.0-a.conf", "caisson-4.0.0-b+0-3.conf"]
-    );
+    tried_three_times_then_v2_again("4.0.0", &["Kernel panic - not syncing"]);
 }
 
 /// Power cuts during `apply`: CAISSON_POWER_CUTS of them (3 in CI; the 20 with

@@ -191,3 +191,20 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The state partition of a qcow2 disk, as a raw file (for e2fsck and debugfs).
+pub fn state_of(disk: &Path, dir: &Path) -> PathBuf {
+    let raw = dir.join("flat.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    extract_partition(&raw, caisson_layout::partition::Part::State, dir)
+}
