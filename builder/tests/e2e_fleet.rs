@@ -12,7 +12,6 @@ use common::request;
 
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, Vm, VmOptions};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -27,72 +26,6 @@ fn run(cmd: &mut Command) {
         "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-/// An OCI archive of one layer: /bin/busybox and /bin/sh, /bin/sleep linked to it.
-fn busybox_archive(work: &Path, dest: &Path) {
-    let layer_dir = work.join("layer");
-    std::fs::create_dir_all(layer_dir.join("bin")).unwrap();
-    std::fs::copy(BUSYBOX, layer_dir.join("bin/busybox")).unwrap();
-    for l in ["sh", "sleep"] {
-        std::os::unix::fs::symlink("busybox", layer_dir.join("bin").join(l)).unwrap();
-    }
-    let layer_tar = work.join("layer.tar");
-    run(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@0",
-            "-C",
-        ])
-        .arg(&layer_dir)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg("bin"));
-    let layer = std::fs::read(&layer_tar).unwrap();
-    let l = digest(&layer);
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{l}"]}}}}"#
-    );
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{}}}]}}"#,
-        digest(config.as_bytes()),
-        config.len(),
-        layer.len()
-    );
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"caisson.test/busybox:1"}}}}]}}"#,
-        digest(manifest.as_bytes()),
-        manifest.len()
-    );
-    let oci = work.join("oci");
-    let blobs = oci.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    for b in [layer.as_slice(), config.as_bytes(), manifest.as_bytes()] {
-        std::fs::write(blobs.join(&digest(b)[7..]), b).unwrap();
-    }
-    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    std::fs::write(oci.join("index.json"), index).unwrap();
-    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    run(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@0",
-            "-C",
-        ])
-        .arg(&oci)
-        .arg("-cf")
-        .arg(dest)
-        .args(["oci-layout", "index.json", "blobs"]));
 }
 
 const HELLO: &str = r#"command = ["/bin/sh", "-c", "echo hello from $WHO; exit 3"]
@@ -131,7 +64,7 @@ fn fleet_spec(dir: &Path) -> String {
         .arg(ws.join("images/host/files"))
         .arg(&files));
     std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
-    busybox_archive(dir, &files.join("usr/lib/caisson/images/busybox.oci.tar"));
+    common::busybox_archive(dir, &files.join("usr/lib/caisson/images/busybox.oci.tar"));
     let units = files.join("etc/caisson/units");
     std::fs::create_dir_all(&units).unwrap();
     std::fs::write(units.join("hello.toml"), HELLO).unwrap();

@@ -395,6 +395,7 @@ impl<R: Runtime> Agent<R> {
     /// Ticks until `stop` resolves, then leaves the fleet (its units move elsewhere).
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        let keepalive = self.spawn_keepalive();
         let mut released = false;
         loop {
             match self.tick().await {
@@ -413,9 +414,28 @@ impl<R: Runtime> Agent<R> {
                 _ = tokio::time::sleep(self.tick) => {}
             }
         }
+        keepalive.abort();
         if let Err(e) = self.member.leave().await {
             log::warn!("leaving the fleet: {e}");
         }
+    }
+
+    /// Renews the machine's lease every tick on its own task: a tick that spends longer than the
+    /// TTL starting or stopping containers (an image import, a container that ignores SIGTERM)
+    /// must not let the lease expire, or the machine's units would be moved away while they run.
+    fn spawn_keepalive(&self) -> tokio::task::JoinHandle<()> {
+        let client = self.store.client.clone();
+        let lease = self.member.lease_handle();
+        let every = self.tick;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let id = lease.load(std::sync::atomic::Ordering::SeqCst);
+                if let Err(e) = client.lease_keepalive(id).await {
+                    log::debug!("lease keepalive: {e}");
+                }
+            }
+        })
     }
 }
 
@@ -473,6 +493,8 @@ pub struct FakeRuntime {
     pub containers: std::sync::Mutex<BTreeMap<String, Container>>,
     /// Units whose start fails.
     pub failing: std::sync::Mutex<Vec<String>>,
+    /// How long a start takes (an image import under load, say).
+    pub start_delay: std::sync::Mutex<Duration>,
 }
 
 impl FakeRuntime {
@@ -498,6 +520,8 @@ impl Runtime for FakeRuntime {
         Ok(self.lock().values().cloned().collect())
     }
     async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError> {
+        let delay = *self.start_delay.lock().unwrap_or_else(|e| e.into_inner());
+        tokio::time::sleep(delay).await;
         let failing = self
             .failing
             .lock()

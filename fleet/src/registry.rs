@@ -166,6 +166,8 @@ pub struct Member {
     record: MachineRecord,
     ttl_s: i64,
     lease: i64,
+    /// The current lease, for a keepalive that runs beside the agent's ticks.
+    lease_now: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Member {
@@ -182,6 +184,7 @@ impl Member {
             record,
             ttl_s,
             lease: 0,
+            lease_now: Default::default(),
         };
         m.register().await?;
         Ok(m)
@@ -197,9 +200,16 @@ impl Member {
         self.lease
     }
 
+    /// The lease, as it changes when the machine registers again (see [`Member::heartbeat`]).
+    pub fn lease_handle(&self) -> std::sync::Arc<std::sync::atomic::AtomicI64> {
+        self.lease_now.clone()
+    }
+
     async fn register(&mut self) -> Result<(), RegistryError> {
         let lease = self.client.lease_grant(self.ttl_s).await?;
         self.lease = lease.id;
+        self.lease_now
+            .store(lease.id, std::sync::atomic::Ordering::SeqCst);
         self.write_record().await
     }
 

@@ -234,3 +234,34 @@ async fn etcd_lock_reboots_one_machine_at_a_time() {
     order.sort();
     assert_eq!(order, [0, 1, 2], "every machine rebooted once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_container_start_does_not_cost_the_machine_its_lease() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd); // TTL 2 s
+    let runtime = FakeRuntime::default();
+    *runtime.start_delay.lock().unwrap() = Duration::from_secs(7);
+    let agent = Agent::join(&cfg, record("slow"), runtime).await.unwrap();
+    let lease = agent.member.lease_handle();
+    let first = lease.load(std::sync::atomic::Ordering::SeqCst);
+    let store = Store::new(agent.store.client.clone(), agent.store.keys.clone());
+    let web = UnitSpec::parse("web", "[image]\npath = \"/w.tar\"").unwrap();
+    store.submit(&[web]).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.run(async {
+        let _ = stop_rx.await;
+    }));
+    // The first tick spends 7 s starting web: more than three TTLs.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        lease.load(std::sync::atomic::Ordering::SeqCst),
+        first,
+        "the machine registered again: its lease expired during the slow start"
+    );
+    let machines = caisson_fleet::registry::machines(&store.client, &store.keys)
+        .await
+        .unwrap();
+    assert!(machines.iter().any(|m| m.id == "slow"), "{machines:?}");
+    let _ = stop_tx.send(());
+    running.await.unwrap();
+}

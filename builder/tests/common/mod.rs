@@ -208,3 +208,77 @@ pub fn state_of(disk: &Path, dir: &Path) -> PathBuf {
     );
     extract_partition(&raw, caisson_layout::partition::Part::State, dir)
 }
+
+/// Runs `cmd`; panics with its stderr when it fails.
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn digest(b: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+    )
+}
+
+pub fn tar(dir: &Path, dest: &Path, members: &[&str]) {
+    run_ok(
+        Command::new("tar")
+            .args([
+                "--sort=name",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "--mtime=@0",
+                "-C",
+            ])
+            .arg(dir)
+            .arg("-cf")
+            .arg(dest)
+            .args(members),
+    );
+}
+
+/// An OCI archive (`caisson.test/busybox:1`) of one layer: the build host's /bin/busybox, with
+/// /bin/sh and /bin/sleep linked to it (Debian's busybox-static, which ci/deps installs).
+pub fn busybox_archive(work: &Path, dest: &Path) {
+    let layer_dir = work.join("layer");
+    std::fs::create_dir_all(layer_dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", layer_dir.join("bin/busybox")).unwrap();
+    for l in ["sh", "sleep"] {
+        std::os::unix::fs::symlink("busybox", layer_dir.join("bin").join(l)).unwrap();
+    }
+    let layer_tar = work.join("layer.tar");
+    tar(&layer_dir, &layer_tar, &["bin"]);
+    let layer = std::fs::read(&layer_tar).unwrap();
+    let l = digest(&layer);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{l}"]}}}}"#
+    );
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{}}}]}}"#,
+        digest(config.as_bytes()),
+        config.len(),
+        layer.len()
+    );
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"caisson.test/busybox:1"}}}}]}}"#,
+        digest(manifest.as_bytes()),
+        manifest.len()
+    );
+    let oci = work.join("oci");
+    let blobs = oci.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for b in [layer.as_slice(), config.as_bytes(), manifest.as_bytes()] {
+        std::fs::write(blobs.join(&digest(b)[7..]), b).unwrap();
+    }
+    std::fs::write(oci.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(oci.join("index.json"), index).unwrap();
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    tar(&oci, dest, &["oci-layout", "index.json", "blobs"]);
+}
