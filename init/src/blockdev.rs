@@ -1,8 +1,9 @@
-//! Finding partitions by PARTUUID without udev: read the GPT of every disk in `/sys/block`, then
-//! map the partition number to its device node through `/sys/block/<disk>/<part>/partition`.
+//! Waiting for a partition by PARTUUID (caisson_layout::blockdev finds it), and what to say
+//! when it does not show up.
 //!
 //! Every path is taken under `root` (`/` on a machine, a temporary directory in tests).
 
+pub use caisson_layout::blockdev::find_partuuid;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -23,24 +24,6 @@ pub enum BlockError {
     },
 }
 
-/// Disks worth reading a partition table from.
-fn candidate_disks(root: &Path) -> Vec<String> {
-    let mut disks: Vec<String> = std::fs::read_dir(root.join("sys/block"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| {
-                    !["loop", "ram", "dm-", "sr", "zram", "md"]
-                        .iter()
-                        .any(|p| n.starts_with(p))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    disks.sort();
-    disks
-}
-
 /// The names of all block devices the kernel knows (for error messages).
 pub fn seen(root: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(root.join("sys/class/block"))
@@ -53,44 +36,6 @@ pub fn seen(root: &Path) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
-}
-
-/// The partition number of `uuid` on `disk`, read from its GPT.
-fn partition_number(disk: &Path, uuid: Uuid) -> Option<u32> {
-    let gpt = gpt::GptConfig::new().writable(false).open(disk).ok()?;
-    gpt.partitions()
-        .iter()
-        .find(|(_, p)| p.part_guid == uuid)
-        .map(|(n, _)| *n)
-}
-
-/// The device node of partition `number` of `disk`.
-fn partition_node(root: &Path, disk: &str, number: u32) -> PathBuf {
-    let sys = root.join("sys/block").join(disk);
-    let from_sysfs = std::fs::read_dir(&sys).ok().and_then(|rd| {
-        rd.filter_map(|e| e.ok()).find_map(|e| {
-            let n = std::fs::read_to_string(e.path().join("partition")).ok()?;
-            (n.trim().parse::<u32>().ok()? == number)
-                .then(|| e.file_name().to_string_lossy().into_owned())
-        })
-    });
-    let name = from_sysfs.unwrap_or_else(|| {
-        if disk.ends_with(|c: char| c.is_ascii_digit()) {
-            format!("{disk}p{number}")
-        } else {
-            format!("{disk}{number}")
-        }
-    });
-    root.join("dev").join(name)
-}
-
-/// The device node of the partition `uuid`, if it exists now.
-pub fn find_partuuid(root: &Path, uuid: Uuid) -> Option<PathBuf> {
-    candidate_disks(root).into_iter().find_map(|disk| {
-        let number = partition_number(&root.join("dev").join(&disk), uuid)?;
-        let node = partition_node(root, &disk, number);
-        node.exists().then_some(node)
-    })
 }
 
 /// Wait until the partition `uuid` shows up, polling every `poll`.
@@ -124,66 +69,9 @@ pub fn wait_for_partuuid(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A fake /sys and /dev with one GPT disk `vda` holding two partitions.
-    pub(crate) fn fake_disk(root: &Path, uuids: &[Uuid]) {
-        use std::fs;
-        fs::create_dir_all(root.join("dev")).unwrap();
-        let disk = root.join("dev/vda");
-        let f = fs::File::create(&disk).unwrap();
-        f.set_len(8 * 1024 * 1024).unwrap();
-        drop(f);
-        let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(
-            u32::try_from((8 * 1024 * 1024) / 512 - 1).unwrap(),
-        );
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&disk)
-            .unwrap();
-        mbr.overwrite_lba0(&mut file).unwrap();
-        let mut g = gpt::GptConfig::new()
-            .writable(true)
-            .create_from_device(file, None)
-            .unwrap();
-        for (i, u) in uuids.iter().enumerate() {
-            let id = g
-                .add_partition(
-                    &format!("p{i}"),
-                    1024 * 1024,
-                    gpt::partition_types::LINUX_FS,
-                    0,
-                    None,
-                )
-                .unwrap();
-            let mut parts = g.partitions().clone();
-            parts.get_mut(&id).unwrap().part_guid = *u;
-            g.update_partitions(parts).unwrap();
-        }
-        g.write().unwrap();
-        for i in 1..=uuids.len() {
-            let d = root.join(format!("sys/block/vda/vda{i}"));
-            fs::create_dir_all(&d).unwrap();
-            fs::write(d.join("partition"), format!("{i}\n")).unwrap();
-            fs::write(root.join(format!("dev/vda{i}")), "").unwrap();
-        }
-        fs::create_dir_all(root.join("sys/block/loop0")).unwrap();
-    }
-
-    #[test]
-    fn finds_partitions_by_partuuid() {
-        let tmp = tempfile::tempdir().unwrap();
-        let a = Uuid::from_u128(0xaaaa);
-        let b = Uuid::from_u128(0xbbbb);
-        fake_disk(tmp.path(), &[a, b]);
-        assert_eq!(
-            find_partuuid(tmp.path(), b),
-            Some(tmp.path().join("dev/vda2"))
-        );
-        assert_eq!(find_partuuid(tmp.path(), Uuid::from_u128(1)), None);
-    }
+    use caisson_layout::blockdev::testing::fake_disk;
 
     #[test]
     fn timeout_lists_what_was_seen() {
@@ -204,15 +92,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn node_names_for_nvme_style_disks() {
+    fn a_partition_that_is_there_is_found_at_once() {
         let tmp = tempfile::tempdir().unwrap();
-        assert_eq!(
-            partition_node(tmp.path(), "nvme0n1", 2),
-            tmp.path().join("dev/nvme0n1p2")
-        );
-        assert_eq!(
-            partition_node(tmp.path(), "sda", 1),
-            tmp.path().join("dev/sda1")
-        );
+        fake_disk(tmp.path(), &[Uuid::from_u128(5)]);
+        let node = wait_for_partuuid(
+            tmp.path(),
+            Uuid::from_u128(5),
+            "root",
+            Duration::from_millis(30),
+            Duration::from_millis(10),
+        )
+        .unwrap();
+        assert_eq!(node, tmp.path().join("dev/vda1"));
     }
 }

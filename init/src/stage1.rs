@@ -399,7 +399,7 @@ mod tests {
     fn initramfs(cmdline: &str) -> (tempfile::TempDir, Stage1) {
         let tmp = tempfile::tempdir().unwrap();
         let r = tmp.path();
-        crate::blockdev::tests::fake_disk(
+        caisson_layout::blockdev::testing::fake_disk(
             r,
             &[
                 Uuid::from_u128(0xe),

@@ -92,8 +92,13 @@ impl Machine {
             .map_err(|e| Error::NotCaisson(e.to_string()))?;
         let disk_node = crate::slots::find_disk(Path::new("/"), booted.root)?;
         let disk = Disk::open(&disk_node)?;
-        let esp_node = crate::slots::partition_node(
-            &disk_node,
+        let disk_name = disk_node
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let esp_node = caisson_layout::blockdev::partition_node(
+            Path::new("/"),
+            &disk_name,
             disk.extent(caisson_layout::partition::Part::Esp).number,
         );
         let target = Path::new(ESP_MOUNT).join(std::process::id().to_string());

@@ -162,41 +162,12 @@ impl Disk {
 
 /// The disk under `root` (`/` on a machine) whose GPT holds the partition `uuid`, as a device node.
 pub fn find_disk(root: &Path, uuid: Uuid) -> Result<PathBuf, SlotError> {
-    let mut names: Vec<String> = std::fs::read_dir(root.join("sys/block"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| {
-                    !["loop", "ram", "dm-", "sr", "zram", "md"]
-                        .iter()
-                        .any(|p| n.starts_with(p))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    for n in &names {
-        let dev = root.join("dev").join(n);
-        let Ok(gpt) = gpt::GptConfig::new().writable(false).open(&dev) else {
-            continue;
-        };
-        if gpt.partitions().values().any(|p| p.part_guid == uuid) {
-            return Ok(dev);
-        }
-    }
-    Err(SlotError::NoDisk {
-        uuid,
-        seen: names.join(", "),
-    })
-}
-
-/// The device node of partition `number` of the disk node `disk` (`/dev/vda` 1 → `/dev/vda1`).
-pub fn partition_node(disk: &Path, number: u32) -> PathBuf {
-    let name = disk.to_string_lossy();
-    if name.ends_with(|c: char| c.is_ascii_digit()) {
-        PathBuf::from(format!("{name}p{number}"))
-    } else {
-        PathBuf::from(format!("{name}{number}"))
+    match caisson_layout::blockdev::disk_holding(root, uuid) {
+        Some((_, node, _)) => Ok(node),
+        None => Err(SlotError::NoDisk {
+            uuid,
+            seen: caisson_layout::blockdev::candidate_disks(root).join(", "),
+        }),
     }
 }
 
