@@ -19,15 +19,6 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(420);
 const BUSYBOX: &str = "/bin/busybox";
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 const HELLO: &str = r#"command = ["/bin/sh", "-c", "echo hello from $WHO; exit 3"]
 env = { WHO = "a caisson container" }
 restart = "never"
@@ -59,10 +50,12 @@ fn fleet_spec(dir: &Path) -> String {
     let ws = common::workspace();
     let files = dir.join("host/files");
     std::fs::create_dir_all(dir.join("host")).unwrap();
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(ws.join("images/host/files"))
-        .arg(&files));
+    common::run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(ws.join("images/host/files"))
+            .arg(&files),
+    );
     std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
     common::busybox_archive(dir, &files.join("usr/lib/caisson/images/busybox.oci.tar"));
     let units = files.join("etc/caisson/units");
@@ -92,10 +85,12 @@ fn the_agent_runs_local_units_without_etcd() {
     let image = common::build(&spec, &dir.path().join("out"), &[]);
     let _one_vm = common::vm_lock();
     let disk = dir.path().join("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&image)
-        .arg(&disk));
+    common::run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&image)
+            .arg(&disk),
+    );
     let mut opts = VmOptions::new(&disk);
     opts.disk = Disk::direct(&disk);
     let mut vm = Vm::launch(opts).expect("launching QEMU");
@@ -116,10 +111,12 @@ fn the_agent_runs_local_units_without_etcd() {
 
     // hello's output, in its log on the state partition (mounted at /var).
     let raw = dir.path().join("flat.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&disk)
-        .arg(&raw));
+    common::run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&disk)
+            .arg(&raw),
+    );
     let state = common::extract_partition(&raw, Part::State, dir.path());
     let log = common::check(
         "debugfs",

@@ -36,24 +36,17 @@ const BUSYBOX: &str = "/bin/busybox";
 const ARCHIVE: &str = "/usr/lib/caisson/images/busybox.oci.tar";
 const POLL: Duration = Duration::from_millis(100);
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `images/host.toml` plus the archive, in `dir`: no local units, they come from etcd.
 fn cluster_spec(dir: &Path) -> String {
     let ws = common::workspace();
     let files = dir.join("host/files");
     std::fs::create_dir_all(dir.join("host")).unwrap();
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(ws.join("images/host/files"))
-        .arg(&files));
+    common::run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(ws.join("images/host/files"))
+            .arg(&files),
+    );
     std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
     common::busybox_archive(dir, &files.join(ARCHIVE.trim_start_matches('/')));
     let extra = format!(

@@ -16,17 +16,6 @@ use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?}: {text}");
-    text
-}
-
 fn status(vm: &Vm) -> serde_json::Value {
     request(vm, r#"{"cmd":"status"}"#)["status"].clone()
 }
@@ -60,11 +49,13 @@ fn dhcp_address_and_state_grown_on_first_boot() {
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
     let disk = kept_overlay(&image, dir.path());
-    run(Command::new("qemu-img")
-        .arg("resize")
-        .arg("-q")
-        .arg(&disk)
-        .arg("+1G"));
+    common::run_ok(
+        Command::new("qemu-img")
+            .arg("resize")
+            .arg("-q")
+            .arg(&disk)
+            .arg("+1G"),
+    );
 
     let mut vm = boot(&disk);
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
@@ -87,10 +78,12 @@ fn dhcp_address_and_state_grown_on_first_boot() {
 
     // The partition ends where the disk's usable space does; ext4 fills it and is clean.
     let raw = dir.path().join("flat.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&disk)
-        .arg(&raw));
+    common::run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&disk)
+            .arg(&raw),
+    );
     let out = Command::new("sfdisk")
         .arg("--json")
         .arg(&raw)
@@ -112,7 +105,7 @@ fn dhcp_address_and_state_grown_on_first_boot() {
     );
     let part_bytes = state["size"].as_u64().unwrap() * 512;
     assert!(part_bytes > 1 << 30, "{table}");
-    run(Command::new("sfdisk").arg("-V").arg(&raw));
+    common::run_ok(Command::new("sfdisk").arg("-V").arg(&raw));
     let state_img = common::extract_partition(&raw, Part::State, dir.path());
     common::check("e2fsck", &["-fn", state_img.to_str().unwrap()]);
     let header = common::check("dumpe2fs", &["-h", state_img.to_str().unwrap()]);
@@ -152,19 +145,21 @@ fn put_blob(layout: &Path, media_type: &str, blob: &[u8]) -> serde_json::Value {
 }
 
 fn tar_dir(dir: &Path, out: &Path) {
-    run(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@1700000000",
-            "-cf",
-        ])
-        .arg(out)
-        .arg("-C")
-        .arg(dir)
-        .arg("."));
+    common::run_ok(
+        Command::new("tar")
+            .args([
+                "--sort=name",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "--mtime=@1700000000",
+                "-cf",
+            ])
+            .arg(out)
+            .arg("-C")
+            .arg(dir)
+            .arg("."),
+    );
 }
 
 /// An OCI image-layout archive of one layer holding the build host's static busybox.

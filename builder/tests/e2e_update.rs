@@ -87,16 +87,6 @@ args = ["no-such-command"]
 required = true
 "#;
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The three builds and the channel they are published in, made once.
 struct Images {
     root: PathBuf,
@@ -114,7 +104,7 @@ fn images() -> &'static Images {
         let _ = std::fs::remove_dir_all(&root);
         let caisson = env!("CARGO_BIN_EXE_caisson");
         let keys = root.join("spec/keys");
-        run(Command::new(caisson).args(["keygen", "--out"]).arg(&keys));
+        common::run_ok(Command::new(caisson).args(["keygen", "--out"]).arg(&keys));
         let good = test_spec(&root.join("spec"), &keys, "");
         let bad = test_spec(&root.join("spec-v3"), &keys, NEVER_HEALTHY);
         let v1 = common::build(good.to_str().unwrap(), &root.join("v1"), &[]);
@@ -145,22 +135,26 @@ fn images() -> &'static Images {
         );
         let chan = root.join("www/stable");
         for (dir, v) in [("v2", "2.0.0"), ("v3", "3.0.0"), ("v4", "4.0.0")] {
-            run(Command::new(caisson)
-                .arg("publish")
-                .arg(root.join(format!("{dir}/minimal-{v}.bundle")))
-                .arg("--channel-dir")
-                .arg(&chan)
-                .arg("--key")
-                .arg(keys.join("caisson.key")));
+            common::run_ok(
+                Command::new(caisson)
+                    .arg("publish")
+                    .arg(root.join(format!("{dir}/minimal-{v}.bundle")))
+                    .arg("--channel-dir")
+                    .arg(&chan)
+                    .arg("--key")
+                    .arg(keys.join("caisson.key")),
+            );
         }
         // A channel with v2 alone, for the agent: it takes the newest version it is offered.
-        run(Command::new(caisson)
-            .arg("publish")
-            .arg(root.join("v2/minimal-2.0.0.bundle"))
-            .arg("--channel-dir")
-            .arg(root.join("www/http"))
-            .arg("--key")
-            .arg(keys.join("caisson.key")));
+        common::run_ok(
+            Command::new(caisson)
+                .arg("publish")
+                .arg(root.join("v2/minimal-2.0.0.bundle"))
+                .arg("--channel-dir")
+                .arg(root.join("www/http"))
+                .arg("--key")
+                .arg(keys.join("caisson.key")),
+        );
         let www = root.join("www");
         Images {
             root,
@@ -201,11 +195,13 @@ fn disk_with_bundle(image: &Path, version: &str, dir: &Path, corrupt: Option<u64
     }
     let cmdfile = dir.join("debugfs.cmds");
     std::fs::write(&cmdfile, cmds).unwrap();
-    run(Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&cmdfile)
-        .arg(&state));
+    common::run_ok(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&cmdfile)
+            .arg(&state),
+    );
     let layout = caisson_disk::read_layout(&disk).unwrap();
     let info = layout.get(Part::State).unwrap();
     let bytes = std::fs::read(&state).unwrap();

@@ -209,14 +209,16 @@ pub fn state_of(disk: &Path, dir: &Path) -> PathBuf {
     extract_partition(&raw, caisson_layout::partition::Part::State, dir)
 }
 
-/// Runs `cmd`; panics with its stderr when it fails.
-pub fn run_ok(cmd: &mut Command) {
+/// Runs `cmd` and returns what it printed (stdout, then stderr); panics with both when it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(out.status.success(), "{cmd:?}: {text}");
+    text
 }
 
 pub fn digest(b: &[u8]) -> String {
