@@ -2,11 +2,17 @@
 //! containers on its machine with the units assigned to it (or, without etcd, with the unit
 //! files in `/etc/caisson/units/`).
 //!
-//! The loop ticks every third of the lease TTL. An etcd outage is logged and retried each tick;
-//! running containers are left alone until etcd answers again.
+//! The loop runs a tick (heartbeat, campaign, schedule when leading, reconcile, report) when etcd
+//! says something it cares about changed, and otherwise every third of the lease TTL. One task
+//! per watch sends a wake-up on a channel: every agent watches the leader key (a deletion means
+//! the leader is gone: campaign at once), the units and its own assignment; the leader also
+//! watches the machine records (a machine that registers or whose lease expires: schedule at
+//! once). The timer stays as the fallback: an etcd outage is logged and retried each tick,
+//! running containers are left alone until etcd answers again, and a watch whose stream drops
+//! resumes from its revision (or, when that was compacted, wakes the loop for a full read).
 
 use crate::config::Config;
-use crate::etcd::Client;
+use crate::etcd::{Client, Event};
 use crate::registry::{self, Keys, MachineRecord, Member};
 use crate::store::{Store, Target, UnitStatus};
 use crate::unit::{Restart, UnitError, UnitSpec};
@@ -14,6 +20,8 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// What went wrong running containers.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +211,7 @@ pub struct Agent<R: Runtime> {
     pub store: Store,
     pub member: Member,
     pub runtime: R,
+    /// How long the loop waits for a watch's wake-up before it ticks anyway.
     pub tick: Duration,
     /// Where the updater asks for a reboot, and where the init takes it.
     pub reboot: RebootPaths,
@@ -212,6 +221,80 @@ pub struct Agent<R: Runtime> {
     reboot_asked: bool,
     /// The version already said to wait for the lock (one log line, not one per tick).
     waiting_told: Option<String>,
+    /// Whether the last tick found this machine leading.
+    pub leading: bool,
+    /// The watches' and the keepalive's wake-ups: a tick is due.
+    wake: mpsc::Sender<()>,
+    woken: mpsc::Receiver<()>,
+    /// The leader's watch on the machine records (none while following).
+    machines_watch: Option<Task>,
+}
+
+/// A background task that ends with its owner (also when the owner's future is dropped, as a
+/// crashed agent's would be in tests).
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches `key` (every key under it when `prefix`) from revision `from` and sends a wake-up for
+/// each batch with a change that `wanted` says matters. A dropped stream resumes from its
+/// revision (the client does that); when etcd compacted that revision away or refused the watch,
+/// the task watches again from the current revision and wakes the loop for a full read.
+fn spawn_watch(
+    client: Client,
+    key: String,
+    prefix: bool,
+    from: i64,
+    wanted: fn(&Event) -> bool,
+    wake: mpsc::Sender<()>,
+) -> Task {
+    Task(tokio::spawn(async move {
+        let mut watch = client.watch(&key, prefix, from);
+        loop {
+            match watch.next().await {
+                Ok(events) => {
+                    if events.iter().any(wanted) {
+                        // Full: a wake-up is already pending, which is as good.
+                        let _ = wake.try_send(());
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{e}; reading the fleet's state again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    watch = client.watch(&key, prefix, next_revision(&client, &key).await);
+                    let _ = wake.try_send(());
+                }
+            }
+        }
+    }))
+}
+
+/// The revision after the store's current one, for a watch that must miss nothing after a read
+/// that follows it (0, "from now on", when etcd does not answer).
+async fn next_revision(client: &Client, key: &str) -> i64 {
+    client.range(key, false).await.map_or(0, |r| r.revision + 1)
+}
+
+/// Changes to the leader key that matter: its deletion (the leader left or its lease expired).
+fn leader_gone(e: &Event) -> bool {
+    matches!(e, Event::Delete(_))
+}
+
+/// Changes to machine records that matter to the leader: a machine registers or is gone. The
+/// heartbeats that rewrite a record do not (the leader's own tick would wake it again).
+fn machine_joined_or_gone(e: &Event) -> bool {
+    match e {
+        Event::Delete(_) => true,
+        Event::Put(kv) => kv.create_revision == kv.mod_revision,
+    }
+}
+
+fn any_change(_: &Event) -> bool {
+    true
 }
 
 /// The updater's `etcd-lock` strategy (caisson_layout::paths::REBOOT_NEEDED): the updater
@@ -257,16 +340,21 @@ impl<R: Runtime> Agent<R> {
             record.id,
             member.lease()
         );
+        let (wake, woken) = mpsc::channel(1);
         Ok(Agent {
             store: Store::new(client, keys),
             member,
             runtime,
-            tick: Duration::from_millis((config.ttl_s as u64 * 1000 / 3).max(500)),
+            tick: renewal(config.ttl_s),
             reboot: RebootPaths::default(),
             reported: BTreeMap::new(),
             logged: BTreeMap::new(),
             reboot_asked: false,
             waiting_told: None,
+            leading: false,
+            wake,
+            woken,
+            machines_watch: None,
         })
     }
 
@@ -322,7 +410,22 @@ impl<R: Runtime> Agent<R> {
             self.reported.clear();
             self.logged.clear();
         }
-        if self.member.campaign().await.map_err(|e| e.to_string())? {
+        self.leading = self.member.campaign().await.map_err(|e| e.to_string())?;
+        if !self.leading {
+            self.machines_watch = None;
+        } else {
+            if self.machines_watch.is_none() {
+                // From before the pass reads the machines: no deletion falls between the two.
+                let from = next_revision(&self.store.client, &self.store.keys.leader()).await;
+                self.machines_watch = Some(spawn_watch(
+                    self.store.client.clone(),
+                    self.store.keys.machines(),
+                    true,
+                    from,
+                    machine_joined_or_gone,
+                    self.wake.clone(),
+                ));
+            }
             if let Some(s) = self
                 .store
                 .schedule_pass(&self.member.leader_fence())
@@ -392,10 +495,12 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
-    /// Ticks until `stop` resolves, then leaves the fleet (its units move elsewhere).
+    /// Ticks until `stop` resolves, then leaves the fleet (its units move elsewhere): at once
+    /// when a watch sees a change that matters, otherwise every [`Agent::tick`].
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let keepalive = self.spawn_keepalive();
+        let _watches = self.spawn_watches().await;
         let mut released = false;
         loop {
             match self.tick().await {
@@ -410,33 +515,69 @@ impl<R: Runtime> Agent<R> {
                 self.reboot_if_asked().await;
             }
             tokio::select! {
+                biased;
                 _ = &mut stop => break,
+                _ = self.woken.recv() => {}
                 _ = tokio::time::sleep(self.tick) => {}
             }
         }
-        keepalive.abort();
+        drop(keepalive);
+        self.machines_watch = None;
         if let Err(e) = self.member.leave().await {
             log::warn!("leaving the fleet: {e}");
         }
     }
 
-    /// Renews the machine's lease every tick on its own task: a tick that spends longer than the
-    /// TTL starting or stopping containers (an image import, a container that ignores SIGTERM)
-    /// must not let the lease expire, or the machine's units would be moved away while they run.
-    fn spawn_keepalive(&self) -> tokio::task::JoinHandle<()> {
+    /// The watches every agent keeps: the leader key, the units and its own assignment, from
+    /// the current revision (the first tick reads after it).
+    async fn spawn_watches(&self) -> [Task; 3] {
+        let keys = &self.store.keys;
+        let from = next_revision(&self.store.client, &keys.leader()).await;
+        let watch = |key: String, prefix: bool, wanted: fn(&Event) -> bool| {
+            spawn_watch(
+                self.store.client.clone(),
+                key,
+                prefix,
+                from,
+                wanted,
+                self.wake.clone(),
+            )
+        };
+        [
+            watch(keys.leader(), false, leader_gone),
+            watch(keys.units(), true, any_change),
+            watch(keys.assign(self.member.id()), false, any_change),
+        ]
+    }
+
+    /// Renews the machine's lease every third of its TTL on its own task: a tick that spends
+    /// longer than the TTL starting or stopping containers (an image import, a container that
+    /// ignores SIGTERM) must not let the lease expire, or the machine's units would be moved away
+    /// while they run. When the lease is gone anyway, it wakes the loop to register again.
+    fn spawn_keepalive(&self) -> Task {
         let client = self.store.client.clone();
         let lease = self.member.lease_handle();
-        let every = self.tick;
-        tokio::spawn(async move {
+        let every = renewal(self.member.ttl_s());
+        let wake = self.wake.clone();
+        Task(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let id = lease.load(std::sync::atomic::Ordering::SeqCst);
-                if let Err(e) = client.lease_keepalive(id).await {
-                    log::debug!("lease keepalive: {e}");
+                match client.lease_keepalive(id).await {
+                    Ok(_) => {}
+                    Err(crate::etcd::EtcdError::LeaseExpired(_)) => {
+                        let _ = wake.try_send(());
+                    }
+                    Err(e) => log::debug!("lease keepalive: {e}"),
                 }
             }
-        })
+        }))
     }
+}
+
+/// How often a lease of `ttl_s` seconds is renewed (and the fallback tick): a third of it.
+fn renewal(ttl_s: i64) -> Duration {
+    Duration::from_millis((ttl_s.max(0) as u64 * 1000 / 3).max(500))
 }
 
 /// Without etcd: runs the local units until `stop` resolves.

@@ -195,6 +195,11 @@ impl Member {
         &self.record.id
     }
 
+    /// The TTL of the machine's lease, in seconds.
+    pub fn ttl_s(&self) -> i64 {
+        self.ttl_s
+    }
+
     /// The lease the machine's keys hang on.
     pub fn lease(&self) -> i64 {
         self.lease

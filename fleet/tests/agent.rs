@@ -265,3 +265,105 @@ async fn a_slow_container_start_does_not_cost_the_machine_its_lease() {
     let _ = stop_tx.send(());
     running.await.unwrap();
 }
+
+/// Where `web` is reported running, by machine id.
+async fn web_running_on(store: &Store) -> std::collections::BTreeSet<String> {
+    let st = store.statuses().await.unwrap_or_default();
+    st.into_iter()
+        .filter(|((_, u), s)| u == "web" && s.state == "running")
+        .map(|((m, _), _)| m)
+        .collect()
+}
+
+/// Polls `check` every 50 ms until it holds; how long that took, or a panic after `limit`.
+async fn within<F, Fut>(what: &str, limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !check().await {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.elapsed()
+}
+
+/// With a fallback tick far longer than the test, everything below can only come from the
+/// watches: a submission is placed and started, a dead leader is replaced and its unit moved, a
+/// dead follower's unit moved, each within the TTL (2 s) and a small margin of the event, and
+/// again after etcd restarted under the agents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_react_well_before_the_tick() {
+    const TICK: Duration = Duration::from_secs(600);
+    let mut etcd = Etcd::start();
+    let cfg = config(&etcd); // TTL 2 s
+    let limit = Duration::from_secs(cfg.ttl_s as u64 + 2);
+    let client = caisson_fleet::etcd::Client::new(&[etcd.endpoint()]).unwrap();
+    let store = Store::new(
+        client.clone(),
+        caisson_fleet::registry::Keys::new(&cfg.prefix),
+    );
+    let leader = || async {
+        caisson_fleet::registry::leader(&store.client, &store.keys)
+            .await
+            .ok()
+            .flatten()
+    };
+    let mut running = BTreeMap::new();
+    for id in ["m1", "m2", "m3", "m4"] {
+        let mut a = Agent::join(&cfg, record(id), FakeRuntime::default())
+            .await
+            .unwrap();
+        a.tick = TICK;
+        running.insert(id.to_string(), tokio::spawn(a.run(std::future::pending())));
+        if id == "m1" {
+            within("m1 leads", limit, || async { leader().await.is_some() }).await;
+        }
+    }
+    assert_eq!(leader().await.as_deref(), Some("m1"));
+
+    // A submission: the leader places web on two machines, and they start it.
+    let web = UnitSpec::parse("web", "replicas = 2\n[image]\npath = \"/w.tar\"").unwrap();
+    store.submit(&[web]).await.unwrap();
+    let took = within("web placed and running", limit, || async {
+        web_running_on(&store).await.len() == 2
+    })
+    .await;
+    eprintln!("submitted to running on two machines: {took:?}");
+    let first = web_running_on(&store).await;
+    assert!(first.contains("m1"), "the leader runs web: {first:?}");
+
+    // The leader (running web) dies without a word: its lease expires, the others see the
+    // leader key go, one takes over and moves web.
+    running.remove("m1").unwrap().abort();
+    let took = within("m1's web moved by a new leader", limit, || async {
+        let on = web_running_on(&store).await;
+        let l = leader().await;
+        on.len() == 2 && !on.contains("m1") && l.is_some_and(|l| l != "m1")
+    })
+    .await;
+    eprintln!("leader killed to web running elsewhere: {took:?}");
+
+    // etcd restarts under the agents: their watches resume and still react.
+    tokio::task::block_in_place(|| etcd.restart());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now_leader = leader().await.unwrap();
+    let on = web_running_on(&store).await;
+    let victim = on.iter().find(|m| **m != now_leader).unwrap().clone();
+    let spare = ["m2", "m3", "m4"]
+        .into_iter()
+        .find(|m| !on.contains(*m))
+        .unwrap();
+    running.remove(&victim).unwrap().abort();
+    let took = within("a follower's web moved", limit, || async {
+        let on = web_running_on(&store).await;
+        on.len() == 2 && !on.contains(&victim) && on.contains(spare)
+    })
+    .await;
+    eprintln!("follower {victim} killed to web running on {spare}: {took:?}");
+    assert_eq!(leader().await, Some(now_leader), "the leader stayed");
+    for (_, h) in running {
+        h.abort();
+    }
+}
