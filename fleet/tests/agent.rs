@@ -367,3 +367,50 @@ async fn watches_react_well_before_the_tick() {
         h.abort();
     }
 }
+
+/// A machine that was away longer than its lease (paused, cut off from etcd) comes back to find
+/// its unit moved: it registers again and stops its copy, and the unit does not move back.
+#[tokio::test]
+async fn a_machine_that_comes_back_stops_what_is_no_longer_its_own() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd); // TTL 2 s
+    let mut m1 = Agent::join(&cfg, record("m1"), FakeRuntime::default())
+        .await
+        .unwrap();
+    let mut m2 = Agent::join(&cfg, record("m2"), FakeRuntime::default())
+        .await
+        .unwrap();
+    let store = Store::new(m1.store.client.clone(), m1.store.keys.clone());
+    let web = UnitSpec::parse("web", "[image]\npath = \"/w.tar\"").unwrap();
+    store.submit(&[web]).await.unwrap();
+    m1.tick().await.unwrap(); // leads, places web on itself, starts it
+    m2.tick().await.unwrap();
+    assert_eq!(m1.runtime.units(), ["web"]);
+    assert!(m1.leading && !m2.leading);
+    // m1 goes quiet past its TTL; m2 keeps ticking, takes over and runs web.
+    let t = Instant::now();
+    while m2.runtime.units().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(7), "web did not move");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        m2.tick().await.unwrap();
+    }
+    assert!(m2.leading);
+    assert_eq!(m1.runtime.units(), ["web"], "m1 still runs its old copy");
+    // m1 is back: one tick and its copy is gone; web stays on m2.
+    m1.tick().await.unwrap();
+    assert!(m1.runtime.units().is_empty(), "{:?}", m1.runtime.units());
+    assert!(!m1.leading);
+    m2.tick().await.unwrap();
+    m1.tick().await.unwrap();
+    assert_eq!(m2.runtime.units(), ["web"]);
+    assert!(m1.runtime.units().is_empty());
+    let placement = store.placement().await.unwrap();
+    assert_eq!(
+        placement["web"],
+        std::collections::BTreeSet::from(["m2".to_string()])
+    );
+    let machines = caisson_fleet::registry::machines(&store.client, &store.keys)
+        .await
+        .unwrap();
+    assert_eq!(machines.len(), 2, "m1 registered again: {machines:?}");
+}
