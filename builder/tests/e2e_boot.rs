@@ -91,5 +91,43 @@ fn host_runs_containerd_under_the_init() {
         }
     }
     assert!(back, "containerd came back ready after a restart");
+
+    // A command through the control channel: its output (stdout and stderr) and exit code.
+    let r = common::exec(
+        &vm,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox cat /proc/sys/kernel/hostname; echo to-stderr >&2; exit 3",
+        ],
+        30,
+    );
+    let e = r
+        .exec
+        .unwrap_or_else(|| panic!("no exec result: {:?}", r.error));
+    assert_eq!(
+        (e.code, e.signal, e.timed_out),
+        (Some(3), None, false),
+        "{e:?}"
+    );
+    assert_eq!(e.output, "caisson\nto-stderr\n");
+    // One past its timeout has its process group killed, children included.
+    let sleeps = "/bin/busybox sleep 60 & /bin/busybox sleep 60";
+    let r = common::exec(&vm, &["/bin/busybox", "sh", "-c", sleeps], 1);
+    let e = r
+        .exec
+        .unwrap_or_else(|| panic!("no exec result: {:?}", r.error));
+    assert_eq!((e.signal, e.timed_out), (Some(9), true), "{e:?}");
+    let ps = common::exec(&vm, &["/bin/busybox", "ps"], 30).exec.unwrap();
+    assert!(
+        !ps.output.contains("sleep 60"),
+        "the sleeps were killed:\n{}",
+        ps.output
+    );
+    // A program that is not there: a clear refusal, and the machine carries on.
+    let r = common::exec(&vm, &["/no/such/program"], 30);
+    assert!(!r.ok, "{r:?}");
+    assert!(r.error.unwrap_or_default().contains("/no/such/program"));
     poweroff(&mut vm);
 }

@@ -34,6 +34,49 @@ pub enum Request {
     },
     Reboot,
     Poweroff,
+    /// Run one command as root and answer with its exit and output (see [`ExecResult`]).
+    Exec {
+        argv: Vec<String>,
+        /// Seconds before its process group is killed; [`EXEC_TIMEOUT_DEFAULT_S`] when absent.
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
+}
+
+/// An `exec` without `timeout_s` is killed after this many seconds.
+pub const EXEC_TIMEOUT_DEFAULT_S: u64 = 60;
+/// The longest `timeout_s` an `exec` may ask for.
+pub const EXEC_TIMEOUT_MAX_S: u64 = 3600;
+
+/// How an `exec` ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Its exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+    /// stdout and stderr as they came (one pipe), lossily UTF-8, at most 1 MiB.
+    pub output: String,
+    /// The output was longer than what `output` holds.
+    pub truncated: bool,
+    /// It ran past `timeout_s` and was killed.
+    pub timed_out: bool,
+}
+
+impl Request {
+    /// How long a client may have to wait for this request's answer.
+    pub fn answer_within(&self) -> std::time::Duration {
+        let s = match self {
+            Request::Exec { timeout_s, .. } => {
+                timeout_s
+                    .unwrap_or(EXEC_TIMEOUT_DEFAULT_S)
+                    .min(EXEC_TIMEOUT_MAX_S)
+                    + 30
+            }
+            _ => 30,
+        };
+        std::time::Duration::from_secs(s)
+    }
 }
 
 /// The machine as `status` reports it.
@@ -66,6 +109,9 @@ pub struct Response {
     /// One log line (`logs` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<String>,
+    /// How the command ended (`exec` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecResult>,
 }
 
 impl Response {

@@ -9,6 +9,7 @@ pub mod bless;
 pub mod blockdev;
 pub mod boot;
 pub mod cgroup;
+pub mod command;
 pub mod console;
 pub mod control;
 pub mod deps;

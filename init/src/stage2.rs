@@ -448,6 +448,7 @@ fn start_signal_thread(
 fn start_control(tx: Sender<Event>) {
     let tx = std::sync::Mutex::new(tx);
     let dispatch: Dispatch = Arc::new(move |req| {
+        let within = req.answer_within();
         let (rtx, rrx) = channel();
         let sent = tx
             .lock()
@@ -456,7 +457,7 @@ fn start_control(tx: Sender<Event>) {
         if !sent {
             return Response::error("the init is not accepting requests");
         }
-        rrx.recv_timeout(Duration::from_secs(30))
+        rrx.recv_timeout(within)
             .unwrap_or_else(|_| Response::error("the init did not answer"))
     });
     let log_dir = PathBuf::from(paths::LOG_DIR);
@@ -537,6 +538,23 @@ fn event_loop(
                 }
                 other => log::debug!("ignoring signal {other}"),
             },
+            Ok(Event::Control(Request::Exec { argv, timeout_s }, reply)) => {
+                let timeout = timeout_s
+                    .unwrap_or(control::EXEC_TIMEOUT_DEFAULT_S)
+                    .min(control::EXEC_TIMEOUT_MAX_S);
+                let answer = reply.clone();
+                let started = sup.run_command(
+                    &argv,
+                    Duration::from_secs(timeout),
+                    Instant::now(),
+                    Box::new(move |r| {
+                        let _ = answer.send(r);
+                    }),
+                );
+                if let Err(why) = started {
+                    let _ = reply.send(Response::error(why));
+                }
+            }
             Ok(Event::Control(req, reply)) => {
                 let resp = control_request(sup, req, ready, id, &mut power, net);
                 let _ = reply.send(resp);
@@ -598,6 +616,7 @@ fn control_request(
             Ok(())
         }
         Request::Logs { .. } => return Response::error("logs are served by the connection"),
+        Request::Exec { .. } => return Response::error("exec is run by the event loop"),
     };
     match result {
         Ok(()) => Response::ok(),

@@ -5,6 +5,7 @@
 
 use crate::backoff::Backoff;
 use crate::cgroup::Cgroups;
+use crate::command::{Commands, Reply};
 use crate::deps;
 use crate::service::{Kind, ReadyCheck, Restart, ServiceError, ServiceSpec};
 use crate::sys::{ExecPlan, Exit, Pid, Sig, Syscall};
@@ -186,6 +187,8 @@ pub struct Supervisor {
     shutdown_announced: bool,
     /// Services with `network` in `after` wait while this is set (see NETWORK.md).
     network_pending: bool,
+    /// Commands of the control channel's `exec`.
+    commands: Commands,
 }
 
 impl Supervisor {
@@ -273,6 +276,7 @@ impl Supervisor {
             healthy_announced: false,
             shutdown_announced: false,
             network_pending: false,
+            commands: Commands::default(),
         }
     }
 
@@ -294,6 +298,9 @@ impl Supervisor {
 
     /// A child exited. Exits of pids not (yet) known are kept for [`Self::register`].
     pub fn on_exit(&mut self, pid: Pid, exit: Exit, now: Instant) {
+        if self.commands.claim(pid, exit) {
+            return;
+        }
         if let Some(name) = self.probes.remove(&pid) {
             self.probe_done(&name, pid, exit, now);
             return;
@@ -401,6 +408,7 @@ impl Supervisor {
     /// Decide on what to start, probe, kill or announce now.
     pub fn tick(&mut self, now: Instant) -> Vec<Notice> {
         let mut notices = Vec::new();
+        self.commands.expire(self.sys.as_ref(), now);
         if self.shutting_down {
             self.tick_shutdown(now);
             if !self.shutdown_announced && self.services.values().all(|s| !s.is_running()) {
@@ -747,12 +755,44 @@ impl Supervisor {
             return;
         }
         self.shutting_down = true;
+        self.commands.kill_all(self.sys.as_ref());
         for svc in self.services.values_mut() {
             if matches!(svc.state, State::Waiting | State::Backoff { .. }) {
                 svc.state = State::Stopped;
             }
         }
         self.tick_shutdown(now);
+    }
+
+    /// Runs `argv` as root for the control channel's `exec`; `reply` gets the answer when it has
+    /// exited (or was killed after `timeout`). An error means nothing was started.
+    pub fn run_command(
+        &mut self,
+        argv: &[String],
+        timeout: Duration,
+        now: Instant,
+        reply: Reply,
+    ) -> Result<(), String> {
+        if self.shutting_down {
+            return Err("the machine is shutting down".into());
+        }
+        let Some((program, args)) = argv.split_first() else {
+            return Err("exec: argv is empty".into());
+        };
+        let plan = ExecPlan {
+            program: PathBuf::from(program),
+            args: args.to_vec(),
+            env: vec![("PATH".into(), self.config.default_path.clone())],
+            capture_output: true,
+            ..Default::default()
+        };
+        let pid =
+            self.commands
+                .start(self.sys.as_ref(), &self.reaper, &plan, timeout, now, reply)?;
+        if let Some(exit) = self.take_unclaimed(pid) {
+            self.commands.claim(pid, exit);
+        }
+        Ok(())
     }
 
     /// True once [`Self::begin_shutdown`] was called.

@@ -142,6 +142,25 @@ pub fn request(vm: &caisson_qemu::Vm, line: &str) -> serde_json::Value {
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
+/// Runs `argv` in the guest through the control channel's `exec` and returns the init's answer.
+pub fn exec(
+    vm: &caisson_qemu::Vm,
+    argv: &[&str],
+    timeout_s: u64,
+) -> caisson_init::control::Response {
+    use caisson_init::control::{Request, Response};
+    let req = Request::Exec {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        timeout_s: Some(timeout_s),
+    };
+    let line = serde_json::to_string(&req).unwrap();
+    let mut ctl = vm.control().expect("connecting to the guest channel");
+    let answer = ctl
+        .request_timeout(&line, req.answer_within())
+        .expect("the init answers an exec");
+    serde_json::from_str::<Response>(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
 /// Asks the init to power off and waits for a clean exit.
 pub fn poweroff(vm: &mut caisson_qemu::Vm) {
     let answer = request(vm, r#"{"cmd":"poweroff"}"#);

@@ -56,6 +56,16 @@ enum Command {
     Reboot,
     /// Stop every service and power off.
     Poweroff,
+    /// Run a command as root under the init (the host uses this through the virtio port) and
+    /// exit with its code; its stdout and stderr come back together.
+    Exec {
+        /// Seconds before its process group is killed.
+        #[arg(long, default_value_t = caisson_init::control::EXEC_TIMEOUT_DEFAULT_S)]
+        timeout: u64,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,9 +92,36 @@ fn main() -> Result<()> {
         Command::Restart { service } => Request::Restart { service },
         Command::Reboot => Request::Reboot,
         Command::Poweroff => Request::Poweroff,
+        Command::Exec { timeout, argv } => {
+            let req = Request::Exec {
+                argv,
+                timeout_s: Some(timeout),
+            };
+            return exec(&mut client, &req);
+        }
     };
     check(client.call(&req)?)?;
     Ok(())
+}
+
+fn exec(client: &mut Client, req: &Request) -> Result<()> {
+    let r = check(client.call(req)?)?;
+    let Some(e) = r.exec else {
+        bail!("the init answered an exec without its result");
+    };
+    print!("{}", e.output);
+    if e.truncated {
+        eprintln!("caisson-ctl: the output was cut at 1 MiB");
+    }
+    if e.timed_out {
+        bail!("killed after its timeout");
+    }
+    match (e.code, e.signal) {
+        (Some(0), _) => Ok(()),
+        (Some(c), _) => std::process::exit(c),
+        (None, Some(s)) => bail!("killed by signal {s}"),
+        (None, None) => bail!("ended without an exit status"),
+    }
 }
 
 fn check(r: Response) -> Result<Response> {
