@@ -274,12 +274,16 @@ fn set_status(shared: &Shared, f: impl FnOnce(&mut NetStatus)) {
 
 /// Starts the network thread. `settled` is called once: when the interface is configured, when
 /// there is nothing to configure, or after the configured timeout.
-pub fn start(shared: Shared, settled: Box<dyn Fn() + Send>) {
+/// The thread first waits for the early modules (the network drivers).
+pub fn start(shared: Shared, modules: crate::modules::Loading, settled: Box<dyn Fn() + Send>) {
     let root = PathBuf::from("/");
     let spawned = std::thread::Builder::new()
         .name("network".into())
         .stack_size(256 * 1024)
-        .spawn(move || run(&root, &shared, settled));
+        .spawn(move || {
+            modules.wait(crate::modules::List::Early);
+            run(&root, &shared, settled)
+        });
     if let Err(e) = spawned {
         log::error!("no network thread: {e}");
     }

@@ -2,6 +2,7 @@
 //! once before any service file is read, and on every boot set its sysctls and load its modules.
 //! A config that fails stops the boot here, before any service, and never echoes contents.
 
+use crate::modules::{List, Loading};
 use crate::sys::{MountFlags, Power, Syscall};
 use caisson_provision::source::{self, Env, Mounter};
 use caisson_provision::{Checks, Outcome};
@@ -44,20 +45,34 @@ const URL_TRIES: u32 = 5;
 /// How long one fetch of the URL source may take.
 const URL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// True when this boot must look for a machine config (no boot has looked yet), and so needs
+/// the drivers of its sources before anything else.
+pub fn must_look() -> bool {
+    !caisson_provision::looked(Path::new("/"))
+}
+
 /// Applies the machine config on the first boot; returns only when the boot may go on.
 /// `network` brings the network up and returns once it has settled; it is called only when the
 /// config must come from the URL of the kernel command line.
-pub fn first_boot(sys: &dyn Syscall, esp: Option<Uuid>, network: &mut dyn FnMut()) {
+pub fn first_boot(
+    sys: &dyn Syscall,
+    esp: Option<Uuid>,
+    modules: &Loading,
+    network: &mut dyn FnMut(),
+) {
     let root = Path::new("/");
     match caisson_provision::recorded(root) {
         Some(sha) => log::info!("provisioning: already provisioned (sha256 {sha})"),
+        None if caisson_provision::looked(root) => {
+            log::info!("provisioning: the first boot found no machine config")
+        }
         None => {
             if let Err(why) = find_and_apply(sys, root, esp, network) {
                 halt(sys, &why);
             }
         }
     }
-    every_boot(sys, root);
+    every_boot(sys, root, modules);
 }
 
 /// The URL source: the network first, then a few tries (a web server may come up late).
@@ -108,7 +123,10 @@ fn find_and_apply(
         },
     };
     let Some(found) = found else {
-        log::info!("provisioning: no machine config");
+        log::info!("provisioning: no machine config; later boots do not look again");
+        if let Err(e) = caisson_provision::record_nothing(root) {
+            log::warn!("provisioning: recording that there was none: {e}");
+        }
         return Ok(());
     };
     let from = found.source.to_string();
@@ -127,13 +145,15 @@ fn find_and_apply(
 }
 
 /// Sysctls and modules of the provisioned config, on every boot.
-fn every_boot(sys: &dyn Syscall, root: &Path) {
+fn every_boot(sys: &dyn Syscall, root: &Path, modules: &Loading) {
+    let names = caisson_provision::boot::module_names(root);
+    if names.is_empty() && caisson_provision::boot::sysctls(root).is_empty() {
+        return;
+    }
+    // The sysctls may belong to the spec's modules (net.bridge.*), the modules may need them.
+    modules.wait(List::Late);
     for e in caisson_provision::boot::apply_sysctls(root) {
         log::warn!("provisioning: {e}");
-    }
-    let names = caisson_provision::boot::module_names(root);
-    if names.is_empty() {
-        return;
     }
     let uname = rustix::system::uname();
     let release = uname.release().to_string_lossy().into_owned();

@@ -4,6 +4,7 @@
 use crate::cgroup::Cgroups;
 use crate::control::{self, Dispatch, Request, Response, Status};
 use crate::logs::LogPump;
+use crate::modules::{List, Loading};
 use crate::reaper::Reaper;
 use crate::service;
 use crate::stage1::EARLY_MOUNTS;
@@ -75,7 +76,12 @@ pub enum Event {
     Unhealthy,
     /// The network is configured or gave up waiting (see [`crate::network`]).
     NetworkSettled,
+    /// Both module lists are loaded.
+    ModulesLoaded,
 }
+
+/// Services with this name in `after` start once every stage-2 module is loaded (SERVICES.md).
+pub const MODULES_PSEUDO_SERVICE: &str = "modules";
 
 /// Signals PID1 handles; everything else keeps its default (which for PID1 means ignored).
 const SIGNALS: [i32; 5] = [
@@ -272,15 +278,20 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         log::warn!("bringing up lo failed: {e}");
     }
     steps.mark("identity");
-    crate::modules::load_list(sys.as_ref(), Path::new("/"), paths::ROOT_MODULES_LIST);
-    steps.mark("modules");
-    let late_modules = start_late_modules(sys.clone());
-    // Provisioned sysctls may belong to late modules (net.bridge.*): wait for them then.
-    if Path::new(PROVISIONED_SYSCTLS).exists() {
-        if let Some(h) = late_modules {
-            let _ = h.join();
-        }
-        steps.mark("late modules");
+    // Both module lists load on a thread; whatever needs a module waits for its list: the
+    // network, the virtio control port and blessing the early one, services `after = ["modules"]`
+    // both. A boot that must look for a machine config needs the early drivers (fw_cfg, config
+    // drives, the ESP, the network) before it goes on; other boots do not wait here.
+    let modules = Loading::start(
+        sys.clone(),
+        vec![
+            (List::Early, paths::ROOT_MODULES_LIST),
+            (List::Late, paths::ROOT_MODULES_LATE_LIST),
+        ],
+    );
+    if crate::provisioning::must_look() {
+        modules.wait(List::Early);
+        steps.mark("modules");
     }
     for d in ["/run/caisson", paths::LOG_DIR] {
         if let Err(e) = std::fs::create_dir_all(d) {
@@ -290,9 +301,10 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     // Before the host name is set and any service file is read (provision/CONFIG.md).
     // A config fetched from a URL needs the network before any service: then it starts here.
     let mut early_net: Option<crate::network::Shared> = None;
-    crate::provisioning::first_boot(sys.as_ref(), id.params.as_ref().map(|p| p.esp), &mut || {
+    let esp = id.params.as_ref().map(|p| p.esp);
+    crate::provisioning::first_boot(sys.as_ref(), esp, &modules, &mut || {
         if early_net.is_none() {
-            early_net = Some(network_now());
+            early_net = Some(network_now(&modules));
         }
     });
     steps.mark("provisioning");
@@ -348,44 +360,32 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     start_signal_thread(sys.clone(), reaper, tx.clone())?;
     let net = match early_net {
         Some(n) => n,
-        None => start_network(&mut sup, &tx),
+        None => start_network(&mut sup, &tx, &modules),
     };
-    start_control(tx.clone());
+    hold_for_modules(&mut sup, &tx, &modules);
+    start_control(tx.clone(), &modules);
     steps.mark("services and threads");
     log::info!("{}", steps.line());
     let watchdog = (config.unhealthy_reboot_s > 0).then(|| {
         Instant::now() + Duration::from_secs(config.bless_after_s + config.unhealthy_reboot_s)
     });
-    Ok(event_loop(&mut sup, &rx, &tx, &id, watchdog, &net))
-}
-
-/// Sysctls a machine config asked for (provision/CONFIG.md), applied on every boot.
-const PROVISIONED_SYSCTLS: &str = "/etc/caisson/sysctl.conf";
-
-/// Loads the late module list on its own thread, so services start without waiting for it.
-fn start_late_modules(sys: Arc<dyn Syscall>) -> Option<std::thread::JoinHandle<usize>> {
-    let spawned = std::thread::Builder::new()
-        .name("modules".into())
-        .spawn(move || {
-            crate::modules::load_list(sys.as_ref(), Path::new("/"), paths::ROOT_MODULES_LATE_LIST)
-        });
-    match spawned {
-        Ok(h) => Some(h),
-        Err(e) => {
-            log::warn!("no thread for the late modules ({e}); they are not loaded");
-            None
-        }
-    }
+    let env = LoopEnv {
+        id: &id,
+        net: &net,
+        modules: &modules,
+    };
+    Ok(event_loop(&mut sup, &rx, &tx, &env, watchdog))
 }
 
 /// The network thread started before the services (for provisioning), waited on until it has
 /// settled, which its own `timeout_s` bounds.
-fn network_now() -> crate::network::Shared {
+fn network_now(modules: &Loading) -> crate::network::Shared {
     let net = crate::network::Shared::default();
     let (tx, rx) = channel::<()>();
     let tx = std::sync::Mutex::new(tx);
     crate::network::start(
         net.clone(),
+        modules.clone(),
         Box::new(move || {
             if let Ok(t) = tx.lock() {
                 let _ = t.send(());
@@ -399,12 +399,17 @@ fn network_now() -> crate::network::Shared {
 }
 
 /// The network thread; services `after = ["network"]` wait until it settles.
-fn start_network(sup: &mut Supervisor, tx: &Sender<Event>) -> crate::network::Shared {
+fn start_network(
+    sup: &mut Supervisor,
+    tx: &Sender<Event>,
+    modules: &Loading,
+) -> crate::network::Shared {
     let net = crate::network::Shared::default();
-    sup.network_pending();
+    sup.hold(crate::network::PSEUDO_SERVICE);
     let tx = std::sync::Mutex::new(tx.clone());
     crate::network::start(
         net.clone(),
+        modules.clone(),
         Box::new(move || {
             if let Ok(t) = tx.lock() {
                 let _ = t.send(Event::NetworkSettled);
@@ -412,6 +417,26 @@ fn start_network(sup: &mut Supervisor, tx: &Sender<Event>) -> crate::network::Sh
         }),
     );
     net
+}
+
+/// Services `after = ["modules"]` wait until both module lists are loaded.
+fn hold_for_modules(sup: &mut Supervisor, tx: &Sender<Event>, modules: &Loading) {
+    if modules.is_loaded(List::Late) {
+        return;
+    }
+    sup.hold(MODULES_PSEUDO_SERVICE);
+    let (modules, tx) = (modules.clone(), tx.clone());
+    let spawned = std::thread::Builder::new()
+        .name("modules-wait".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            modules.wait(List::Late);
+            let _ = tx.send(Event::ModulesLoaded);
+        });
+    if let Err(e) = spawned {
+        log::warn!("no thread to wait for the modules ({e}); not holding services for them");
+        sup.release(MODULES_PSEUDO_SERVICE);
+    }
 }
 
 fn start_signal_thread(
@@ -445,7 +470,7 @@ fn start_signal_thread(
         .map_err(|e| Stage2Error::Thread("signal", e))
 }
 
-fn start_control(tx: Sender<Event>) {
+fn start_control(tx: Sender<Event>, modules: &Loading) {
     let tx = std::sync::Mutex::new(tx);
     let dispatch: Dispatch = Arc::new(move |req| {
         let within = req.answer_within();
@@ -468,15 +493,34 @@ fn start_control(tx: Sender<Event>) {
     ) {
         log::error!("control socket {}: {e}", paths::CONTROL_SOCKET);
     }
-    match control::find_virtio_port(Path::new("/"), paths::VIRTIO_CONTROL_PORT) {
-        Some(port) => {
-            log::info!("control channel on {}", port.display());
-            if let Err(e) = control::serve_virtio(port, dispatch, log_dir) {
-                log::error!("virtio control port: {e}");
+    // The port appears once virtio_console (an early module) is loaded.
+    let modules = modules.clone();
+    let virtio = move || {
+        modules.wait(List::Early);
+        match control::find_virtio_port(Path::new("/"), paths::VIRTIO_CONTROL_PORT) {
+            Some(port) => {
+                log::info!("control channel on {}", port.display());
+                if let Err(e) = control::serve_virtio(port, dispatch, log_dir) {
+                    log::error!("virtio control port: {e}");
+                }
             }
+            None => log::debug!("no virtio port {}", paths::VIRTIO_CONTROL_PORT),
         }
-        None => log::debug!("no virtio port {}", paths::VIRTIO_CONTROL_PORT),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("control-find".into())
+        .stack_size(64 * 1024)
+        .spawn(virtio);
+    if let Err(e) = spawned {
+        log::error!("no thread for the virtio control port: {e}");
     }
+}
+
+/// What the event loop reads but never changes.
+struct LoopEnv<'a> {
+    id: &'a Identity,
+    net: &'a crate::network::Shared,
+    modules: &'a Loading,
 }
 
 /// The supervisor's loop; returns what to do once every service has stopped.
@@ -484,10 +528,10 @@ fn event_loop(
     sup: &mut Supervisor,
     rx: &Receiver<Event>,
     tx: &Sender<Event>,
-    id: &Identity,
+    env: &LoopEnv,
     mut watchdog: Option<Instant>,
-    net: &crate::network::Shared,
 ) -> Power {
+    let LoopEnv { id, net, modules } = *env;
     let mut power = Power::PowerOff;
     let mut ready = false;
     let mut shutdown_deadline: Option<Instant> = None;
@@ -505,7 +549,7 @@ fn event_loop(
                 }
                 Notice::Healthy => {
                     watchdog = None;
-                    start_bless(id, tx.clone());
+                    start_bless(id, tx.clone(), modules.clone());
                 }
                 Notice::ShutdownDone => return power,
             }
@@ -565,7 +609,8 @@ fn event_loop(
                     sup.begin_shutdown(Instant::now());
                 }
             }
-            Ok(Event::NetworkSettled) => sup.network_settled(),
+            Ok(Event::NetworkSettled) => sup.release(crate::network::PSEUDO_SERVICE),
+            Ok(Event::ModulesLoaded) => sup.release(MODULES_PSEUDO_SERVICE),
             Ok(Event::Blessed) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {}
         }
@@ -643,7 +688,7 @@ fn announce_ready(id: &Identity) {
     }
 }
 
-fn start_bless(id: &Identity, tx: Sender<Event>) {
+fn start_bless(id: &Identity, tx: Sender<Event>, modules: Loading) {
     let Some(params) = id.params.clone() else {
         log::info!("no boot parameters on the command line: nothing to bless");
         return;
@@ -651,6 +696,8 @@ fn start_bless(id: &Identity, tx: Sender<Event>) {
     let spawned = std::thread::Builder::new()
         .name("bless".into())
         .spawn(move || {
+            // The ESP is vfat, an early module.
+            modules.wait(List::Early);
             if let Err(e) = bless_now(&Real, &params) {
                 log::error!("blessing the boot entry failed: {e}");
             }

@@ -185,8 +185,9 @@ pub struct Supervisor {
     healthy_since: Option<Instant>,
     healthy_announced: bool,
     shutdown_announced: bool,
-    /// Services with `network` in `after` wait while this is set (see NETWORK.md).
-    network_pending: bool,
+    /// Pseudo services (`network`, `modules`) not settled yet: services with one of them in
+    /// `after` wait (see SERVICES.md).
+    held: std::collections::BTreeSet<String>,
     /// Commands of the control channel's `exec`.
     commands: Commands,
 }
@@ -275,20 +276,20 @@ impl Supervisor {
             healthy_since: None,
             healthy_announced: false,
             shutdown_announced: false,
-            network_pending: false,
+            held: Default::default(),
             commands: Commands::default(),
         }
     }
 
-    /// Holds back services `after = ["network"]` until [`Supervisor::network_settled`] (unless a
-    /// real service is named `network`).
-    pub fn network_pending(&mut self) {
-        self.network_pending = true;
+    /// Holds back services with the pseudo service `name` in `after` (`network`, `modules`)
+    /// until [`Supervisor::release`] (unless a real service has that name).
+    pub fn hold(&mut self, name: &str) {
+        self.held.insert(name.to_string());
     }
 
-    /// The network is configured, or gave up waiting: release the services after it.
-    pub fn network_settled(&mut self) {
-        self.network_pending = false;
+    /// The pseudo service `name` has settled: release the services after it.
+    pub fn release(&mut self, name: &str) {
+        self.held.remove(name);
     }
 
     /// The start order (shutdown goes the other way).
@@ -495,9 +496,7 @@ impl Supervisor {
         for dep in &spec.after {
             match self.services.get(dep) {
                 Some(d) if !d.settled() => return DepStatus::Wait,
-                None if self.network_pending && dep == crate::network::PSEUDO_SERVICE => {
-                    return DepStatus::Wait
-                }
+                None if self.held.contains(dep) => return DepStatus::Wait,
                 _ => {}
             }
         }
@@ -986,14 +985,32 @@ mod tests {
     #[test]
     fn after_network_waits_until_the_network_settles() {
         let (rec, mut s) = sup(vec![svc("web", &[], &["network"]), svc("local", &[], &[])]);
-        s.network_pending();
+        s.hold("network");
         let t0 = Instant::now();
         s.tick(t0);
         assert_eq!(spawned(&rec), ["/bin/local"]);
         assert_eq!(state_of(&s, "web"), "waiting");
-        s.network_settled();
+        s.release("network");
         s.tick(t0 + Duration::from_millis(100));
         assert_eq!(spawned(&rec), ["/bin/local", "/bin/web"]);
+    }
+
+    #[test]
+    fn a_held_pseudo_service_holds_only_its_dependents_and_a_real_one_wins() {
+        let (rec, mut s) = sup(vec![
+            svc("update", &[], &["modules"]),
+            svc("web", &[], &["network"]),
+            svc("network", &[], &[]),
+        ]);
+        s.hold("modules");
+        s.hold("network");
+        let t0 = Instant::now();
+        s.tick(t0);
+        // A real service named `network` is what `after` means; nothing is spawned for `modules`.
+        assert_eq!(spawned(&rec), ["/bin/network", "/bin/web"]);
+        s.release("modules");
+        s.tick(t0 + Duration::from_millis(100));
+        assert_eq!(spawned(&rec), ["/bin/network", "/bin/web", "/bin/update"]);
     }
 
     #[test]

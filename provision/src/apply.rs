@@ -57,6 +57,21 @@ pub fn recorded(root: &Path) -> Option<String> {
         .map(|v| v.trim_matches('"').to_string())
 }
 
+/// True once a first boot has looked for a config, whether it found one or not: later boots
+/// do not look again (a machine is provisioned on its first boot only).
+pub fn looked(root: &Path) -> bool {
+    under(root, RECORD).exists()
+}
+
+/// Records that the first boot found no config, so later boots do not look again.
+pub fn record_nothing(root: &Path) -> Result<(), ApplyError> {
+    write_atomic(
+        &under(root, RECORD),
+        b"# the first boot found no machine config\nsource = \"none\"\n",
+        0o644,
+    )
+}
+
 /// Parses, validates and plans a config's bytes (what `caisson provision-config check` does).
 /// Without `root`, what depends on the image (user names, the SSH server) is not checked.
 pub fn check(bytes: &[u8], root: Option<&Path>, checks: &dyn Checks) -> Result<Plan, ConfigError> {
@@ -209,4 +224,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ApplyErr
     }
     let tmp = stage_file(path, mode, None, bytes)?;
     std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_boot_without_a_config_is_recorded_as_looked_at() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = tmp.path();
+        assert!(!looked(r));
+        record_nothing(r).unwrap();
+        assert!(looked(r));
+        assert_eq!(recorded(r), None, "no config hash");
+        let text = std::fs::read_to_string(under(r, RECORD)).unwrap();
+        assert!(toml::from_str::<toml::Table>(&text).is_ok(), "{text}");
+    }
 }

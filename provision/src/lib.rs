@@ -11,7 +11,7 @@ pub mod drive;
 pub mod plan;
 pub mod source;
 
-pub use apply::{apply, check, recorded, ApplyError, Outcome, RECORD};
+pub use apply::{apply, check, looked, record_nothing, recorded, ApplyError, Outcome, RECORD};
 pub use config::{Config, ConfigError};
 pub use plan::{Checks, NoChecks, Plan};
 
