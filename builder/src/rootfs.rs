@@ -143,7 +143,17 @@ pub fn force_symlink(target: &str, link: &Path) -> Result<(), RootfsError> {
     symlink(target, link).map_err(io_err("linking", link))
 }
 
-/// os-release, passwd and group, and the CA bundle a maintainer script would have made.
+/// System users that packages' maintainer scripts would have added (the builder runs none), each
+/// with the file that says its package is in the root. Fixed ids keep builds reproducible.
+const PACKAGE_USERS: &[(&str, &str)] = &[
+    // openssh-server: the privilege-separation user; sshd refuses to start without it.
+    (
+        "usr/sbin/sshd",
+        "sshd:x:100:65534::/run/sshd:/usr/sbin/nologin",
+    ),
+];
+
+/// os-release, passwd and group, with the users and the CA bundle maintainer scripts would have made.
 pub fn system_files(root: &Path, image: &str, version: &str) -> Result<(), RootfsError> {
     let os = OsRelease {
         image_id: image.to_string(),
@@ -152,11 +162,16 @@ pub fn system_files(root: &Path, image: &str, version: &str) -> Result<(), Rootf
     let rel = osrelease::PATH.trim_start_matches('/');
     write_file(&root.join(rel), os.render().as_bytes(), 0o644)?;
     force_symlink("../usr/lib/os-release", &root.join("etc/os-release"))?;
-    write_file(
-        &root.join("etc/passwd"),
-        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        0o644,
-    )?;
+    let mut passwd = String::from(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    );
+    for (path, line) in PACKAGE_USERS {
+        if root.join(path).exists() {
+            passwd.push_str(line);
+            passwd.push('\n');
+        }
+    }
+    write_file(&root.join("etc/passwd"), passwd.as_bytes(), 0o644)?;
     write_file(
         &root.join("etc/group"),
         b"root:x:0:\nnogroup:x:65534:\n",
@@ -396,6 +411,15 @@ mod tests {
         system_files(&root, "mini", "1.2.3").unwrap();
         let os = fs::read_to_string(root.join("etc/os-release")).unwrap();
         assert_eq!(OsRelease::parse(&os).unwrap().version, "1.2.3");
+        let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
+        assert!(!passwd.contains("sshd"), "{passwd}");
+        write_file(&root.join("usr/sbin/sshd"), b"", 0o755).unwrap();
+        system_files(&root, "mini", "1.2.3").unwrap();
+        let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
+        assert!(
+            passwd.contains("\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n"),
+            "{passwd}"
+        );
         let bin = dir.path().join("caisson-init");
         fs::write(&bin, b"\x7fELF").unwrap();
         install_binaries(&root, &[bin]).unwrap();

@@ -176,4 +176,31 @@ mod tests {
         assert!(parse_forward("8080").is_err());
         assert!(parse_forward("99999:80").is_err());
     }
+
+    #[test]
+    fn provisioned_ssh_services_are_valid_for_the_init() {
+        let config = "version = 1\n[ssh]\nauthorized_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKbOu0U8yBdVVMmPV5CNV3ntL0DhUNwkDiV0m0nU1vMo a@b\"]\n";
+        let plan = caisson_provision::check(
+            config.as_bytes(),
+            None,
+            &caisson_init::provisioning::InitChecks,
+        )
+        .unwrap();
+        let mut names = Vec::new();
+        for e in &plan.entries {
+            let (Some(name), caisson_provision::plan::Kind::File(text)) = (
+                e.path
+                    .strip_prefix("/etc/caisson/services/")
+                    .and_then(|n| n.strip_suffix(".toml")),
+                &e.kind,
+            ) else {
+                continue;
+            };
+            let text = String::from_utf8(text.clone()).unwrap();
+            caisson_init::service::ServiceSpec::parse(name, &text)
+                .unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+            names.push(name);
+        }
+        assert_eq!(names, ["ssh-keygen", "sshd-rundir", "sshd"]);
+    }
 }

@@ -2,7 +2,9 @@
 //! machine config through fw_cfg and through a config drive: host name, an extra service, files
 //! and a secret written 0600, a static address; a second boot does not apply again but keeps the
 //! /etc changes; an invalid config stops the boot
-//! before any service with its message on the console.
+//! before any service with its message on the console. The host image boots with SSH keys and
+//! fleet labels: the host logs in with the key through a forwarded loopback port, on both boots
+//! with the same host key, and nothing but that key gets in.
 
 #![allow(clippy::unwrap_used)]
 
@@ -305,4 +307,156 @@ fn a_url_config_is_fetched_once_the_network_is_up() {
     check_provisioned(&mut vm, &url);
     poweroff(&mut vm);
     drop(server);
+}
+
+/// The host image (with openssh-server), built once for this file in its own directory.
+fn host_image() -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let out = common::workspace().join("target/e2e/provision-host");
+            let _ = std::fs::remove_dir_all(&out);
+            common::build("images/host.toml", &out, &[])
+        })
+        .clone()
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Makes an ed25519 key pair `dir/name` and returns the public key line.
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(name);
+    common::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "caisson-e2e", "-f"])
+            .arg(&key),
+    );
+    key
+}
+
+/// `ssh root@127.0.0.1 -p PORT COMMAND` with `key` only, no password ever; the host key is
+/// checked against `known_hosts` under one alias, so a changed host key fails.
+fn ssh(key: &Path, known_hosts: &Path, port: u16, extra: &[&str], command: &str) -> (bool, String) {
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string()])
+        .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+        .args(["-o", "ConnectTimeout=30", "-o", "HostKeyAlias=caisson-e2e"])
+        .args(["-o", "StrictHostKeyChecking=accept-new"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args(["-F", "/dev/null"])
+        .args(extra)
+        .arg("root@127.0.0.1")
+        .arg(command)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Tries `ssh` until it succeeds (sshd starts after its host keys are made) or `timeout` passes.
+fn ssh_until_ok(vm: &mut Vm, key: &Path, known: &Path, port: u16, command: &str) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let (ok, text) = ssh(key, known, port, &[], command);
+        if ok {
+            eprintln!(
+                "ssh answered {:.1} s after ready",
+                start.elapsed().as_secs_f64()
+            );
+            return text;
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            let tail = vm.console_tail(60).unwrap_or_default();
+            panic!("no SSH login: {text}\nconsole:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn boot_forwarded(disk: &Path, config: &Path, port: u16) -> Vm {
+    let mut opts = VmOptions::new(disk);
+    opts.disk = Disk::direct(disk);
+    opts.fw_cfg = vec![("opt/caisson/config".into(), FwCfgValue::File(config.into()))];
+    opts.user_net = Some(caisson_qemu::UserNet {
+        forwards: vec![(port, 22)],
+        restrict: false,
+    });
+    Vm::launch(opts).expect("launching QEMU")
+}
+
+#[test]
+fn ssh_login_with_the_provisioned_key_on_the_host_image() {
+    let image = host_image();
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "admin");
+    let stranger = keygen(dir.path(), "stranger");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let cfg = dir.path().join("machine.toml");
+    let text = format!(
+        "{}\n[ssh]\nauthorized_keys = [\"{}\"]\n\n[fleet]\nlabels = {{ zone = \"a\", role = \"web\" }}\n",
+        config(),
+        public.trim()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let known = dir.path().join("known_hosts");
+    let disk = kept_overlay(&image, dir.path());
+    let command = "busybox hostname; busybox id -u; busybox cat /etc/caisson/fleet.toml";
+
+    let port = free_port();
+    let mut vm = boot_forwarded(&disk, &cfg, port);
+    check_provisioned(&mut vm, "fw_cfg");
+    let out = ssh_until_ok(&mut vm, &key, &known, port, command);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("prov-1"), "{out}");
+    assert_eq!(lines.next(), Some("0"), "{out}");
+    // Fleet labels visible: the agent's settings carry them.
+    assert!(
+        out.contains("zone = \"a\"") && out.contains("role = \"web\""),
+        "{out}"
+    );
+    // Keys only: another key, and password or keyboard-interactive logins, are refused.
+    let (ok, text) = ssh(&stranger, &known, port, &[], "true");
+    assert!(
+        !ok && text.contains("Permission denied (publickey)"),
+        "{text}"
+    );
+    let no_keys = [
+        "-o",
+        "PubkeyAuthentication=no",
+        "-o",
+        "PreferredAuthentications=password,keyboard-interactive",
+    ];
+    let (ok, text) = ssh(&key, &known, port, &no_keys, "true");
+    assert!(
+        !ok && text.contains("Permission denied (publickey)"),
+        "{text}"
+    );
+    poweroff(&mut vm);
+    drop(vm);
+
+    // Second boot: not applied again; sshd runs with the host key made on the first boot
+    // (kept in the /etc overlay), which known_hosts now pins.
+    let port = free_port();
+    let mut vm = boot_forwarded(&disk, &cfg, port);
+    vm.wait_for("caisson: provisioning: already provisioned", BOOT_TIMEOUT)
+        .expect("the second boot sees the record");
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("second boot reaches ready");
+    let out = ssh_until_ok(&mut vm, &key, &known, port, "busybox hostname");
+    assert_eq!(out.trim(), "prov-1", "{out}");
+    let console = vm.console_text().unwrap();
+    assert!(!console.contains("provisioning: applied"), "applied twice");
+    poweroff(&mut vm);
 }

@@ -23,6 +23,9 @@ pub const SSHD_CONFIG: &str = "/etc/caisson/ssh/sshd_config";
 pub const AUTHORIZED_KEYS: &str = "/etc/caisson/ssh/authorized_keys";
 /// The SSH server the `[ssh]` section needs in the image (Debian's openssh-server).
 pub const SSHD: &str = "/usr/sbin/sshd";
+/// What makes sshd's privilege-separation directory (`/run/sshd`, on tmpfs) on every boot:
+/// the init's service format has no runtime directories, and sshd does not start without it.
+pub const BUSYBOX: &str = "/usr/bin/busybox";
 
 /// Checks that belong to other crates (the init's parsers), given by the caller.
 pub trait Checks {
@@ -185,10 +188,17 @@ fn network_text(n: &crate::config::Network) -> Result<String, ConfigError> {
 }
 
 fn ssh_entries(root: Option<&Path>, keys: &[String]) -> Result<Vec<Entry>, ConfigError> {
-    if root.is_some_and(|r| !r.join(SSHD.trim_start_matches('/')).exists()) {
+    let missing = |p: &str| root.is_some_and(|r| !r.join(p.trim_start_matches('/')).exists());
+    if missing(SSHD) {
         return Err(ConfigError::new(
             "ssh",
             format!("this image has no SSH server ({SSHD}, Debian's openssh-server): build one with it to use [ssh]"),
+        ));
+    }
+    if missing(BUSYBOX) {
+        return Err(ConfigError::new(
+            "ssh",
+            format!("this image has no {BUSYBOX} (Debian's busybox-static) to make sshd's /run/sshd: build one with it to use [ssh]"),
         ));
     }
     let config = format!(
@@ -200,9 +210,15 @@ fn ssh_entries(root: Option<&Path>, keys: &[String]) -> Result<Vec<Entry>, Confi
     );
     let keygen = "description = \"SSH host keys (made once, kept in the /etc overlay)\"\n\
                   kind = \"oneshot\"\nexec = \"/usr/bin/ssh-keygen\"\nargs = [\"-A\"]\nrequired = false\n";
+    let rundir = format!(
+        "description = \"sshd's privilege-separation directory\"\n\
+         kind = \"oneshot\"\nexec = \"{BUSYBOX}\"\nargs = [\"mkdir\", \"-p\", \"-m\", \"0755\", \"/run/sshd\"]\n\
+         required = false\n"
+    );
     let sshd = format!(
         "description = \"OpenSSH server (keys from provisioning)\"\nexec = \"{SSHD}\"\n\
-         args = [\"-D\", \"-e\", \"-f\", \"{SSHD_CONFIG}\"]\nrequires = [\"ssh-keygen\"]\n\
+         args = [\"-D\", \"-e\", \"-f\", \"{SSHD_CONFIG}\"]\n\
+         requires = [\"ssh-keygen\", \"sshd-rundir\"]\n\
          after = [\"network\"]\nrequired = false\nrestart = \"always\"\n"
     );
     let mut authorized = keys.join("\n");
@@ -214,6 +230,12 @@ fn ssh_entries(root: Option<&Path>, keys: &[String]) -> Result<Vec<Entry>, Confi
             &format!("{SERVICES_DIR}/ssh-keygen.toml"),
             "ssh",
             keygen.into(),
+            0o644,
+        ),
+        generated(
+            &format!("{SERVICES_DIR}/sshd-rundir.toml"),
+            "ssh",
+            rundir,
             0o644,
         ),
         generated(&format!("{SERVICES_DIR}/sshd.toml"), "ssh", sshd, 0o644),

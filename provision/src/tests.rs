@@ -19,6 +19,8 @@ fn root() -> tempfile::TempDir {
     let r = tmp.path();
     std::fs::create_dir_all(r.join("usr/sbin")).unwrap();
     std::fs::write(r.join("usr/sbin/sshd"), b"").unwrap();
+    std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+    std::fs::write(r.join("usr/bin/busybox"), b"").unwrap();
     std::fs::create_dir_all(r.join("etc")).unwrap();
     std::fs::write(
         r.join("etc/passwd"),
@@ -165,7 +167,7 @@ fn apply_writes_everything_once() {
         out,
         Outcome::Applied {
             sha256: sha.clone(),
-            entries: 14
+            entries: 15
         }
     );
     assert_eq!(read(r, "/etc/hostname"), "web-1\n");
@@ -175,7 +177,19 @@ fn apply_writes_everything_once() {
     assert_eq!(mode(r, "/etc/app/token"), 0o600);
     assert_eq!(mode(r, "/var/lib/app"), 0o750);
     assert_eq!(mode(r, "/etc/caisson/ssh/authorized_keys"), 0o600);
-    assert!(read(r, "/etc/caisson/services/sshd.toml").contains("/usr/sbin/sshd"));
+    let sshd = read(r, "/etc/caisson/services/sshd.toml");
+    assert!(sshd.contains("/usr/sbin/sshd"), "{sshd}");
+    assert!(
+        sshd.contains(r#"requires = ["ssh-keygen", "sshd-rundir"]"#),
+        "{sshd}"
+    );
+    assert!(read(r, "/etc/caisson/services/sshd-rundir.toml").contains("/run/sshd"));
+    let config = read(r, "/etc/caisson/ssh/sshd_config");
+    assert!(config.contains("PasswordAuthentication no\n"), "{config}");
+    assert!(
+        config.contains("KbdInteractiveAuthentication no\n"),
+        "{config}"
+    );
     assert!(read(r, "/etc/caisson/services/hello.toml").contains("oneshot"));
     assert_eq!(read(r, "/etc/caisson/modules.conf"), "br_netfilter\n");
     assert_eq!(
@@ -266,6 +280,11 @@ fn ssh_needs_a_server_in_the_image() {
     std::fs::remove_file(tmp.path().join("usr/sbin/sshd")).unwrap();
     let e = check(EXAMPLE.as_bytes(), Some(tmp.path()), &NoChecks).unwrap_err();
     assert_eq!(e.field, "ssh");
+    assert!(e.to_string().contains("openssh-server"), "{e}");
+    let tmp = root();
+    std::fs::remove_file(tmp.path().join("usr/bin/busybox")).unwrap();
+    let e = check(EXAMPLE.as_bytes(), Some(tmp.path()), &NoChecks).unwrap_err();
+    assert!(e.to_string().contains("/run/sshd"), "{e}");
 }
 
 struct RejectServices;
