@@ -287,6 +287,24 @@ fn ssh_needs_a_server_in_the_image() {
     assert!(e.to_string().contains("/run/sshd"), "{e}");
 }
 
+#[test]
+fn ssh_is_off_without_keys() {
+    let tmp = root();
+    // No SSH server needed in the image either.
+    std::fs::remove_file(tmp.path().join("usr/sbin/sshd")).unwrap();
+    for text in [
+        "version = 1\n",
+        "version = 1\n[ssh]\nauthorized_keys = []\n",
+    ] {
+        let plan = check(text.as_bytes(), Some(tmp.path()), &NoChecks).unwrap();
+        assert!(
+            !plan.entries.iter().any(|e| e.path.contains("ssh")),
+            "{:?}",
+            plan.entries
+        );
+    }
+}
+
 struct RejectServices;
 impl Checks for RejectServices {
     fn service(&self, name: &str, text: &str) -> Result<(), String> {
