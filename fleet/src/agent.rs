@@ -221,6 +221,13 @@ pub struct Agent<R: Runtime> {
     reboot_asked: bool,
     /// The version already said to wait for the lock (one log line, not one per tick).
     waiting_told: Option<String>,
+    /// This boot has settled (the updater said so) or the machine held no slot of the reboot
+    /// lock: nothing left to give back, and the agent may take a slot for the next reboot.
+    settled: bool,
+    /// When the agent first found its slot held while the boot had not settled (for the log).
+    unsettled_since: Option<std::time::Instant>,
+    /// Whether the late warning about an unsettled boot was logged.
+    unsettled_warned: bool,
     /// Whether the last tick found this machine leading.
     pub leading: bool,
     /// The watches' and the keepalive's wake-ups: a tick is due.
@@ -299,10 +306,14 @@ fn any_change(_: &Event) -> bool {
 
 /// The updater's `etcd-lock` strategy (caisson_layout::paths::REBOOT_NEEDED): the updater
 /// writes the marker, the agent takes the fleet's reboot lock, then asks the init to reboot.
+/// After the reboot the agent keeps its slot until the updater writes `settled`
+/// (caisson_layout::paths::BOOT_SETTLED): the new version is blessed and its success recorded,
+/// or the boot loader fell back and the rollback is recorded.
 #[derive(Debug, Clone)]
 pub struct RebootPaths {
     pub marker: std::path::PathBuf,
     pub control_socket: std::path::PathBuf,
+    pub settled: std::path::PathBuf,
 }
 
 impl Default for RebootPaths {
@@ -310,13 +321,18 @@ impl Default for RebootPaths {
         RebootPaths {
             marker: caisson_layout::paths::REBOOT_NEEDED.into(),
             control_socket: caisson_layout::paths::CONTROL_SOCKET.into(),
+            settled: caisson_layout::paths::BOOT_SETTLED.into(),
         }
     }
 }
 
+/// After this long holding a slot of the reboot lock on an unsettled boot, the agent warns that
+/// the rolling update waits for this machine.
+pub const UNSETTLED_WARNING: Duration = Duration::from_secs(600);
+
 impl<R: Runtime> Agent<R> {
-    /// Joins the cluster (retrying until etcd answers) and releases this machine's hold on
-    /// the reboot lock, if any: the machine is back.
+    /// Joins the cluster (retrying until etcd answers). A slot of the reboot lock this machine
+    /// still holds is given back by [`Agent::release_when_settled`] once the boot has settled.
     pub async fn join(
         config: &Config,
         record: MachineRecord,
@@ -351,6 +367,9 @@ impl<R: Runtime> Agent<R> {
             logged: BTreeMap::new(),
             reboot_asked: false,
             waiting_told: None,
+            settled: false,
+            unsettled_since: None,
+            unsettled_warned: false,
             leading: false,
             wake,
             woken,
@@ -358,14 +377,71 @@ impl<R: Runtime> Agent<R> {
         })
     }
 
-    /// Releases this machine's reboot lock slot (once the machine is at steady state).
-    pub async fn release_reboot_lock(&self) {
-        let lock = crate::lock::RebootLock::new(self.store.client.clone(), self.store.keys.lock());
-        match lock.release(self.member.id()).await {
-            Ok(true) => log::info!("released the reboot lock held by {}", self.member.id()),
-            Ok(false) => {}
-            Err(e) => log::warn!("releasing the reboot lock: {e}"),
+    /// Gives back the slot of the fleet's reboot lock this machine took before its reboot,
+    /// once this boot has settled: the updater wrote [`RebootPaths::settled`] (the new version
+    /// is blessed and its success recorded, or the boot loader fell back and the rollback is
+    /// recorded). Until then the slot stays held, so a version that fails late does not spread
+    /// to the next machine; the agent asks again on each tick. A machine that holds no slot has
+    /// nothing to wait for. True once settled (then the agent may take a slot again).
+    ///
+    /// If the updater never writes the marker (not running, not configured for this machine, or
+    /// its rounds fail) the slot stays held and the rolling update waits: the safe side. The
+    /// agent warns after [`UNSETTLED_WARNING`]; `caisson-fleet lock release ID` frees it by hand.
+    pub async fn release_when_settled(&mut self) -> bool {
+        if self.settled {
+            return true;
         }
+        let lock = crate::lock::RebootLock::new(self.store.client.clone(), self.store.keys.lock());
+        let me = self.member.id().to_string();
+        match tokio::fs::read_to_string(&self.reboot.settled).await {
+            Ok(how) => {
+                match lock.release(&me).await {
+                    Ok(true) => log::info!(
+                        "this boot has settled ({}): released the reboot lock held by {me}",
+                        how.trim()
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        log::warn!("releasing the reboot lock: {e}; trying again on the next tick");
+                        return false;
+                    }
+                }
+                self.settled = true;
+                return true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("reading {}: {e}", self.reboot.settled.display()),
+        }
+        match lock.status().await {
+            Ok(s) if !s.holders.contains(&me) => {
+                self.settled = true;
+                return true;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("reading the reboot lock: {e}");
+                return false;
+            }
+        }
+        match self.unsettled_since {
+            None => {
+                log::info!(
+                    "{me} holds a slot of the fleet's reboot lock: keeping it until this boot has settled ({} from the updater)",
+                    self.reboot.settled.display()
+                );
+                self.unsettled_since = Some(std::time::Instant::now());
+            }
+            Some(t) if !self.unsettled_warned && t.elapsed() >= UNSETTLED_WARNING => {
+                log::warn!(
+                    "{me} still holds a slot of the fleet's reboot lock after {:?}: no {} from the updater (is caisson-update agent running?); the rolling update waits; `caisson-fleet lock release {me}` frees it by hand",
+                    t.elapsed(),
+                    self.reboot.settled.display()
+                );
+                self.unsettled_warned = true;
+            }
+            Some(_) => {}
+        }
+        false
     }
 
     /// When the updater asked for a reboot: take a slot of the fleet's reboot lock, then ask the
@@ -501,17 +577,13 @@ impl<R: Runtime> Agent<R> {
         tokio::pin!(stop);
         let keepalive = self.spawn_keepalive();
         let _watches = self.spawn_watches().await;
-        let mut released = false;
         loop {
-            match self.tick().await {
-                Ok(()) if !released => {
-                    self.release_reboot_lock().await;
-                    released = true;
-                }
-                Ok(()) => {}
-                Err(e) => log::warn!("fleet tick: {e} (containers keep running; retrying)"),
+            if let Err(e) = self.tick().await {
+                log::warn!("fleet tick: {e} (containers keep running; retrying)");
             }
-            if released {
+            // A slot taken before this boot is given back only once the boot has settled; a
+            // new one is taken only after that.
+            if self.release_when_settled().await {
                 self.reboot_if_asked().await;
             }
             tokio::select! {

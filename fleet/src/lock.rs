@@ -1,7 +1,9 @@
 //! The reboot semaphore: one etcd key holding `{"max":N,"holders":[...]}`, changed only by
 //! compare-and-swap on its revision. The updater's `etcd-lock` strategy calls [`RebootLock::acquire`]
 //! before rebooting into a new version and the agent calls [`RebootLock::release`] once the machine
-//! is back at steady state. A missing key means `max = 1` and no holders.
+//! is back at steady state: the boot has settled (the updater's
+//! `caisson_layout::paths::BOOT_SETTLED`; see `Agent::release_when_settled`). A missing key means
+//! `max = 1` and no holders.
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
 use serde::{Deserialize, Serialize};

@@ -195,6 +195,7 @@ async fn etcd_lock_reboots_one_machine_at_a_time() {
             .unwrap();
         a.reboot.marker = dir.path().join(format!("{id}.reboot-needed"));
         a.reboot.control_socket = dir.path().join(format!("{id}.sock"));
+        a.reboot.settled = dir.path().join(format!("{id}.boot-settled"));
         reboots.push(fake_init(&a.reboot.control_socket));
         agents.push(a);
     }
@@ -225,14 +226,114 @@ async fn etcd_lock_reboots_one_machine_at_a_time() {
             round,
             "reboot requests after round {round}"
         );
-        // The holder comes back on 2.0.0: /run is empty again and the agent releases its slot.
+        // The holder comes back on 2.0.0 (/run is empty again, a new agent process); it gives
+        // its slot back once the updater says the boot has settled.
         let i = done[round - 1];
         std::fs::remove_file(&agents[i].reboot.marker).unwrap();
-        agents[i].release_reboot_lock().await;
+        let reboot = agents[i].reboot.clone();
+        agents[i] = Agent::join(&cfg, record(["m1", "m2", "m3"][i]), FakeRuntime::default())
+            .await
+            .unwrap();
+        agents[i].reboot = reboot;
+        assert!(!agents[i].release_when_settled().await);
+        std::fs::write(&agents[i].reboot.settled, "blessed 2.0.0\n").unwrap();
+        assert!(agents[i].release_when_settled().await);
     }
     let mut order = done.clone();
     order.sort();
     assert_eq!(order, [0, 1, 2], "every machine rebooted once");
+}
+
+/// The reboot lock's holders now.
+async fn holders(store: &Store) -> Vec<String> {
+    caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock())
+        .status()
+        .await
+        .unwrap()
+        .holders
+}
+
+/// Back from its reboot, a machine keeps its slot of the reboot lock while the updater has not
+/// said the boot settled (the new version is not blessed yet): the next machine cannot reboot.
+/// Once the marker appears, the running agent gives the slot back on its next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reboot_lock_is_released_only_once_the_boot_has_settled() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd); // TTL 2 s: a tick every 667 ms
+    let dir = tempfile::tempdir().unwrap();
+    let mut next = Agent::join(&cfg, record("next"), FakeRuntime::default())
+        .await
+        .unwrap();
+    next.reboot.marker = dir.path().join("next.reboot-needed");
+    next.reboot.control_socket = dir.path().join("next.sock");
+    next.reboot.settled = dir.path().join("next.boot-settled");
+    let next_reboots = fake_init(&next.reboot.control_socket);
+    let store = Store::new(next.store.client.clone(), next.store.keys.clone());
+    let lock = caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock());
+    // "back" took the only slot before its reboot.
+    assert!(lock.acquire("back").await.unwrap());
+    let mut back = Agent::join(&cfg, record("back"), FakeRuntime::default())
+        .await
+        .unwrap();
+    back.reboot.marker = dir.path().join("back.reboot-needed");
+    back.reboot.control_socket = dir.path().join("back.sock");
+    back.reboot.settled = dir.path().join("back.boot-settled");
+    let settled = back.reboot.settled.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(back.run(async {
+        let _ = stop_rx.await;
+    }));
+    // "next" has not settled either, but holds nothing: nothing to wait for.
+    assert!(next.release_when_settled().await);
+    std::fs::write(&next.reboot.marker, "2.0.0\n").unwrap();
+    // Several ticks of "back" without the marker: the slot stays held, "next" waits.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(holders(&store).await, ["back"]);
+        assert!(!next.reboot_if_asked().await);
+    }
+    assert_eq!(
+        next_reboots.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the next machine rebooted while the first had not settled"
+    );
+    // The updater records the success and writes the marker: released within a tick or so.
+    std::fs::write(&settled, "blessed 2.0.0\n").unwrap();
+    within("the slot given back", Duration::from_secs(3), || async {
+        holders(&store).await.is_empty()
+    })
+    .await;
+    assert!(next.reboot_if_asked().await);
+    assert_eq!(holders(&store).await, ["next"]);
+    assert_eq!(next_reboots.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let _ = stop_tx.send(());
+    running.await.unwrap();
+}
+
+/// An agent whose updater never writes the marker keeps the slot (the rollout waits; the
+/// operator frees it with `caisson-fleet lock release`), and takes no new slot meanwhile.
+#[tokio::test]
+async fn without_the_marker_the_slot_is_kept_until_released_by_hand() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd);
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Agent::join(&cfg, record("m1"), FakeRuntime::default())
+        .await
+        .unwrap();
+    a.reboot.marker = dir.path().join("reboot-needed");
+    a.reboot.control_socket = dir.path().join("init.sock");
+    a.reboot.settled = dir.path().join("boot-settled");
+    let store = Store::new(a.store.client.clone(), a.store.keys.clone());
+    let lock = caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock());
+    assert!(lock.acquire("m1").await.unwrap());
+    for _ in 0..3 {
+        a.tick().await.unwrap();
+        assert!(!a.release_when_settled().await);
+        assert_eq!(holders(&store).await, ["m1"]);
+    }
+    // Released by hand: nothing held, nothing to wait for any more.
+    assert!(lock.release("m1").await.unwrap());
+    assert!(a.release_when_settled().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

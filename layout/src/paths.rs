@@ -15,6 +15,12 @@ pub const READY_FILE: &str = "/run/caisson/ready";
 /// Written by the updater (strategy `etcd-lock`) with the version waiting in the other slot; the
 /// fleet agent takes the fleet's reboot lock, then asks the init to reboot.
 pub const REBOOT_NEEDED: &str = "/run/caisson/reboot-needed";
+/// Written by the updater once this boot has settled: the booted entry is blessed (a pending
+/// update's success recorded), or the boot loader fell back and the rollback was recorded. One
+/// line, `blessed <version>` or `rolled-back <from> <running>`. The fleet agent gives back the
+/// slot of the fleet's reboot lock it took before the reboot only once this file exists; /run
+/// is empty again after each reboot.
+pub const BOOT_SETTLED: &str = "/run/caisson/boot-settled";
 /// Per-service log files.
 pub const LOG_DIR: &str = "/var/log/caisson";
 /// The software bill of materials in the root.

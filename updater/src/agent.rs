@@ -1,5 +1,5 @@
-//! The update agent: after each boot it records what happened (success, rollback) and releases
-//! the reboot lock; then it checks the channel on an interval with jitter, applies an update once
+//! The update agent: after each boot it records what happened (success, rollback), releases
+//! the reboot lock and tells the fleet agent that the boot has settled; then it checks the channel on an interval with jitter, applies an update once
 //! the machine's wave has come, and reboots as the strategy allows.
 
 use crate::apply::Progress;
@@ -7,9 +7,37 @@ use crate::config::{Config, Strategy};
 use crate::machine::Machine;
 use crate::reboot::{self, FleetLock, NoLock, RebootLock};
 use crate::record::{self, Outcome};
+use crate::slots::SlotState;
 use crate::{waves, Error};
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// How soon the agent looks again while the running version is not blessed yet
+/// ([`Round::NotBlessed`]): the init blesses `bless_after_s` (30 s by default) after "ready",
+/// and the fleet's reboot lock is given back only once the result is recorded.
+pub const NOT_BLESSED_RECHECK: Duration = Duration::from_secs(5);
+
+/// Where the agent meets the rest of the machine, all in /run on a machine (tests use a
+/// temporary directory).
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    /// The init's control socket.
+    pub control_socket: PathBuf,
+    /// Strategy `etcd-lock`: the version waiting for the fleet agent's reboot.
+    pub reboot_needed: PathBuf,
+    /// Written once this boot has settled (see [`settlement`]).
+    pub boot_settled: PathBuf,
+}
+
+impl Default for RunPaths {
+    fn default() -> Self {
+        RunPaths {
+            control_socket: caisson_layout::paths::CONTROL_SOCKET.into(),
+            reboot_needed: caisson_layout::paths::REBOOT_NEEDED.into(),
+            boot_settled: caisson_layout::paths::BOOT_SETTLED.into(),
+        }
+    }
+}
 
 /// What one round of the agent did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,21 +86,44 @@ pub fn lock_for(config: &Config, machine_id: &str) -> Result<Box<dyn RebootLock>
     }
 }
 
-/// One round: reconcile, check, maybe apply and reboot.
+/// How this boot has settled, once it has, as the one line of
+/// [`caisson_layout::paths::BOOT_SETTLED`]: `rolled-back <from> <running>` when the boot loader
+/// fell back from a newer version, `blessed <running>` when the booted entry is blessed; `None`
+/// while the booted entry still counts tries. Only meaningful after [`Machine::reconcile`]
+/// succeeded: the success or the rollback is recorded by then.
+pub fn settlement(slots: &SlotState, running: &str) -> Option<String> {
+    if let Some(from) = slots.rolled_back_from() {
+        return Some(format!("rolled-back {from} {running}"));
+    }
+    slots
+        .booted_is_blessed()
+        .then(|| format!("blessed {running}"))
+}
+
+/// One round: record the last boot's result (and say when the boot has settled), check, maybe
+/// apply and reboot.
 pub fn round(
     m: &Machine,
     config: &Config,
     opts: AgentOptions,
     progress: &mut dyn Progress,
-    control_socket: &Path,
+    run: &RunPaths,
 ) -> Result<Round, Error> {
     let mut lock = lock_for(config, &m.machine_id)?;
-    if let Some(Outcome::Succeeded { .. }) = m.reconcile()? {
+    if let Some(Outcome::Succeeded { .. } | Outcome::RolledBack { .. }) = m.reconcile()? {
         if let Err(e) = lock.release() {
             log::warn!("releasing the reboot lock: {e}");
         }
     }
-    if !m.slots()?.booted_is_blessed() {
+    let slots = m.slots()?;
+    if let Some(how) = settlement(&slots, &m.booted.version) {
+        // Not fatal to the round: without the marker a fleet agent keeps its slot of the
+        // reboot lock (the rolling update waits), which is the safe side.
+        if let Err(e) = reboot::tell_fleet_settled(&run.boot_settled, &how) {
+            log::warn!("{e}");
+        }
+    }
+    if !slots.booted_is_blessed() {
         return Ok(Round::NotBlessed);
     }
     let Some(url) = config.channel_url.as_deref() else {
@@ -102,12 +153,7 @@ pub fn round(
     );
     m.apply_offer(&offer, progress)?;
     let rebooting = opts.reboot
-        && reboot_when_allowed_for(
-            config,
-            lock.as_mut(),
-            control_socket,
-            &offer.manifest.version,
-        )?;
+        && reboot_when_allowed_for(config, lock.as_mut(), run, &offer.manifest.version)?;
     Ok(Round::Applied {
         version: offer.manifest.version,
         rebooting,
@@ -116,20 +162,20 @@ pub fn round(
 
 /// Waits for the strategy's permission, then asks the init to reboot into `version`. False for
 /// `off`, and for `etcd-lock`, where the fleet agent reboots once it holds the fleet's reboot
-/// lock (asked through [`caisson_layout::paths::REBOOT_NEEDED`]).
+/// lock (asked through [`RunPaths::reboot_needed`]).
 pub fn reboot_when_allowed_for(
     config: &Config,
     lock: &mut dyn RebootLock,
-    control_socket: &Path,
+    run: &RunPaths,
     version: &str,
 ) -> Result<bool, Error> {
     match config.strategy {
         Strategy::Off => return Ok(false),
         Strategy::EtcdLock => {
-            reboot::ask_fleet_for_reboot(Path::new(caisson_layout::paths::REBOOT_NEEDED), version)?;
+            reboot::ask_fleet_for_reboot(&run.reboot_needed, version)?;
             log::info!(
                 "strategy etcd-lock: {} written; the fleet agent reboots once it holds the fleet's reboot lock",
-                caisson_layout::paths::REBOOT_NEEDED
+                run.reboot_needed.display()
             );
             return Ok(false);
         }
@@ -149,7 +195,7 @@ pub fn reboot_when_allowed_for(
         wait = (wait * 2).min(Duration::from_secs(300));
     }
     log::info!("rebooting into the new version");
-    reboot::request_reboot(control_socket)?;
+    reboot::request_reboot(&run.control_socket)?;
     Ok(true)
 }
 

@@ -1,14 +1,13 @@
 //! `caisson-update`: status, check, apply, rollback and the update agent on a Caisson machine.
 
 use anyhow::{Context, Result};
-use caisson_layout::paths;
 use caisson_update::agent::{self, AgentOptions, Round};
 use caisson_update::apply::Progress;
 use caisson_update::config::Config;
 use caisson_update::machine::Machine;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -73,9 +72,6 @@ enum Command {
     },
 }
 
-/// How often the agent looks again while the running boot is not blessed yet.
-const NOT_BLESSED_RECHECK: std::time::Duration = std::time::Duration::from_secs(15);
-
 /// A progress bar on a terminal, a log line every 10% otherwise.
 struct Bar {
     bar: Option<indicatif::ProgressBar>,
@@ -127,7 +123,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let config = Config::load(&cli.config)?;
-    let socket = Path::new(paths::CONTROL_SOCKET);
+    let run = agent::RunPaths::default();
     let machine = Machine::detect().context("finding this machine's slots")?;
     match cli.command {
         Command::Status { json } => {
@@ -184,11 +180,11 @@ fn main() -> Result<()> {
                 println!("applied; the next boot runs the new version");
                 if reboot {
                     let mut lock = agent::lock_for(&config, &machine.machine_id)?;
-                    agent::reboot_when_allowed_for(&config, lock.as_mut(), socket, &version)?;
+                    agent::reboot_when_allowed_for(&config, lock.as_mut(), &run, &version)?;
                 }
             } else {
                 let opts = AgentOptions { now, reboot };
-                match agent::round(&machine, &config, opts, &mut bar, socket)? {
+                match agent::round(&machine, &config, opts, &mut bar, &run)? {
                     Round::UpToDate => println!("up to date: {}", machine.booted.version),
                     Round::NoChannel => {
                         return Err(caisson_update::Error::NoChannel(
@@ -216,7 +212,7 @@ fn main() -> Result<()> {
             let to = machine.rollback()?;
             println!("the next boot runs {to}");
             if reboot {
-                caisson_update::reboot::request_reboot(socket)?;
+                caisson_update::reboot::request_reboot(&run.control_socket)?;
             }
         }
         Command::Agent {
@@ -230,9 +226,10 @@ fn main() -> Result<()> {
             }
             let opts = AgentOptions { now, reboot: true };
             let mut n = 0;
+            let mut retry = agent::NOT_BLESSED_RECHECK;
             loop {
                 let mut bar = Bar::new();
-                let round = agent::round(&machine, &config, opts, &mut bar, socket);
+                let round = agent::round(&machine, &config, opts, &mut bar, &run);
                 match &round {
                     Ok(Round::NoChannel) if n == 0 => log::info!(
                         "agent: no channel_url in {}: recording boot results only (updates by `apply --file`)",
@@ -257,12 +254,25 @@ fn main() -> Result<()> {
                     }
                 }
                 n += 1;
-                // Until the init blesses this boot, look again soon: the result of an update
-                // (success, or the fallback) is recorded and reported right after.
+                // Until this boot has settled, look again soon: the result of an update
+                // (success, or the fallback) is recorded right after, and only then does the
+                // fleet agent give back its slot of the reboot lock (etcd-lock). A round that
+                // failed before it could say so retries with a growing delay, up to the interval.
+                let settled = run.boot_settled.exists();
                 let sleep = match round {
-                    Ok(Round::NotBlessed) => NOT_BLESSED_RECHECK,
+                    Ok(Round::NotBlessed) => agent::NOT_BLESSED_RECHECK,
+                    Err(_) if !settled => {
+                        let s = retry;
+                        let most = std::time::Duration::from_secs(config.interval_s)
+                            .max(agent::NOT_BLESSED_RECHECK);
+                        retry = (retry * 2).min(most);
+                        s
+                    }
                     _ => agent::next_sleep(&config, &machine.machine_id, n),
                 };
+                if settled {
+                    retry = agent::NOT_BLESSED_RECHECK;
+                }
                 std::thread::sleep(sleep);
             }
         }

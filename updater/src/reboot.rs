@@ -13,6 +13,11 @@ pub enum RebootError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("writing the boot-settled marker for the fleet agent to {path}: {source}")]
+    Settled {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("FleetLock {url}: {why}")]
     FleetLock { url: String, why: String },
 }
@@ -25,16 +30,34 @@ pub fn request_reboot(socket: &Path) -> Result<(), RebootError> {
 /// Strategy `etcd-lock`: leaves the reboot to the fleet agent, which takes the fleet's reboot
 /// lock first. The marker (in /run, so a reboot clears it) holds the waiting version.
 pub fn ask_fleet_for_reboot(marker: &Path, version: &str) -> Result<(), RebootError> {
-    let err = |source| RebootError::Marker {
+    write_marker(marker, &format!("{version}\n")).map_err(|source| RebootError::Marker {
         path: marker.to_path_buf(),
         source,
-    };
+    })
+}
+
+/// Tells the fleet agent that this boot has settled ([`caisson_layout::paths::BOOT_SETTLED`]):
+/// it gives back the slot of the fleet's reboot lock it took before the reboot. `how` is one
+/// line (`blessed 2.0.0`, `rolled-back 3.0.0 2.0.0`). An unchanged marker is not written again.
+pub fn tell_fleet_settled(marker: &Path, how: &str) -> Result<(), RebootError> {
+    let text = format!("{how}\n");
+    if std::fs::read_to_string(marker).is_ok_and(|old| old == text) {
+        return Ok(());
+    }
+    write_marker(marker, &text).map_err(|source| RebootError::Settled {
+        path: marker.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `text` to `marker` whole (a temporary file renamed over it).
+fn write_marker(marker: &Path, text: &str) -> Result<(), std::io::Error> {
     if let Some(dir) = marker.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::create_dir_all(dir)?;
     }
     let tmp = marker.with_extension("tmp");
-    std::fs::write(&tmp, format!("{version}\n")).map_err(err)?;
-    std::fs::rename(&tmp, marker).map_err(err)
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, marker)
 }
 
 /// A lock that at most N machines of a group hold while they reboot.

@@ -8,6 +8,7 @@ use caisson_disk::PartitionContent;
 use caisson_layout::cmdline::BootParams;
 use caisson_layout::partition::{partition_guid, Part};
 use caisson_layout::{entry, paths, verity, EntryName, Slot};
+use caisson_update::agent::{self, AgentOptions, Round, RunPaths};
 use caisson_update::apply::{Quiet, StopAfter};
 use caisson_update::bundle::{write_bundle, BundleInput, Manifest};
 use caisson_update::channel::{self, PublishOptions, Server};
@@ -246,7 +247,7 @@ fn update_over_http_with_delta_then_bless_then_rollback() {
             reboot: true,
         },
         &mut Quiet,
-        Path::new("/nonexistent/init.sock"),
+        &run_paths(&f),
     );
     assert_eq!(
         round.unwrap(),
@@ -317,6 +318,107 @@ fn update_over_http_with_delta_then_bless_then_rollback() {
         m.apply_offer(&offer, &mut Quiet),
         Err(Error::Rejected(_))
     ));
+}
+
+/// The agent's /run files in the fixture's directory.
+fn run_paths(f: &Fixture) -> RunPaths {
+    let run = f.dir.path().join("run");
+    RunPaths {
+        control_socket: run.join("init.sock"),
+        reboot_needed: run.join("reboot-needed"),
+        boot_settled: run.join("boot-settled"),
+    }
+}
+
+/// One agent round with no channel (it only records what the boot tells).
+fn record_round(f: &Fixture, m: &Machine) -> Result<Round, Error> {
+    let config: caisson_update::config::Config =
+        toml::from_str("strategy = \"etcd-lock\"").unwrap();
+    agent::round(
+        m,
+        &config,
+        AgentOptions::default(),
+        &mut Quiet,
+        &run_paths(f),
+    )
+}
+
+fn settled(f: &Fixture) -> Option<String> {
+    std::fs::read_to_string(run_paths(f).boot_settled).ok()
+}
+
+#[test]
+fn boot_settled_marker_once_blessed_and_recorded() {
+    let f = fixture();
+    let d = f.esp.join(paths::ESP_ENTRIES_DIR);
+    let (m2, bundle, manifest) = release(&f, "2.0.0", &[3]);
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    m.apply_file(&bundle, &manifest, &mut Quiet).unwrap();
+    drop(m);
+    // The machine boots 2.0.0 from B; the loader counted one try; the init has not blessed it.
+    std::fs::rename(
+        d.join("caisson-2.0.0-b+3-0.conf"),
+        d.join("caisson-2.0.0-b+2-1.conf"),
+    )
+    .unwrap();
+    let m = machine(&f, "2.0.0", Slot::B, m2.verity_params().unwrap());
+    for _ in 0..2 {
+        assert_eq!(record_round(&f, &m).unwrap(), Round::NotBlessed);
+        assert_eq!(settled(&f), None, "settled before the boot was blessed");
+    }
+    assert_eq!(m.status().unwrap().record.pending.as_deref(), Some("2.0.0"));
+    // Blessed: the round records the success, then says the boot has settled.
+    std::fs::rename(
+        d.join("caisson-2.0.0-b+2-1.conf"),
+        d.join("caisson-2.0.0-b.conf"),
+    )
+    .unwrap();
+    assert_eq!(record_round(&f, &m).unwrap(), Round::NoChannel);
+    assert_eq!(settled(&f).as_deref(), Some("blessed 2.0.0\n"));
+    let rec = m.status().unwrap().record;
+    assert!(
+        matches!(rec.last, Some(Outcome::Succeeded { ref version, .. }) if version == "2.0.0"),
+        "{rec:?}"
+    );
+    assert_eq!(rec.pending, None);
+}
+
+#[test]
+fn boot_settled_marker_only_after_the_rollback_is_recorded() {
+    let f = fixture();
+    let d = f.esp.join(paths::ESP_ENTRIES_DIR);
+    let (_, bundle, manifest) = release(&f, "2.0.0", &[3]);
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    m.apply_file(&bundle, &manifest, &mut Quiet).unwrap();
+    drop(m);
+    // 2.0.0 used its three tries; the loader booted 1.0.0 from A again.
+    std::fs::rename(
+        d.join("caisson-2.0.0-b+3-0.conf"),
+        d.join("caisson-2.0.0-b+0-3.conf"),
+    )
+    .unwrap();
+    // While the records cannot be written, the rollback is not recorded: no marker.
+    let state = f.dir.path().join("state");
+    let aside = f.dir.path().join("state.aside");
+    std::fs::rename(&state, &aside).unwrap();
+    std::fs::write(&state, "not a directory").unwrap();
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    assert!(record_round(&f, &m).is_err());
+    assert_eq!(
+        settled(&f),
+        None,
+        "settled before the rollback was recorded"
+    );
+    std::fs::remove_file(&state).unwrap();
+    std::fs::rename(&aside, &state).unwrap();
+    assert_eq!(record_round(&f, &m).unwrap(), Round::NoChannel);
+    assert_eq!(settled(&f).as_deref(), Some("rolled-back 2.0.0 1.0.0\n"));
+    let rec = m.status().unwrap().record;
+    assert!(
+        matches!(rec.last, Some(Outcome::RolledBack { ref from, .. }) if from == "2.0.0"),
+        "{rec:?}"
+    );
+    assert_eq!(rec.rejected, ["2.0.0"]);
 }
 
 #[test]
