@@ -31,11 +31,10 @@
 //!    store, `casync extract --seed=v1`). Bytes are counted on the wire by a loopback proxy in
 //!    front of each server (server to client: response headers, metadata and payload).
 //!
-//! zsync asks for several ranges in one request (`Range: bytes=a-b,c-d,...`) and reads bodies by
-//! Content-Length only; the crate's Server answers multi-range requests with 416 (the updater asks
-//! for one range at a time) and sends bodies of 32 KiB and more chunked (tiny_http's default),
-//! and Python's http.server ignores Range, so zsync is served by the small multi-range server
-//! below. casync fetches whole chunk files with curl and is served by the crate's Server.
+//! zsync asks for several ranges in one request (`Range: bytes=a-b,c-d,...`); the crate's Server
+//! answers multi-range requests with 416 (the updater asks for one range at a time) and Python's
+//! http.server ignores Range, so zsync is served by the small multi-range server below. casync
+//! fetches whole chunk files with curl and is served by the crate's Server.
 //!
 //! Prints `BENCH key=value` lines. Only loopback traffic. The work directory (under /var/tmp, a
 //! disk, so fsync means something) is removed at the end and on error.
@@ -74,6 +73,8 @@ const MACHINE_ID: &str = "0123456789abcdef0123456789abcdef";
 struct Settings {
     mib: u64,
     runs: usize,
+    /// `APPLY_BENCH_DELTA=0` skips part 2 (no zsync, no casync): for work on the apply path.
+    delta: bool,
 }
 
 fn env_number(name: &str, default: u64) -> Result<u64> {
@@ -90,6 +91,7 @@ impl Settings {
         Ok(Settings {
             mib: env_number("APPLY_BENCH_MIB", 64)?.max(1),
             runs: usize::try_from(env_number("APPLY_BENCH_RUNS", 3)?)?.max(1),
+            delta: env_number("APPLY_BENCH_DELTA", 1)? != 0,
         })
     }
 }
@@ -724,9 +726,9 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
     let url = format!("http://{http}/full");
     let bundle_url = format!("http://{http}/full/{IMAGE}-{V2}.bundle");
     let (mut raw, mut dd, mut file, mut net, mut core) = (vec![], vec![], vec![], vec![], vec![]);
-    // For reading the results: the apply hashes the payload about five times (the active
-    // slot's chunks, the inactive slot's chunks, what it fetched, the read back, its verity
-    // tree); what one sha256 pass over the same bytes in memory costs here.
+    // For reading the results: the apply hashes the payload five times (the active slot's
+    // chunks and the inactive slot's, side by side; what it fetched; the read back's sha256 and
+    // its verity tree, side by side); what one sha256 pass over the same bytes costs here.
     let sha256_mb_s = (0..3)
         .map(|_| {
             let t = Instant::now();
@@ -1050,7 +1052,7 @@ fn main() -> Result<()> {
 
     throughput(&w, &s, blocks, &channel_addr)?;
 
-    for pct in [1, 10] {
+    for pct in [1, 10].into_iter().filter(|_| s.delta) {
         let changed = scattered(blocks, (blocks * pct).div_ceil(100), 0xD17A + pct as u64);
         let mut ids = v1_ids.clone();
         for &b in &changed {
@@ -1058,9 +1060,11 @@ fn main() -> Result<()> {
         }
         delta(&w, &srv, &format!("scatter{pct}"), &ids, changed.len())?;
     }
-    let mut ids = v1_ids.clone();
-    ids.insert(blocks / 2, 3 << 40);
-    delta(&w, &srv, "insert", &ids, 1)?;
+    if s.delta {
+        let mut ids = v1_ids.clone();
+        ids.insert(blocks / 2, 3 << 40);
+        delta(&w, &srv, "insert", &ids, 1)?;
+    }
 
     bench(&format!("done loadavg_end={}", loadavg()));
     drop(w);

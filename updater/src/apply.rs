@@ -124,7 +124,7 @@ pub enum StopAfter {
 pub fn apply(
     t: &Target,
     m: &Manifest,
-    src: &mut dyn Source,
+    src: &mut (dyn Source + Send),
     progress: &mut dyn Progress,
     stop: StopAfter,
 ) -> Result<(EntryName, ApplyStats), ApplyError> {
@@ -243,26 +243,67 @@ fn check_esp_space(esp: &Path, need: u64) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// The chunks of the active slot's payload, by hash: what a delta update can copy locally.
-fn local_chunks(disk: &Disk, booted: &BootParams, chunk: u64) -> HashMap<String, u64> {
-    let mut map = HashMap::new();
-    let Some(v) = booted.verity else {
-        return map;
-    };
-    let part = Part::root(booted.slot);
-    let size = v.payload_size().min(disk.extent(part).size);
-    let mut buf = vec![0u8; chunk as usize];
+/// A sha256 digest, compared as bytes.
+type Hash = [u8; 32];
+
+/// How much of a slot one read takes when hashing it chunk by chunk.
+const READ_PIECE: u64 = 4 * 1024 * 1024;
+
+/// The sha256 of each `chunk`-sized piece of the first `size` bytes of `part`, read in large
+/// pieces. Stops early at a read error: the caller treats a missing hash as "not there".
+/// Zero chunks (a slot never written, as on a freshly installed machine) are recognised by a
+/// comparison, which costs a fraction of a hash.
+fn chunk_hashes(disk: &Disk, part: Part, size: u64, chunk: u64) -> Vec<Hash> {
+    let piece = READ_PIECE.max(chunk) / chunk * chunk;
+    let mut buf = vec![0u8; piece as usize];
+    let zeros = vec![0u8; chunk as usize];
+    let zero_hash = sha256(&zeros);
+    let hash = |c: &[u8]| if c == zeros { zero_hash } else { sha256(c) };
+    let mut hashes = Vec::with_capacity(size.div_ceil(chunk) as usize);
     let mut off = 0;
     while off < size {
-        let n = chunk.min(size - off) as usize;
+        let n = piece.min(size - off) as usize;
         if disk.read_at(part, off, &mut buf[..n]).is_err() {
             break;
         }
-        map.entry(hex::encode(Sha256::digest(&buf[..n])))
-            .or_insert(off);
+        hashes.extend(buf[..n].chunks(chunk as usize).map(hash));
         off += n as u64;
     }
+    hashes
+}
+
+fn sha256(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+/// The chunks of the active slot's payload, by hash: what a delta update can copy locally.
+fn local_chunks(disk: &Disk, booted: &BootParams, chunk: u64) -> HashMap<Hash, u64> {
+    let Some(v) = booted.verity else {
+        return HashMap::new();
+    };
+    let part = Part::root(booted.slot);
+    let size = v.payload_size().min(disk.extent(part).size);
+    let mut map = HashMap::new();
+    for (i, h) in chunk_hashes(disk, part, size, chunk)
+        .into_iter()
+        .enumerate()
+    {
+        map.entry(h).or_insert(i as u64 * chunk);
+    }
     map
+}
+
+/// The manifest's chunk index as bytes.
+fn wanted_chunks(root: &Artifact) -> Result<Vec<Hash>, ApplyError> {
+    root.chunks
+        .iter()
+        .map(|h| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h, &mut out)
+                .map_err(|e| ApplyError::Manifest(format!("root chunk hash {h:?}: {e}")))?;
+            Ok(out)
+        })
+        .collect()
 }
 
 fn write_root(
@@ -270,79 +311,126 @@ fn write_root(
     m: &Manifest,
     root: &Artifact,
     slot: Slot,
-    src: &mut dyn Source,
+    src: &mut (dyn Source + Send),
     progress: &mut dyn Progress,
     stop: StopAfter,
 ) -> Result<ApplyStats, ApplyError> {
     let part = Part::root(slot);
     let chunk = m.chunk_size;
-    let local = local_chunks(t.disk, t.booted, chunk);
+    let wanted = wanted_chunks(root)?;
+    // The two slots are read and hashed at the same time, one per core.
+    let (local, present) = std::thread::scope(|s| {
+        let local = s.spawn(|| local_chunks(t.disk, t.booted, chunk));
+        let present = chunk_hashes(t.disk, part, root.size, chunk);
+        (local.join().unwrap_or_default(), present)
+    });
     let mut stats = ApplyStats::default();
     let mut buf = vec![0u8; chunk as usize];
     let mut missing: Vec<u64> = Vec::new();
     let len_of = |i: u64| chunk.min(root.size - i * chunk);
     let mut done = 0u64;
-    for (i, want) in root.chunks.iter().enumerate() {
-        let i = i as u64;
-        let (off, n) = (i * chunk, len_of(i) as usize);
-        t.disk.read_at(part, off, &mut buf[..n])?;
-        if hex::encode(Sha256::digest(&buf[..n])) == *want {
+    for (i, want) in wanted.iter().enumerate() {
+        let n = len_of(i as u64) as usize;
+        if present.get(i) == Some(want) {
             stats.kept += 1;
         } else if let Some(&from) = local.get(want) {
             t.disk
                 .read_at(Part::root(t.booted.slot), from, &mut buf[..n])?;
-            t.disk.write_at(part, off, &buf[..n])?;
+            t.disk.write_at(part, i as u64 * chunk, &buf[..n])?;
             stats.copied += 1;
         } else {
-            missing.push(i);
+            missing.push(i as u64);
             continue;
         }
         done += n as u64;
         progress.root(done, root.size);
     }
-    // Fetch the missing chunks in runs of consecutive chunks, at most 4 MiB a request.
-    let max_run = (4 * 1024 * 1024 / chunk).max(1);
-    let mut fetched = Vec::new();
-    let mut k = 0;
-    while k < missing.len() {
-        let first = missing[k];
-        let mut last = first;
-        while k + 1 < missing.len() && missing[k + 1] == last + 1 && last + 1 - first < max_run {
-            k += 1;
-            last = missing[k];
-        }
-        k += 1;
-        let off = first * chunk;
-        let len = (last - first) * chunk + len_of(last);
-        src.read_range(root.offset + off, len, &mut fetched)?;
-        for i in first..=last {
-            let rel = ((i - first) * chunk) as usize;
-            let piece = &fetched[rel..rel + len_of(i) as usize];
-            let got = hex::encode(Sha256::digest(piece));
-            if got != root.chunks[i as usize] {
-                return Err(ApplyError::Hash {
-                    what: format!("root chunk {i}"),
-                    source_name: src.describe(),
-                    got,
-                    want: root.chunks[i as usize].clone(),
-                });
-            }
-            t.disk.write_at(part, i * chunk, piece)?;
-            stats.fetched += 1;
-            done += piece.len() as u64;
-            progress.root(done, root.size);
-            if let StopAfter::RootChunks(n) = stop {
-                if stats.fetched >= n {
-                    t.disk.sync()?;
-                    return Ok(stats);
+    let runs = runs_of(&missing, (READ_PIECE / chunk).max(1));
+    let source_name = src.describe();
+    // One thread fetches the next run while this one checks and writes the last.
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (give_back, reuse) = std::sync::mpsc::channel::<Vec<u8>>();
+        let fetch = &mut *src;
+        s.spawn(move || {
+            for (first, last) in runs {
+                let mut buf = reuse.try_recv().unwrap_or_default();
+                let len = (last - first) * chunk + len_of(last);
+                let got = fetch.read_range(root.offset + first * chunk, len, &mut buf);
+                let failed = got.is_err();
+                // A closed channel means the writer stopped: stop fetching too.
+                if tx.send(got.map(|()| (first, last, buf))).is_err() || failed {
+                    break;
                 }
             }
+        });
+        for got in rx {
+            let (first, last, fetched) = got?;
+            for i in first..=last {
+                let rel = ((i - first) * chunk) as usize;
+                let piece = &fetched[rel..rel + len_of(i) as usize];
+                let got = sha256(piece);
+                if got != wanted[i as usize] {
+                    return Err(ApplyError::Hash {
+                        what: format!("root chunk {i}"),
+                        source_name: source_name.clone(),
+                        got: hex::encode(got),
+                        want: root.chunks[i as usize].clone(),
+                    });
+                }
+                t.disk.write_at(part, i * chunk, piece)?;
+                stats.fetched += 1;
+                done += piece.len() as u64;
+                progress.root(done, root.size);
+                if matches!(stop, StopAfter::RootChunks(n) if stats.fetched >= n) {
+                    t.disk.sync()?;
+                    return Ok(());
+                }
+            }
+            let _ = give_back.send(fetched);
         }
-    }
+        Ok(())
+    })?;
     stats.downloaded_bytes = src.downloaded();
     Ok(stats)
 }
 
+/// Consecutive chunk numbers of `missing` (sorted) as `(first, last)` runs of at most `max`.
+fn runs_of(missing: &[u64], max: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &i in missing {
+        match runs.last_mut() {
+            Some((first, last)) if *last + 1 == i && i - *first < max => *last = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    runs
+}
+
+/// Reads `part` from `pos` to `end`, in large pieces.
+struct SlotReader<'a> {
+    disk: &'a Disk,
+    part: Part,
+    pos: u64,
+    end: u64,
+}
+
+impl std::io::Read for SlotReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.disk
+            .read_at(self.part, self.pos, &mut buf[..n])
+            .map_err(std::io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads the written slot back and checks its sha256 and its verity root: two passes over the
+/// same bytes, one per core (the second read mostly comes from the page cache the first filled).
 fn read_back(
     disk: &Disk,
     part: Part,
@@ -350,43 +438,31 @@ fn read_back(
     verity: &verity::VerityParams,
     slot: Slot,
 ) -> Result<(), ApplyError> {
-    struct SlotReader<'a> {
-        disk: &'a Disk,
-        part: Part,
-        pos: u64,
-        end: u64,
-        hash: Sha256,
-    }
-    impl std::io::Read for SlotReader<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = (buf.len() as u64).min(self.end - self.pos) as usize;
-            if n == 0 {
-                return Ok(0);
-            }
-            self.disk
-                .read_at(self.part, self.pos, &mut buf[..n])
-                .map_err(std::io::Error::other)?;
-            self.hash.update(&buf[..n]);
-            self.pos += n as u64;
-            Ok(n)
-        }
-    }
     let bad = |why: String| ApplyError::ReadBack { slot, why };
-    let mut r = SlotReader {
-        disk,
-        part,
-        pos: 0,
-        end: root.size,
-        hash: Sha256::new(),
+    let reader = |end| {
+        std::io::BufReader::with_capacity(
+            READ_PIECE as usize,
+            SlotReader {
+                disk,
+                part,
+                pos: 0,
+                end,
+            },
+        )
     };
-    let tree = verity::build(
-        std::io::Read::take(&mut r, verity.hash_offset),
-        verity.salt,
-        [0; 16],
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| bad(e.to_string()))?;
-    let got = hex::encode(r.hash.finalize());
+    let (whole, tree) = std::thread::scope(|s| {
+        let whole = s.spawn(|| {
+            let mut hash = Sha256::new();
+            std::io::copy(&mut reader(root.size), &mut hash).map(|_| hash.finalize())
+        });
+        let tree = verity::build(reader(verity.hash_offset), verity.salt, [0; 16]);
+        let whole = whole
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread panicked")));
+        (whole, tree)
+    });
+    let got = hex::encode(whole.map_err(|e| bad(e.to_string()))?);
+    let tree = tree.map_err(|e| bad(e.to_string()))?;
     if got != root.sha256 {
         return Err(bad(format!(
             "sha256 {got}, the manifest says {}",
@@ -401,4 +477,18 @@ fn read_back(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_chunks_are_fetched_in_bounded_runs() {
+        assert_eq!(runs_of(&[], 4), []);
+        assert_eq!(
+            runs_of(&[0, 1, 2, 3, 4, 5, 7, 9, 10], 4),
+            [(0, 3), (4, 5), (7, 7), (9, 10)]
+        );
+    }
 }

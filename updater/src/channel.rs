@@ -200,10 +200,16 @@ pub struct Server {
 impl Server {
     /// Binds `listen` (e.g. `127.0.0.1:8080`; port 0 picks one) to serve `root`.
     pub fn bind(root: &Path, listen: &str) -> Result<Server, ChannelError> {
-        let server = tiny_http::Server::http(listen).map_err(|e| ChannelError::Listen {
+        let err = |why: String| ChannelError::Listen {
             addr: listen.to_string(),
-            why: e.to_string(),
-        })?;
+            why,
+        };
+        let listener = std::net::TcpListener::bind(listen).map_err(|e| err(e.to_string()))?;
+        // Accepted connections inherit TCP_NODELAY from the listener (Linux): without it the
+        // tail of a response can wait 40 ms for a delayed ACK (Nagle).
+        rustix::net::sockopt::set_tcp_nodelay(&listener, true).map_err(|e| err(e.to_string()))?;
+        let server =
+            tiny_http::Server::from_listener(listener, None).map_err(|e| err(e.to_string()))?;
         Ok(Server {
             server,
             root: root.to_path_buf(),
@@ -279,13 +285,15 @@ fn answer(root: &Path, req: tiny_http::Request) -> std::io::Result<()> {
     } else {
         Box::new(std::io::Read::take(file, len))
     };
+    // With the length known, the body goes out with Content-Length rather than chunked.
     let mut resp = Response::new(
         StatusCode(status),
         Vec::new(),
         body,
         Some(len as usize),
         None,
-    );
+    )
+    .with_chunked_threshold(usize::MAX);
     if let Ok(h) = Header::from_bytes("Accept-Ranges", "bytes") {
         resp.add_header(h);
     }

@@ -191,19 +191,13 @@ impl HttpSource {
         if status != 206 {
             return Err(format!("status {status}"));
         }
-        let mut body = resp.take(to_incl + 1 - from);
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match body.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => {
-                    out.extend_from_slice(&buf[..n]);
-                    self.downloaded += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        let want = to_incl + 1 - from;
+        out.reserve_exact(want as usize);
+        let before = out.len();
+        // Straight into `out`; what arrived before an error stays there.
+        let result = resp.take(want).read_to_end(out);
+        self.downloaded += (out.len() - before) as u64;
+        result.map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

@@ -282,7 +282,7 @@ impl Machine {
     pub fn apply(
         &self,
         m: &Manifest,
-        src: &mut dyn Source,
+        src: &mut (dyn Source + Send),
         progress: &mut dyn Progress,
         stop: StopAfter,
     ) -> Result<ApplyStats, Error> {
