@@ -33,10 +33,6 @@ path = "/usr/lib/caisson/images/busybox.oci.tar"
 
 const EXTRA: &str = r#"
 [[files]]
-src = "usr/lib/caisson/images/busybox.oci.tar"
-dst = "/usr/lib/caisson/images/busybox.oci.tar"
-
-[[files]]
 src = "etc/caisson/units/hello.toml"
 dst = "/etc/caisson/units/hello.toml"
 
@@ -47,25 +43,12 @@ dst = "/etc/caisson/units/web.toml"
 
 /// `images/host.toml` plus the archive and the units, in `dir` (with host's lock and files).
 fn fleet_spec(dir: &Path) -> String {
-    let ws = common::workspace();
-    let files = dir.join("host/files");
-    std::fs::create_dir_all(dir.join("host")).unwrap();
-    common::run_ok(
-        Command::new("cp")
-            .arg("-a")
-            .arg(ws.join("images/host/files"))
-            .arg(&files),
-    );
-    std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
-    common::busybox_archive(dir, &files.join("usr/lib/caisson/images/busybox.oci.tar"));
-    let units = files.join("etc/caisson/units");
+    let spec = common::host_spec_with_busybox(dir, EXTRA);
+    let units = dir.join("host/files/etc/caisson/units");
     std::fs::create_dir_all(&units).unwrap();
     std::fs::write(units.join("hello.toml"), HELLO).unwrap();
     std::fs::write(units.join("web.toml"), WEB).unwrap();
-    let spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap() + EXTRA;
-    let path = dir.join("host.toml");
-    std::fs::write(&path, spec).unwrap();
-    path.display().to_string()
+    spec
 }
 
 #[test]

@@ -26,7 +26,6 @@ use caisson_qemu::{FwCfgValue, Vm, VmOptions};
 use etcd_harness::Etcd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The machines' lease: a dead machine's units move after it expires.
@@ -35,30 +34,12 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 const UNITS: [&str; 3] = ["svc-a", "svc-b", "svc-c"];
 const BUSYBOX: &str = "/bin/busybox";
-const ARCHIVE: &str = "/usr/lib/caisson/images/busybox.oci.tar";
+const ARCHIVE: &str = common::BUSYBOX_ARCHIVE;
 const POLL: Duration = Duration::from_millis(100);
 
 /// `images/host.toml` plus the archive, in `dir`: no local units, they come from etcd.
 fn cluster_spec(dir: &Path) -> String {
-    let ws = common::workspace();
-    let files = dir.join("host/files");
-    std::fs::create_dir_all(dir.join("host")).unwrap();
-    common::run_ok(
-        Command::new("cp")
-            .arg("-a")
-            .arg(ws.join("images/host/files"))
-            .arg(&files),
-    );
-    std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
-    common::busybox_archive(dir, &files.join(ARCHIVE.trim_start_matches('/')));
-    let extra = format!(
-        "\n[[files]]\nsrc = \"{}\"\ndst = \"{ARCHIVE}\"\n",
-        ARCHIVE.trim_start_matches('/')
-    );
-    let spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap() + &extra;
-    let path = dir.join("host.toml");
-    std::fs::write(&path, spec).unwrap();
-    path.display().to_string()
+    common::host_spec_with_busybox(dir, "")
 }
 
 /// The machine config of one node: its host name, its label and the etcd on the host.

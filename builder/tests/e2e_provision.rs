@@ -223,17 +223,12 @@ fn a_config_drive_is_applied_with_a_static_address() {
     );
     std::fs::write(&cfg, with_network).unwrap();
     let drive = dir.path().join("config.img");
-    let out = Command::new(env!("CARGO_BIN_EXE_caisson"))
-        .arg("config-drive")
-        .arg(&cfg)
-        .arg("-o")
-        .arg(&drive)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_caisson"))
+            .arg("config-drive")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&drive),
     );
     let disk = kept_overlay(&image, dir.path());
     let mut vm = boot(&disk, None, Some(&drive));

@@ -112,16 +112,11 @@ pub fn check(tool: &str, args: &[&str]) -> String {
 /// A qcow2 overlay over `image` that the test keeps, so a second boot sees what the first wrote.
 pub fn kept_overlay(image: &Path, dir: &Path) -> PathBuf {
     let overlay = dir.join("disk.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(image)
-        .arg(&overlay)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image)
+            .arg(&overlay),
     );
     overlay
 }
@@ -214,16 +209,11 @@ impl Drop for Server {
 /// The state partition of a qcow2 disk, as a raw file (for e2fsck and debugfs).
 pub fn state_of(disk: &Path, dir: &Path) -> PathBuf {
     let raw = dir.join("flat.raw");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(disk)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(disk)
+            .arg(&raw),
     );
     extract_partition(&raw, caisson_layout::partition::Part::State, dir)
 }
@@ -263,6 +253,33 @@ pub fn tar(dir: &Path, dest: &Path, members: &[&str]) {
             .arg(dest)
             .args(members),
     );
+}
+
+/// Where [`host_spec_with_busybox`] puts the busybox OCI archive in the image.
+pub const BUSYBOX_ARCHIVE: &str = "/usr/lib/caisson/images/busybox.oci.tar";
+
+/// `images/host.toml` with its lock and files copied into `dir`, the busybox OCI archive added
+/// at [`BUSYBOX_ARCHIVE`] and `extra` TOML appended; returns the spec's path. More files can
+/// go under `dir/host/files` before the build.
+pub fn host_spec_with_busybox(dir: &Path, extra: &str) -> String {
+    let ws = workspace();
+    let files = dir.join("host/files");
+    std::fs::create_dir_all(dir.join("host")).unwrap();
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(ws.join("images/host/files"))
+            .arg(&files),
+    );
+    std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
+    let archive = BUSYBOX_ARCHIVE.trim_start_matches('/');
+    busybox_archive(dir, &files.join(archive));
+    let spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap()
+        + &format!("\n[[files]]\nsrc = \"{archive}\"\ndst = \"{BUSYBOX_ARCHIVE}\"\n")
+        + extra;
+    let path = dir.join("host.toml");
+    std::fs::write(&path, spec).unwrap();
+    path.display().to_string()
 }
 
 /// An OCI archive (`caisson.test/busybox:1`) of one layer: the build host's /bin/busybox, with
