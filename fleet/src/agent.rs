@@ -3,11 +3,11 @@
 //! files in `/etc/caisson/units/`).
 //!
 //! The loop runs a tick (heartbeat, campaign, schedule when leading, reconcile, report) when etcd
-//! says something it cares about changed, and otherwise every third of the lease TTL. One task
-//! per watch sends a wake-up on a channel: every agent watches the leader key (a deletion means
-//! the leader is gone: campaign at once), the units and its own assignment; the leader also
-//! watches the machine records (a machine that registers or whose lease expires: schedule at
-//! once). The timer stays as the fallback: an etcd outage is logged and retried each tick,
+//! says something it cares about changed, and otherwise every third of the lease TTL. A watch
+//! task sends a wake-up on a channel: every agent watches the leader key (a deletion means the
+//! leader is gone: campaign at once), the units and its own assignment, the three on one etcd
+//! stream (one connection per agent); the leader also watches the machine records on a second
+//! (a machine that registers or whose lease expires: schedule at once). The timer stays as the fallback: an etcd outage is logged and retried each tick,
 //! running containers are left alone until etcd answers again, and a watch whose stream drops
 //! resumes from its revision (or, when that was compacted, wakes the loop for a full read).
 
@@ -247,23 +247,29 @@ impl Drop for Task {
     }
 }
 
-/// Watches `key` (every key under it when `prefix`) from revision `from` and sends a wake-up for
-/// each batch with a change that `wanted` says matters. A dropped stream resumes from its
-/// revision (the client does that); when etcd compacted that revision away or refused the watch,
-/// the task watches again from the current revision and wakes the loop for a full read.
-fn spawn_watch(
-    client: Client,
+/// One key an agent watches (every key under it when `prefix`), and which of its changes
+/// matter.
+struct Watched {
     key: String,
     prefix: bool,
-    from: i64,
     wanted: fn(&Event) -> bool,
-    wake: mpsc::Sender<()>,
-) -> Task {
+}
+
+/// Watches `keys` from revision `from`, all on one etcd stream (one connection), and sends a
+/// wake-up for each batch with a change that its key's `wanted` says matters. A dropped stream
+/// resumes from each key's revision (the client does that); when etcd compacted that revision
+/// away or refused the watch, the task watches again from the current revision and wakes the
+/// loop for a full read.
+fn spawn_watch(client: Client, keys: Vec<Watched>, from: i64, wake: mpsc::Sender<()>) -> Task {
     Task(tokio::spawn(async move {
-        let mut watch = client.watch(&key, prefix, from);
+        let ranges: Vec<(&str, bool)> = keys.iter().map(|k| (k.key.as_str(), k.prefix)).collect();
+        let mut watch = client.watch_all(&ranges, from);
         loop {
-            match watch.next().await {
-                Ok(events) => {
+            match watch.next_tagged().await {
+                Ok((i, events)) => {
+                    let wanted = keys
+                        .get(i)
+                        .map_or(any_change as fn(&Event) -> bool, |k| k.wanted);
                     if events.iter().any(wanted) {
                         // Full: a wake-up is already pending, which is as good.
                         let _ = wake.try_send(());
@@ -272,7 +278,11 @@ fn spawn_watch(
                 Err(e) => {
                     log::warn!("{e}; reading the fleet's state again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    watch = client.watch(&key, prefix, next_revision(&client, &key).await);
+                    let from = match keys.first() {
+                        Some(k) => next_revision(&client, &k.key).await,
+                        None => 0,
+                    };
+                    watch = client.watch_all(&ranges, from);
                     let _ = wake.try_send(());
                 }
             }
@@ -493,12 +503,15 @@ impl<R: Runtime> Agent<R> {
             if self.machines_watch.is_none() {
                 // From before the pass reads the machines: no deletion falls between the two.
                 let from = next_revision(&self.store.client, &self.store.keys.leader()).await;
+                let machines = Watched {
+                    key: self.store.keys.machines(),
+                    prefix: true,
+                    wanted: machine_joined_or_gone,
+                };
                 self.machines_watch = Some(spawn_watch(
                     self.store.client.clone(),
-                    self.store.keys.machines(),
-                    true,
+                    vec![machines],
                     from,
-                    machine_joined_or_gone,
                     self.wake.clone(),
                 ));
             }
@@ -600,26 +613,26 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
-    /// The watches every agent keeps: the leader key, the units and its own assignment, from
-    /// the current revision (the first tick reads after it).
-    async fn spawn_watches(&self) -> [Task; 3] {
+    /// The watches every agent keeps, on one stream: the leader key, the units and its own
+    /// assignment, from the current revision (the first tick reads after it).
+    async fn spawn_watches(&self) -> Task {
         let keys = &self.store.keys;
         let from = next_revision(&self.store.client, &keys.leader()).await;
-        let watch = |key: String, prefix: bool, wanted: fn(&Event) -> bool| {
-            spawn_watch(
-                self.store.client.clone(),
-                key,
-                prefix,
-                from,
-                wanted,
-                self.wake.clone(),
-            )
+        let watched = |key: String, prefix: bool, wanted: fn(&Event) -> bool| Watched {
+            key,
+            prefix,
+            wanted,
         };
-        [
-            watch(keys.leader(), false, leader_gone),
-            watch(keys.units(), true, any_change),
-            watch(keys.assign(self.member.id()), false, any_change),
-        ]
+        spawn_watch(
+            self.store.client.clone(),
+            vec![
+                watched(keys.leader(), false, leader_gone),
+                watched(keys.units(), true, any_change),
+                watched(keys.assign(self.member.id()), false, any_change),
+            ],
+            from,
+            self.wake.clone(),
+        )
     }
 
     /// Renews the machine's lease every third of its TTL on its own task: a tick that spends

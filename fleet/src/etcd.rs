@@ -323,13 +323,30 @@ impl Client {
         body: &Value,
         timeout: Option<Duration>,
     ) -> Result<(String, reqwest::Response)> {
+        self.send_raw(path, body.to_string().into_bytes(), timeout)
+            .await
+    }
+
+    /// [`Client::send`] with a body already serialised: a watch stream's body carries several
+    /// JSON requests one after the other.
+    async fn send_raw(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<(String, reqwest::Response)> {
         let n = self.inner.endpoints.len();
         let start = self.inner.preferred.load(Ordering::Relaxed) % n;
         let mut last = None;
         for i in 0..n {
             let idx = (start + i) % n;
             let endpoint = &self.inner.endpoints[idx];
-            let mut req = self.inner.http.post(format!("{endpoint}{path}")).json(body);
+            let mut req = self
+                .inner
+                .http
+                .post(format!("{endpoint}{path}"))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
             if let Some(t) = timeout {
                 req = req.timeout(t);
             }
@@ -491,11 +508,23 @@ impl Client {
 
     /// Watches `key` (or the prefix) from `start_revision` (0: from now on).
     pub fn watch(&self, key: &str, prefix: bool, start_revision: i64) -> Watch {
+        self.watch_all(&[(key, prefix)], start_revision)
+    }
+
+    /// Watches several keys (or prefixes) on one stream, one HTTP connection: etcd's gateway
+    /// reads a stream's requests one after the other from the body. [`Watch::next_tagged`] says
+    /// which key a batch of changes belongs to (its index in `keys`).
+    pub fn watch_all(&self, keys: &[(&str, bool)], start_revision: i64) -> Watch {
         Watch {
             client: self.clone(),
-            key: key.to_string(),
-            prefix,
-            next_revision: start_revision,
+            targets: keys
+                .iter()
+                .map(|&(key, prefix)| Watched {
+                    key: key.to_string(),
+                    prefix,
+                    next_revision: start_revision,
+                })
+                .collect(),
             stream: None,
             buf: Vec::new(),
             backoff: Duration::from_millis(100),
@@ -503,22 +532,28 @@ impl Client {
     }
 }
 
-/// A watch that survives dropped streams: it reconnects (to any endpoint) and resumes from the
-/// revision after the last one it delivered, so no change is lost or seen twice.
-pub struct Watch {
-    client: Client,
+/// One key or prefix of a [`Watch`], and the revision it resumes from.
+struct Watched {
     key: String,
     prefix: bool,
     next_revision: i64,
+}
+
+/// A watch that survives dropped streams: it reconnects (to any endpoint) and resumes each of
+/// its keys from the revision after the last change it delivered for it, so no change is lost
+/// or seen twice.
+pub struct Watch {
+    client: Client,
+    targets: Vec<Watched>,
     stream: Option<(String, reqwest::Response)>,
     buf: Vec<u8>,
     backoff: Duration,
 }
 
 impl Watch {
-    /// The revision the watch resumes from when its stream drops.
+    /// The revision the (first) key's watch resumes from when the stream drops.
     pub fn next_revision(&self) -> i64 {
-        self.next_revision
+        self.targets.first().map_or(0, |t| t.next_revision)
     }
 
     /// Drops the current stream (as a network failure would); the next call reconnects.
@@ -531,10 +566,16 @@ impl Watch {
     /// streams and unreachable endpoints forever with a backoff up to 2 s, and fails only when
     /// the revision to resume from was compacted or etcd rejects the watch.
     pub async fn next(&mut self) -> Result<Vec<Event>> {
+        self.next_tagged().await.map(|(_, events)| events)
+    }
+
+    /// [`Watch::next`], with the index (in [`Client::watch_all`]'s keys) of the key the
+    /// changes belong to.
+    pub async fn next_tagged(&mut self) -> Result<(usize, Vec<Event>)> {
         loop {
             if let Some(line) = self.take_line() {
-                if let Some(events) = self.handle(&line)? {
-                    return Ok(events);
+                if let Some(tagged) = self.handle(&line)? {
+                    return Ok(tagged);
                 }
                 continue;
             }
@@ -561,13 +602,31 @@ impl Watch {
         Some(line)
     }
 
-    async fn connect(&mut self) -> Result<()> {
-        let mut req = range_json(&self.key, self.prefix);
-        if self.next_revision > 0 {
-            req["start_revision"] = json!(self.next_revision.to_string());
+    /// What the stream's events and errors are about, for messages.
+    fn keys(&self) -> String {
+        let keys: Vec<&str> = self.targets.iter().map(|t| t.key.as_str()).collect();
+        format!("{keys:?}")
+    }
+
+    /// One create request per key, in one body; watch ids are the keys' indexes plus one
+    /// (etcd assigns a given non-zero id).
+    fn create_requests(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let mut req = range_json(&t.key, t.prefix);
+            if t.next_revision > 0 {
+                req["start_revision"] = json!(t.next_revision.to_string());
+            }
+            req["watch_id"] = json!((i + 1).to_string());
+            body.extend_from_slice(json!({ "create_request": req }).to_string().as_bytes());
+            body.push(b'\n');
         }
-        let body = json!({ "create_request": req });
-        match self.client.send("/v3/watch", &body, None).await {
+        body
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        let body = self.create_requests();
+        match self.client.send_raw("/v3/watch", body, None).await {
             Ok((endpoint, resp)) if resp.status().is_success() => {
                 self.stream = Some((endpoint, resp));
                 self.buf.clear();
@@ -586,8 +645,8 @@ impl Watch {
             }
             Err(e) => {
                 log::warn!(
-                    "etcd watch on {:?}: {e}; retrying in {:?}",
-                    self.key,
+                    "etcd watch on {}: {e}; retrying in {:?}",
+                    self.keys(),
                     self.backoff
                 );
                 tokio::time::sleep(self.backoff).await;
@@ -597,8 +656,8 @@ impl Watch {
         }
     }
 
-    /// Handles one line of the stream; `Some` when it carries events.
-    fn handle(&mut self, line: &[u8]) -> Result<Option<Vec<Event>>> {
+    /// Handles one line of the stream; `Some` when it carries events, with their key's index.
+    fn handle(&mut self, line: &[u8]) -> Result<Option<(usize, Vec<Event>)>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
@@ -619,19 +678,33 @@ impl Watch {
             return Ok(None);
         }
         let Some(r) = msg.result else { return Ok(None) };
+        // Ids are indexes plus one; an etcd that ignored them numbers watches from 0 in order.
+        let index = match usize::try_from(r.watch_id) {
+            Ok(id) if (1..=self.targets.len()).contains(&id) => id - 1,
+            Ok(0) if self.targets.len() == 1 => 0,
+            _ => {
+                log::warn!(
+                    "etcd watch stream from {endpoint}: unknown watch id {}; resuming",
+                    r.watch_id
+                );
+                self.disconnect();
+                return Ok(None);
+            }
+        };
+        let target = &mut self.targets[index];
         if r.compact_revision > 0 {
             return Err(EtcdError::Compacted {
-                key: self.key.clone(),
+                key: target.key.clone(),
                 compact_revision: r.compact_revision,
             });
         }
         if r.canceled {
-            log::info!("etcd canceled the watch on {:?}; resuming", self.key);
+            log::info!("etcd canceled the watch on {:?}; resuming", target.key);
             self.disconnect();
             return Ok(None);
         }
-        if self.next_revision == 0 && r.header.revision > 0 {
-            self.next_revision = r.header.revision + 1;
+        if target.next_revision == 0 && r.header.revision > 0 {
+            target.next_revision = r.header.revision + 1;
         }
         if r.events.is_empty() {
             return Ok(None);
@@ -639,14 +712,14 @@ impl Watch {
         let mut events = Vec::with_capacity(r.events.len());
         for e in r.events {
             let kv = e.kv.decode()?;
-            self.next_revision = self.next_revision.max(kv.mod_revision + 1);
+            target.next_revision = target.next_revision.max(kv.mod_revision + 1);
             events.push(if e.kind == "DELETE" {
                 Event::Delete(kv)
             } else {
                 Event::Put(kv)
             });
         }
-        Ok(Some(events))
+        Ok(Some((index, events)))
     }
 }
 
@@ -816,6 +889,8 @@ struct RawEvent {
 struct RawWatchResult {
     #[serde(default)]
     header: RawHeader,
+    #[serde(default, deserialize_with = "int64")]
+    watch_id: i64,
     #[serde(default)]
     canceled: bool,
     #[serde(default, deserialize_with = "int64")]

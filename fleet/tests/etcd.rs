@@ -179,6 +179,53 @@ async fn watch_resumes_after_drop_and_restart() {
     );
 }
 
+async fn next_tagged(w: &mut caisson_fleet::etcd::Watch) -> (usize, Vec<(String, String)>) {
+    let (i, batch) = tokio::time::timeout(Duration::from_secs(20), w.next_tagged())
+        .await
+        .expect("watch event in time")
+        .unwrap();
+    (i, puts(&batch))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stream_carries_several_watches_and_resumes_each() {
+    let etcd = Etcd::start();
+    let c = Client::new(&[etcd.endpoint()]).unwrap();
+    let rev = c.put("/m/other", "0", 0).await.unwrap();
+    let mut w = c.watch_all(&[("/m/leader", false), ("/m/units/", true)], rev + 1);
+    c.put("/m/units/a", "1", 0).await.unwrap();
+    c.put("/m/other", "not watched", 0).await.unwrap();
+    c.put("/m/leader", "me", 0).await.unwrap();
+    // Each key's changes come in order; between keys, etcd does not promise one.
+    let mut got = vec![next_tagged(&mut w).await, next_tagged(&mut w).await];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (0, vec![("/m/leader".into(), "me".into())]),
+            (1, vec![("/m/units/a".into(), "1".into())])
+        ]
+    );
+    // After a dropped stream each key resumes after its own last change: nothing is replayed.
+    w.disconnect();
+    c.put("/m/units/b", "2", 0).await.unwrap();
+    c.put("/m/leader", "you", 0).await.unwrap();
+    let mut got = vec![next_tagged(&mut w).await, next_tagged(&mut w).await];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (0, vec![("/m/leader".into(), "you".into())]),
+            (1, vec![("/m/units/b".into(), "2".into())])
+        ]
+    );
+    c.delete("/m/units/a", false).await.unwrap();
+    assert_eq!(
+        next_tagged(&mut w).await,
+        (1, vec![("/m/units/a".into(), "<deleted>".into())])
+    );
+}
+
 #[tokio::test]
 async fn watch_reports_compaction() {
     let etcd = Etcd::start();
