@@ -235,6 +235,9 @@ pub struct Agent<R: Runtime> {
     woken: mpsc::Receiver<()>,
     /// The leader's watch on the machine records (none while following).
     machines_watch: Option<Task>,
+    /// The task that renews the lease, while [`Agent::run`] runs: ticks then only rewrite the
+    /// record (without it, as in tests that tick by hand, each tick renews the lease too).
+    keepalive: Option<Task>,
 }
 
 /// A background task that ends with its owner (also when the owner's future is dropped, as a
@@ -384,6 +387,7 @@ impl<R: Runtime> Agent<R> {
             wake,
             woken,
             machines_watch: None,
+            keepalive: None,
         })
     }
 
@@ -492,7 +496,12 @@ impl<R: Runtime> Agent<R> {
 
     /// One tick: heartbeat, lead if possible, reconcile, report.
     pub async fn tick(&mut self) -> Result<(), String> {
-        if self.member.heartbeat().await.map_err(|e| e.to_string())? {
+        let registered_again = if self.keepalive.is_some() {
+            self.member.refresh().await
+        } else {
+            self.member.heartbeat().await
+        };
+        if registered_again.map_err(|e| e.to_string())? {
             self.reported.clear();
             self.logged.clear();
         }
@@ -588,7 +597,7 @@ impl<R: Runtime> Agent<R> {
     /// when a watch sees a change that matters, otherwise every [`Agent::tick`].
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
-        let keepalive = self.spawn_keepalive();
+        self.keepalive = Some(self.spawn_keepalive());
         let _watches = self.spawn_watches().await;
         loop {
             if let Err(e) = self.tick().await {
@@ -606,7 +615,7 @@ impl<R: Runtime> Agent<R> {
                 _ = tokio::time::sleep(self.tick) => {}
             }
         }
-        drop(keepalive);
+        self.keepalive = None;
         self.machines_watch = None;
         if let Err(e) = self.member.leave().await {
             log::warn!("leaving the fleet: {e}");

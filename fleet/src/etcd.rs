@@ -425,11 +425,21 @@ impl Client {
     }
 
     /// Writes `value` at `key`, attached to `lease` (0: none). Returns the new revision.
+    /// Writes one key, under `lease` unless it is 0; a lease that is gone is
+    /// [`EtcdError::LeaseExpired`].
     pub async fn put(&self, key: &str, value: impl AsRef<[u8]>, lease: i64) -> Result<i64> {
         let body = json!({ "key": b64(key), "value": B64.encode(value.as_ref()),
                            "lease": lease.to_string() });
-        let raw: RawHeaderOnly = self.call("/v3/kv/put", body).await?;
-        Ok(raw.header.revision)
+        let r: Result<RawHeaderOnly> = self.call("/v3/kv/put", body).await;
+        match r {
+            Ok(raw) => Ok(raw.header.revision),
+            Err(EtcdError::Api { message, .. })
+                if lease != 0 && message.contains("lease not found") =>
+            {
+                Err(EtcdError::LeaseExpired(lease))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes one key, or every key starting with `key` when `prefix`. Returns how many.

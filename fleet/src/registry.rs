@@ -247,6 +247,21 @@ impl Member {
         }
     }
 
+    /// Refreshes the record only, for a caller whose lease another task renews (the agent's
+    /// keepalive): one request instead of two. When the lease is gone the write fails and the
+    /// machine registers again under a new one. Returns true when it re-registered.
+    pub async fn refresh(&mut self) -> Result<bool, RegistryError> {
+        match self.write_record().await {
+            Ok(()) => Ok(false),
+            Err(RegistryError::Etcd(EtcdError::LeaseExpired(_))) => {
+                log::warn!("machine lease expired; registering again");
+                self.register().await?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Tries to become (or stay) the leader. True if this machine leads.
     pub async fn campaign(&self) -> Result<bool, RegistryError> {
         let key = self.keys.leader();

@@ -81,6 +81,32 @@ async fn registry_leases_and_leader_failover() {
 }
 
 #[tokio::test]
+async fn refresh_rewrites_the_record_and_registers_again_once_the_lease_is_gone() {
+    let etcd = Etcd::start();
+    let c = Client::new(&[etcd.endpoint()]).unwrap();
+    let keys = Keys::new("/r/");
+    let mut m = Member::join(c.clone(), keys.clone(), record("m1", "a"), 5)
+        .await
+        .unwrap();
+    let first = m.lease();
+    let before = c.get(&keys.machine("m1")).await.unwrap().unwrap();
+    assert!(!m.refresh().await.unwrap(), "the lease is alive");
+    let after = c.get(&keys.machine("m1")).await.unwrap().unwrap();
+    assert!(
+        after.mod_revision > before.mod_revision,
+        "the record was rewritten"
+    );
+    assert_eq!(after.lease, first);
+    // The lease goes (revoked here; expired after an outage): the next refresh registers again.
+    c.lease_revoke(first).await.unwrap();
+    assert_eq!(c.get(&keys.machine("m1")).await.unwrap(), None);
+    assert!(m.refresh().await.unwrap(), "registered again");
+    let back = c.get(&keys.machine("m1")).await.unwrap().unwrap();
+    assert_ne!(back.lease, first);
+    assert_eq!(back.lease, m.lease());
+}
+
+#[tokio::test]
 async fn leader_schedules_and_reschedules_after_expiry() {
     let etcd = Etcd::start();
     let c = Client::new(&[etcd.endpoint()]).unwrap();
