@@ -1,13 +1,26 @@
-//! QEMU end-to-end: a fleet of three machines on etcd. Three VMs of `images/host.toml` (plus a
-//! busybox OCI archive baked in, no local units) are provisioned through fw_cfg with their own
-//! host name, a `node` label and the etcd on the host (`10.0.2.2`); etcd runs on host loopback.
-//! The test submits three units through the fleet library (the CLI's code path); the leader
-//! spreads them one per machine and each reports running. Then the leader's VM is hard-killed
-//! (SIGKILL to QEMU): within TTL + 5 s its unit is reported running on one of the other two,
-//! the others stay where they were. The time of each step (lease expiry, new leader, the
-//! scheduling pass, running) is measured from the host and printed. The agents react to etcd
+//! QEMU end-to-end: a fleet of three machines on etcd, then a rolling update of all three.
+//! Three VMs of `images/host.toml` (plus a busybox OCI archive baked in, no local units) are
+//! provisioned through fw_cfg with their own host name, a `node` label, the etcd on the host
+//! (`10.0.2.2`; etcd runs on host loopback) and an update channel served by `caisson serve` on
+//! the host, with strategy `etcd-lock`.
+//!
+//! Failover: the test submits three units through the fleet library (the CLI's code path); the
+//! leader spreads them one per machine and each reports running. Then the leader's VM is
+//! hard-killed (SIGKILL to QEMU): within TTL + 5 s its unit is reported running on one of the
+//! other two, the others stay where they were. The time of each step (lease expiry, new leader,
+//! the scheduling pass, running) is measured from the host and printed. The agents react to etcd
 //! watches (the leader key, the machines, their assignment), so the failover is the TTL plus the
-//! container start; the VMs' part of the test takes about a minute and a half under TCG.
+//! container start.
+//!
+//! Rolling update: the killed machine boots again from its disk and rejoins; the reboot lock is
+//! set to max 1 and a signed v2 is published with a rollout window of 0. Each machine's update
+//! agent (checking every 2 s) applies v2 into slot B at once, all three in parallel, then asks
+//! its fleet agent for the reboot, which takes the fleet's reboot lock first and keeps it until
+//! v2 is blessed there. Every 100 ms the host reads the lock key in etcd and the three consoles:
+//! never more than one holder, never two machines down at once, and a machine is only down
+//! while it holds the lock. All three end on v2 from slot B, blessed, with the success recorded,
+//! and the lock empty; the timeline (lock taken, reboot, ready, blessed, released) is printed.
+//! The VMs' part takes about four and a half minutes under TCG, three of them the update.
 
 #![allow(clippy::unwrap_used)]
 
@@ -18,14 +31,17 @@ mod common;
 mod etcd_harness;
 
 use caisson_fleet::etcd::Client;
+use caisson_fleet::lock::{RebootLock, Semaphore};
 use caisson_fleet::registry::{self, Keys, MachineRecord};
 use caisson_fleet::scheduler::Placement;
 use caisson_fleet::store::{Store, UnitStatus};
 use caisson_fleet::unit::UnitSpec;
-use caisson_qemu::{FwCfgValue, Vm, VmOptions};
+use caisson_qemu::{Disk, FwCfgValue, Vm, VmOptions};
 use etcd_harness::Etcd;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The machines' lease: a dead machine's units move after it expires.
@@ -36,14 +52,40 @@ const UNITS: [&str; 3] = ["svc-a", "svc-b", "svc-c"];
 const BUSYBOX: &str = "/bin/busybox";
 const ARCHIVE: &str = common::BUSYBOX_ARCHIVE;
 const POLL: Duration = Duration::from_millis(100);
+const V1: &str = "1.0.0";
+const V2: &str = "2.0.0";
+/// The init blesses a tried boot after this long healthy (30 s in `images/host.toml`): each
+/// machine holds the reboot lock from its reboot until then, so it paces the rolling update.
+const BLESS_AFTER_S: u64 = 10;
+/// How often the update agents look at the channel.
+const UPDATE_INTERVAL_S: u64 = 2;
+/// The whole rolling update, from publishing v2 to the lock given back by the last machine.
+const ROLLING_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// `images/host.toml` plus the archive, in `dir`: no local units, they come from etcd.
+/// `images/host.toml` plus the archive and the public key of `dir/keys` (made here), in `dir`:
+/// no local units, they come from etcd; tried boots are blessed after [`BLESS_AFTER_S`].
 fn cluster_spec(dir: &Path) -> String {
-    common::host_spec_with_busybox(dir, "")
+    common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_caisson"))
+            .args(["keygen", "--out"])
+            .arg(dir.join("keys")),
+    );
+    let spec =
+        common::host_spec_with_busybox(dir, "\n[update]\npublic_keys = [\"keys/caisson.pub\"]\n");
+    let init = dir.join("host/files/etc/caisson/init.toml");
+    let text = std::fs::read_to_string(&init).unwrap();
+    let faster = text.replace(
+        "bless_after_s = 30",
+        &format!("bless_after_s = {BLESS_AFTER_S}"),
+    );
+    assert_ne!(text, faster, "images/host's init.toml changed shape");
+    std::fs::write(&init, faster).unwrap();
+    spec
 }
 
-/// The machine config of one node: its host name, its label and the etcd on the host.
-fn machine_config(node: &str, etcd_port: u16) -> String {
+/// The machine config of one node: its host name, its label, the etcd on the host and the
+/// update channel, with reboots coordinated through the fleet's reboot lock.
+fn machine_config(node: &str, etcd_port: u16, channel_url: &str) -> String {
     format!(
         r#"version = 1
 hostname = "{node}"
@@ -52,9 +94,30 @@ hostname = "{node}"
 endpoints = ["http://{}:{etcd_port}"]
 labels = {{ node = "{node}" }}
 ttl_s = {TTL_S}
+
+[update]
+channel_url = "{channel_url}"
+strategy = "etcd-lock"
+interval_s = {UPDATE_INTERVAL_S}
+jitter_s = 0
 "#,
         caisson_qemu::HOST_FROM_GUEST
     )
+}
+
+/// `caisson publish BUNDLE --channel-dir CHANNEL --key KEY --rollout 0s`: every machine's wave
+/// starts at once.
+fn publish(bundle: &Path, channel: &Path, key: &Path) {
+    common::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_caisson"))
+            .arg("publish")
+            .arg(bundle)
+            .arg("--channel-dir")
+            .arg(channel)
+            .arg("--key")
+            .arg(key)
+            .args(["--rollout", "0s"]),
+    );
 }
 
 fn unit(name: &str) -> UnitSpec {
@@ -172,6 +235,20 @@ impl Fleet {
         })
     }
 
+    fn reboot_lock(&self) -> RebootLock {
+        RebootLock::new(self.store.client.clone(), self.store.keys.lock())
+    }
+
+    /// The reboot semaphore as it is now.
+    fn lock(&self) -> Semaphore {
+        self.rt.block_on(self.reboot_lock().status()).unwrap()
+    }
+
+    /// `caisson-fleet lock set-max N`, through the library.
+    fn set_max(&self, max: u32) {
+        self.rt.block_on(self.reboot_lock().set_max(max)).unwrap()
+    }
+
     fn submit(&self, specs: &[UnitSpec]) {
         self.rt.block_on(self.store.submit(specs)).unwrap();
     }
@@ -230,8 +307,10 @@ fn no_lease_lost(vms: &mut [Vm], skip: Option<usize>) {
     }
 }
 
-fn boot(image: &Path, config: &Path) -> Vm {
-    let mut opts = VmOptions::new(image);
+/// Boots a machine's own disk (an overlay the test keeps, so a killed machine can boot again).
+fn boot(disk: &Path, config: &Path) -> Vm {
+    let mut opts = VmOptions::new(disk);
+    opts.disk = Disk::direct(disk);
     opts.memory_mib = 1024;
     // Three guests on two host cores: one vCPU each keeps TCG threads from fighting.
     opts.smp = 1;
@@ -251,7 +330,7 @@ struct Failover {
 }
 
 #[test]
-fn three_machines_spread_units_and_move_them_off_a_dead_one() {
+fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
     assert!(
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} is missing: apt-get install -y busybox-static (ci/deps does)"
@@ -266,22 +345,37 @@ fn three_machines_spread_units_and_move_them_off_a_dead_one() {
         .unwrap();
     let spec = cluster_spec(dir.path());
     let image = common::build(&spec, &dir.path().join("out"), &[]);
-    eprintln!("image built in {:.0?}", started.elapsed());
+    let v2 = common::build(&spec, &dir.path().join("out-v2"), &["--version", V2]);
+    eprintln!("v1 and v2 built in {:.0?}", started.elapsed());
+    // The channel holds v1 until the rolling update: the agents find nothing newer.
+    let channel = dir.path().join("www/stable");
+    let key = dir.path().join("keys/caisson.key");
+    publish(&image.with_extension("bundle"), &channel, &key);
+    let server = common::Server::start(&dir.path().join("www"));
+    let channel_url = format!(
+        "http://{}:{}/stable",
+        caisson_qemu::HOST_FROM_GUEST,
+        server.port
+    );
 
     let _one_vm = common::vm_lock();
     let etcd = Etcd::start();
     let fleet = Fleet::new(&etcd.endpoint());
 
-    // Three machines, booted together, each with its own config.
+    // Three machines, booted together, each with its own config and its own disk.
     let booting = Instant::now();
-    let mut vms: Vec<Vm> = NODES
+    let machines: Vec<(PathBuf, PathBuf)> = NODES
         .iter()
         .map(|node| {
-            let cfg = dir.path().join(format!("{node}.toml"));
-            std::fs::write(&cfg, machine_config(node, etcd.client_port)).unwrap();
-            boot(&image, &cfg)
+            let own = dir.path().join(node);
+            std::fs::create_dir_all(&own).unwrap();
+            let cfg = own.join("machine.toml");
+            let text = machine_config(node, etcd.client_port, &channel_url);
+            std::fs::write(&cfg, text).unwrap();
+            (common::kept_overlay(&image, &own), cfg)
         })
         .collect();
+    let mut vms: Vec<Vm> = machines.iter().map(|(d, c)| boot(d, c)).collect();
     for (vm, node) in vms.iter_mut().zip(NODES) {
         vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{node} does not reach ready: {e}"));
@@ -297,15 +391,46 @@ fn three_machines_spread_units_and_move_them_off_a_dead_one() {
         booting.elapsed()
     );
     for m in fleet.records() {
-        assert_eq!(m.version.as_deref(), Some("1.0.0"), "{m:?}");
+        assert_eq!(m.version.as_deref(), Some(V1), "{m:?}");
         assert!(m.slot.is_some(), "{m:?}");
     }
 
+    let killed = fail_over(&fleet, &mut vms, &ids);
+
+    // The killed machine boots again from its disk and rejoins the fleet.
+    let back = Instant::now();
+    let (disk, cfg) = &machines[killed];
+    vms[killed] = boot(disk, cfg);
+    vms[killed]
+        .wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{} does not come back: {e}", NODES[killed]));
+    fleet.until("the killed machine rejoins", BOOT_TIMEOUT, |s| {
+        let nodes: BTreeSet<&str> = s.machines.values().map(String::as_str).collect();
+        (nodes == BTreeSet::from(NODES)).then_some(())
+    });
+    eprintln!(
+        "{} back from its disk and registered in {:.0?}",
+        NODES[killed],
+        back.elapsed()
+    );
+
+    roll_to_v2(&fleet, &mut vms, &ids, || {
+        publish(&v2.with_extension("bundle"), &channel, &key)
+    });
+    drop(vms);
+    drop(server);
+    drop(etcd);
+    eprintln!("whole test: {:.0?}", started.elapsed());
+}
+
+/// Hard-kills the leader's machine: within TTL + 5 s its unit runs on another, the others stay.
+/// Returns the index of the killed machine.
+fn fail_over(fleet: &Fleet, vms: &mut [Vm], ids: &BTreeMap<String, String>) -> usize {
     // Three units: the leader spreads them, one per machine, and each machine runs its own.
     let spreading = Instant::now();
     fleet.submit(&UNITS.map(unit));
     let on = fleet.until("the units spread and run", Duration::from_secs(300), |s| {
-        no_lease_lost(&mut vms, None);
+        no_lease_lost(vms, None);
         spread_and_running(s)
     });
     eprintln!(
@@ -440,12 +565,336 @@ fn three_machines_spread_units_and_move_them_off_a_dead_one() {
         after.describe()
     );
     // No survivor lost its lease on the way (a slow tick would re-register it).
-    no_lease_lost(&mut vms, Some(index));
-    drop(vms);
-    drop(etcd);
-    eprintln!("whole test: {:.0?}", started.elapsed());
+    no_lease_lost(vms, Some(index));
     assert!(
         took <= (TTL_S + 5) as f64,
         "{lost} ran elsewhere only {took:.1} s after the kill, more than TTL + 5 s; {seen:?}"
     );
+    index
+}
+
+/// A VM's console as QEMU writes it, read from the host line by line as it grows.
+struct ConsoleLines {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl ConsoleLines {
+    /// From the console's current end on.
+    fn from_end(vm: &Vm) -> ConsoleLines {
+        let path = vm.console_path().to_path_buf();
+        let offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+        ConsoleLines {
+            path,
+            offset,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The whole lines written since the last call.
+    fn read(&mut self) -> Vec<String> {
+        let mut f = std::fs::File::open(&self.path).unwrap();
+        f.seek(SeekFrom::Start(self.offset)).unwrap();
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).unwrap();
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let mut out = Vec::new();
+        while let Some(end) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            out.push(caisson_qemu::clean_line(&String::from_utf8_lossy(&line)));
+        }
+        out
+    }
+}
+
+/// The console lines a rolling update is followed by, and what the timeline calls them.
+const STEPS: [(&str, &str); 9] = [
+    (
+        "updating 1.0.0 -> 2.0.0",
+        "update agent: applying v2 into the other slot",
+    ),
+    (
+        "strategy etcd-lock: ",
+        "update agent: v2 written, reboot left to the fleet agent",
+    ),
+    (
+        "waits for a slot of the fleet's reboot lock",
+        "fleet agent: waits for the lock",
+    ),
+    (
+        "holding the fleet's reboot lock",
+        "fleet agent: holds the lock, asks for a reboot",
+    ),
+    (
+        "Reboot requested through the control channel",
+        "init: reboot (down)",
+    ),
+    ("caisson: ready ", "init: ready"),
+    ("boot entry blessed: ", "init: blessed"),
+    (
+        "update to 2.0.0 succeeded",
+        "update agent: success recorded, boot settled",
+    ),
+    (
+        "released the reboot lock held by",
+        "fleet agent: boot settled, lock given back",
+    ),
+];
+
+/// One machine during the rolling update, as its console tells it.
+#[derive(Debug, Default)]
+struct Rolling {
+    /// Started applying v2 (seconds after it was published).
+    applying: Option<f64>,
+    /// Down since: from the init's "Reboot requested" until its next "ready".
+    down_since: Option<f64>,
+    /// Each reboot: (down, ready again).
+    reboots: Vec<(f64, f64)>,
+    /// The last "ready" line, from `version=`.
+    ready: Option<String>,
+    /// The last blessed entry.
+    blessed: Option<String>,
+}
+
+impl Rolling {
+    /// Takes in one console line; returns what the timeline says of it.
+    fn see(&mut self, t: f64, line: &str) -> Option<String> {
+        let (marker, what) = STEPS.iter().find(|(m, _)| line.contains(m))?;
+        let tail = line[line.find(marker).unwrap() + marker.len()..].trim();
+        match *marker {
+            "updating 1.0.0 -> 2.0.0" => self.applying = self.applying.or(Some(t)),
+            "Reboot requested through the control channel" => self.down_since = Some(t),
+            "caisson: ready " => {
+                if let Some(down) = self.down_since.take() {
+                    self.reboots.push((down, t));
+                }
+                self.ready = Some(tail.to_string());
+                return Some(format!("{what} {tail}"));
+            }
+            "boot entry blessed: " => {
+                self.blessed = Some(tail.to_string());
+                return Some(format!("{what} {tail}"));
+            }
+            _ => {}
+        }
+        Some(what.to_string())
+    }
+
+    /// Running v2 from slot B, blessed.
+    fn done(&self) -> bool {
+        self.ready
+            .as_deref()
+            .is_some_and(|r| r.starts_with(&format!("version={V2} slot=b ")))
+            && self.blessed.as_deref() == Some(&*format!("caisson-{V2}-b.conf"))
+    }
+}
+
+/// The rolling update's timeline: seconds after v2 was published, the machine, what happened.
+#[derive(Default)]
+struct Timeline(Vec<(f64, String, String)>);
+
+impl Timeline {
+    fn push(&mut self, t: f64, node: &str, what: String) {
+        self.0.push((t, node.to_string(), what));
+    }
+
+    fn show(&self) -> String {
+        let mut lines: Vec<String> = self
+            .0
+            .iter()
+            .map(|(t, n, w)| format!("  +{t:6.1} s  {n:<7} {w}"))
+            .collect();
+        lines.push(String::new());
+        lines.join("\n")
+    }
+}
+
+/// For the failure messages of [`roll_to_v2`]: the lock, who is down, the timeline so far and
+/// the end of each console.
+fn describe(sem: &Semaphore, down: &[usize], timeline: &Timeline, vms: &mut [Vm]) -> String {
+    let tails: Vec<String> = vms
+        .iter_mut()
+        .zip(NODES)
+        .map(|(vm, n)| format!("{n}:\n{}", vm.console_tail(15).unwrap_or_default()))
+        .collect();
+    format!(
+        "lock {sem:?}; down {:?}\ntimeline:\n{}consoles:\n{}",
+        down.iter().map(|i| NODES[*i]).collect::<Vec<_>>(),
+        timeline.show(),
+        tails.join("\n")
+    )
+}
+
+/// Sets the reboot lock to max 1, publishes v2 (`publish_v2`) and follows the update agents as
+/// they roll it out: every [`POLL`], the three consoles, then the lock key in etcd. Never more
+/// than one holder, never two machines down at once, a machine down only while it holds the
+/// lock; all end on v2 from slot B, blessed, the lock empty. Prints the timeline.
+fn roll_to_v2(
+    fleet: &Fleet,
+    vms: &mut [Vm],
+    ids: &BTreeMap<String, String>,
+    publish_v2: impl FnOnce(),
+) {
+    let id_of: BTreeMap<&str, &str> = ids.iter().map(|(i, n)| (n.as_str(), i.as_str())).collect();
+    let node_of = |id: &str| ids.get(id).cloned().unwrap_or_else(|| id.to_string());
+    fleet.set_max(1);
+    let mut consoles: Vec<ConsoleLines> = vms.iter().map(ConsoleLines::from_end).collect();
+    let mut seen: Vec<Rolling> = NODES.iter().map(|_| Rolling::default()).collect();
+    let mut timeline = Timeline::default();
+    let mut holders: Vec<String> = fleet.lock().holders;
+    assert!(
+        holders.is_empty(),
+        "the lock is held before the update: {holders:?}"
+    );
+    let mut most_down = 0;
+    let t0 = Instant::now();
+    publish_v2();
+    timeline.push(
+        0.0,
+        "host",
+        format!("v{V2} published (rollout 0 s); lock max 1"),
+    );
+    loop {
+        let t = t0.elapsed().as_secs_f64();
+        // The consoles first, then etcd: a machine seen down took the lock before it asked for
+        // the reboot, and gives it back only once its new boot is blessed, so the lock read
+        // after must still name it.
+        for (i, c) in consoles.iter_mut().enumerate() {
+            for line in c.read() {
+                if let Some(what) = seen[i].see(t, &line) {
+                    timeline.push(t, NODES[i], what);
+                }
+            }
+        }
+        let down: Vec<usize> = (0..NODES.len())
+            .filter(|i| seen[*i].down_since.is_some())
+            .collect();
+        let sem = fleet.lock();
+        for h in sem.holders.iter().filter(|h| !holders.contains(h)) {
+            timeline.push(t, &node_of(h), "etcd: holds the reboot lock".into());
+        }
+        for h in holders.iter().filter(|h| !sem.holders.contains(h)) {
+            timeline.push(t, &node_of(h), "etcd: reboot lock given back".into());
+        }
+        holders = sem.holders.clone();
+        most_down = most_down.max(down.len());
+        assert_eq!(sem.max, 1, "{}", describe(&sem, &down, &timeline, vms));
+        assert!(
+            sem.holders.len() <= 1,
+            "two holders of the lock: {}",
+            describe(&sem, &down, &timeline, vms)
+        );
+        assert!(
+            down.len() <= 1,
+            "two machines down at once: {}",
+            describe(&sem, &down, &timeline, vms)
+        );
+        for i in &down {
+            assert!(
+                sem.holders.iter().any(|h| h == id_of[NODES[*i]]),
+                "{} is down without holding the lock: {}",
+                NODES[*i],
+                describe(&sem, &down, &timeline, vms)
+            );
+        }
+        let exited = vms
+            .iter_mut()
+            .zip(NODES)
+            .find_map(|(vm, n)| vm.exit_status().unwrap().map(|st| (n, st)));
+        if let Some((node, status)) = exited {
+            panic!(
+                "{node}'s QEMU exited ({status}): {}",
+                describe(&sem, &down, &timeline, vms)
+            );
+        }
+        if seen.iter().all(Rolling::done) && sem.holders.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < ROLLING_TIMEOUT,
+            "the rolling update did not finish within {ROLLING_TIMEOUT:?}: {}",
+            describe(&sem, &down, &timeline, vms)
+        );
+        std::thread::sleep(POLL);
+    }
+    let took = t0.elapsed();
+    eprintln!(
+        "rolling update v{V1} -> v{V2} of {} machines, lock max 1, in {took:.1?}:\n{}",
+        NODES.len(),
+        timeline.show()
+    );
+
+    // Each machine rebooted once, into v2; the applies ran side by side, before any reboot.
+    let first_reboot = seen
+        .iter()
+        .filter_map(|r| r.reboots.first().map(|(down, _)| *down))
+        .fold(f64::MAX, f64::min);
+    for (r, node) in seen.iter().zip(NODES) {
+        assert_eq!(r.reboots.len(), 1, "{node} rebooted once: {r:?}");
+        let applying = r
+            .applying
+            .unwrap_or_else(|| panic!("{node} never applied v2"));
+        assert!(
+            applying < first_reboot,
+            "{node} only started applying at +{applying:.1} s, after the first reboot at +{first_reboot:.1} s"
+        );
+    }
+    let downtimes: Vec<String> = seen
+        .iter()
+        .zip(NODES)
+        .map(|(r, n)| format!("{n} {:.1} s", r.reboots[0].1 - r.reboots[0].0))
+        .collect();
+    eprintln!(
+        "at most {most_down} machine down at a time; reboot to ready: {}",
+        downtimes.join(", ")
+    );
+
+    // What each machine says of itself, and what the fleet says of it.
+    for (vm, node) in vms.iter().zip(NODES) {
+        let r = common::exec(vm, &["/usr/bin/caisson-update", "status", "--json"], 60);
+        let e = r
+            .exec
+            .unwrap_or_else(|| panic!("{node}: no exec result: {:?}", r.error));
+        assert_eq!(e.code, Some(0), "{node}: {}", e.output);
+        let json = e
+            .output
+            .find("\n{")
+            .map(|i| &e.output[i + 1..])
+            .or(e.output.starts_with('{').then_some(e.output.as_str()))
+            .unwrap_or_else(|| panic!("{node}: no JSON status: {}", e.output));
+        // The first JSON document: a log line may follow it on the same pipe.
+        let status: serde_json::Value = serde_json::Deserializer::from_str(json)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{node}: no JSON status: {}", e.output))
+            .unwrap_or_else(|err| panic!("{node}: {err}: {json}"));
+        assert_eq!(status["version"], V2, "{node}: {status}");
+        assert_eq!(status["slot"], "b", "{node}: {status}");
+        assert_eq!(status["blessed"], true, "{node}: {status}");
+        assert_eq!(
+            status["record"]["last"]["result"], "succeeded",
+            "{node}: {status}"
+        );
+        assert_eq!(status["record"]["last"]["version"], V2, "{node}: {status}");
+        assert_eq!(
+            status["rolled_back_from"],
+            serde_json::Value::Null,
+            "{node}: {status}"
+        );
+    }
+    fleet.until(
+        "the records say v2 from slot B",
+        Duration::from_secs(60),
+        |_| {
+            let records = fleet.records();
+            (records.len() == NODES.len()
+                && records
+                    .iter()
+                    .all(|m| m.version.as_deref() == Some(V2) && m.slot.as_deref() == Some("b")))
+            .then_some(())
+        },
+    );
+    assert!(fleet.lock().holders.is_empty());
 }
