@@ -5,11 +5,13 @@
 //! The loop runs a tick (heartbeat, campaign, schedule when leading, reconcile, report) when etcd
 //! says something it cares about changed, and otherwise every third of the lease TTL. A watch
 //! task sends a wake-up on a channel: every agent watches the leader key (a deletion means the
-//! leader is gone: campaign at once), the units and its own assignment, the three on one etcd
-//! stream (one connection per agent); the leader also watches the machine records on a second
-//! (a machine that registers or whose lease expires: schedule at once). The timer stays as the fallback: an etcd outage is logged and retried each tick,
-//! running containers are left alone until etcd answers again, and a watch whose stream drops
-//! resumes from its revision (or, when that was compacted, wakes the loop for a full read).
+//! leader is gone: campaign at once), the units, its own assignment and, while it waits for a
+//! slot to reboot, the reboot lock, all on one etcd stream (one connection per agent); the
+//! leader also watches the machine records on a second (a machine that registers or whose lease
+//! expires: schedule at once). The timer stays as the fallback: an etcd outage is logged and
+//! retried each tick, running containers are left alone until etcd answers again, and a watch
+//! whose stream drops resumes from its revision (or, when that was compacted, wakes the loop for
+//! a full read).
 
 use crate::config::Config;
 use crate::etcd::{Client, Event};
@@ -19,6 +21,8 @@ use crate::unit::{Restart, UnitError, UnitSpec};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -238,6 +242,9 @@ pub struct Agent<R: Runtime> {
     /// The task that renews the lease, while [`Agent::run`] runs: ticks then only rewrite the
     /// record (without it, as in tests that tick by hand, each tick renews the lease too).
     keepalive: Option<Task>,
+    /// The updater asked for a reboot and the lock had no free slot: a change to the lock wakes
+    /// the loop.
+    waiting_for_lock: Arc<AtomicBool>,
 }
 
 /// A background task that ends with its owner (also when the owner's future is dropped, as a
@@ -256,6 +263,8 @@ struct Watched {
     key: String,
     prefix: bool,
     wanted: fn(&Event) -> bool,
+    /// Changes matter only while this is set (none: always).
+    only_while: Option<Arc<AtomicBool>>,
 }
 
 /// Watches `keys` from revision `from`, all on one etcd stream (one connection), and sends a
@@ -270,10 +279,13 @@ fn spawn_watch(client: Client, keys: Vec<Watched>, from: i64, wake: mpsc::Sender
         loop {
             match watch.next_tagged().await {
                 Ok((i, events)) => {
-                    let wanted = keys
-                        .get(i)
-                        .map_or(any_change as fn(&Event) -> bool, |k| k.wanted);
-                    if events.iter().any(wanted) {
+                    let wanted = keys.get(i).is_none_or(|k| {
+                        k.only_while
+                            .as_ref()
+                            .is_none_or(|on| on.load(Ordering::SeqCst))
+                            && events.iter().any(k.wanted)
+                    });
+                    if wanted {
                         // Full: a wake-up is already pending, which is as good.
                         let _ = wake.try_send(());
                     }
@@ -388,6 +400,7 @@ impl<R: Runtime> Agent<R> {
             woken,
             machines_watch: None,
             keepalive: None,
+            waiting_for_lock: Arc::default(),
         })
     }
 
@@ -469,7 +482,10 @@ impl<R: Runtime> Agent<R> {
         };
         let version = text.trim().to_string();
         let lock = crate::lock::RebootLock::new(self.store.client.clone(), self.store.keys.lock());
-        match lock.acquire(self.member.id()).await {
+        let acquired = lock.acquire(self.member.id()).await;
+        self.waiting_for_lock
+            .store(matches!(acquired, Ok(false)), Ordering::SeqCst);
+        match acquired {
             Ok(true) => {
                 log::info!("holding the fleet's reboot lock: rebooting into {version}");
                 let socket = self.reboot.control_socket.clone();
@@ -516,6 +532,7 @@ impl<R: Runtime> Agent<R> {
                     key: self.store.keys.machines(),
                     prefix: true,
                     wanted: machine_joined_or_gone,
+                    only_while: None,
                 };
                 self.machines_watch = Some(spawn_watch(
                     self.store.client.clone(),
@@ -622,8 +639,10 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
-    /// The watches every agent keeps, on one stream: the leader key, the units and its own
-    /// assignment, from the current revision (the first tick reads after it).
+    /// The watches every agent keeps, on one stream: the leader key, the units, its own
+    /// assignment, and the reboot lock (which matters only while this machine waits for a slot:
+    /// a slot given back elsewhere is taken at once), from the current revision (the first tick
+    /// reads after it).
     async fn spawn_watches(&self) -> Task {
         let keys = &self.store.keys;
         let from = next_revision(&self.store.client, &keys.leader()).await;
@@ -631,6 +650,11 @@ impl<R: Runtime> Agent<R> {
             key,
             prefix,
             wanted,
+            only_while: None,
+        };
+        let lock = Watched {
+            only_while: Some(self.waiting_for_lock.clone()),
+            ..watched(keys.lock(), false, any_change)
         };
         spawn_watch(
             self.store.client.clone(),
@@ -638,6 +662,7 @@ impl<R: Runtime> Agent<R> {
                 watched(keys.leader(), false, leader_gone),
                 watched(keys.units(), true, any_change),
                 watched(keys.assign(self.member.id()), false, any_change),
+                lock,
             ],
             from,
             self.wake.clone(),

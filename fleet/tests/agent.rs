@@ -310,6 +310,40 @@ async fn the_reboot_lock_is_released_only_once_the_boot_has_settled() {
     running.await.unwrap();
 }
 
+/// A machine that waits for a slot of the reboot lock takes it as soon as it is given back
+/// elsewhere: its agent watches the lock while it waits, instead of finding out on a tick
+/// (here, far longer than the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_machine_takes_the_slot_as_soon_as_it_is_given_back() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd);
+    let dir = tempfile::tempdir().unwrap();
+    let mut next = Agent::join(&cfg, record("next"), FakeRuntime::default())
+        .await
+        .unwrap();
+    next.tick = Duration::from_secs(600);
+    next.reboot.marker = dir.path().join("next.reboot-needed");
+    next.reboot.control_socket = dir.path().join("next.sock");
+    next.reboot.settled = dir.path().join("next.boot-settled");
+    let reboots = fake_init(&next.reboot.control_socket);
+    let store = Store::new(next.store.client.clone(), next.store.keys.clone());
+    let lock = caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock());
+    assert!(lock.acquire("other").await.unwrap());
+    std::fs::write(&next.reboot.marker, "2.0.0\n").unwrap();
+    let running = tokio::spawn(next.run(std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(holders(&store).await, ["other"]);
+    assert_eq!(reboots.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(lock.release("other").await.unwrap());
+    let took = within("the freed slot taken", Duration::from_secs(3), || async {
+        reboots.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    eprintln!("slot taken {took:?} after it was given back");
+    assert_eq!(holders(&store).await, ["next"]);
+    running.abort();
+}
+
 /// An agent whose updater never writes the marker keeps the slot (the rollout waits; the
 /// operator frees it with `caisson-fleet lock release`), and takes no new slot meanwhile.
 #[tokio::test]
