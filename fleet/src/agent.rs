@@ -355,6 +355,23 @@ impl Default for RebootPaths {
 /// the rolling update waits for this machine.
 pub const UNSETTLED_WARNING: Duration = Duration::from_secs(600);
 
+/// How often a machine holding a slot of the reboot lock looks for the updater's marker.
+const SETTLED_POLL: Duration = Duration::from_millis(500);
+
+/// Resolves once `path` exists, looking every [`SETTLED_POLL`] (first after one period, so a
+/// marker whose release failed is retried at that pace); never when `look` is false.
+async fn appears(path: &Path, look: bool) {
+    if !look {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(SETTLED_POLL).await;
+        if tokio::fs::try_exists(path).await.unwrap_or(false) {
+            return;
+        }
+    }
+}
+
 impl<R: Runtime> Agent<R> {
     /// Joins the cluster (retrying until etcd answers). A slot of the reboot lock this machine
     /// still holds is given back by [`Agent::release_when_settled`] once the boot has settled.
@@ -625,10 +642,14 @@ impl<R: Runtime> Agent<R> {
             if self.release_when_settled().await {
                 self.reboot_if_asked().await;
             }
+            // While this machine holds a slot for a boot that has not settled, the updater's
+            // marker is looked for more often than the tick: the next machine waits for it.
+            let holding = !self.settled && self.unsettled_since.is_some();
             tokio::select! {
                 biased;
                 _ = &mut stop => break,
                 _ = self.woken.recv() => {}
+                _ = appears(&self.reboot.settled, holding) => {}
                 _ = tokio::time::sleep(self.tick) => {}
             }
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 /// How soon the agent looks again while the running version is not blessed yet
 /// ([`Round::NotBlessed`]): the init blesses `bless_after_s` (30 s by default) after "ready",
 /// and the fleet's reboot lock is given back only once the result is recorded.
-pub const NOT_BLESSED_RECHECK: Duration = Duration::from_secs(5);
+pub const NOT_BLESSED_RECHECK: Duration = Duration::from_secs(2);
 
 /// Where the agent meets the rest of the machine, all in /run on a machine (tests use a
 /// temporary directory).
