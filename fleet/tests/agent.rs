@@ -181,6 +181,19 @@ fn fake_init(path: &std::path::Path) -> std::sync::Arc<std::sync::atomic::Atomic
     count
 }
 
+/// Points `a`'s reboot paths (the updater's markers, the init's socket) into `dir` under `id`,
+/// behind a fake init; returns its reboot count.
+fn fake_machine(
+    a: &mut Agent<FakeRuntime>,
+    dir: &std::path::Path,
+    id: &str,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    a.reboot.marker = dir.join(format!("{id}.reboot-needed"));
+    a.reboot.control_socket = dir.join(format!("{id}.sock"));
+    a.reboot.settled = dir.join(format!("{id}.boot-settled"));
+    fake_init(&a.reboot.control_socket)
+}
+
 #[tokio::test]
 async fn etcd_lock_reboots_one_machine_at_a_time() {
     use std::sync::atomic::Ordering;
@@ -193,10 +206,7 @@ async fn etcd_lock_reboots_one_machine_at_a_time() {
         let mut a = Agent::join(&cfg, record(id), FakeRuntime::default())
             .await
             .unwrap();
-        a.reboot.marker = dir.path().join(format!("{id}.reboot-needed"));
-        a.reboot.control_socket = dir.path().join(format!("{id}.sock"));
-        a.reboot.settled = dir.path().join(format!("{id}.boot-settled"));
-        reboots.push(fake_init(&a.reboot.control_socket));
+        reboots.push(fake_machine(&mut a, dir.path(), id));
         agents.push(a);
     }
     let total = |r: &[std::sync::Arc<std::sync::atomic::AtomicUsize>]| {
@@ -265,10 +275,7 @@ async fn the_reboot_lock_is_released_only_once_the_boot_has_settled() {
     let mut next = Agent::join(&cfg, record("next"), FakeRuntime::default())
         .await
         .unwrap();
-    next.reboot.marker = dir.path().join("next.reboot-needed");
-    next.reboot.control_socket = dir.path().join("next.sock");
-    next.reboot.settled = dir.path().join("next.boot-settled");
-    let next_reboots = fake_init(&next.reboot.control_socket);
+    let next_reboots = fake_machine(&mut next, dir.path(), "next");
     let store = Store::new(next.store.client.clone(), next.store.keys.clone());
     let lock = caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock());
     // "back" took the only slot before its reboot.
@@ -276,9 +283,7 @@ async fn the_reboot_lock_is_released_only_once_the_boot_has_settled() {
     let mut back = Agent::join(&cfg, record("back"), FakeRuntime::default())
         .await
         .unwrap();
-    back.reboot.marker = dir.path().join("back.reboot-needed");
-    back.reboot.control_socket = dir.path().join("back.sock");
-    back.reboot.settled = dir.path().join("back.boot-settled");
+    let _back_reboots = fake_machine(&mut back, dir.path(), "back");
     back.tick = Duration::from_secs(600);
     let settled = back.reboot.settled.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -325,10 +330,7 @@ async fn a_waiting_machine_takes_the_slot_as_soon_as_it_is_given_back() {
         .await
         .unwrap();
     next.tick = Duration::from_secs(600);
-    next.reboot.marker = dir.path().join("next.reboot-needed");
-    next.reboot.control_socket = dir.path().join("next.sock");
-    next.reboot.settled = dir.path().join("next.boot-settled");
-    let reboots = fake_init(&next.reboot.control_socket);
+    let reboots = fake_machine(&mut next, dir.path(), "next");
     let store = Store::new(next.store.client.clone(), next.store.keys.clone());
     let lock = caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock());
     assert!(lock.acquire("other").await.unwrap());
@@ -357,9 +359,7 @@ async fn without_the_marker_the_slot_is_kept_until_released_by_hand() {
     let mut a = Agent::join(&cfg, record("m1"), FakeRuntime::default())
         .await
         .unwrap();
-    a.reboot.marker = dir.path().join("reboot-needed");
-    a.reboot.control_socket = dir.path().join("init.sock");
-    a.reboot.settled = dir.path().join("boot-settled");
+    let _reboots = fake_machine(&mut a, dir.path(), "m1");
     let store = Store::new(a.store.client.clone(), a.store.keys.clone());
     let lock = caisson_fleet::lock::RebootLock::new(store.client.clone(), store.keys.lock());
     assert!(lock.acquire("m1").await.unwrap());
