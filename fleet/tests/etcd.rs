@@ -187,6 +187,14 @@ async fn next_tagged(w: &mut caisson_fleet::etcd::Watch) -> (usize, Vec<(String,
     (i, puts(&batch))
 }
 
+/// The next two batches, sorted: each key's changes come in order; between keys, etcd does not
+/// promise one.
+async fn next_two(w: &mut caisson_fleet::etcd::Watch) -> Vec<(usize, Vec<(String, String)>)> {
+    let mut got = vec![next_tagged(w).await, next_tagged(w).await];
+    got.sort();
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stream_carries_several_watches_and_resumes_each() {
     let etcd = Etcd::start();
@@ -196,11 +204,8 @@ async fn one_stream_carries_several_watches_and_resumes_each() {
     c.put("/m/units/a", "1", 0).await.unwrap();
     c.put("/m/other", "not watched", 0).await.unwrap();
     c.put("/m/leader", "me", 0).await.unwrap();
-    // Each key's changes come in order; between keys, etcd does not promise one.
-    let mut got = vec![next_tagged(&mut w).await, next_tagged(&mut w).await];
-    got.sort();
     assert_eq!(
-        got,
+        next_two(&mut w).await,
         [
             (0, vec![("/m/leader".into(), "me".into())]),
             (1, vec![("/m/units/a".into(), "1".into())])
@@ -210,10 +215,8 @@ async fn one_stream_carries_several_watches_and_resumes_each() {
     w.disconnect();
     c.put("/m/units/b", "2", 0).await.unwrap();
     c.put("/m/leader", "you", 0).await.unwrap();
-    let mut got = vec![next_tagged(&mut w).await, next_tagged(&mut w).await];
-    got.sort();
     assert_eq!(
-        got,
+        next_two(&mut w).await,
         [
             (0, vec![("/m/leader".into(), "you".into())]),
             (1, vec![("/m/units/b".into(), "2".into())])
