@@ -355,6 +355,9 @@ impl Default for RebootPaths {
 /// the rolling update waits for this machine.
 pub const UNSETTLED_WARNING: Duration = Duration::from_secs(600);
 
+/// How soon a lease renewal that failed (not because the lease is gone) is tried again.
+const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
+
 /// How often a machine holding a slot of the reboot lock looks for the updater's marker.
 const SETTLED_POLL: Duration = Duration::from_millis(500);
 
@@ -690,25 +693,33 @@ impl<R: Runtime> Agent<R> {
         )
     }
 
-    /// Renews the machine's lease every third of its TTL on its own task: a tick that spends
-    /// longer than the TTL starting or stopping containers (an image import, a container that
-    /// ignores SIGTERM) must not let the lease expire, or the machine's units would be moved away
-    /// while they run. When the lease is gone anyway, it wakes the loop to register again.
+    /// Renews the machine's lease every third of its TTL on its own task (a renewal that fails
+    /// is tried again after [`KEEPALIVE_RETRY`]; the tick renews nothing while this runs): a tick
+    /// that spends longer than the TTL starting or stopping containers (an image import, a
+    /// container that ignores SIGTERM) must not let the lease expire, or the machine's units
+    /// would be moved away while they run. When the lease is gone anyway, it wakes the loop to
+    /// register again.
     fn spawn_keepalive(&self) -> Task {
         let client = self.store.client.clone();
         let lease = self.member.lease_handle();
         let every = renewal(self.member.ttl_s());
         let wake = self.wake.clone();
         Task(tokio::spawn(async move {
+            let mut wait = every;
             loop {
-                tokio::time::sleep(every).await;
-                let id = lease.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(wait).await;
+                let id = lease.load(Ordering::SeqCst);
+                wait = every;
                 match client.lease_keepalive(id).await {
                     Ok(_) => {}
                     Err(crate::etcd::EtcdError::LeaseExpired(_)) => {
                         let _ = wake.try_send(());
                     }
-                    Err(e) => log::debug!("lease keepalive: {e}"),
+                    Err(e) => {
+                        // An overloaded or unreachable etcd: try again soon, well within the TTL.
+                        log::debug!("lease keepalive: {e}");
+                        wait = KEEPALIVE_RETRY.min(every);
+                    }
                 }
             }
         }))
