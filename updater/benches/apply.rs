@@ -29,7 +29,17 @@
 //!    payload from the same v1: the updater (`check` + `apply_offer`, v1 in the active slot),
 //!    zsync (`zsyncmake` on v2, `zsync -i v1`) and casync (`casync make` of v2 into a chunk
 //!    store, `casync extract --seed=v1`). Bytes are counted on the wire by a loopback proxy in
-//!    front of each server (server to client: response headers, metadata and payload).
+//!    front of each server (server to client: response headers, metadata and payload). The
+//!    updater runs once per chunking in `APPLY_BENCH_CHUNKING` (average sizes in KiB, min ¼ and
+//!    max 4× each; default `8,16,32`, the first being the builder's default); its wire bytes
+//!    include the index, manifest and signature, the root's chunk index, and the kernel and
+//!    initramfs (64 KiB each, fetched whole: this machine's ESP holds none of v1's).
+//! 3. With `APPLY_BENCH_REAL=DIR`: the same on two real builds of `images/host.toml` in `DIR/v1`
+//!    and `DIR/v2` (`updater/benches/real-images.sh` makes them: v2 adds one package). Roots,
+//!    kernels and initramfs are taken out of the builds' bundles and bundled again by this
+//!    code; the machine has v1's root in slot A and v1's kernel and initramfs on its ESP, as a
+//!    machine running v1 does. Compared with the full payload (root + kernel + initramfs), and
+//!    with zsync and casync rebuilding the v2 root from the v1 root.
 //!
 //! zsync asks for several ranges in one request (`Range: bytes=a-b,c-d,...`); the crate's Server
 //! answers multi-range requests with 416 (the updater asks for one range at a time) and Python's
@@ -45,7 +55,7 @@ use caisson_layout::cmdline::BootParams;
 use caisson_layout::partition::{partition_guid, Part};
 use caisson_layout::{entry, paths, verity, EntryName, Slot};
 use caisson_update::apply::{self, ApplyStats, Progress, Quiet, StopAfter, Target};
-use caisson_update::bundle::{copy_hashing, write_bundle, ArtifactKind, BundleInput, Manifest};
+use caisson_update::bundle::{write_bundle_chunked, ArtifactKind, BundleInput, Chunking, Manifest};
 use caisson_update::channel::{self, PublishOptions, Server};
 use caisson_update::download::{HttpSource, Retry};
 use caisson_update::machine::Machine;
@@ -75,6 +85,14 @@ struct Settings {
     runs: usize,
     /// `APPLY_BENCH_DELTA=0` skips part 2 (no zsync, no casync): for work on the apply path.
     delta: bool,
+    /// `APPLY_BENCH_THROUGHPUT=0` skips part 1.
+    throughput: bool,
+    /// `APPLY_BENCH_CHUNKING=8,16,32`: the average chunk sizes (KiB) parts 2 and 3 try, min a
+    /// quarter and max four times each; the first is the default the builder uses.
+    chunkings: Vec<Chunking>,
+    /// `APPLY_BENCH_REAL=DIR`: part 3 on the two builds in `DIR/v1` and `DIR/v2` (bundle and
+    /// manifest each; `updater/benches/real-images.sh` makes them).
+    real: Option<PathBuf>,
 }
 
 fn env_number(name: &str, default: u64) -> Result<u64> {
@@ -86,12 +104,54 @@ fn env_number(name: &str, default: u64) -> Result<u64> {
     }
 }
 
+/// `APPLY_BENCH_CHUNKING`, the default's average first.
+fn chunkings_from_env() -> Result<Vec<Chunking>> {
+    let default = Chunking::default();
+    let text = std::env::var("APPLY_BENCH_CHUNKING").unwrap_or_else(|_| {
+        let others = [8, 16, 32]
+            .into_iter()
+            .filter(|k| k * 1024 != default.avg_size);
+        std::iter::once(default.avg_size / 1024)
+            .chain(others)
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let mut out = Vec::new();
+    for kib in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let avg: u32 = kib
+            .parse::<u32>()
+            .with_context(|| format!("APPLY_BENCH_CHUNKING: {kib:?} is not a number of KiB"))?
+            * 1024;
+        let c = Chunking {
+            min_size: avg / 4,
+            avg_size: avg,
+            max_size: avg * 4,
+            ..default.clone()
+        };
+        c.cutter()
+            .map_err(|e| anyhow!("APPLY_BENCH_CHUNKING={text}: {e}"))?;
+        out.push(c);
+    }
+    if out.is_empty() {
+        out.push(default);
+    }
+    Ok(out)
+}
+
+fn chunking_name(c: &Chunking) -> String {
+    format!("{}/{}/{}", c.min_size, c.avg_size, c.max_size)
+}
+
 impl Settings {
     fn from_env() -> Result<Settings> {
         Ok(Settings {
             mib: env_number("APPLY_BENCH_MIB", 64)?.max(1),
             runs: usize::try_from(env_number("APPLY_BENCH_RUNS", 3)?)?.max(1),
             delta: env_number("APPLY_BENCH_DELTA", 1)? != 0,
+            throughput: env_number("APPLY_BENCH_THROUGHPUT", 1)? != 0,
+            chunkings: chunkings_from_env()?,
+            real: std::env::var_os("APPLY_BENCH_REAL").map(PathBuf::from),
         })
     }
 }
@@ -178,9 +238,9 @@ fn scattered(n: usize, k: usize, seed: u64) -> Vec<usize> {
 
 fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).with_context(|| format!("opening {path:?}"))?;
-    let (_, sha, _) =
-        copy_hashing(&mut f, &mut std::io::sink()).with_context(|| format!("reading {path:?}"))?;
-    Ok(sha)
+    let mut hash = Sha256::new();
+    std::io::copy(&mut f, &mut hash).with_context(|| format!("reading {path:?}"))?;
+    Ok(hex::encode(hash.finalize()))
 }
 
 fn file_len(path: &Path) -> Result<u64> {
@@ -199,6 +259,9 @@ struct Work {
     www: PathBuf,
     slot_size: u64,
     v1: Payload,
+    /// v1's kernel and initramfs, put on the machine's ESP where v1 booted from them; `None`:
+    /// the ESP holds none, and every apply fetches the kernel and initramfs whole.
+    boot: Option<(PathBuf, PathBuf)>,
 }
 
 fn booted(version: &str, slot: Slot, v: verity::VerityParams) -> BootParams {
@@ -256,6 +319,14 @@ fn fresh_parts(w: &Work, dir: &Path) -> Result<(Disk, PathBuf, BootParams)> {
     std::fs::write(&first, entry::render(&b, "")).with_context(|| format!("writing {first:?}"))?;
     let payload_dir = esp.join(paths::esp_payload_dir(V1, Slot::A));
     std::fs::create_dir_all(&payload_dir).with_context(|| format!("creating {payload_dir:?}"))?;
+    if let Some((kernel, initrd)) = &w.boot {
+        for (from, to) in [
+            (kernel, paths::esp_kernel(V1, Slot::A)),
+            (initrd, paths::esp_initrd(V1, Slot::A)),
+        ] {
+            std::fs::copy(from, esp.join(&to)).with_context(|| format!("copying {from:?}"))?;
+        }
+    }
     Ok((Disk::open(&disk)?, esp, b))
 }
 
@@ -280,22 +351,36 @@ struct Release {
     signed: PathBuf,
     /// index.json, the manifest and its signature: what `check` fetches.
     meta_bytes: u64,
-    /// Kernel and initramfs: fetched whole by every apply.
-    boot_bytes: u64,
+    /// Root, kernel and initramfs: what a full update carries.
+    full_bytes: u64,
 }
 
-fn release(w: &Work, channel: &str, root: &Payload) -> Result<Release> {
+/// Publishes v2 with root payload `root` (cut by `chunking`) into `www/<channel>`; with the
+/// kernel and initramfs of `boot`, or generated 64 KiB ones (the same in every release).
+fn release(
+    w: &Work,
+    channel: &str,
+    root: &Payload,
+    chunking: &Chunking,
+    boot: Option<(&Path, &Path)>,
+) -> Result<Release> {
     let out = w.dir.join("out").join(channel);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {out:?}"))?;
-    let mut boot = vec![0u8; 64 * 1024];
-    let kernel = out.join("vmlinuz");
-    fill(1 << 50, &mut boot);
-    std::fs::write(&kernel, &boot).with_context(|| format!("writing {kernel:?}"))?;
-    let initrd = out.join("initrd");
-    fill((1 << 50) + 1, &mut boot);
-    std::fs::write(&initrd, &boot).with_context(|| format!("writing {initrd:?}"))?;
+    let (kernel, initrd) = match boot {
+        Some((k, i)) => (k.to_path_buf(), i.to_path_buf()),
+        None => {
+            let mut boot = vec![0u8; 64 * 1024];
+            let kernel = out.join("vmlinuz");
+            fill(1 << 50, &mut boot);
+            std::fs::write(&kernel, &boot).with_context(|| format!("writing {kernel:?}"))?;
+            let initrd = out.join("initrd");
+            fill((1 << 50) + 1, &mut boot);
+            std::fs::write(&initrd, &boot).with_context(|| format!("writing {initrd:?}"))?;
+            (kernel, initrd)
+        }
+    };
     let bundle = out.join(format!("{IMAGE}-{V2}.bundle"));
-    let m = write_bundle(
+    let m = write_bundle_chunked(
         &BundleInput {
             image: IMAGE,
             version: V2,
@@ -307,6 +392,7 @@ fn release(w: &Work, channel: &str, root: &Payload) -> Result<Release> {
             initrd: &initrd,
         },
         &bundle,
+        chunking,
     )?;
     let mpath = out.join(format!("{IMAGE}-{V2}.manifest.json"));
     std::fs::write(&mpath, m.to_json()).with_context(|| format!("writing {mpath:?}"))?;
@@ -324,17 +410,13 @@ fn release(w: &Work, channel: &str, root: &Payload) -> Result<Release> {
     let meta_bytes = file_len(&chan.join(channel::INDEX))?
         + file_len(&signed)?
         + file_len(&sign::sig_path(&signed))?;
-    let boot_bytes = [ArtifactKind::Kernel, ArtifactKind::Initrd]
-        .iter()
-        .filter_map(|k| manifest.artifact(*k))
-        .map(|a| a.size)
-        .sum();
+    let full_bytes = manifest.artifacts.iter().map(|a| a.size).sum();
     Ok(Release {
         bundle: chan.join(format!("{IMAGE}-{V2}.bundle")),
         manifest,
         signed,
         meta_bytes,
-        boot_bytes,
+        full_bytes,
     })
 }
 
@@ -721,7 +803,7 @@ fn time_apply_core(w: &Work, dir: &Path, rel: &Release, bundle_url: &str) -> Res
 fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
     let ids: Vec<u64> = (0..blocks as u64).map(|i| (1 << 40) + i).collect();
     let v2 = write_payload(&w.dir.join("root-full.img"), &ids)?;
-    let rel = release(w, "full", &v2)?;
+    let rel = release(w, "full", &v2, &Chunking::default(), None)?;
     let bytes = std::fs::read(&v2.path).with_context(|| format!("reading {:?}", v2.path))?;
     let url = format!("http://{http}/full");
     let bundle_url = format!("http://{http}/full/{IMAGE}-{V2}.bundle");
@@ -803,7 +885,7 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
 fn check_full(stats: &ApplyStats, m: &Manifest) -> Result<()> {
     let chunks = m
         .artifact(ArtifactKind::Root)
-        .map_or(0, |a| a.chunks.len() as u64);
+        .map_or(0, |a| a.index.chunk_count());
     if stats.fetched != chunks {
         bail!(
             "a full apply fetched {} of {chunks} chunks ({stats:?})",
@@ -823,65 +905,241 @@ struct Servers {
     ranges: Proxy,
 }
 
-fn delta(w: &Work, srv: &Servers, name: &str, ids: &[u64], changed_blocks: usize) -> Result<()> {
+fn delta(
+    w: &Work,
+    srv: &Servers,
+    name: &str,
+    ids: &[u64],
+    changed_blocks: usize,
+    chunkings: &[Chunking],
+) -> Result<()> {
     let chan = w.www.join(name);
     std::fs::create_dir_all(&chan).with_context(|| format!("creating {chan:?}"))?;
     let v2 = write_payload(&chan.join("root-v2.img"), ids)?;
-    let rel = release(w, name, &v2)?;
     let tree_bytes = v2.size - v2.verity.hash_offset;
-    let mut line = format!(
+    bench(&format!(
         "delta={name} payload_bytes={} changed_blocks={changed_blocks} \
          changed_data_bytes={} tree_bytes={tree_bytes}",
         v2.size,
         changed_blocks * BLOCK
-    );
+    ));
+    for c in chunkings {
+        let line = caisson_delta(
+            w,
+            srv,
+            &format!("{name}-{}k", c.avg_size / 1024),
+            &v2,
+            c,
+            None,
+        )?;
+        bench(&format!(
+            "delta={name} chunking={} {line}",
+            chunking_name(c)
+        ));
+    }
+    bench(&format!(
+        "delta={name} {}",
+        tools(srv, &chan, &w.dir, name, &w.v1.path, &v2)?
+    ));
+    std::fs::remove_dir_all(&chan).with_context(|| format!("removing {chan:?}"))?;
+    Ok(())
+}
 
-    // The updater: check + apply over HTTP, v1 in the active slot.
-    let dir = w.dir.join(format!("delta-{name}"));
+/// The updater on one delta: v2 published (cut by `chunking`) into `www/<channel>`, a fresh
+/// machine running v1, `check` + `apply_offer` through the counting proxy. Returns the
+/// `caisson_*` keys.
+fn caisson_delta(
+    w: &Work,
+    srv: &Servers,
+    channel: &str,
+    v2: &Payload,
+    chunking: &Chunking,
+    boot: Option<(&Path, &Path)>,
+) -> Result<String> {
+    let rel = release(w, channel, v2, chunking, boot)?;
+    let index_bytes: u64 = rel
+        .manifest
+        .artifact(ArtifactKind::Root)
+        .map_or(0, |a| a.index.size);
+    let dir = w.dir.join(format!("delta-{channel}"));
     let m = fresh_machine(w, &dir)?;
     srv.channel.take();
     let t = Instant::now();
     let offer = m
-        .check(&format!("http://{}/{name}", srv.channel.addr))?
+        .check(&format!("http://{}/{channel}", srv.channel.addr))?
         .context("the channel offers nothing newer than 1.0.0")?;
     let stats = m.apply_offer(&offer, &mut Steps::default())?;
     let d = t.elapsed();
     let wire = srv.channel.take();
     drop(m);
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {dir:?}"))?;
-    line += &format!(
-        " caisson_wire_bytes={wire} caisson_downloaded_bytes={} caisson_root_bytes={} \
-         caisson_meta_bytes={} caisson_chunks_copied={} caisson_chunks_fetched={} \
-         caisson_s={:.2}",
+    std::fs::remove_dir_all(w.www.join(channel)).with_context(|| format!("removing {channel}"))?;
+    Ok(format!(
+        "caisson_wire_bytes={wire} full_bytes={} wire_vs_full={:.4} \
+         caisson_downloaded_bytes={} caisson_root_bytes={} caisson_root_index_bytes={index_bytes} \
+         caisson_boot_bytes={} caisson_meta_bytes={} caisson_chunks_copied={} \
+         caisson_chunks_fetched={} caisson_fetch_runs={} caisson_s={:.2}",
+        rel.full_bytes,
+        wire as f64 / rel.full_bytes as f64,
         stats.downloaded_bytes,
-        stats.downloaded_bytes.saturating_sub(rel.boot_bytes),
+        stats.root_downloaded_bytes,
+        stats.downloaded_bytes - stats.root_downloaded_bytes,
         rel.meta_bytes,
         stats.copied,
         stats.fetched,
+        stats.fetch_runs,
         d.as_secs_f64()
-    );
-    // The bundle is not needed by zsync or casync.
-    std::fs::remove_file(&rel.bundle).with_context(|| format!("removing {:?}", rel.bundle))?;
+    ))
+}
 
-    let tools = w.dir.join(format!("tools-{name}"));
+/// zsync and casync rebuilding `v2` from `v1`, their files in `chan`; the `zsync_*` and
+/// `casync_*` keys (`=failed` for a tool that failed, with its error on stderr).
+fn tools(
+    srv: &Servers,
+    chan: &Path,
+    work: &Path,
+    name: &str,
+    v1: &Path,
+    v2: &Payload,
+) -> Result<String> {
+    let tools = work.join(format!("tools-{name}"));
     std::fs::create_dir_all(&tools).with_context(|| format!("creating {tools:?}"))?;
-    match zsync(srv, &chan, &tools, name, &w.v1.path, &v2) {
-        Ok(z) => line += &format!(" {z}"),
+    let mut line = String::new();
+    match zsync(srv, chan, &tools, name, v1, v2) {
+        Ok(z) => line += &z,
         Err(e) => {
             eprintln!("apply bench: zsync ({name}): {e:#}");
-            line += " zsync_wire_bytes=failed";
+            line += "zsync_wire_bytes=failed";
         }
     }
-    match casync(srv, &chan, &tools, name, &w.v1.path, &v2) {
+    match casync(srv, chan, &tools, name, v1, v2) {
         Ok(c) => line += &format!(" {c}"),
         Err(e) => {
             eprintln!("apply bench: casync ({name}): {e:#}");
             line += " casync_wire_bytes=failed";
         }
     }
-    bench(&line);
     std::fs::remove_dir_all(&tools).with_context(|| format!("removing {tools:?}"))?;
+    Ok(line)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Two real builds of images/host.toml.
+
+/// What one build's bundle holds, taken out into files in `out`.
+struct Build {
+    root: Payload,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+/// Takes root payload, kernel and initramfs out of the one bundle in `dir`, by its manifest
+/// read as plain JSON (offsets, sizes, verity): any manifest format with those fields will do.
+fn take_apart(dir: &Path, out: &Path) -> Result<Build> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {out:?}"))?;
+    let mpath = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {dir:?}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(".manifest.json"))
+        .with_context(|| format!("no *.manifest.json in {dir:?}"))?;
+    let bundle = PathBuf::from(mpath.to_string_lossy().replace(".manifest.json", ".bundle"));
+    let text = std::fs::read(&mpath).with_context(|| format!("reading {mpath:?}"))?;
+    let m: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {mpath:?}"))?;
+    let f = File::open(&bundle).with_context(|| format!("opening {bundle:?}"))?;
+    let mut paths = Vec::new();
+    for kind in ["root", "kernel", "initrd"] {
+        let a = m["artifacts"]
+            .as_array()
+            .and_then(|v| v.iter().find(|a| a["kind"] == kind))
+            .with_context(|| format!("{mpath:?}: no {kind} artifact"))?;
+        let (off, size) = (
+            a["offset"].as_u64().context("offset")?,
+            a["size"].as_u64().context("size")?,
+        );
+        let mut buf = vec![0u8; size as usize];
+        f.read_exact_at(&mut buf, off)
+            .with_context(|| format!("reading {kind} from {bundle:?}"))?;
+        let p = out.join(kind);
+        std::fs::write(&p, &buf).with_context(|| format!("writing {p:?}"))?;
+        paths.push((p, size, hex::encode(Sha256::digest(&buf))));
+    }
+    let v = &m["verity"];
+    let hex32 = |k: &str| -> Result<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(v[k].as_str().unwrap_or_default(), &mut out)
+            .with_context(|| format!("{mpath:?}: verity.{k}"))?;
+        Ok(out)
+    };
+    let verity = verity::VerityParams {
+        root_hash: hex32("root_hash")?,
+        salt: hex32("salt")?,
+        data_blocks: v["data_blocks"].as_u64().context("data_blocks")?,
+        hash_offset: v["hash_offset"].as_u64().context("hash_offset")?,
+    };
+    let mut it = paths.into_iter();
+    let (Some(root), Some(kernel), Some(initrd)) = (it.next(), it.next(), it.next()) else {
+        bail!("{mpath:?}: artifacts missing");
+    };
+    Ok(Build {
+        root: Payload {
+            path: root.0,
+            size: root.1,
+            verity,
+            sha256: root.2,
+        },
+        kernel: kernel.0,
+        initrd: initrd.0,
+    })
+}
+
+fn real(w: &Work, srv: &Servers, dir: &Path, chunkings: &[Chunking]) -> Result<()> {
+    let base = w.dir.join("real");
+    let chan = w.www.join("real");
+    std::fs::create_dir_all(&chan).with_context(|| format!("creating {chan:?}"))?;
+    let b1 = take_apart(&dir.join("v1"), &base.join("v1"))?;
+    let mut b2 = take_apart(&dir.join("v2"), &chan)?;
+    // Where zsync's and casync's steps expect v2's root.
+    let root_v2 = chan.join("root-v2.img");
+    std::fs::rename(&b2.root.path, &root_v2).with_context(|| format!("renaming {root_v2:?}"))?;
+    b2.root.path = root_v2;
+    let same = |a: &Path, b: &Path| -> Result<bool> { Ok(sha256_file(a)? == sha256_file(b)?) };
+    bench(&format!(
+        "real v1_root_bytes={} v2_root_bytes={} v2_kernel_bytes={} v2_initrd_bytes={} \
+         kernel_unchanged={} initrd_unchanged={} tree_bytes={}",
+        b1.root.size,
+        b2.root.size,
+        file_len(&b2.kernel)?,
+        file_len(&b2.initrd)?,
+        same(&b1.kernel, &b2.kernel)?,
+        same(&b1.initrd, &b2.initrd)?,
+        b2.root.size - b2.root.verity.hash_offset,
+    ));
+    let rw = Work {
+        dir: base.clone(),
+        keys: w.keys.clone(),
+        secret: w.secret.clone(),
+        www: w.www.clone(),
+        slot_size: (b1.root.size.max(b2.root.size) + 8 * MIB).div_ceil(MIB) * MIB,
+        v1: b1.root,
+        boot: Some((b1.kernel, b1.initrd)),
+    };
+    for c in chunkings {
+        let line = caisson_delta(
+            &rw,
+            srv,
+            &format!("real-{}k", c.avg_size / 1024),
+            &b2.root,
+            c,
+            Some((&b2.kernel, &b2.initrd)),
+        )?;
+        bench(&format!("real chunking={} {line}", chunking_name(c)));
+    }
+    // zsync and casync on the root payload (the kernel and initramfs are not theirs to rebuild).
+    let tools = tools(srv, &chan, &base, "real", &rw.v1.path, &b2.root)?;
+    bench(&format!("real root_only {tools}"));
     std::fs::remove_dir_all(&chan).with_context(|| format!("removing {chan:?}"))?;
+    std::fs::remove_dir_all(&base).with_context(|| format!("removing {base:?}"))?;
     Ok(())
 }
 
@@ -1043,6 +1301,7 @@ fn main() -> Result<()> {
         www,
         slot_size,
         v1,
+        boot: None,
     };
     let channel_addr = Server::bind(&w.www, "127.0.0.1:0")?.spawn();
     let srv = Servers {
@@ -1050,7 +1309,9 @@ fn main() -> Result<()> {
         ranges: Proxy::start(&serve_multirange(&w.www)?)?,
     };
 
-    throughput(&w, &s, blocks, &channel_addr)?;
+    if s.throughput {
+        throughput(&w, &s, blocks, &channel_addr)?;
+    }
 
     for pct in [1, 10].into_iter().filter(|_| s.delta) {
         let changed = scattered(blocks, (blocks * pct).div_ceil(100), 0xD17A + pct as u64);
@@ -1058,12 +1319,22 @@ fn main() -> Result<()> {
         for &b in &changed {
             ids[b] = (2 << 40) + (pct as u64) * (1 << 32) + b as u64;
         }
-        delta(&w, &srv, &format!("scatter{pct}"), &ids, changed.len())?;
+        delta(
+            &w,
+            &srv,
+            &format!("scatter{pct}"),
+            &ids,
+            changed.len(),
+            &s.chunkings,
+        )?;
     }
     if s.delta {
         let mut ids = v1_ids.clone();
         ids.insert(blocks / 2, 3 << 40);
-        delta(&w, &srv, "insert", &ids, 1)?;
+        delta(&w, &srv, "insert", &ids, 1, &s.chunkings)?;
+    }
+    if let Some(dir) = &s.real {
+        real(&w, &srv, dir, &s.chunkings)?;
     }
 
     bench(&format!("done loadavg_end={}", loadavg()));

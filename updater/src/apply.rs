@@ -3,17 +3,19 @@
 //!
 //! 1. remove the inactive slot's boot entry (and its kernel files): the boot loader can no longer
 //!    choose the slot that is about to change;
-//! 2. write the root payload into the inactive partition: chunks already there (an interrupted
-//!    apply) are kept, chunks the active slot holds are copied locally, the rest is fetched;
-//!    then sync;
+//! 2. write the root payload into the inactive partition: the manifest's chunk index is
+//!    fetched and checked; chunks already in place (an interrupted apply) are kept, chunks the
+//!    active slot holds (cut with the manifest's chunking parameters) are copied locally, the
+//!    rest is fetched with one Range request per run of adjacent missing chunks, each chunk
+//!    checked against the index before it is written; then sync;
 //! 3. read the slot back and check its sha256 and its dm-verity root hash;
 //! 4. write the kernel and initramfs under versioned names on the ESP (temporary name, sync,
-//!    rename);
+//!    rename), taking the chunks the running kernel and initramfs hold from them;
 //! 5. write the new entry `caisson-<v>-<slot>+3-0.conf` (temporary name, sync, rename).
 //!
 //! The running slot's entry is never touched.
 
-use crate::bundle::{Artifact, ArtifactKind, Manifest};
+use crate::bundle::{Artifact, ArtifactKind, ChunkIndex, Cutter, Hash, Manifest};
 use crate::download::{DownloadError, Source};
 use crate::slots::{self, Disk, SlotError, SlotState};
 use caisson_layout::cmdline::BootParams;
@@ -96,7 +98,12 @@ pub struct ApplyStats {
     pub copied: u64,
     /// Chunks fetched from the source.
     pub fetched: u64,
-    /// Bytes the source had to deliver (network only).
+    /// Range requests for root chunks (adjacent missing chunks share one).
+    pub fetch_runs: u64,
+    /// Bytes the source delivered for the root: its chunk index and its chunks.
+    pub root_downloaded_bytes: u64,
+    /// Bytes the source had to deliver (network only): chunk indexes, chunks, kernel and
+    /// initramfs chunks.
     pub downloaded_bytes: u64,
 }
 
@@ -150,6 +157,7 @@ pub fn apply(
         });
     }
     let verity = m.verity_params().map_err(ApplyError::Manifest)?;
+    let cutter = m.chunking.cutter().map_err(ApplyError::Manifest)?;
 
     // 1. The boot loader must not pick the slot while it changes.
     progress.step("invalidating the inactive slot's boot entry");
@@ -166,7 +174,7 @@ pub fn apply(
 
     // 2. The root payload.
     progress.step("writing the root payload");
-    let mut stats = write_root(t, m, root, slot, src, progress, stop)?;
+    let mut stats = write_root(t, &cutter, root, slot, src, progress, stop)?;
     if let StopAfter::RootChunks(_) = stop {
         return Ok((EntryName::new_tried(&m.version, slot), stats));
     }
@@ -181,21 +189,21 @@ pub fn apply(
 
     // 4. Kernel and initramfs.
     progress.step("writing the kernel and initramfs");
-    for (a, rel) in [
-        (kernel, paths::esp_kernel(&m.version, slot)),
-        (initrd, paths::esp_initrd(&m.version, slot)),
+    for (a, rel, running) in [
+        (
+            kernel,
+            paths::esp_kernel(&m.version, slot),
+            paths::esp_kernel(&t.booted.version, t.booted.slot),
+        ),
+        (
+            initrd,
+            paths::esp_initrd(&m.version, slot),
+            paths::esp_initrd(&t.booted.version, t.booted.slot),
+        ),
     ] {
-        let mut bytes = Vec::new();
-        src.read_range(a.offset, a.size, &mut bytes)?;
-        let got = hex::encode(Sha256::digest(&bytes));
-        if got != a.sha256 {
-            return Err(ApplyError::Hash {
-                what: format!("{:?}", a.kind).to_lowercase(),
-                source_name: src.describe(),
-                got,
-                want: a.sha256.clone(),
-            });
-        }
+        // What the running version booted from: a kernel that did not change is not fetched.
+        let local = std::fs::read(t.esp.join(&running)).unwrap_or_default();
+        let bytes = boot_file(src, &cutter, a, local)?;
         let path = t.esp.join(&rel);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
@@ -243,72 +251,287 @@ fn check_esp_space(esp: &Path, need: u64) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// A sha256 digest, compared as bytes.
-type Hash = [u8; 32];
-
-/// How much of a slot one read takes when hashing it chunk by chunk.
+/// How much of a slot one read or one Range request takes (a run may pass it by one chunk).
 const READ_PIECE: u64 = 4 * 1024 * 1024;
-
-/// The sha256 of each `chunk`-sized piece of the first `size` bytes of `part`, read in large
-/// pieces. Stops early at a read error: the caller treats a missing hash as "not there".
-/// Zero chunks (a slot never written, as on a freshly installed machine) are recognised by a
-/// comparison, which costs a fraction of a hash.
-fn chunk_hashes(disk: &Disk, part: Part, size: u64, chunk: u64) -> Vec<Hash> {
-    let piece = READ_PIECE.max(chunk) / chunk * chunk;
-    let mut buf = vec![0u8; piece as usize];
-    let zeros = vec![0u8; chunk as usize];
-    let zero_hash = sha256(&zeros);
-    let hash = |c: &[u8]| if c == zeros { zero_hash } else { sha256(c) };
-    let mut hashes = Vec::with_capacity(size.div_ceil(chunk) as usize);
-    let mut off = 0;
-    while off < size {
-        let n = piece.min(size - off) as usize;
-        if disk.read_at(part, off, &mut buf[..n]).is_err() {
-            break;
-        }
-        hashes.extend(buf[..n].chunks(chunk as usize).map(hash));
-        off += n as u64;
-    }
-    hashes
-}
 
 fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
 }
 
-/// The chunks of the active slot's payload, by hash: what a delta update can copy locally.
-fn local_chunks(disk: &Disk, booted: &BootParams, chunk: u64) -> HashMap<Hash, u64> {
-    let Some(v) = booted.verity else {
-        return HashMap::new();
-    };
-    let part = Part::root(booted.slot);
-    let size = v.payload_size().min(disk.extent(part).size);
-    let mut map = HashMap::new();
-    for (i, h) in chunk_hashes(disk, part, size, chunk)
-        .into_iter()
-        .enumerate()
-    {
-        map.entry(h).or_insert(i as u64 * chunk);
-    }
-    map
+fn kind_name(kind: ArtifactKind) -> String {
+    format!("{kind:?}").to_lowercase()
 }
 
-/// The manifest's chunk index as bytes.
-fn wanted_chunks(root: &Artifact) -> Result<Vec<Hash>, ApplyError> {
-    root.chunks
+/// Fetches an artifact's chunk index and checks it against the manifest.
+fn fetch_index(
+    src: &mut (dyn Source + Send),
+    a: &Artifact,
+    cutter: &Cutter,
+) -> Result<ChunkIndex, ApplyError> {
+    let mut bytes = Vec::new();
+    src.read_range(a.index.offset, a.index.size, &mut bytes)?;
+    let got = hex::encode(sha256(&bytes));
+    if got != a.index.sha256 {
+        return Err(ApplyError::Hash {
+            what: format!("{} chunk index", kind_name(a.kind)),
+            source_name: src.describe(),
+            got,
+            want: a.index.sha256.clone(),
+        });
+    }
+    ChunkIndex::decode(&bytes, a.size, cutter.max_size())
+        .map_err(|e| ApplyError::Manifest(format!("{} chunk index: {e}", kind_name(a.kind))))
+}
+
+/// Chunks held locally, by hash: their offset and length in the local bytes.
+type Local = HashMap<Hash, (u64, u32)>;
+
+/// Cuts what `reader` yields as the bundle was cut and adds each chunk to `local` (the first
+/// place a chunk is seen wins). Stops at a read error: what was found until then stays usable.
+fn cut_local<R: std::io::Read>(cutter: &Cutter, reader: R, local: &mut Local) {
+    let mut off = 0u64;
+    let result = cutter.for_each_chunk::<_, std::io::Error>(reader, |c| {
+        local.entry(sha256(c)).or_insert((off, c.len() as u32));
+        off += c.len() as u64;
+        Ok(())
+    });
+    if let Err(e) = result {
+        log::warn!("reading local chunks stopped at byte {off}: {e}; the rest is fetched");
+    }
+}
+
+/// The chunks of the active slot's payload: what a delta update can copy locally.
+fn local_chunks(disk: &Disk, booted: &BootParams, cutter: &Cutter) -> Local {
+    let mut local = HashMap::new();
+    let Some(v) = booted.verity else {
+        return local;
+    };
+    let part = Part::root(booted.slot);
+    let end = v.payload_size().min(disk.extent(part).size);
+    let reader = std::io::BufReader::with_capacity(
+        READ_PIECE as usize,
+        SlotReader {
+            disk,
+            part,
+            pos: 0,
+            end,
+        },
+    );
+    cut_local(cutter, reader, &mut local);
+    local
+}
+
+/// Which chunks of `index` are already in place in `part` (an interrupted apply wrote them),
+/// read in large pieces. A read error leaves the rest "not there". Zero chunks (a slot never
+/// written, as on a freshly installed machine) are recognised by a comparison, which costs a
+/// fraction of a hash.
+fn present_chunks(disk: &Disk, part: Part, index: &ChunkIndex) -> Vec<bool> {
+    let chunks = &index.chunks;
+    let mut present = vec![false; chunks.len()];
+    let max = chunks.iter().map(|c| c.len as usize).max().unwrap_or(0);
+    let zeros = vec![0u8; max];
+    let mut zero_hashes: HashMap<u32, Hash> = HashMap::new();
+    let mut buf = Vec::new();
+    for (first, last) in runs(chunks.len(), |_| true, |i| chunks[i].len, READ_PIECE) {
+        let start = chunks[first].offset;
+        let end = chunks[last].offset + u64::from(chunks[last].len);
+        buf.resize((end - start) as usize, 0);
+        if disk.read_at(part, start, &mut buf).is_err() {
+            break;
+        }
+        for i in first..=last {
+            let c = &chunks[i];
+            let rel = (c.offset - start) as usize;
+            let piece = &buf[rel..rel + c.len as usize];
+            present[i] = if piece == &zeros[..piece.len()] {
+                *zero_hashes.entry(c.len).or_insert_with(|| sha256(piece)) == c.sha256
+            } else {
+                sha256(piece) == c.sha256
+            };
+        }
+    }
+    present
+}
+
+/// Runs of consecutive chunk numbers below `n` for which `pick` holds, as `(first, last)`, each
+/// of at most `max` bytes (`len` gives a chunk's length) unless a single chunk is longer.
+fn runs(
+    n: usize,
+    pick: impl Fn(usize) -> bool,
+    len: impl Fn(usize) -> u32,
+    max: u64,
+) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut bytes = 0u64;
+    for i in (0..n).filter(|&i| pick(i)) {
+        let l = u64::from(len(i));
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == i && bytes + l <= max => {
+                *last = i;
+                bytes += l;
+            }
+            _ => {
+                out.push((i, i));
+                bytes = l;
+            }
+        }
+    }
+    out
+}
+
+/// Where a wanted chunk comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Already in place.
+    Here,
+    /// Copied from this offset of the local bytes.
+    Local(u64),
+    Fetch,
+}
+
+fn plan(index: &ChunkIndex, present: &[bool], local: &Local) -> Vec<Origin> {
+    index
+        .chunks
         .iter()
-        .map(|h| {
-            let mut out = [0u8; 32];
-            hex::decode_to_slice(h, &mut out)
-                .map_err(|e| ApplyError::Manifest(format!("root chunk hash {h:?}: {e}")))?;
-            Ok(out)
+        .enumerate()
+        .map(|(i, c)| {
+            if present.get(i) == Some(&true) {
+                Origin::Here
+            } else {
+                match local.get(&c.sha256) {
+                    Some(&(from, len)) if len == c.len => Origin::Local(from),
+                    _ => Origin::Fetch,
+                }
+            }
         })
         .collect()
 }
 
+/// A run of chunks copied from the local bytes at one go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Copy {
+    /// The chunks `first..=last`.
+    first: usize,
+    last: usize,
+    /// Where the first one starts in the artifact and in the local bytes, and the run's length.
+    to: u64,
+    from: u64,
+    len: u64,
+}
+
+/// Local copies: chunks adjacent on both sides are merged, up to `READ_PIECE` bytes.
+fn copies(index: &ChunkIndex, origins: &[Origin]) -> Vec<Copy> {
+    let mut out: Vec<Copy> = Vec::new();
+    for (i, (c, o)) in index.chunks.iter().zip(origins).enumerate() {
+        let Origin::Local(from) = *o else { continue };
+        let len = u64::from(c.len);
+        match out.last_mut() {
+            Some(r) if r.last + 1 == i && r.from + r.len == from && r.len + len <= READ_PIECE => {
+                r.last = i;
+                r.len += len;
+            }
+            _ => out.push(Copy {
+                first: i,
+                last: i,
+                to: c.offset,
+                from,
+                len,
+            }),
+        }
+    }
+    out
+}
+
+/// Checks a fetched run of chunks `first..=last` against the index; returns the bad chunk's
+/// error.
+fn check_run(
+    index: &ChunkIndex,
+    first: usize,
+    last: usize,
+    fetched: &[u8],
+    what: &str,
+    source_name: &str,
+) -> Result<(), ApplyError> {
+    let start = index.chunks[first].offset;
+    if fetched.len() as u64 != index.chunks[last].offset + u64::from(index.chunks[last].len) - start
+    {
+        return Err(ApplyError::Manifest(format!(
+            "{what}: {} bytes arrived for chunks {first} to {last}",
+            fetched.len()
+        )));
+    }
+    for i in first..=last {
+        let c = &index.chunks[i];
+        let rel = (c.offset - start) as usize;
+        let got = sha256(&fetched[rel..rel + c.len as usize]);
+        if got != c.sha256 {
+            return Err(ApplyError::Hash {
+                what: format!("{what} chunk {i}"),
+                source_name: source_name.to_string(),
+                got: hex::encode(got),
+                want: hex::encode(c.sha256),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of a kernel or initramfs: taken whole from `local` (the running version's file)
+/// when it is the same, otherwise assembled from its chunks, those `local` holds copied and the
+/// rest fetched in runs; every fetched chunk and the whole are checked against the manifest.
+fn boot_file(
+    src: &mut (dyn Source + Send),
+    cutter: &Cutter,
+    a: &Artifact,
+    local: Vec<u8>,
+) -> Result<Vec<u8>, ApplyError> {
+    let source_name = src.describe();
+    let bytes = if hex::encode(sha256(&local)) == a.sha256 {
+        local
+    } else {
+        let index = fetch_index(src, a, cutter)?;
+        let mut have = HashMap::new();
+        cut_local(cutter, &local[..], &mut have);
+        let origins = plan(&index, &[], &have);
+        let mut out = vec![0u8; a.size as usize];
+        for r in copies(&index, &origins) {
+            let (to, from, len) = (r.to as usize, r.from as usize, r.len as usize);
+            out[to..to + len].copy_from_slice(&local[from..from + len]);
+        }
+        let chunks = &index.chunks;
+        let mut fetched = Vec::new();
+        let wanted = |i: usize| origins[i] == Origin::Fetch;
+        for (first, last) in runs(chunks.len(), wanted, |i| chunks[i].len, READ_PIECE) {
+            let start = chunks[first].offset;
+            let len = chunks[last].offset + u64::from(chunks[last].len) - start;
+            src.read_range(a.offset + start, len, &mut fetched)?;
+            check_run(
+                &index,
+                first,
+                last,
+                &fetched,
+                &kind_name(a.kind),
+                &source_name,
+            )?;
+            out[start as usize..(start + len) as usize].copy_from_slice(&fetched);
+        }
+        out
+    };
+    let got = hex::encode(sha256(&bytes));
+    if got != a.sha256 {
+        return Err(ApplyError::Hash {
+            what: kind_name(a.kind),
+            source_name,
+            got,
+            want: a.sha256.clone(),
+        });
+    }
+    Ok(bytes)
+}
+
 fn write_root(
     t: &Target,
-    m: &Manifest,
+    cutter: &Cutter,
     root: &Artifact,
     slot: Slot,
     src: &mut (dyn Source + Send),
@@ -316,36 +539,51 @@ fn write_root(
     stop: StopAfter,
 ) -> Result<ApplyStats, ApplyError> {
     let part = Part::root(slot);
-    let chunk = m.chunk_size;
-    let wanted = wanted_chunks(root)?;
-    // The two slots are read and hashed at the same time, one per core.
-    let (local, present) = std::thread::scope(|s| {
-        let local = s.spawn(|| local_chunks(t.disk, t.booted, chunk));
-        let present = chunk_hashes(t.disk, part, root.size, chunk);
-        (local.join().unwrap_or_default(), present)
+    // The active slot is cut and hashed on one core while the index is fetched and the
+    // inactive slot is checked against it on the other.
+    let (local, index_present) = std::thread::scope(|s| {
+        let local = s.spawn(|| local_chunks(t.disk, t.booted, cutter));
+        let index_present = fetch_index(&mut *src, root, cutter).map(|index| {
+            let present = present_chunks(t.disk, part, &index);
+            (index, present)
+        });
+        (local.join().unwrap_or_default(), index_present)
     });
+    let (index, present) = index_present?;
+    let chunks = &index.chunks;
+    let origins = plan(&index, &present, &local);
+    drop(local);
     let mut stats = ApplyStats::default();
-    let mut buf = vec![0u8; chunk as usize];
-    let mut missing: Vec<u64> = Vec::new();
-    let len_of = |i: u64| chunk.min(root.size - i * chunk);
+    // Progress goes chunk by chunk (at most 32 KiB at a time with the default chunking), kept
+    // chunks first, then copied, then fetched, so every percentage is passed in order.
     let mut done = 0u64;
-    for (i, want) in wanted.iter().enumerate() {
-        let n = len_of(i as u64) as usize;
-        if present.get(i) == Some(want) {
-            stats.kept += 1;
-        } else if let Some(&from) = local.get(want) {
-            t.disk
-                .read_at(Part::root(t.booted.slot), from, &mut buf[..n])?;
-            t.disk.write_at(part, i as u64 * chunk, &buf[..n])?;
-            stats.copied += 1;
-        } else {
-            missing.push(i as u64);
-            continue;
+    let mut advance = |first: usize, last: usize| {
+        for c in &chunks[first..=last] {
+            done += u64::from(c.len);
+            progress.root(done, root.size);
         }
-        done += n as u64;
-        progress.root(done, root.size);
+    };
+    for (i, o) in origins.iter().enumerate() {
+        match o {
+            Origin::Here => {
+                stats.kept += 1;
+                advance(i, i);
+            }
+            Origin::Local(_) => stats.copied += 1,
+            Origin::Fetch => {}
+        }
     }
-    let runs = runs_of(&missing, (READ_PIECE / chunk).max(1));
+    let mut buf = Vec::new();
+    for r in copies(&index, &origins) {
+        buf.resize(r.len as usize, 0);
+        t.disk
+            .read_at(Part::root(t.booted.slot), r.from, &mut buf)?;
+        t.disk.write_at(part, r.to, &buf)?;
+        advance(r.first, r.last);
+    }
+    let wanted = |i: usize| origins[i] == Origin::Fetch;
+    let fetch_runs = runs(chunks.len(), wanted, |i| chunks[i].len, READ_PIECE);
+    stats.fetch_runs = fetch_runs.len() as u64;
     let source_name = src.describe();
     // One thread fetches the next run while this one checks and writes the last.
     std::thread::scope(|s| {
@@ -353,10 +591,11 @@ fn write_root(
         let (give_back, reuse) = std::sync::mpsc::channel::<Vec<u8>>();
         let fetch = &mut *src;
         s.spawn(move || {
-            for (first, last) in runs {
+            for (first, last) in fetch_runs {
                 let mut buf = reuse.try_recv().unwrap_or_default();
-                let len = (last - first) * chunk + len_of(last);
-                let got = fetch.read_range(root.offset + first * chunk, len, &mut buf);
+                let start = chunks[first].offset;
+                let len = chunks[last].offset + u64::from(chunks[last].len) - start;
+                let got = fetch.read_range(root.offset + start, len, &mut buf);
                 let failed = got.is_err();
                 // A closed channel means the writer stopped: stop fetching too.
                 if tx.send(got.map(|()| (first, last, buf))).is_err() || failed {
@@ -365,46 +604,33 @@ fn write_root(
             }
         });
         for got in rx {
-            let (first, last, fetched) = got?;
-            for i in first..=last {
-                let rel = ((i - first) * chunk) as usize;
-                let piece = &fetched[rel..rel + len_of(i) as usize];
-                let got = sha256(piece);
-                if got != wanted[i as usize] {
-                    return Err(ApplyError::Hash {
-                        what: format!("root chunk {i}"),
-                        source_name: source_name.clone(),
-                        got: hex::encode(got),
-                        want: root.chunks[i as usize].clone(),
-                    });
+            let (first, mut last, fetched) = got?;
+            check_run(&index, first, last, &fetched, "root", &source_name)?;
+            // The power-cut hook: only the first n fetched chunks land.
+            let mut cut = false;
+            if let StopAfter::RootChunks(n) = stop {
+                let room = n.saturating_sub(stats.fetched) as usize;
+                if last - first + 1 >= room {
+                    last = first + room.max(1) - 1;
+                    cut = true;
                 }
-                t.disk.write_at(part, i * chunk, piece)?;
-                stats.fetched += 1;
-                done += piece.len() as u64;
-                progress.root(done, root.size);
-                if matches!(stop, StopAfter::RootChunks(n) if stats.fetched >= n) {
-                    t.disk.sync()?;
-                    return Ok(());
-                }
+            }
+            let start = chunks[first].offset;
+            let len = (chunks[last].offset + u64::from(chunks[last].len) - start) as usize;
+            t.disk.write_at(part, start, &fetched[..len])?;
+            stats.fetched += (last - first + 1) as u64;
+            advance(first, last);
+            if cut {
+                t.disk.sync()?;
+                return Ok(());
             }
             let _ = give_back.send(fetched);
         }
-        Ok(())
+        Ok::<(), ApplyError>(())
     })?;
     stats.downloaded_bytes = src.downloaded();
+    stats.root_downloaded_bytes = stats.downloaded_bytes;
     Ok(stats)
-}
-
-/// Consecutive chunk numbers of `missing` (sorted) as `(first, last)` runs of at most `max`.
-fn runs_of(missing: &[u64], max: u64) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &i in missing {
-        match runs.last_mut() {
-            Some((first, last)) if *last + 1 == i && i - *first < max => *last = i,
-            _ => runs.push((i, i)),
-        }
-    }
-    runs
 }
 
 /// Reads `part` from `pos` to `end`, in large pieces.
@@ -485,10 +711,33 @@ mod tests {
 
     #[test]
     fn missing_chunks_are_fetched_in_bounded_runs() {
-        assert_eq!(runs_of(&[], 4), []);
+        let missing = [0usize, 1, 2, 3, 4, 5, 7, 9, 10];
+        let pick = |i: usize| missing.contains(&i);
+        assert_eq!(runs(12, |_| false, |_| 10, 40), []);
         assert_eq!(
-            runs_of(&[0, 1, 2, 3, 4, 5, 7, 9, 10], 4),
+            runs(12, pick, |_| 10, 40),
             [(0, 3), (4, 5), (7, 7), (9, 10)]
         );
+        // A chunk longer than the bound still makes a run of its own.
+        assert_eq!(runs(3, |_| true, |_| 100, 40), [(0, 0), (1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn local_copies_merge_when_adjacent_on_both_sides() {
+        let mut index = ChunkIndex::default();
+        for n in [10usize, 20, 30, 40] {
+            index.push(&vec![n as u8; n]);
+        }
+        let origins = [
+            Origin::Local(100),
+            Origin::Local(110),
+            Origin::Local(500),
+            Origin::Fetch,
+        ];
+        let runs: Vec<_> = copies(&index, &origins)
+            .iter()
+            .map(|r| (r.first, r.last, r.to, r.from, r.len))
+            .collect();
+        assert_eq!(runs, [(0, 1, 0, 100, 30), (2, 2, 30, 500, 30)]);
     }
 }

@@ -111,7 +111,7 @@ pub fn publish(
     let end = m
         .artifacts
         .iter()
-        .map(|a| a.offset + a.size)
+        .map(|a| (a.offset + a.size).max(a.index.offset + a.index.size))
         .max()
         .unwrap_or(0);
     if size < end {

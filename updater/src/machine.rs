@@ -316,12 +316,13 @@ impl Machine {
                     });
                     self.records.save(&rec)?;
                     log::info!(
-                        "{} written to slot {} ({} chunks kept, {} copied locally, {} fetched, {} bytes downloaded); next boot: {name}",
+                        "{} written to slot {} ({} chunks kept, {} copied locally, {} fetched in {} requests, {} bytes downloaded); next boot: {name}",
                         m.version,
                         self.booted.slot.other(),
                         stats.kept,
                         stats.copied,
                         stats.fetched,
+                        stats.fetch_runs,
                         stats.downloaded_bytes
                     );
                 }

@@ -17,6 +17,7 @@ use caisson_update::machine::Machine;
 use caisson_update::record::Outcome;
 use caisson_update::slots::Disk;
 use caisson_update::{sign, Error};
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1024 * 1024;
@@ -29,20 +30,26 @@ fn payload(
     blocks: usize,
     changed: &[usize],
 ) -> (PathBuf, verity::VerityParams) {
-    let mut data = Vec::with_capacity(blocks * 4096);
-    for b in 0..blocks {
-        let seed = if changed.contains(&b) {
-            format!("{version}-{b}")
-        } else {
-            format!("{b}")
-        };
-        let mut block = Vec::with_capacity(4096);
-        while block.len() < 4096 {
-            block.extend_from_slice(seed.as_bytes());
-            block.push(b as u8);
+    let seeds = (0..blocks)
+        .map(|b| {
+            if changed.contains(&b) {
+                format!("{version}-{b}")
+            } else {
+                format!("{b}")
+            }
+        })
+        .collect::<Vec<_>>();
+    payload_of(dir, version, &seeds)
+}
+
+/// A root payload whose 4 KiB data blocks are made from `seeds` (sha256 in counter mode: as
+/// incompressible as an lz4hc erofs nearly is), plus its tree.
+fn payload_of(dir: &Path, version: &str, seeds: &[String]) -> (PathBuf, verity::VerityParams) {
+    let mut data = Vec::with_capacity(seeds.len() * 4096);
+    for seed in seeds {
+        for j in 0..128u32 {
+            data.extend_from_slice(&Sha256::digest(format!("{seed}/{j}")));
         }
-        block.truncate(4096);
-        data.extend_from_slice(&block);
     }
     let tree = verity::build(&data[..], [7; 32], [0; 16]).unwrap();
     data.extend_from_slice(&tree.bytes);
@@ -137,6 +144,16 @@ fn machine(f: &Fixture, version: &str, slot: Slot, v: verity::VerityParams) -> M
 /// Builds and publishes version `version` into the channel dir; returns its manifest.
 fn release(f: &Fixture, version: &str, changed: &[usize]) -> (Manifest, PathBuf, PathBuf) {
     let (root, v) = payload(f.dir.path(), version, 600, changed);
+    release_root(f, version, &root, v)
+}
+
+/// Publishes `version` with the root payload `root` into the channel dir.
+fn release_root(
+    f: &Fixture,
+    version: &str,
+    root: &Path,
+    v: verity::VerityParams,
+) -> (Manifest, PathBuf, PathBuf) {
     let kernel = f.dir.path().join(format!("vmlinuz-{version}"));
     std::fs::write(&kernel, format!("kernel {version}").repeat(1000)).unwrap();
     let initrd = f.dir.path().join(format!("initrd-{version}"));
@@ -151,7 +168,7 @@ fn release(f: &Fixture, version: &str, changed: &[usize]) -> (Manifest, PathBuf,
             build_time: 1,
             verity: v,
             cmdline_extra: "console=ttyS0",
-            root: &root,
+            root,
             kernel: &kernel,
             initrd: &initrd,
         },
@@ -511,4 +528,145 @@ fn manual_rollback_needs_a_bootable_other_slot() {
         entries(&f),
         ["caisson-0.9.0-b.conf", "caisson-1.0.0-a+0-1.conf"]
     );
+}
+
+/// Records the root payload's progress in percent.
+#[derive(Default)]
+struct Seen(Vec<u64>);
+
+impl caisson_update::apply::Progress for Seen {
+    fn root(&mut self, done: u64, total: u64) {
+        self.0.push(done * 100 / total);
+    }
+    fn step(&mut self, _: &str) {}
+}
+
+/// Serves the fixture's channel; returns the channel URL.
+fn serve(f: &Fixture) -> String {
+    let addr = Server::bind(&f.dir.path().join("www"), "127.0.0.1:0")
+        .unwrap()
+        .spawn();
+    format!("http://{addr}/stable")
+}
+
+#[test]
+fn one_block_inserted_fetches_a_few_chunks_and_the_running_kernel_is_reused() {
+    let f = fixture();
+    // v2: one new 4 KiB block in the middle, everything after it moved by 4 KiB.
+    let mut seeds: Vec<String> = (0..600).map(|b| format!("{b}")).collect();
+    seeds.insert(300, "new".into());
+    let (root, v) = payload_of(f.dir.path(), "2.0.0", &seeds);
+    let (m2, _, _) = release_root(&f, "2.0.0", &root, v);
+    // The running version booted the same kernel as 2.0.0's.
+    std::fs::write(
+        f.esp.join(paths::esp_kernel("1.0.0", Slot::A)),
+        format!("kernel {}", "2.0.0").repeat(1000),
+    )
+    .unwrap();
+    let url = serve(&f);
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let offer = m.check(&url).unwrap().unwrap();
+    let mut seen = Seen::default();
+    let stats = m.apply_offer(&offer, &mut seen).unwrap();
+    // Progress passes every percentage in order, copied chunks too (the QEMU power-cut test
+    // cuts at "root payload: 10%").
+    assert_eq!(seen.0.last(), Some(&100));
+    assert!(
+        seen.0.windows(2).all(|w| w[0] <= w[1] && w[1] - w[0] <= 3),
+        "{:?}",
+        seen.0
+    );
+    let root_a = m2
+        .artifact(caisson_update::bundle::ArtifactKind::Root)
+        .unwrap();
+    let initrd = m2
+        .artifact(caisson_update::bundle::ArtifactKind::Initrd)
+        .unwrap();
+    eprintln!(
+        "insertion: {stats:?}, root {} bytes, index {} bytes, initrd {} bytes",
+        root_a.size, root_a.index.size, initrd.size
+    );
+    // The new block, the chunks around it, the changed part of the verity tree and the
+    // root's index; the initramfs (different in every fixture version) whole; no kernel.
+    let root_fetched = stats.downloaded_bytes - initrd.size;
+    assert!(
+        root_fetched < root_a.size / 20,
+        "{root_fetched} of {} bytes: {stats:?}",
+        root_a.size
+    );
+    assert!(stats.copied > stats.fetched * 10, "{stats:?}");
+    // Adjacent missing chunks come in one request each run.
+    assert!(stats.fetch_runs < stats.fetched, "{stats:?}");
+    let want = std::fs::read(&root).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, want.len()), want);
+    assert_eq!(
+        std::fs::read(f.esp.join(paths::esp_kernel("2.0.0", Slot::B))).unwrap(),
+        format!("kernel {}", "2.0.0").repeat(1000).into_bytes()
+    );
+}
+
+#[test]
+fn scattered_changed_blocks_fetch_a_chunk_each() {
+    let f = fixture();
+    // Six blocks of 600 (1 %), far apart.
+    let changed = [10, 110, 220, 330, 440, 550];
+    let (m2, _, _) = release(&f, "2.0.0", &changed);
+    let url = serve(&f);
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let offer = m.check(&url).unwrap().unwrap();
+    let stats = m.apply_offer(&offer, &mut Quiet).unwrap();
+    let root = m2
+        .artifact(caisson_update::bundle::ArtifactKind::Root)
+        .unwrap();
+    let boot: u64 = [
+        caisson_update::bundle::ArtifactKind::Kernel,
+        caisson_update::bundle::ArtifactKind::Initrd,
+    ]
+    .iter()
+    .map(|k| m2.artifact(*k).unwrap().size)
+    .sum();
+    eprintln!("scattered: {stats:?}, root {} bytes", root.size);
+    // Each changed block costs about one chunk (8 KiB on average, at most 32 KiB), plus the
+    // tree's changed hash blocks and the index.
+    let root_fetched = stats.downloaded_bytes - boot;
+    assert!(
+        root_fetched < changed.len() as u64 * 32 * 1024 + 64 * 1024,
+        "{root_fetched} bytes: {stats:?}"
+    );
+    let want = std::fs::read(f.dir.path().join("root-2.0.0.img")).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, want.len()), want);
+}
+
+#[test]
+fn a_manifest_with_an_unknown_chunking_scheme_is_refused() {
+    let f = fixture();
+    let (_, _, signed) = release(&f, "2.0.0", &[1]);
+    // A correctly signed manifest from a newer builder, cut with a scheme this build lacks.
+    let json = std::fs::read_to_string(&signed)
+        .unwrap()
+        .replace("\"fastcdc-2020\"", "\"fastcdc-2031\"");
+    assert!(json.contains("fastcdc-2031"));
+    let sig = sign::SecretKey::load(&f.secret)
+        .unwrap()
+        .sign(json.as_bytes(), "image:host version:2.0.0")
+        .unwrap();
+    std::fs::write(&signed, &json).unwrap();
+    std::fs::write(sign::sig_path(&signed), sig).unwrap();
+    let before = std::fs::read(&f.disk).unwrap();
+    let url = serve(&f);
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let err = m.check(&url).unwrap_err().to_string();
+    assert!(
+        err.contains("chunking scheme \"fastcdc-2031\" is not supported"),
+        "{err}"
+    );
+    assert!(err.contains("update caisson-update"), "{err}");
+    let bundle = f.dir.path().join("www/stable/host-2.0.0.bundle");
+    let err = m
+        .apply_file(&bundle, &signed, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fastcdc-2031"), "{err}");
+    assert_eq!(std::fs::read(&f.disk).unwrap(), before);
+    assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"]);
 }
