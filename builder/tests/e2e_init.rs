@@ -325,6 +325,7 @@ fn bench_host_init_numbers() {
         if let Some(steps) = console.lines().find(|l| l.contains("stage 2 steps (ms):")) {
             println!("BENCH boot={n} {}", steps.trim());
         }
+        println!("BENCH boot={n} {}", spawned.trim());
         poweroff(&mut vm);
     }
 }

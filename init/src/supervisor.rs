@@ -545,6 +545,7 @@ impl Supervisor {
         let Some(spec) = self.services.get(name).and_then(|s| s.spec.clone()) else {
             return;
         };
+        let planning = Instant::now();
         let plan = match self.plan(&spec) {
             Ok(p) => p,
             Err(why) => {
@@ -553,10 +554,15 @@ impl Supervisor {
                 return;
             }
         };
+        let spawning = Instant::now();
         let spawned = {
             let sys = &self.sys;
             self.reaper.spawn(|| sys.spawn(&plan))
         };
+        let (plan_ms, spawn_ms) = (
+            spawning.duration_since(planning).as_millis(),
+            spawning.elapsed().as_millis(),
+        );
         match spawned {
             Ok(sp) => {
                 let pid = sp.pid;
@@ -578,7 +584,10 @@ impl Supervisor {
                     };
                 }
                 match crate::stage2::elapsed_ms() {
-                    Some(ms) => log::info!("spawned {name} (pid {pid}) at +{ms} ms"),
+                    Some(ms) => log::info!(
+                        "spawned {name} (pid {pid}) at +{ms} ms (set-up {plan_ms} ms, \
+                         fork and exec {spawn_ms} ms)"
+                    ),
                     None => log::info!("started {name} (pid {pid})"),
                 }
                 self.pids.insert(pid, name.to_string());
