@@ -4,8 +4,10 @@
 # caisson-update puts on the wire for 1.0.0 -> 2.0.0 against the full payload, and zsync and
 # casync rebuilding the same v2 root from the same v1 root.
 #
-#   updater/benches/real-images.sh [WORK_DIR]    # default /var/tmp/caisson-real-images
+#   updater/benches/real-images.sh [WORK_DIR]    # default target/real-images
 #
+# WORK_DIR must be inside this checkout: the builder finds the workspace above a spec to build
+# the image's own binaries.
 # Too heavy for ci/bench (two image builds, a few minutes each on a warm package cache). Needs
 # what `caisson build` needs (ci/deps) and zsync + casync (`apt-get install zsync casync`).
 # The bench re-bundles the roots with the current bundle code, so the builds can be reused
@@ -14,7 +16,7 @@
 set -euo pipefail
 
 ws="$(cd "$(dirname "$0")/../.." && pwd)"
-work="${1:-/var/tmp/caisson-real-images}"
+work="${1:-$ws/target/real-images}"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1700000000}"
 cd "$ws"
 cargo build --release --locked -p caisson-builder
