@@ -132,6 +132,7 @@ impl Records {
         self.write(
             RECORD_FILE,
             &serde_json::to_vec_pretty(r).unwrap_or_default(),
+            Durable::Yes,
         )
     }
 
@@ -142,7 +143,13 @@ impl Records {
 
     pub fn set_progress(&self, p: Option<&ProgressRecord>) -> Result<(), RecordError> {
         match p {
-            Some(p) => self.write(PROGRESS_FILE, &serde_json::to_vec(p).unwrap_or_default()),
+            // Written on every percent of an apply: a record for `status`, not worth a flush
+            // of the state partition each time (the apply resumes from the slot, not from it).
+            Some(p) => self.write(
+                PROGRESS_FILE,
+                &serde_json::to_vec(p).unwrap_or_default(),
+                Durable::No,
+            ),
             None => match std::fs::remove_file(self.dir.join(PROGRESS_FILE)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     Err(io_err("removing", &self.dir.join(PROGRESS_FILE))(e))
@@ -152,16 +159,27 @@ impl Records {
         }
     }
 
-    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), RecordError> {
+    /// Replaces `name` whole (a temporary file renamed over it), flushed to disk first when
+    /// `durable`.
+    fn write(&self, name: &str, bytes: &[u8], durable: Durable) -> Result<(), RecordError> {
         std::fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
         let p = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, bytes).map_err(io_err("writing", &tmp))?;
-        if let Ok(f) = std::fs::File::open(&tmp) {
-            let _ = f.sync_all();
+        if durable == Durable::Yes {
+            if let Ok(f) = std::fs::File::open(&tmp) {
+                let _ = f.sync_all();
+            }
         }
         std::fs::rename(&tmp, &p).map_err(io_err("renaming into", &p))
     }
+}
+
+/// Whether a record is flushed to disk before it replaces the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durable {
+    Yes,
+    No,
 }
 
 /// Seconds since the epoch.
