@@ -308,16 +308,7 @@ fn local_chunks(disk: &Disk, booted: &BootParams, cutter: &Cutter) -> Local {
     };
     let part = Part::root(booted.slot);
     let end = v.payload_size().min(disk.extent(part).size);
-    let reader = std::io::BufReader::with_capacity(
-        READ_PIECE as usize,
-        SlotReader {
-            disk,
-            part,
-            pos: 0,
-            end,
-        },
-    );
-    cut_local(cutter, reader, &mut local);
+    cut_local(cutter, SlotReader::buffered(disk, part, end), &mut local);
     local
 }
 
@@ -641,6 +632,21 @@ struct SlotReader<'a> {
     end: u64,
 }
 
+impl<'a> SlotReader<'a> {
+    /// The first `end` bytes of partition `part`, read in [`READ_PIECE`]s.
+    fn buffered(disk: &'a Disk, part: Part, end: u64) -> std::io::BufReader<SlotReader<'a>> {
+        std::io::BufReader::with_capacity(
+            READ_PIECE as usize,
+            SlotReader {
+                disk,
+                part,
+                pos: 0,
+                end,
+            },
+        )
+    }
+}
+
 impl std::io::Read for SlotReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = (buf.len() as u64).min(self.end - self.pos) as usize;
@@ -665,17 +671,7 @@ fn read_back(
     slot: Slot,
 ) -> Result<(), ApplyError> {
     let bad = |why: String| ApplyError::ReadBack { slot, why };
-    let reader = |end| {
-        std::io::BufReader::with_capacity(
-            READ_PIECE as usize,
-            SlotReader {
-                disk,
-                part,
-                pos: 0,
-                end,
-            },
-        )
-    };
+    let reader = |end| SlotReader::buffered(disk, part, end);
     let (whole, tree) = std::thread::scope(|s| {
         let whole = s.spawn(|| {
             let mut hash = Sha256::new();
