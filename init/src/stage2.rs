@@ -255,15 +255,20 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     let mut steps = Steps::default();
     mounts(sys.as_ref());
     steps.mark("mounts");
-    // Enabling the controllers waits on the kernel; it needs nothing from the steps below.
-    let cgroups = std::thread::Builder::new()
-        .name("cgroups".into())
-        .spawn(|| {
-            let c = Cgroups {
-                root: PathBuf::from("/sys/fs/cgroup"),
-            };
-            c.setup().map(|()| c)
-        });
+    // Before any other thread starts: moving the init into its leaf and enabling the
+    // controllers on a thread of its own, beside the steps below, once hung a guest under TCG
+    // (both threads stuck in the kernel, soft lockups, the RCU kthread starved).
+    let c = Cgroups {
+        root: PathBuf::from("/sys/fs/cgroup"),
+    };
+    let cgroups = match c.setup() {
+        Ok(()) => Some(c),
+        Err(e) => {
+            log::warn!("{e}; services run without cgroup limits");
+            None
+        }
+    };
+    steps.mark("cgroups");
     let id = Identity::read();
     if let Some(p) = &id.params {
         crate::console::set_debug(p.debug);
@@ -310,22 +315,6 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     steps.mark("provisioning");
     hostname(sys.as_ref());
     let config = InitConfig::load(Path::new(CONFIG_PATH));
-    let cgroups = match cgroups.map(|h| h.join()) {
-        Ok(Ok(Ok(c))) => Some(c),
-        Ok(Ok(Err(e))) => {
-            log::warn!("{e}; services run without cgroup limits");
-            None
-        }
-        Ok(Err(_)) => {
-            log::warn!("the cgroup setup thread panicked; services run without cgroup limits");
-            None
-        }
-        Err(e) => {
-            log::warn!("no thread for the cgroup setup ({e}); services run without cgroup limits");
-            None
-        }
-    };
-    steps.mark("cgroups");
     let loaded = service::load_dirs(&[
         Path::new(paths::IMAGE_SERVICES_DIR),
         Path::new(paths::ETC_SERVICES_DIR),
