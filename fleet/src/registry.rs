@@ -234,15 +234,8 @@ impl Member {
     /// a long pause), registers again under a new one. Returns true when it re-registered.
     pub async fn heartbeat(&mut self) -> Result<bool, RegistryError> {
         match self.client.lease_keepalive(self.lease).await {
-            Ok(_) => {
-                self.write_record().await?;
-                Ok(false)
-            }
-            Err(EtcdError::LeaseExpired(_)) => {
-                log::warn!("machine lease expired; registering again");
-                self.register().await?;
-                Ok(true)
-            }
+            // A lease that is gone makes the record's write fail: refresh registers again.
+            Ok(_) | Err(EtcdError::LeaseExpired(_)) => self.refresh().await,
             Err(e) => Err(e.into()),
         }
     }
