@@ -688,7 +688,8 @@ impl Watch {
             return Ok(None);
         }
         let Some(r) = msg.result else { return Ok(None) };
-        // Ids are indexes plus one; an etcd that ignored them numbers watches from 0 in order.
+        // Ids are indexes plus one. An etcd that ignores given ids (before 3.4) numbers from 0:
+        // that is understood for a single key only; with several, the stream is reconnected.
         let index = match usize::try_from(r.watch_id) {
             Ok(id) if (1..=self.targets.len()).contains(&id) => id - 1,
             Ok(0) if self.targets.len() == 1 => 0,
