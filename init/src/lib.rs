@@ -20,6 +20,7 @@ pub mod logs;
 pub mod modules;
 pub mod netdev;
 pub mod network;
+pub mod prefetch;
 pub mod provisioning;
 pub mod reaper;
 pub mod service;

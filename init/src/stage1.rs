@@ -5,7 +5,7 @@
 //! Every path is under `root` (`/` on a machine, a temporary directory in tests).
 
 use crate::sys::{MountFlags, Syscall};
-use crate::{blockdev, modules};
+use crate::{blockdev, modules, prefetch};
 use caisson_layout::cmdline::{BootParams, CmdlineError};
 use caisson_layout::paths;
 use std::io;
@@ -200,6 +200,11 @@ impl Stage1 {
             MountFlags::RDONLY,
             "",
         )?;
+        // Stage 2's binary, read while the steps below run (see `prefetch`).
+        let stage2 = sysroot.join("sbin/init");
+        if let Err(e) = prefetch::file(&stage2, None) {
+            log::debug!("prefetching {}: {e}", stage2.display());
+        }
         let state_dev = blockdev::wait_for_partuuid(
             &self.root,
             params.state,
@@ -218,6 +223,7 @@ impl Stage1 {
         )?;
         self.grow_state(&state_dev, params.state, &var);
         self.etc_overlay(sys, &sysroot)?;
+        prefetch::services(&sysroot);
         self.machine_id(&sysroot)?;
         Ok(params)
     }
