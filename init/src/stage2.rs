@@ -159,18 +159,37 @@ pub fn mounts(sys: &dyn Syscall) {
     );
     mount_logged(sys, "tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777");
     mount_logged(sys, "tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777");
-    mount_logged(
-        sys,
-        "cgroup2",
-        "/sys/fs/cgroup",
-        "cgroup2",
-        nosuid_nodev | MountFlags::NOEXEC,
-        "nsdelegate",
-    );
+    mount_cgroup2(sys, Path::new(CGROUP2_AT));
     if let Err(e) = sys.make_rshared(Path::new("/")) {
         log::warn!("making / shared failed: {e}");
     }
 }
+
+/// Where the unified cgroup hierarchy is mounted.
+const CGROUP2_AT: &str = "/sys/fs/cgroup";
+
+/// Mounts cgroup2 with `favordynmods` where the kernel has it (Linux 6.0 and later), else without.
+/// Without it, every move of a process between cgroups waits for an RCU grace period: ftrace
+/// under TCG showed 17-27 ms per move (the init into its leaf, each service into its cgroup),
+/// against 0.4-1.8 ms with it. The price is a slower fork and exit path, which a host that
+/// starts few processes does not notice.
+fn mount_cgroup2(sys: &dyn Syscall, target: &Path) {
+    if let Err(e) = std::fs::create_dir_all(target) {
+        log::warn!("creating {}: {e}", target.display());
+    }
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    let mut result = sys.mount("cgroup2", target, "cgroup2", flags, CGROUP2_OPTIONS[0]);
+    if let Err(e) = &result {
+        log::info!("cgroup2 without favordynmods ({e})");
+        result = sys.mount("cgroup2", target, "cgroup2", flags, CGROUP2_OPTIONS[1]);
+    }
+    if let Err(e) = result {
+        log::warn!("mounting cgroup2 at {} failed: {e}", target.display());
+    }
+}
+
+/// cgroup2's mount options, preferred first.
+const CGROUP2_OPTIONS: [&str; 2] = ["nsdelegate,favordynmods", "nsdelegate"];
 
 fn hostname(sys: &dyn Syscall) {
     let name = std::fs::read_to_string("/etc/hostname")
@@ -917,5 +936,33 @@ mod tests {
         assert_eq!(c.unhealthy_reboot_s, 300);
         std::fs::write(&p, "unhealthy_reboot_s = 20\n").unwrap();
         assert_eq!(InitConfig::load(&p).unhealthy_reboot_s, 20);
+    }
+
+    fn cgroup_mounts(sys: &crate::sys::Recording) -> Vec<String> {
+        sys.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                crate::sys::Call::Mount { fstype, data, .. } if fstype == "cgroup2" => Some(data),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cgroup2_prefers_favordynmods_and_falls_back_without_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("sys/fs/cgroup");
+        let sys = crate::sys::Recording::new(tmp.path());
+        mount_cgroup2(&sys, &target);
+        assert_eq!(cgroup_mounts(&sys), ["nsdelegate,favordynmods"]);
+
+        // A kernel before 6.0 refuses the option: the hierarchy is mounted without it.
+        let old = crate::sys::Recording::new(tmp.path());
+        old.fail_on("favordynmods");
+        mount_cgroup2(&old, &target);
+        assert_eq!(
+            cgroup_mounts(&old),
+            ["nsdelegate,favordynmods", "nsdelegate"]
+        );
     }
 }
