@@ -290,6 +290,20 @@ fn host_restarts_a_failing_service_and_runs_a_baked_container() {
         .find(|l| l.contains("spawned containerd"))
         .unwrap_or_else(|| panic!("no spawn time on the console:\n{console}"));
     eprintln!("{spawned}; init memory {} KiB", s["init_rss_kib"]);
+    // RCU grace periods are expedited only until ready; cgroup2 favours dynamic moves.
+    let out = common::exec(
+        &vm,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "cat /sys/kernel/rcu_expedited; grep cgroup2 /proc/mounts",
+        ],
+        30,
+    );
+    let text = out.exec.expect("an exec result").output;
+    assert!(text.starts_with("0\n"), "{text}");
+    assert!(text.contains("favordynmods"), "{text}");
     poweroff(&mut vm);
 }
 

@@ -15,6 +15,7 @@ pub mod control;
 pub mod deps;
 pub mod dhcp;
 pub mod dm;
+pub mod expedite;
 pub mod grow;
 pub mod logs;
 pub mod modules;

@@ -5,7 +5,7 @@
 //! Every path is under `root` (`/` on a machine, a temporary directory in tests).
 
 use crate::sys::{MountFlags, Syscall};
-use crate::{blockdev, modules, prefetch};
+use crate::{blockdev, expedite, modules, prefetch};
 use caisson_layout::cmdline::{BootParams, CmdlineError};
 use caisson_layout::paths;
 use std::io;
@@ -156,6 +156,7 @@ impl Stage1 {
     /// Everything up to, not including, the switch: returns the parameters it booted with.
     pub fn prepare(&self, sys: &dyn Syscall) -> Result<BootParams, Stage1Error> {
         self.early_mounts(sys)?;
+        expedite::set(&self.root, true);
         crate::console::attach_console_under(&self.root);
         log::info!("stage 1: {}", crate::VERSION_LINE);
         let params = self.boot_params()?;

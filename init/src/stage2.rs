@@ -147,6 +147,8 @@ pub fn mounts(sys: &dyn Syscall) {
         for (src, target, fstype, flags, data) in EARLY_MOUNTS {
             mount_logged(sys, src, target, fstype, flags, data);
         }
+        // No stage 1 ran (it would have mounted these): expedite here instead.
+        crate::expedite::set(Path::new("/"), true);
     }
     let nosuid_nodev = MountFlags::NOSUID | MountFlags::NODEV;
     mount_logged(
@@ -685,6 +687,7 @@ pub fn ready_line(version: &str, slot: &str, boot_ms: u64) -> String {
 fn announce_ready(id: &Identity) {
     let line = ready_line(&id.version, &id.slot_text(), sys::boot_ms());
     log::info!("{line}");
+    crate::expedite::set(Path::new("/"), false);
     if let Some(kib) = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|t| rss_kib(&t))
