@@ -6,16 +6,19 @@
 //! 2. write the root payload into the inactive partition: the manifest's chunk index is
 //!    fetched and checked; chunks already in place (an interrupted apply) are kept, chunks the
 //!    active slot holds (cut with the manifest's chunking parameters) are copied locally, the
-//!    rest is fetched with one Range request per run of adjacent missing chunks, each chunk
-//!    checked against the index before it is written; then sync;
-//! 3. read the slot back and check its sha256 and its dm-verity root hash;
+//!    rest is fetched with one Range request per run of adjacent missing chunks, each chunk,
+//!    copied or fetched, checked against the index before it is written;
+//! 3. read the slot back and check its sha256 and its dm-verity root hash: two threads read
+//!    behind the writer (never past the first chunk not yet written), and their verdict is taken
+//!    once everything is written and the slot is synced;
 //! 4. write the kernel and initramfs under versioned names on the ESP (temporary name, sync,
 //!    rename), taking the chunks the running kernel and initramfs hold from them;
 //! 5. write the new entry `caisson-<v>-<slot>+3-0.conf` (temporary name, sync, rename).
 //!
 //! The running slot's entry is never touched.
 
-use crate::bundle::{Artifact, ArtifactKind, ChunkIndex, Cutter, Hash, Manifest};
+use crate::bundle::{Artifact, ArtifactKind, ChunkIndex, Chunking, Cutter, Hash, Manifest};
+use crate::chunk_cache;
 use crate::download::{DownloadError, Source};
 use crate::slots::{self, Disk, SlotError, SlotState};
 use caisson_layout::cmdline::BootParams;
@@ -100,6 +103,11 @@ pub struct ApplyStats {
     pub fetched: u64,
     /// Range requests for root chunks (adjacent missing chunks share one).
     pub fetch_runs: u64,
+    /// The running slot's chunks were taken from the chunk index cache, not cut from the slot.
+    pub local_index_cached: bool,
+    /// Chunks the running slot was to give that did not match the new version's index when
+    /// read (a stale chunk index cache): fetched instead, and counted in `fetched`.
+    pub local_mismatched: u64,
     /// Bytes the source delivered for the root: its chunk index and its chunks.
     pub root_downloaded_bytes: u64,
     /// Bytes the source had to deliver (network only): chunk indexes, chunks, kernel and
@@ -114,6 +122,9 @@ pub struct Target<'a> {
     pub esp: &'a Path,
     /// The running boot's parameters.
     pub booted: &'a BootParams,
+    /// Where the chunk indexes of installed slots are kept ([`chunk_cache`]); `None`: none are
+    /// read or written.
+    pub chunk_cache: Option<&'a Path>,
 }
 
 /// Test hooks: stop after a step, as a power cut would.
@@ -174,15 +185,28 @@ pub fn apply(
 
     // 2. The root payload.
     progress.step("writing the root payload");
-    let mut stats = write_root(t, &cutter, root, slot, src, progress, stop)?;
+    // 3. Read back, as the written part grows; the verdict after a sync.
+    let (mut stats, index) = write_root(t, m, &cutter, root, &verity, slot, src, progress, stop)?;
     if let StopAfter::RootChunks(_) = stop {
         return Ok((EntryName::new_tried(&m.version, slot), stats));
     }
-    t.disk.sync()?;
-
-    // 3. Read back.
-    progress.step("verifying the written slot");
-    read_back(t.disk, part, root, &verity, slot)?;
+    // The slot read back right: its index is what the next apply, running from it, copies by.
+    if let Some(dir) = t.chunk_cache {
+        let running = t.booted.verity.map(|v| v.root_hash);
+        let stored = chunk_cache::store(
+            dir,
+            &verity.root_hash,
+            &m.chunking,
+            &index,
+            running.as_ref(),
+        );
+        if let Err(e) = stored {
+            log::warn!(
+                "keeping the chunk index of {} for the next update: {e}",
+                m.version
+            );
+        }
+    }
     if stop == StopAfter::Root {
         return Ok((EntryName::new_tried(&m.version, slot), stats));
     }
@@ -286,12 +310,28 @@ fn fetch_index(
 /// Chunks held locally, by hash: their offset and length in the local bytes.
 type Local = HashMap<Hash, (u64, u32)>;
 
-/// Cuts what `reader` yields as the bundle was cut and adds each chunk to `local` (the first
-/// place a chunk is seen wins). Stops at a read error: what was found until then stays usable.
-fn cut_local<R: std::io::Read>(cutter: &Cutter, reader: R, local: &mut Local) {
+/// The chunk lengths `index` holds, as a table by length: a local chunk of any other length
+/// cannot be one of its chunks, and is not worth hashing.
+fn wanted_lengths(index: &ChunkIndex, cutter: &Cutter) -> Vec<bool> {
+    let mut wanted = vec![false; cutter.max_size() + 1];
+    for c in &index.chunks {
+        if let Some(w) = wanted.get_mut(c.len as usize) {
+            *w = true;
+        }
+    }
+    wanted
+}
+
+/// Cuts what `reader` yields as the bundle was cut and adds each chunk of a length `index`
+/// holds to `local` (the first place a chunk is seen wins). Stops at a read error: what was
+/// found until then stays usable.
+fn cut_local<R: std::io::Read>(cutter: &Cutter, index: &ChunkIndex, reader: R, local: &mut Local) {
+    let wanted = wanted_lengths(index, cutter);
     let mut off = 0u64;
     let result = cutter.for_each_chunk::<_, std::io::Error>(reader, |c| {
-        local.entry(sha256(c)).or_insert((off, c.len() as u32));
+        if wanted.get(c.len()) == Some(&true) {
+            local.entry(sha256(c)).or_insert((off, c.len() as u32));
+        }
         off += c.len() as u64;
         Ok(())
     });
@@ -300,16 +340,41 @@ fn cut_local<R: std::io::Read>(cutter: &Cutter, reader: R, local: &mut Local) {
     }
 }
 
-/// The chunks of the active slot's payload: what a delta update can copy locally.
-fn local_chunks(disk: &Disk, booted: &BootParams, cutter: &Cutter) -> Local {
+/// The chunks of the active slot's payload that `index` may want: what a delta update can copy
+/// locally. Taken from the chunk index cache when it holds the running slot's index (true),
+/// otherwise cut from the slot (false).
+fn local_chunks(
+    t: &Target,
+    chunking: &Chunking,
+    cutter: &Cutter,
+    index: &ChunkIndex,
+) -> (Local, bool) {
     let mut local = HashMap::new();
-    let Some(v) = booted.verity else {
-        return local;
+    let Some(v) = t.booted.verity else {
+        return (local, false);
     };
-    let part = Part::root(booted.slot);
-    let end = v.payload_size().min(disk.extent(part).size);
-    cut_local(cutter, SlotReader::buffered(disk, part, end), &mut local);
-    local
+    let part = Part::root(t.booted.slot);
+    let end = v.payload_size().min(t.disk.extent(part).size);
+    let cached = t
+        .chunk_cache
+        .and_then(|dir| chunk_cache::load(dir, &v.root_hash, v.payload_size(), chunking));
+    if let Some(cached) = cached {
+        let wanted = wanted_lengths(index, cutter);
+        for c in &cached.chunks {
+            let inside = c.offset + u64::from(c.len) <= end;
+            if inside && wanted.get(c.len as usize) == Some(&true) {
+                local.entry(c.sha256).or_insert((c.offset, c.len));
+            }
+        }
+        return (local, true);
+    }
+    cut_local(
+        cutter,
+        index,
+        SlotReader::buffered(t.disk, part, end),
+        &mut local,
+    );
+    (local, false)
 }
 
 /// Which chunks of `index` are already in place in `part` (an interrupted apply wrote them),
@@ -482,7 +547,7 @@ fn boot_file(
     } else {
         let index = fetch_index(src, a, cutter)?;
         let mut have = HashMap::new();
-        cut_local(cutter, &local[..], &mut have);
+        cut_local(cutter, &index, &local[..], &mut have);
         let origins = plan(&index, &[], &have);
         let mut out = vec![0u8; a.size as usize];
         for r in copies(&index, &origins) {
@@ -520,87 +585,461 @@ fn boot_file(
     Ok(bytes)
 }
 
-fn write_root(
+/// Fetches the root's chunk index and decides where each chunk comes from: kept in place,
+/// copied from the running slot, or fetched.
+fn plan_root(
     t: &Target,
+    chunking: &Chunking,
     cutter: &Cutter,
     root: &Artifact,
+    part: Part,
+    src: &mut (dyn Source + Send),
+) -> Result<(ChunkIndex, Vec<Origin>, bool), ApplyError> {
+    let index = fetch_index(src, root, cutter)?;
+    // The active slot is cut and hashed on one core while the inactive slot is checked against
+    // the index on the other.
+    let (local, present) = std::thread::scope(|s| {
+        let local = s.spawn(|| local_chunks(t, chunking, cutter, &index));
+        let present = present_chunks(t.disk, part, &index);
+        (local.join().unwrap_or_default(), present)
+    });
+    let (local, cached) = local;
+    let origins = plan(&index, &present, &local);
+    Ok((index, origins, cached))
+}
+
+/// A fetched run of chunks `first..=last` and its bytes, checked against the index.
+type Fetched = Result<(usize, usize, Vec<u8>), ApplyError>;
+
+/// Chunks `first..=last` of the slot.
+type Run = (usize, usize);
+
+/// The fetching thread: fetches `planned`, then the runs the writer sends once its local copies
+/// are done (chunks whose local copy did not match), and checks every chunk against the index
+/// before handing it on. Stops at the first error (handed on) or when the writer stops listening.
+fn fetcher(
+    src: &mut (dyn Source + Send),
+    root: &Artifact,
+    index: &ChunkIndex,
+    planned: Vec<Run>,
+    more: std::sync::mpsc::Receiver<Vec<Run>>,
+    out: std::sync::mpsc::SyncSender<Fetched>,
+    reuse: std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let source_name = src.describe();
+    let chunks = &index.chunks;
+    let mut fetch = |(first, last): Run| -> bool {
+        let mut buf = reuse.try_recv().unwrap_or_default();
+        let start = chunks[first].offset;
+        let len = chunks[last].offset + u64::from(chunks[last].len) - start;
+        let got = src
+            .read_range(root.offset + start, len, &mut buf)
+            .map_err(ApplyError::from)
+            .and_then(|()| check_run(index, first, last, &buf, "root", &source_name));
+        let failed = got.is_err();
+        // A closed channel means the writer stopped: stop fetching too.
+        out.send(got.map(|()| (first, last, buf))).is_ok() && !failed
+    };
+    for run in planned {
+        if !fetch(run) {
+            return;
+        }
+    }
+    // Nothing more comes when the writer stopped before its copies were done.
+    for run in more.recv().unwrap_or_default() {
+        if !fetch(run) {
+            return;
+        }
+    }
+}
+
+/// How far the read-back may read: every byte of the slot below `upto` holds what the update
+/// wants there (written by this apply, or found in place), and the writer has said whether it
+/// finished. The writer only moves it forward; the read-back only waits on it.
+struct Mark {
+    state: std::sync::Mutex<MarkState>,
+    moved: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct MarkState {
+    upto: u64,
+    end: MarkEnd,
+    /// Why the read-back failed (the first reason).
+    failure: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum MarkEnd {
+    #[default]
+    Writing,
+    /// Everything is written: the read-back may read anything.
+    Written,
+    /// The writer or the read-back stopped: nobody waits any more.
+    Stopped,
+}
+
+impl Mark {
+    fn new() -> Mark {
+        Mark {
+            state: std::sync::Mutex::new(MarkState::default()),
+            moved: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MarkState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn advance(&self, upto: u64) {
+        let mut s = self.lock();
+        if upto > s.upto {
+            s.upto = upto;
+            self.moved.notify_all();
+        }
+    }
+
+    /// The writer is done (`Written`) or gave up (`Stopped`); the first word counts.
+    fn end(&self, end: MarkEnd) {
+        let mut s = self.lock();
+        if s.end == MarkEnd::Writing {
+            s.end = end;
+        }
+        self.moved.notify_all();
+    }
+
+    /// The read-back failed: the writer stops at its next piece.
+    fn fail(&self, why: String) {
+        let mut s = self.lock();
+        s.failure.get_or_insert(why);
+        if s.end == MarkEnd::Writing {
+            s.end = MarkEnd::Stopped;
+        }
+        self.moved.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().end == MarkEnd::Stopped
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.lock().failure.clone()
+    }
+
+    /// Waits until the byte at `pos` may be read; returns how far reading may go.
+    fn readable(&self, pos: u64) -> std::io::Result<u64> {
+        let mut s = self.lock();
+        loop {
+            match s.end {
+                MarkEnd::Written => return Ok(u64::MAX),
+                MarkEnd::Stopped => {
+                    return Err(std::io::Error::other(
+                        "the apply stopped before the slot was written",
+                    ))
+                }
+                MarkEnd::Writing if s.upto > pos => return Ok(s.upto),
+                MarkEnd::Writing => {
+                    s = self
+                        .moved
+                        .wait(s)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                }
+            }
+        }
+    }
+}
+
+/// Stops the read-back when the writer leaves without saying the slot is written (an error, a
+/// power-cut hook, a panic): no reader waits for bytes that never come.
+struct StopOnDrop<'a>(&'a Mark);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.end(MarkEnd::Stopped);
+    }
+}
+
+/// Which chunks of the slot are final (written, or kept), and up to where all of them are.
+struct Final<'a> {
+    chunks: &'a [crate::bundle::Chunk],
+    done: Vec<bool>,
+    /// The first chunk not final.
+    next: usize,
+}
+
+impl<'a> Final<'a> {
+    fn new(chunks: &'a [crate::bundle::Chunk], origins: &[Origin]) -> Final<'a> {
+        let done = origins.iter().map(|o| *o == Origin::Here).collect();
+        let mut f = Final {
+            chunks,
+            done,
+            next: 0,
+        };
+        f.skip();
+        f
+    }
+
+    fn skip(&mut self) {
+        while self.done.get(self.next) == Some(&true) {
+            self.next += 1;
+        }
+    }
+
+    /// Chunks `first..=last` are final; returns the offset below which every chunk is.
+    fn set(&mut self, first: usize, last: usize) -> u64 {
+        for d in &mut self.done[first..=last] {
+            *d = true;
+        }
+        self.skip();
+        self.upto()
+    }
+
+    fn upto(&self) -> u64 {
+        match self.chunks.get(self.next) {
+            Some(c) => c.offset,
+            None => self
+                .chunks
+                .last()
+                .map_or(0, |c| c.offset + u64::from(c.len)),
+        }
+    }
+}
+
+/// How the writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    All,
+    /// The power-cut hook stopped it.
+    Cut,
+    /// The read-back failed: its reason is on the mark.
+    Stopped,
+}
+
+/// Writes the root payload into the inactive slot and reads it back as the written part grows:
+/// local copies first (each chunk checked against the index before it is written; a chunk that
+/// does not match is fetched instead), then the fetched runs in order (checked on the fetching
+/// thread). Two threads read the slot back behind the writer, one for its sha256 and one for its
+/// verity tree. The slot is synced before their verdict is taken.
+#[allow(clippy::too_many_arguments)]
+fn write_root(
+    t: &Target,
+    m: &Manifest,
+    cutter: &Cutter,
+    root: &Artifact,
+    verity: &verity::VerityParams,
     slot: Slot,
     src: &mut (dyn Source + Send),
     progress: &mut dyn Progress,
     stop: StopAfter,
-) -> Result<ApplyStats, ApplyError> {
+) -> Result<(ApplyStats, ChunkIndex), ApplyError> {
     let part = Part::root(slot);
-    // The active slot is cut and hashed on one core while the index is fetched and the
-    // inactive slot is checked against it on the other.
-    let (local, index_present) = std::thread::scope(|s| {
-        let local = s.spawn(|| local_chunks(t.disk, t.booted, cutter));
-        let index_present = fetch_index(&mut *src, root, cutter).map(|index| {
-            let present = present_chunks(t.disk, part, &index);
-            (index, present)
-        });
-        (local.join().unwrap_or_default(), index_present)
-    });
-    let (index, present) = index_present?;
-    let chunks = &index.chunks;
-    let origins = plan(&index, &present, &local);
-    drop(local);
-    let mut stats = ApplyStats::default();
-    // Progress goes chunk by chunk (at most 32 KiB at a time with the default chunking), kept
-    // chunks first, then copied, then fetched, so every percentage is passed in order.
-    let mut done = 0u64;
-    let mut advance = |first: usize, last: usize| {
-        for c in &chunks[first..=last] {
-            done += u64::from(c.len);
-            progress.root(done, root.size);
-        }
+    let (index, origins, cached) = plan_root(t, &m.chunking, cutter, root, part, src)?;
+    let mut stats = ApplyStats {
+        local_index_cached: cached,
+        ..ApplyStats::default()
     };
-    for (i, o) in origins.iter().enumerate() {
+    for o in &origins {
         match o {
-            Origin::Here => {
-                stats.kept += 1;
-                advance(i, i);
-            }
+            Origin::Here => stats.kept += 1,
             Origin::Local(_) => stats.copied += 1,
             Origin::Fetch => {}
         }
     }
-    let mut buf = Vec::new();
-    for r in copies(&index, &origins) {
-        buf.resize(r.len as usize, 0);
-        t.disk
-            .read_at(Part::root(t.booted.slot), r.from, &mut buf)?;
-        t.disk.write_at(part, r.to, &buf)?;
-        advance(r.first, r.last);
-    }
+    let chunks = &index.chunks;
     let wanted = |i: usize| origins[i] == Origin::Fetch;
-    let fetch_runs = runs(chunks.len(), wanted, |i| chunks[i].len, READ_PIECE);
-    stats.fetch_runs = fetch_runs.len() as u64;
-    let source_name = src.describe();
-    // One thread fetches the next run while this one checks and writes the last.
-    std::thread::scope(|s| {
+    let planned = runs(chunks.len(), wanted, |i| chunks[i].len, READ_PIECE);
+    stats.fetch_runs = planned.len() as u64;
+    let mark = Mark::new();
+    let mut pipe = Pipe {
+        t,
+        part,
+        root,
+        index: &index,
+        origins: &origins,
+        stats: &mut stats,
+        progress,
+        done: 0,
+        mark: &mark,
+        stop,
+    };
+    let (written, whole, tree) = std::thread::scope(|s| {
+        let whole = s.spawn(|| whole_sha256(t.disk, part, root.size, &mark));
+        let tree = s.spawn(|| verity_root(t.disk, part, verity, &mark));
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let (give_back, reuse) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (give_back, reuse) = std::sync::mpsc::channel();
+        let (more_tx, more_rx) = std::sync::mpsc::channel();
         let fetch = &mut *src;
-        s.spawn(move || {
-            for (first, last) in fetch_runs {
-                let mut buf = reuse.try_recv().unwrap_or_default();
-                let start = chunks[first].offset;
-                let len = chunks[last].offset + u64::from(chunks[last].len) - start;
-                let got = fetch.read_range(root.offset + start, len, &mut buf);
-                let failed = got.is_err();
-                // A closed channel means the writer stopped: stop fetching too.
-                if tx.send(got.map(|()| (first, last, buf))).is_err() || failed {
-                    break;
+        let index = &index;
+        s.spawn(move || fetcher(fetch, root, index, planned, more_rx, tx, reuse));
+        let written = {
+            let _stop = StopOnDrop(&mark);
+            pipe.write(more_tx, rx, &give_back)
+        };
+        let written = match written {
+            Ok(Written::All) => {
+                pipe.progress.step("verifying the written slot");
+                t.disk
+                    .sync()
+                    .map(|()| Written::All)
+                    .map_err(ApplyError::from)
+            }
+            other => other,
+        };
+        let joined = |r: std::thread::Result<Result<Hash, String>>| {
+            r.unwrap_or_else(|_| Err("a read-back thread panicked".into()))
+        };
+        (written, joined(whole.join()), joined(tree.join()))
+    });
+    match written? {
+        Written::Cut => return Ok((stats, index)),
+        Written::Stopped | Written::All => {}
+    }
+    stats.downloaded_bytes = src.downloaded();
+    stats.root_downloaded_bytes = stats.downloaded_bytes;
+    let bad = |why: String| ApplyError::ReadBack { slot, why };
+    if let Some(why) = mark.failure() {
+        return Err(bad(why));
+    }
+    let got = hex::encode(whole.map_err(bad)?);
+    let tree = tree.map_err(bad)?;
+    if got != root.sha256 {
+        return Err(bad(format!(
+            "sha256 {got}, the manifest says {}",
+            root.sha256
+        )));
+    }
+    if tree != verity.root_hash {
+        return Err(bad(format!(
+            "verity root {}, the manifest says {}",
+            hex::encode(tree),
+            hex::encode(verity.root_hash)
+        )));
+    }
+    Ok((stats, index))
+}
+
+/// The read-back's sha256 of the first `size` bytes of `part`, read behind the writer.
+fn whole_sha256(disk: &Disk, part: Part, size: u64, mark: &Mark) -> Result<Hash, String> {
+    let mut hash = Sha256::new();
+    match std::io::copy(&mut SlotReader::behind(disk, part, size, mark), &mut hash) {
+        Ok(_) => Ok(hash.finalize().into()),
+        Err(e) => {
+            mark.fail(e.to_string());
+            Err(e.to_string())
+        }
+    }
+}
+
+/// The read-back's verity root hash of `part`, read behind the writer.
+fn verity_root(
+    disk: &Disk,
+    part: Part,
+    v: &verity::VerityParams,
+    mark: &Mark,
+) -> Result<Hash, String> {
+    let reader = SlotReader::behind(disk, part, v.hash_offset, mark);
+    match verity::build(reader, v.salt, [0; 16]) {
+        Ok(tree) => Ok(tree.params.root_hash),
+        Err(e) => {
+            mark.fail(e.to_string());
+            Err(e.to_string())
+        }
+    }
+}
+
+/// The writer's side of [`write_root`].
+struct Pipe<'a, 'p> {
+    t: &'a Target<'a>,
+    part: Part,
+    root: &'a Artifact,
+    index: &'a ChunkIndex,
+    origins: &'a [Origin],
+    stats: &'a mut ApplyStats,
+    progress: &'p mut dyn Progress,
+    /// Bytes reported to `progress`.
+    done: u64,
+    mark: &'a Mark,
+    stop: StopAfter,
+}
+
+impl Pipe<'_, '_> {
+    /// Progress goes chunk by chunk (at most 32 KiB at a time with the default chunking).
+    fn advance(&mut self, first: usize, last: usize) {
+        for c in &self.index.chunks[first..=last] {
+            self.done += u64::from(c.len);
+            self.progress.root(self.done, self.root.size);
+        }
+    }
+
+    fn write(
+        &mut self,
+        more: std::sync::mpsc::Sender<Vec<Run>>,
+        fetched: std::sync::mpsc::Receiver<Fetched>,
+        give_back: &std::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<Written, ApplyError> {
+        let chunks = &self.index.chunks;
+        let mut fin = Final::new(chunks, self.origins);
+        self.mark.advance(fin.upto());
+        // Kept chunks first, then copied, then fetched, so every percentage is passed in order.
+        for i in 0..chunks.len() {
+            if self.origins[i] == Origin::Here {
+                self.advance(i, i);
+            }
+        }
+        let mut mismatched = Vec::new();
+        let mut buf = Vec::new();
+        let running = Part::root(self.t.booted.slot);
+        for r in copies(self.index, self.origins) {
+            if self.mark.stopped() {
+                return Ok(Written::Stopped);
+            }
+            buf.resize(r.len as usize, 0);
+            self.t.disk.read_at(running, r.from, &mut buf)?;
+            // Each copied chunk is checked against the index before it is written: whatever
+            // said the running slot holds it, a chunk that does not match is fetched instead.
+            let mut good = r.first;
+            for (i, c) in (r.first..=r.last).zip(&chunks[r.first..=r.last]) {
+                let rel = (c.offset - r.to) as usize;
+                if sha256(&buf[rel..rel + c.len as usize]) != c.sha256 {
+                    self.write_copied(&mut fin, &buf, r.to, good, i)?;
+                    mismatched.push(i);
+                    good = i + 1;
                 }
             }
-        });
-        for got in rx {
-            let (first, mut last, fetched) = got?;
-            check_run(&index, first, last, &fetched, "root", &source_name)?;
+            self.write_copied(&mut fin, &buf, r.to, good, r.last + 1)?;
+        }
+        if !mismatched.is_empty() {
+            log::warn!(
+                "{} chunks the running slot was to give did not match the new version's index \
+                 (a stale chunk index cache?): fetched instead",
+                mismatched.len()
+            );
+            let n = mismatched.len() as u64;
+            self.stats.copied -= n;
+            self.stats.local_mismatched = n;
+            let redo = runs(
+                chunks.len(),
+                |i| mismatched.binary_search(&i).is_ok(),
+                |i| chunks[i].len,
+                READ_PIECE,
+            );
+            self.stats.fetch_runs += redo.len() as u64;
+            // The fetcher takes them after its planned runs (it has stopped if this fails).
+            let _ = more.send(redo);
+        }
+        // The fetcher ends once its runs are done.
+        drop(more);
+        for got in fetched {
+            if self.mark.stopped() {
+                return Ok(Written::Stopped);
+            }
+            let (first, mut last, bytes) = got?;
             // The power-cut hook: only the first n fetched chunks land.
             let mut cut = false;
-            if let StopAfter::RootChunks(n) = stop {
-                let room = n.saturating_sub(stats.fetched) as usize;
+            if let StopAfter::RootChunks(n) = self.stop {
+                let room = n.saturating_sub(self.stats.fetched) as usize;
                 if last - first + 1 >= room {
                     last = first + room.max(1) - 1;
                     cut = true;
@@ -608,28 +1047,51 @@ fn write_root(
             }
             let start = chunks[first].offset;
             let len = (chunks[last].offset + u64::from(chunks[last].len) - start) as usize;
-            t.disk.write_at(part, start, &fetched[..len])?;
-            stats.fetched += (last - first + 1) as u64;
-            advance(first, last);
+            self.t.disk.write_at(self.part, start, &bytes[..len])?;
+            self.stats.fetched += (last - first + 1) as u64;
+            self.advance(first, last);
             if cut {
-                t.disk.sync()?;
-                return Ok(());
+                self.t.disk.sync()?;
+                return Ok(Written::Cut);
             }
-            let _ = give_back.send(fetched);
+            self.mark.advance(fin.set(first, last));
+            let _ = give_back.send(bytes);
         }
-        Ok::<(), ApplyError>(())
-    })?;
-    stats.downloaded_bytes = src.downloaded();
-    stats.root_downloaded_bytes = stats.downloaded_bytes;
-    Ok(stats)
+        self.mark.end(MarkEnd::Written);
+        Ok(Written::All)
+    }
+
+    /// Writes chunks `first..end` of a local copy starting at `to` whose bytes are in `buf`.
+    fn write_copied(
+        &mut self,
+        fin: &mut Final,
+        buf: &[u8],
+        to: u64,
+        first: usize,
+        end: usize,
+    ) -> Result<(), ApplyError> {
+        if first >= end {
+            return Ok(());
+        }
+        let chunks = &self.index.chunks;
+        let start = chunks[first].offset;
+        let stop = chunks[end - 1].offset + u64::from(chunks[end - 1].len);
+        let piece = &buf[(start - to) as usize..(stop - to) as usize];
+        self.t.disk.write_at(self.part, start, piece)?;
+        self.advance(first, end - 1);
+        self.mark.advance(fin.set(first, end - 1));
+        Ok(())
+    }
 }
 
-/// Reads `part` from `pos` to `end`, in large pieces.
+/// Reads `part` from `pos` to `end`, in large pieces; behind a writer, only what it has
+/// written.
 struct SlotReader<'a> {
     disk: &'a Disk,
     part: Part,
     pos: u64,
     end: u64,
+    mark: Option<&'a Mark>,
 }
 
 impl<'a> SlotReader<'a> {
@@ -642,63 +1104,40 @@ impl<'a> SlotReader<'a> {
                 part,
                 pos: 0,
                 end,
+                mark: None,
             },
         )
+    }
+
+    /// The same, each byte read only once `mark` has passed it.
+    fn behind(
+        disk: &'a Disk,
+        part: Part,
+        end: u64,
+        mark: &'a Mark,
+    ) -> std::io::BufReader<SlotReader<'a>> {
+        let mut r = SlotReader::buffered(disk, part, end);
+        r.get_mut().mark = Some(mark);
+        r
     }
 }
 
 impl std::io::Read for SlotReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+        let mut n = (buf.len() as u64).min(self.end - self.pos);
         if n == 0 {
             return Ok(0);
         }
+        if let Some(mark) = self.mark {
+            n = n.min(mark.readable(self.pos)? - self.pos);
+        }
+        let n = n as usize;
         self.disk
             .read_at(self.part, self.pos, &mut buf[..n])
             .map_err(std::io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }
-}
-
-/// Reads the written slot back and checks its sha256 and its verity root: two passes over the
-/// same bytes, one per core (the second read mostly comes from the page cache the first filled).
-fn read_back(
-    disk: &Disk,
-    part: Part,
-    root: &Artifact,
-    verity: &verity::VerityParams,
-    slot: Slot,
-) -> Result<(), ApplyError> {
-    let bad = |why: String| ApplyError::ReadBack { slot, why };
-    let reader = |end| SlotReader::buffered(disk, part, end);
-    let (whole, tree) = std::thread::scope(|s| {
-        let whole = s.spawn(|| {
-            let mut hash = Sha256::new();
-            std::io::copy(&mut reader(root.size), &mut hash).map(|_| hash.finalize())
-        });
-        let tree = verity::build(reader(verity.hash_offset), verity.salt, [0; 16]);
-        let whole = whole
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread panicked")));
-        (whole, tree)
-    });
-    let got = hex::encode(whole.map_err(|e| bad(e.to_string()))?);
-    let tree = tree.map_err(|e| bad(e.to_string()))?;
-    if got != root.sha256 {
-        return Err(bad(format!(
-            "sha256 {got}, the manifest says {}",
-            root.sha256
-        )));
-    }
-    if tree.params.root_hash != verity.root_hash {
-        return Err(bad(format!(
-            "verity root {}, the manifest says {}",
-            hex::encode(tree.params.root_hash),
-            hex::encode(verity.root_hash)
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -716,6 +1155,48 @@ mod tests {
         );
         // A chunk longer than the bound still makes a run of its own.
         assert_eq!(runs(3, |_| true, |_| 100, 40), [(0, 0), (1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn the_read_back_waits_for_the_writer_and_stops_with_it() {
+        let mark = Mark::new();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| mark.readable(10));
+            mark.advance(5);
+            mark.advance(3);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(!reader.is_finished());
+            mark.advance(20);
+            assert_eq!(reader.join().unwrap().unwrap(), 20);
+            // A writer that leaves without finishing stops every reader, even a late one.
+            let waiting = s.spawn(|| mark.readable(30));
+            drop(StopOnDrop(&mark));
+            assert!(waiting.join().unwrap().is_err());
+            assert!(mark.readable(0).is_err());
+            assert!(mark.stopped() && mark.failure().is_none());
+        });
+        // Once everything is written, nothing waits; a failed read-back is remembered.
+        let mark = Mark::new();
+        mark.end(MarkEnd::Written);
+        drop(StopOnDrop(&mark));
+        assert_eq!(mark.readable(1 << 40).unwrap(), u64::MAX);
+        mark.fail("bad sector".into());
+        mark.fail("second".into());
+        assert_eq!(mark.failure().as_deref(), Some("bad sector"));
+    }
+
+    #[test]
+    fn the_final_prefix_grows_over_kept_and_written_chunks() {
+        let mut index = ChunkIndex::default();
+        for n in [10usize, 20, 30, 40] {
+            index.push(&vec![n as u8; n]);
+        }
+        let origins = [Origin::Fetch, Origin::Here, Origin::Local(0), Origin::Fetch];
+        let mut f = Final::new(&index.chunks, &origins);
+        assert_eq!(f.upto(), 0);
+        assert_eq!(f.set(2, 2), 0);
+        assert_eq!(f.set(0, 0), 60);
+        assert_eq!(f.set(3, 3), 100);
     }
 
     #[test]

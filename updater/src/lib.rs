@@ -7,6 +7,7 @@ pub mod agent;
 pub mod apply;
 pub mod bundle;
 pub mod channel;
+pub mod chunk_cache;
 pub mod config;
 pub mod download;
 pub mod machine;

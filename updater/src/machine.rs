@@ -291,10 +291,12 @@ impl Machine {
         if rec.rejected.contains(&m.version) {
             return Err(Error::Rejected(m.version.clone()));
         }
+        let chunk_cache = self.records.chunk_cache_dir();
         let target = Target {
             disk: &self.disk,
             esp: &self.esp,
             booted: &self.booted,
+            chunk_cache: Some(&chunk_cache),
         };
         let mut recorder = Recorder {
             inner: progress,

@@ -91,6 +91,11 @@ impl Records {
         }
     }
 
+    /// Where the chunk indexes of installed slots are kept ([`crate::chunk_cache`]).
+    pub fn chunk_cache_dir(&self) -> PathBuf {
+        self.dir.join(crate::chunk_cache::DIR)
+    }
+
     /// Takes the machine's update lock, waiting while another `caisson-update` (the agent, an
     /// `apply` from the shell) holds it: two processes never write the ESP or a slot at once.
     pub fn lock(&self) -> Result<ChangeLock, RecordError> {

@@ -10,13 +10,13 @@ use caisson_layout::partition::{partition_guid, Part};
 use caisson_layout::{entry, paths, verity, EntryName, Slot};
 use caisson_update::agent::{self, AgentOptions, Round, RunPaths};
 use caisson_update::apply::{Quiet, StopAfter};
-use caisson_update::bundle::{write_bundle, BundleInput, Manifest};
+use caisson_update::bundle::{write_bundle, BundleInput, ChunkIndex, Chunking, Manifest};
 use caisson_update::channel::{self, PublishOptions, Server};
-use caisson_update::download::FileSource;
+use caisson_update::download::{DownloadError, FileSource, Source};
 use caisson_update::machine::Machine;
 use caisson_update::record::Outcome;
 use caisson_update::slots::Disk;
-use caisson_update::{sign, Error};
+use caisson_update::{chunk_cache, sign, Error};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
@@ -225,6 +225,12 @@ fn update_over_http_with_delta_then_bless_then_rollback() {
     let stats = m.apply_offer(&offer, &mut Quiet).unwrap();
     // Only the chunks holding changed blocks (and the tree) travel.
     assert!(stats.copied > 0, "{stats:?}");
+    // 1.0.0 came with the image: its slot was cut and hashed. 2.0.0's index is kept for the
+    // next update, under its verity root.
+    assert!(!stats.local_index_cached, "{stats:?}");
+    let cache = f.dir.path().join("state").join(chunk_cache::DIR);
+    let v2_root = m2.verity_params().unwrap().root_hash;
+    assert!(chunk_cache::path(&cache, &v2_root).is_file());
     let root = m2
         .artifact(caisson_update::bundle::ArtifactKind::Root)
         .unwrap();
@@ -302,7 +308,13 @@ fn update_over_http_with_delta_then_bless_then_rollback() {
     // 3.0.0 is written into A; it never gets healthy: the loader uses its tries and falls back.
     let (_, _, _) = release(&f, "3.0.0", &[9]);
     let offer = m.check(&url).unwrap().unwrap();
-    m.apply_offer(&offer, &mut Quiet).unwrap();
+    let stats = m.apply_offer(&offer, &mut Quiet).unwrap();
+    // The running 2.0.0's chunks came from the index kept when it was written (slot A still
+    // holds 1.0.0, so most chunks are found in place).
+    assert!(stats.local_index_cached && stats.kept > 0, "{stats:?}");
+    assert_eq!(stats.local_mismatched, 0, "{stats:?}");
+    let root3 = std::fs::read(f.dir.path().join("root-3.0.0.img")).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootA, root3.len()), root3);
     assert_eq!(
         entries(&f),
         ["caisson-2.0.0-b.conf", "caisson-3.0.0-a+3-0.conf"]
@@ -669,4 +681,265 @@ fn a_manifest_with_an_unknown_chunking_scheme_is_refused() {
     assert!(err.contains("fastcdc-2031"), "{err}");
     assert_eq!(std::fs::read(&f.disk).unwrap(), before);
     assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"]);
+}
+
+/// A bundle file that misbehaves once the root's chunks are asked for: `hook` runs at the n-th
+/// root range request and may fail it.
+struct Faulty<H: FnMut(u64) -> Result<(), DownloadError>> {
+    inner: FileSource,
+    root: std::ops::Range<u64>,
+    requests: u64,
+    hook: H,
+}
+
+impl<H: FnMut(u64) -> Result<(), DownloadError>> Source for Faulty<H> {
+    fn read_range(
+        &mut self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DownloadError> {
+        if self.root.contains(&offset) {
+            self.requests += 1;
+            (self.hook)(self.requests)?;
+        }
+        self.inner.read_range(offset, len, out)
+    }
+    fn downloaded(&self) -> u64 {
+        self.inner.downloaded()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+fn faulty<H: FnMut(u64) -> Result<(), DownloadError>>(
+    bundle: &Path,
+    m: &Manifest,
+    hook: H,
+) -> Faulty<H> {
+    let root = m
+        .artifact(caisson_update::bundle::ArtifactKind::Root)
+        .unwrap();
+    Faulty {
+        inner: FileSource::open(bundle).unwrap(),
+        root: root.offset..root.offset + root.size,
+        requests: 0,
+        hook,
+    }
+}
+
+/// Runs `f` on a thread; fails the test instead of hanging when it does not return.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the apply hung")
+}
+
+#[test]
+fn a_byte_changed_in_the_slot_while_it_is_written_is_caught_by_the_read_back() {
+    let f = std::sync::Arc::new(fixture());
+    use std::os::unix::fs::FileExt;
+    // Block 0 changes: its chunk is fetched, the rest is copied from slot A. The read-back
+    // cannot pass chunk 0 before it is fetched, so while chunk 0 is being fetched, a byte
+    // changed in the copied part (once the copy is there) is read after the change.
+    let (m2, bundle, _) = release(&f, "2.0.0", &[0]);
+    let off = 1024 * 1024;
+    let at = Disk::open(&f.disk).unwrap().extent(Part::RootB).start + off;
+    let want = std::fs::read(f.dir.path().join("root-2.0.0.img")).unwrap();
+    let copied = want[off as usize..off as usize + 64].to_vec();
+    let disk_path = f.disk.clone();
+    let mut src = faulty(&bundle, &m2, move |n| {
+        if n == 1 {
+            let disk = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&disk_path)
+                .unwrap();
+            let mut b = vec![0u8; copied.len()];
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while {
+                disk.read_exact_at(&mut b, at).unwrap();
+                b != copied
+            } {
+                assert!(std::time::Instant::now() < deadline, "never copied");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            disk.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+        }
+        Ok(())
+    });
+    let g = f.clone();
+    let (err, stats) = within(120, move || {
+        let m = machine(&g, "1.0.0", Slot::A, g.v1);
+        let err = m
+            .apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+            .unwrap_err();
+        // Once more from an honest source: the changed chunk is not "in place", it is copied
+        // again, and the slot reads back right.
+        let mut src = FileSource::open(&bundle).unwrap();
+        let stats = m
+            .apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+            .unwrap();
+        (err, stats)
+    });
+    assert!(
+        matches!(
+            err,
+            Error::Apply(caisson_update::apply::ApplyError::ReadBack { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("read back wrong"), "{err}");
+    assert!(stats.copied > 0 && stats.kept > 0, "{stats:?}");
+    assert_eq!(
+        entries(&f),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+3-0.conf"]
+    );
+    let want = std::fs::read(f.dir.path().join("root-2.0.0.img")).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, want.len()), want);
+}
+
+#[test]
+fn a_source_failing_mid_apply_stops_every_thread_with_its_error() {
+    let f = std::sync::Arc::new(fixture());
+    // Every 7th block changed: many fetch runs, the read-back waiting between them.
+    let (m2, bundle, _) = release(&f, "2.0.0", &(0..600).step_by(7).collect::<Vec<_>>());
+    let mut src = faulty(&bundle, &m2, |n| {
+        if n == 5 {
+            return Err(DownloadError::Status {
+                url: "http://127.0.0.1/stable/host-2.0.0.bundle".into(),
+                status: 503,
+            });
+        }
+        Ok(())
+    });
+    let g = f.clone();
+    let err = within(120, move || {
+        let m = machine(&g, "1.0.0", Slot::A, g.v1);
+        m.apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+            .unwrap_err()
+    });
+    assert!(
+        matches!(
+            err,
+            Error::Apply(caisson_update::apply::ApplyError::Download(_))
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("503"), "{err}");
+    assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"]);
+}
+
+#[test]
+fn a_manifest_whose_root_hash_disagrees_with_its_chunks_writes_no_entry() {
+    let f = std::sync::Arc::new(fixture());
+    let (mut m2, bundle, _) = release(&f, "2.0.0", &[3, 300]);
+    // Every chunk matches the index; the whole does not match the manifest: only the read-back
+    // can tell. (Manifests are signed; apply itself takes a verified one.)
+    let root = m2
+        .artifacts
+        .iter_mut()
+        .find(|a| a.kind == caisson_update::bundle::ArtifactKind::Root)
+        .unwrap();
+    root.sha256 = hex::encode([0x55u8; 32]);
+    let g = f.clone();
+    let err = within(120, move || {
+        let m = machine(&g, "1.0.0", Slot::A, g.v1);
+        let mut src = FileSource::open(&bundle).unwrap();
+        m.apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+            .unwrap_err()
+    });
+    let text = err.to_string();
+    assert!(
+        text.contains("read back wrong") && text.contains("sha256"),
+        "{text}"
+    );
+    assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"]);
+}
+
+/// The chunk index of a root payload file, cut as the bundle cuts it.
+fn index_of(root: &Path) -> ChunkIndex {
+    let mut index = ChunkIndex::default();
+    Chunking::default()
+        .cutter()
+        .unwrap()
+        .for_each_chunk::<_, std::io::Error>(std::fs::File::open(root).unwrap(), |c| {
+            index.push(c);
+            Ok(())
+        })
+        .unwrap();
+    index
+}
+
+#[test]
+fn a_stale_chunk_index_cache_still_writes_the_right_slot() {
+    let f = fixture();
+    let changed = [3, 200, 201, 450];
+    let (m2, bundle, _) = release(&f, "2.0.0", &changed);
+    // The cache says slot A (1.0.0) holds 2.0.0's chunks: the same size, right where the blocks
+    // did not change, wrong where they did.
+    let v2 = f.dir.path().join("root-2.0.0.img");
+    let cache = f.dir.path().join("state").join(chunk_cache::DIR);
+    let c = Chunking::default();
+    chunk_cache::store(&cache, &f.v1.root_hash, &c, &index_of(&v2), None).unwrap();
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let mut src = FileSource::open(&bundle).unwrap();
+    let stats = m
+        .apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+        .unwrap();
+    assert!(stats.local_index_cached, "{stats:?}");
+    // Each chunk it promised wrongly was caught before it was written, and fetched.
+    assert!(
+        stats.local_mismatched >= changed.len() as u64 - 1,
+        "{stats:?}"
+    );
+    assert!(stats.copied > 0, "{stats:?}");
+    let want = std::fs::read(&v2).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, want.len()), want);
+    assert_eq!(
+        entries(&f),
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+3-0.conf"]
+    );
+    // The cache now holds 2.0.0's index, and 1.0.0's (the running slot's) beside it.
+    let v2_root = m2.verity_params().unwrap().root_hash;
+    assert_eq!(
+        chunk_cache::load(&cache, &v2_root, want.len() as u64, &c),
+        Some(index_of(&v2))
+    );
+    assert!(chunk_cache::path(&cache, &f.v1.root_hash).is_file());
+}
+
+#[test]
+fn a_damaged_chunk_index_cache_is_ignored() {
+    let f = fixture();
+    let (m2, bundle, _) = release(&f, "2.0.0", &[3, 400]);
+    let cache = f.dir.path().join("state").join(chunk_cache::DIR);
+    let v1 = f.dir.path().join("root-1.0.0.img");
+    chunk_cache::store(
+        &cache,
+        &f.v1.root_hash,
+        &Chunking::default(),
+        &index_of(&v1),
+        None,
+    )
+    .unwrap();
+    let p = chunk_cache::path(&cache, &f.v1.root_hash);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let at = bytes.len() - 40;
+    bytes[at] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    let m = machine(&f, "1.0.0", Slot::A, f.v1);
+    let mut src = FileSource::open(&bundle).unwrap();
+    let stats = m
+        .apply(&m2, &mut src, &mut Quiet, StopAfter::Never)
+        .unwrap();
+    // Cut from the slot instead, as without a cache.
+    assert!(!stats.local_index_cached, "{stats:?}");
+    assert!(stats.copied > 0 && stats.local_mismatched == 0, "{stats:?}");
+    let want = std::fs::read(f.dir.path().join("root-2.0.0.img")).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, want.len()), want);
 }
