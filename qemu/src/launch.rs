@@ -114,6 +114,15 @@ pub struct UserNet {
     pub restrict: bool,
 }
 
+/// A kernel the firmware starts itself (QEMU's `-kernel`), instead of the boot disk's boot loader:
+/// for a test that needs its own kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectKernel {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
 /// Everything [`Vm::launch`] needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmOptions {
@@ -132,6 +141,8 @@ pub struct VmOptions {
     pub paths: QemuPaths,
     /// Appended to QEMU's command line as they are.
     pub extra_args: Vec<OsString>,
+    /// Boot this kernel rather than the disk's boot loader (the disk then has no boot index).
+    pub kernel: Option<DirectKernel>,
     /// How long QEMU may take to open its QMP socket.
     pub start_timeout: Duration,
 }
@@ -150,6 +161,7 @@ impl VmOptions {
             fw_cfg: Vec::new(),
             paths: QemuPaths::default(),
             extra_args: Vec::new(),
+            kernel: None,
             start_timeout: Duration::from_secs(30),
         }
     }
@@ -205,6 +217,7 @@ struct Plan {
     serial: Serial,
     qmp: Option<PathBuf>,
     control: Option<PathBuf>,
+    kernel: Option<DirectKernel>,
     extra_args: Vec<OsString>,
 }
 
@@ -249,7 +262,7 @@ impl Plan {
                 esc(path)
             ));
             a.push("-device".into());
-            a.push(if i == 0 {
+            a.push(if i == 0 && self.kernel.is_none() {
                 // A boot index keeps OVMF from trying PXE on the NICs before its shell.
                 format!("virtio-blk-pci,drive=disk{i},serial=caisson-disk{i},bootindex=0")
             } else {
@@ -310,6 +323,16 @@ impl Plan {
             ));
         }
         let mut out: Vec<OsString> = a.into_iter().map(OsString::from).collect();
+        if let Some(k) = &self.kernel {
+            out.extend([
+                "-kernel".into(),
+                k.kernel.clone().into(),
+                "-initrd".into(),
+                k.initrd.clone().into(),
+                "-append".into(),
+                k.cmdline.clone().into(),
+            ]);
+        }
         out.extend(self.extra_args.iter().cloned());
         out
     }
@@ -507,6 +530,7 @@ impl Vm {
             serial: Serial::File(console_path.clone()),
             qmp: Some(qmp_path.clone()),
             control: Some(control_path.clone()),
+            kernel: opts.kernel.clone(),
             extra_args: opts.extra_args.clone(),
         };
         let stderr_path = dir.path().join("qemu.stderr");
@@ -729,6 +753,7 @@ pub fn run_interactive(image: &Path, opts: RunOptions) -> Result<ExitStatus, Qem
         serial: Serial::Stdio,
         qmp: None,
         control: Some(dir.path().join("control.sock")),
+        kernel: None,
         extra_args: Vec::new(),
     };
     eprintln!("{}", banner(image, &opts));
@@ -795,6 +820,7 @@ mod tests {
             serial: Serial::File("/vm/console.log".into()),
             qmp: Some("/vm/qmp.sock".into()),
             control: Some("/vm/control.sock".into()),
+            kernel: None,
             extra_args: vec!["-S".into()],
         }
     }
@@ -847,6 +873,29 @@ mod tests {
         assert!(line.contains("-accel kvm -cpu host"), "{line}");
         assert!(line.contains("-serial mon:stdio"), "{line}");
         assert!(!line.contains("netdev"), "{line}");
+    }
+
+    #[test]
+    fn a_direct_kernel_takes_the_boot_index_from_the_disk() {
+        let mut p = plan();
+        p.kernel = Some(DirectKernel {
+            kernel: "/k/vmlinuz".into(),
+            initrd: "/k/initrd".into(),
+            cmdline: "console=ttyS0 a=b,c".into(),
+        });
+        let args: Vec<String> = p
+            .args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(after("-kernel"), "/k/vmlinuz");
+        assert_eq!(after("-initrd"), "/k/initrd");
+        assert_eq!(after("-append"), "console=ttyS0 a=b,c");
+        assert!(!args.iter().any(|a| a.contains("bootindex")), "{args:?}");
     }
 
     #[test]

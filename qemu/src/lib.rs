@@ -18,8 +18,8 @@ pub use channel::{Control, DEFAULT_REQUEST_TIMEOUT};
 pub use console::{clean_line, Pattern};
 pub use error::QemuError;
 pub use launch::{
-    run_interactive, Accel, Disk, DiskMode, FwCfgValue, QemuPaths, RunOptions, UserNet, Vm,
-    VmOptions, HOST_FROM_GUEST,
+    run_interactive, Accel, DirectKernel, Disk, DiskMode, FwCfgValue, QemuPaths, RunOptions,
+    UserNet, Vm, VmOptions, HOST_FROM_GUEST,
 };
 pub use network::{NetAttachment, VirtualNetwork};
 pub use overlay::{create_overlay, DiskFormat};
