@@ -22,7 +22,9 @@
 //!    the same kind of fresh disk image by plain `pwrite` in 4 MiB pieces + `fsync` (the crate's
 //!    `Disk::write_at` and `Disk::sync`, source in memory), and by
 //!    `dd bs=4M oflag=direct conv=fsync` (source file in the page cache). Also one sha256 pass
-//!    over the payload in memory, to read the ratio by.
+//!    over the payload in memory, to read the ratio by, the CPU time of each HTTP apply (the
+//!    process's, the in-process server's included), and the HTTP apply on a machine that keeps
+//!    v1's chunk index (as one that got v1 by an update does: the running slot is not read).
 //! 2. Delta bytes: v2 with 1 % and 10 % of its 4 KiB data blocks changed (scattered, chosen by
 //!    a seeded generator) and with one 4 KiB block inserted in the middle (erofs is
 //!    block-aligned, so an insertion shifts whole blocks). Each tool rebuilds the same v2 root
@@ -55,8 +57,11 @@ use caisson_layout::cmdline::BootParams;
 use caisson_layout::partition::{partition_guid, Part};
 use caisson_layout::{entry, paths, verity, EntryName, Slot};
 use caisson_update::apply::{self, ApplyStats, Progress, Quiet, StopAfter, Target};
-use caisson_update::bundle::{write_bundle_chunked, ArtifactKind, BundleInput, Chunking, Manifest};
+use caisson_update::bundle::{
+    write_bundle_chunked, ArtifactKind, BundleInput, ChunkIndex, Chunking, Manifest,
+};
 use caisson_update::channel::{self, PublishOptions, Server};
+use caisson_update::chunk_cache;
 use caisson_update::download::{HttpSource, Retry};
 use caisson_update::machine::Machine;
 use caisson_update::sign;
@@ -759,21 +764,58 @@ fn time_apply_file(w: &Work, dir: &Path, rel: &Release) -> Result<Duration> {
     Ok(d)
 }
 
-/// `Machine::check` (untimed), then `Machine::apply_offer`; the steps it reported.
-fn time_apply_http(w: &Work, dir: &Path, rel: &Release, url: &str) -> Result<(Duration, Steps)> {
+/// CPU time this process has used (user and system, every thread: the apply's and the
+/// in-process server's), in milliseconds, at the kernel's tick resolution (10 ms).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) ends with ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    ticks * 10.0
+}
+
+/// `Machine::check` (untimed), then `Machine::apply_offer`; the steps it reported and the CPU
+/// time it took. With `cached`, the machine keeps v1's chunk index, as one that got v1 by an
+/// update does.
+fn time_apply_http(
+    w: &Work,
+    dir: &Path,
+    rel: &Release,
+    url: &str,
+    cached: Option<&ChunkIndex>,
+) -> Result<(Duration, Steps, f64)> {
     let m = fresh_machine(w, dir)?;
+    if let Some(index) = cached {
+        chunk_cache::store(
+            &m.records.chunk_cache_dir(),
+            &w.v1.verity.root_hash,
+            &Chunking::default(),
+            index,
+            None,
+        )?;
+    }
     let offer = m
         .check(url)?
         .context("the channel offers nothing newer than 1.0.0")?;
     let mut steps = Steps::default();
+    let cpu = cpu_ms();
     let t = Instant::now();
     let stats = m.apply_offer(&offer, &mut steps)?;
     let d = t.elapsed();
+    let cpu = cpu_ms() - cpu;
     steps.finish();
+    if stats.local_index_cached != cached.is_some() {
+        bail!("the chunk index cache was not used as set up ({stats:?})");
+    }
     check_full(&stats, &rel.manifest)?;
     drop(m);
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {dir:?}"))?;
-    Ok((d, steps))
+    Ok((d, steps, cpu))
 }
 
 /// `apply::apply` over HTTP without the Machine around it: no lock, no progress records.
@@ -784,6 +826,7 @@ fn time_apply_core(w: &Work, dir: &Path, rel: &Release, bundle_url: &str) -> Res
         disk: &disk,
         esp: &esp,
         booted: &booted,
+        chunk_cache: None,
     };
     let t = Instant::now();
     let (_, stats) = apply::apply(
@@ -808,9 +851,21 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
     let url = format!("http://{http}/full");
     let bundle_url = format!("http://{http}/full/{IMAGE}-{V2}.bundle");
     let (mut raw, mut dd, mut file, mut net, mut core) = (vec![], vec![], vec![], vec![], vec![]);
-    // For reading the results: the apply hashes the payload five times (the active slot's
-    // chunks and the inactive slot's, side by side; what it fetched; the read back's sha256 and
-    // its verity tree, side by side); what one sha256 pass over the same bytes costs here.
+    let (mut cpu, mut cached, mut cached_cpu) = (vec![], vec![], vec![]);
+    // v1's chunk index, for the machine that keeps it.
+    let mut v1_index = ChunkIndex::default();
+    Chunking::default()
+        .cutter()
+        .map_err(|e| anyhow!(e))?
+        .for_each_chunk::<_, std::io::Error>(File::open(&w.v1.path)?, |c| {
+            v1_index.push(c);
+            Ok(())
+        })
+        .with_context(|| format!("cutting {:?}", w.v1.path))?;
+    // For reading the results: the apply hashes the payload three times (what it fetched, the
+    // read-back's sha256 and its verity tree, each on its own thread) plus the inactive slot's
+    // chunks and, without a chunk index cache, the active slot's chunks of a length v2 holds;
+    // what one sha256 pass over the same bytes costs here.
     let sha256_mb_s = (0..3)
         .map(|_| {
             let t = Instant::now();
@@ -828,8 +883,13 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
             &w.dir.join(format!("file-{r}")),
             &rel,
         )?));
-        let (d, steps) = time_apply_http(w, &w.dir.join(format!("http-{r}")), &rel, &url)?;
+        let (d, steps, c) = time_apply_http(w, &w.dir.join(format!("http-{r}")), &rel, &url, None)?;
         net.push(rate(d));
+        cpu.push(c);
+        let dir = w.dir.join(format!("cached-{r}"));
+        let (d, _, c) = time_apply_http(w, &dir, &rel, &url, Some(&v1_index))?;
+        cached.push(rate(d));
+        cached_cpu.push(c);
         core.push(rate(time_apply_core(
             w,
             &w.dir.join(format!("core-{r}")),
@@ -838,12 +898,16 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
         )?));
         bench(&format!(
             "throughput_run={r} raw_write_fsync_mb_s={:.1} dd_direct_mb_s={:.1} \
-             apply_file_mb_s={:.1} apply_http_mb_s={:.1} apply_core_http_mb_s={:.1} {}",
+             apply_file_mb_s={:.1} apply_http_mb_s={:.1} apply_core_http_mb_s={:.1} \
+             apply_http_cpu_ms={:.0} apply_http_cached_mb_s={:.1} apply_http_cached_cpu_ms={:.0} {}",
             raw[r],
             dd[r],
             file[r],
             net[r],
             core[r],
+            cpu[r],
+            cached[r],
+            cached_cpu[r],
             steps.line()
         ));
         steps_runs.push((net[r], steps));
@@ -860,7 +924,9 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
          dd_direct_mb_s={dd_m:.1} apply_file_mb_s={file_m:.1} apply_http_mb_s={net_m:.1} \
          apply_core_http_mb_s={core_m:.1} apply_http_vs_raw={:.3} apply_file_vs_raw={:.3} \
          apply_http_vs_dd={:.3} sha256_mb_s={sha256_mb_s:.0} raw_runs={} dd_runs={} file_runs={} \
-         http_runs={} core_runs={}",
+         http_runs={} core_runs={} apply_http_cpu_ms={:.0} http_cpu_runs={} \
+         apply_http_cached_mb_s={:.1} apply_http_cached_vs_raw={:.3} cached_runs={} \
+         apply_http_cached_cpu_ms={:.0} cached_cpu_runs={}",
         v2.size,
         s.runs,
         net_m / raw_m,
@@ -871,6 +937,13 @@ fn throughput(w: &Work, s: &Settings, blocks: usize, http: &str) -> Result<()> {
         list(&file),
         list(&net),
         list(&core),
+        median(cpu.clone()),
+        list(&cpu),
+        median(cached.clone()),
+        median(cached.clone()) / raw_m,
+        list(&cached),
+        median(cached_cpu.clone()),
+        list(&cached_cpu),
     ));
     // The step times of the median HTTP run.
     steps_runs.sort_by(|a, b| a.0.total_cmp(&b.0));
