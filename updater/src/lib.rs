@@ -15,6 +15,7 @@ pub mod reboot;
 pub mod record;
 pub mod sign;
 pub mod slots;
+mod sys;
 pub mod version;
 pub mod waves;
 

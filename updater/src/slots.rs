@@ -154,6 +154,17 @@ impl Disk {
             .map_err(io_err("writing", &self.path))
     }
 
+    /// Starts writing `len` bytes at `offset` inside `part` to the device without waiting: a
+    /// hint, so that the final [`Disk::sync`] has less left to do (it still waits for these
+    /// and reports their errors).
+    pub fn start_writeback(&self, part: Part, offset: u64, len: u64) {
+        if let Ok(at) = self.check("a writeback", part, offset, len) {
+            if let Err(e) = crate::sys::start_writeback(&self.file, at, len) {
+                log::debug!("starting writeback on {}: {e}", self.path.display());
+            }
+        }
+    }
+
     /// Flushes every write to the device.
     pub fn sync(&self) -> Result<(), SlotError> {
         self.file.sync_all().map_err(io_err("syncing", &self.path))
