@@ -278,6 +278,9 @@ fn check_esp_space(esp: &Path, need: u64) -> Result<(), ApplyError> {
 /// How much of a slot one read or one Range request takes (a run may pass it by one chunk).
 const READ_PIECE: u64 = 4 * 1024 * 1024;
 
+/// The page size writeback is started in.
+const PAGE: u64 = 4096;
+
 fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
 }
@@ -883,6 +886,7 @@ fn write_root(
         stats: &mut stats,
         progress,
         done: 0,
+        kicked: 0,
         mark: &mark,
         stop,
     };
@@ -982,11 +986,28 @@ struct Pipe<'a, 'p> {
     progress: &'p mut dyn Progress,
     /// Bytes reported to `progress`.
     done: u64,
+    /// Where the writeback the writer started ends.
+    kicked: u64,
     mark: &'a Mark,
     stop: StopAfter,
 }
 
 impl Pipe<'_, '_> {
+    /// Everything below `upto` is final: the read-back may read it, and the device is started
+    /// on it in large pieces (whole pages, never a page a later write may touch) so that the sync
+    /// before the verdict has little left to do. Starting it is a hint: that sync still waits
+    /// for it and reports its errors.
+    fn finished(&mut self, upto: u64) {
+        self.mark.advance(upto);
+        let end = upto & !(PAGE - 1);
+        if end >= self.kicked + READ_PIECE {
+            self.t
+                .disk
+                .start_writeback(self.part, self.kicked, end - self.kicked);
+            self.kicked = end;
+        }
+    }
+
     /// Progress goes chunk by chunk (at most 32 KiB at a time with the default chunking).
     fn advance(&mut self, first: usize, last: usize) {
         for c in &self.index.chunks[first..=last] {
@@ -1070,15 +1091,13 @@ impl Pipe<'_, '_> {
             let start = chunks[first].offset;
             let len = (chunks[last].offset + u64::from(chunks[last].len) - start) as usize;
             self.t.disk.write_at(self.part, start, &bytes[..len])?;
-            // The device starts on it now: the sync before the verdict has little left to do.
-            self.t.disk.start_writeback(self.part, start, len as u64);
             self.stats.fetched += (last - first + 1) as u64;
             self.advance(first, last);
             if cut {
                 self.t.disk.sync()?;
                 return Ok(Written::Cut);
             }
-            self.mark.advance(fin.set(first, last));
+            self.finished(fin.set(first, last));
             let _ = give_back.send(bytes);
         }
         self.mark.end(MarkEnd::Written);
@@ -1102,9 +1121,8 @@ impl Pipe<'_, '_> {
         let stop = chunks[end - 1].offset + u64::from(chunks[end - 1].len);
         let piece = &buf[(start - to) as usize..(stop - to) as usize];
         self.t.disk.write_at(self.part, start, piece)?;
-        self.t.disk.start_writeback(self.part, start, stop - start);
         self.advance(first, end - 1);
-        self.mark.advance(fin.set(first, end - 1));
+        self.finished(fin.set(first, end - 1));
         Ok(())
     }
 }
