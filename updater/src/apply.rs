@@ -5,12 +5,14 @@
 //!    choose the slot that is about to change;
 //! 2. write the root payload into the inactive partition: the manifest's chunk index is
 //!    fetched and checked; chunks already in place (an interrupted apply) are kept, chunks the
-//!    active slot holds (cut with the manifest's chunking parameters) are copied locally, the
-//!    rest is fetched with one Range request per run of adjacent missing chunks, each chunk,
-//!    copied or fetched, checked against the index before it is written;
+//!    active slot holds (by the chunk index kept when it was written, see [`chunk_cache`], or
+//!    else cut with the manifest's chunking parameters) are copied locally, the rest is fetched
+//!    with one Range request per run of adjacent missing chunks, each chunk, copied or fetched,
+//!    checked against the index before it is written;
 //! 3. read the slot back and check its sha256 and its dm-verity root hash: two threads read
 //!    behind the writer (never past the first chunk not yet written), and their verdict is taken
-//!    once everything is written and the slot is synced;
+//!    once everything is written and the slot is synced; the slot's chunk index is then kept
+//!    for the next update;
 //! 4. write the kernel and initramfs under versioned names on the ESP (temporary name, sync,
 //!    rename), taking the chunks the running kernel and initramfs hold from them;
 //! 5. write the new entry `caisson-<v>-<slot>+3-0.conf` (temporary name, sync, rename).
