@@ -1,15 +1,7 @@
-//! The one system call the updater needs that rustix does not wrap: `sync_file_range(2)`.
+//! The one system call the updater needs that rustix does not wrap: `sync_file_range(2)`,
+//! through the `libc` crate's binding.
 
 use std::os::fd::AsRawFd;
-
-/// `SYNC_FILE_RANGE_WRITE`: start writeback of the dirty pages in the range, without waiting.
-const SYNC_FILE_RANGE_WRITE: u32 = 2;
-
-extern "C" {
-    // glibc and musl: `int sync_file_range(int fd, off64_t offset, off64_t nbytes,
-    // unsigned int flags)`.
-    fn sync_file_range(fd: i32, offset: i64, nbytes: i64, flags: u32) -> i32;
-}
 
 /// Starts writing the dirty pages of `len` bytes at `offset` of `file` to its device, without
 /// waiting for them (a later `fsync` still waits for them and reports their errors).
@@ -19,7 +11,9 @@ pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) -> std::io::
     };
     // SAFETY: sync_file_range takes no pointers; the descriptor is open for as long as `file`
     // is borrowed, which outlives the call.
-    let r = unsafe { sync_file_range(file.as_raw_fd(), offset, len, SYNC_FILE_RANGE_WRITE) };
+    let r = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
     if r == 0 {
         Ok(())
     } else {
