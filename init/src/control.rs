@@ -261,6 +261,29 @@ pub fn find_virtio_port(root: &Path, name: &str) -> Option<PathBuf> {
     })
 }
 
+/// [`find_virtio_port`], asked again until `within` has passed: the port is announced by the
+/// device some time after `virtio_console` is loaded, later than that on a busy host. Polls at
+/// 50 ms, doubling to 1 s.
+pub fn wait_for_virtio_port(
+    root: &Path,
+    name: &str,
+    within: std::time::Duration,
+) -> Option<PathBuf> {
+    let deadline = std::time::Instant::now() + within;
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        if let Some(port) = find_virtio_port(root, name) {
+            return Some(port);
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Serve the protocol on the virtio port for as long as the machine runs.
 ///
 /// The port stays open between host connections: the guest kernel throws away whatever arrives
@@ -448,5 +471,28 @@ mod tests {
             find_virtio_port(tmp.path(), caisson_layout::paths::VIRTIO_CONTROL_PORT),
             Some(tmp.path().join("dev/vport0p2"))
         );
+    }
+
+    #[test]
+    fn waits_for_a_port_announced_late_and_gives_up_on_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let name = caisson_layout::paths::VIRTIO_CONTROL_PORT;
+        let none = wait_for_virtio_port(&root, name, std::time::Duration::from_millis(120));
+        assert_eq!(none, None);
+        let late = std::thread::spawn({
+            let root = root.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let d = root.join("sys/class/virtio-ports/vport2p1");
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join("name"), format!("{name}\n")).unwrap();
+            }
+        });
+        // Nothing there at the first look: found only by looking again.
+        assert_eq!(find_virtio_port(&root, name), None);
+        let found = wait_for_virtio_port(&root, name, std::time::Duration::from_secs(30));
+        late.join().unwrap();
+        assert_eq!(found, Some(root.join("dev/vport2p1")));
     }
 }

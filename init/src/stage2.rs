@@ -167,6 +167,11 @@ pub fn mounts(sys: &dyn Syscall) {
     }
 }
 
+/// How long the control thread looks for the virtio control port after `virtio_console` has
+/// loaded: the device announces its ports asynchronously (a boot of this session's CI run looked
+/// once, too early, and had no control channel).
+const VIRTIO_PORT_WAIT: Duration = Duration::from_secs(120);
+
 /// Where the unified cgroup hierarchy is mounted.
 const CGROUP2_AT: &str = "/sys/fs/cgroup";
 
@@ -507,14 +512,23 @@ fn start_control(tx: Sender<Event>, modules: &Loading) {
     let modules = modules.clone();
     let virtio = move || {
         modules.wait(List::Early);
-        match control::find_virtio_port(Path::new("/"), paths::VIRTIO_CONTROL_PORT) {
+        let found = control::wait_for_virtio_port(
+            Path::new("/"),
+            paths::VIRTIO_CONTROL_PORT,
+            VIRTIO_PORT_WAIT,
+        );
+        match found {
             Some(port) => {
                 log::info!("control channel on {}", port.display());
                 if let Err(e) = control::serve_virtio(port, dispatch, log_dir) {
                     log::error!("virtio control port: {e}");
                 }
             }
-            None => log::debug!("no virtio port {}", paths::VIRTIO_CONTROL_PORT),
+            None => log::debug!(
+                "no virtio port {} after {} s",
+                paths::VIRTIO_CONTROL_PORT,
+                VIRTIO_PORT_WAIT.as_secs()
+            ),
         }
     };
     let spawned = std::thread::Builder::new()
