@@ -132,31 +132,34 @@ fn dhcp_address_and_state_grown_on_first_boot() {
     assert!(marker.contains("Inode:"), "{marker}");
 }
 
-/// Slot a's kernel, initramfs and command line, copied out of `image`'s ESP into `dir`.
+/// Slot a's kernel, initramfs and command line, copied out of `image`'s ESP into `dir`: the
+/// entry as `caisson inspect` reads it, its files where the layout puts them.
 fn slot_a_boot_files(image: &Path, dir: &Path) -> (PathBuf, PathBuf, String) {
+    use caisson_layout::{paths, slot::Slot};
+    let report = caisson_builder::inspect::inspect(image).unwrap();
+    let entry = report
+        .entries
+        .iter()
+        .find(|e| e.slot == Slot::A.as_str())
+        .unwrap_or_else(|| panic!("no slot-a entry in {:?}", report.entries));
     let esp = common::extract_partition(image, Part::Esp, dir);
-    let esp = esp.to_str().unwrap();
-    let listing = common::check("mdir", &["-b", "-i", esp, "::/loader/entries"]);
-    let entry = listing
-        .lines()
-        .map(str::trim)
-        .find(|l| l.contains("caisson-") && l.contains("-a"))
-        .unwrap_or_else(|| panic!("no slot-a entry in {listing}"))
-        .to_string();
-    let conf = common::check("mtype", &["-i", esp, &entry]);
-    let field = |name: &str| -> String {
-        conf.lines()
-            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-            .unwrap_or_else(|| panic!("no {name} in {conf}"))
-    };
     let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd"));
-    for (from, to) in [(field("linux "), &kernel), (field("initrd "), &initrd)] {
+    for (from, to) in [
+        (paths::esp_kernel(&entry.version, Slot::A), &kernel),
+        (paths::esp_initrd(&entry.version, Slot::A), &initrd),
+    ] {
         common::check(
             "mcopy",
-            &["-o", "-i", esp, &format!("::{from}"), to.to_str().unwrap()],
+            &[
+                "-o",
+                "-i",
+                esp.to_str().unwrap(),
+                &format!("::/{from}"),
+                to.to_str().unwrap(),
+            ],
         );
     }
-    (kernel, initrd, field("options "))
+    (kernel, initrd, entry.options.clone())
 }
 
 /// Stage 1 asks for stage 2's binary before the switch (init/src/prefetch.rs), so stage 2 starts
@@ -184,21 +187,17 @@ fn stage2_starts_without_reading_its_own_binary() {
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("minimal reaches ready");
     let console = vm.console_text().unwrap();
-    let mut after_exec = console
-        .lines()
-        .skip_while(|l| !l.contains("sched_process_exec: filename=/sbin/init pid=1"));
-    assert!(
-        after_exec.next().is_some(),
-        "no trace of stage 2's exec on the console:\n{console}"
-    );
-    let window: Vec<&str> = after_exec
-        .by_ref()
-        .take_while(|l| !l.contains("cgroup_mkdir:"))
-        .collect();
-    assert!(
-        console.contains("cgroup_mkdir: root=0") && console.contains("path=/init"),
-        "no trace of the init's cgroup:\n{console}"
-    );
+    let lines: Vec<&str> = console.lines().collect();
+    let exec = lines
+        .iter()
+        .position(|l| l.contains("sched_process_exec: filename=/sbin/init pid=1"))
+        .unwrap_or_else(|| panic!("no trace of stage 2's exec on the console:\n{console}"));
+    let cgroup = exec
+        + lines[exec..]
+            .iter()
+            .position(|l| l.contains("cgroup_mkdir:"))
+            .unwrap_or_else(|| panic!("no trace of the init's cgroup:\n{console}"));
+    let window = &lines[exec + 1..cgroup];
     let reads: Vec<&&str> = window
         .iter()
         .filter(|l| l.contains("block_rq_issue") && l.trim_end().ends_with("[init]"))

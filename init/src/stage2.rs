@@ -168,8 +168,7 @@ pub fn mounts(sys: &dyn Syscall) {
 }
 
 /// How long the control thread looks for the virtio control port after `virtio_console` has
-/// loaded: the device announces its ports asynchronously (a boot of this session's CI run looked
-/// once, too early, and had no control channel).
+/// loaded: the device announces its ports asynchronously, and a single early look can miss it.
 const VIRTIO_PORT_WAIT: Duration = Duration::from_secs(120);
 
 /// Where the unified cgroup hierarchy is mounted.
@@ -185,18 +184,19 @@ fn mount_cgroup2(sys: &dyn Syscall, target: &Path) {
         log::warn!("creating {}: {e}", target.display());
     }
     let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    let mut result = sys.mount("cgroup2", target, "cgroup2", flags, CGROUP2_OPTIONS[0]);
+    let mut result = sys.mount("cgroup2", target, "cgroup2", flags, CGROUP2_FAVOURED);
     if let Err(e) = &result {
         log::info!("cgroup2 without favordynmods ({e})");
-        result = sys.mount("cgroup2", target, "cgroup2", flags, CGROUP2_OPTIONS[1]);
+        result = sys.mount("cgroup2", target, "cgroup2", flags, CGROUP2_PLAIN);
     }
     if let Err(e) = result {
         log::warn!("mounting cgroup2 at {} failed: {e}", target.display());
     }
 }
 
-/// cgroup2's mount options, preferred first.
-const CGROUP2_OPTIONS: [&str; 2] = ["nsdelegate,favordynmods", "nsdelegate"];
+/// cgroup2's mount options, and the ones for a kernel without `favordynmods`.
+const CGROUP2_FAVOURED: &str = "nsdelegate,favordynmods";
+const CGROUP2_PLAIN: &str = "nsdelegate";
 
 fn hostname(sys: &dyn Syscall) {
     let name = std::fs::read_to_string("/etc/hostname")
@@ -285,7 +285,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     // controllers on a thread of its own, beside the steps below, once hung a guest under TCG
     // (both threads stuck in the kernel, soft lockups, the RCU kthread starved).
     let c = Cgroups {
-        root: PathBuf::from("/sys/fs/cgroup"),
+        root: PathBuf::from(CGROUP2_AT),
     };
     let cgroups = match c.setup() {
         Ok(()) => Some(c),
