@@ -21,16 +21,20 @@ const MAGIC: &[u8] = b"caisson-chunk-index 1\n";
 
 /// A cache file that could not be written.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
-pub struct CacheError {
-    op: &'static str,
-    path: PathBuf,
-    source: std::io::Error,
+pub enum CacheError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] crate::slots::SlotError),
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
     let path = path.to_path_buf();
-    move |source| CacheError { op, path, source }
+    move |source| CacheError::Io { op, path, source }
 }
 
 /// The JSON line after the magic line; the binary index follows it.
@@ -51,7 +55,7 @@ pub fn path(dir: &Path, root: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.idx", hex::encode(root)))
 }
 
-/// Writes the index of the slot whose verity root is `root` (temporary file, flushed, renamed),
+/// Writes the index of the slot whose verity root is `root` ([`crate::slots::write_synced`]),
 /// then removes every other file in `dir` but `keep`'s: one file per installed slot at most.
 pub fn store(
     dir: &Path,
@@ -73,12 +77,7 @@ pub fn store(
     bytes.push(b'\n');
     bytes.extend_from_slice(&body);
     let p = path(dir, root);
-    let tmp = dir.join(format!(".{}.tmp", hex::encode(root)));
-    std::fs::write(&tmp, &bytes).map_err(io_err("writing", &tmp))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err("syncing", &tmp))?;
-    std::fs::rename(&tmp, &p).map_err(io_err("renaming into", &p))?;
+    crate::slots::write_synced(&p, &bytes)?;
     let wanted = [Some(p), keep.map(|k| path(dir, k))];
     for e in std::fs::read_dir(dir)
         .map_err(io_err("listing", dir))?
