@@ -283,6 +283,56 @@ const READ_PIECE: u64 = 4 * 1024 * 1024;
 /// The page size writeback is started in.
 const PAGE: u64 = 4096;
 
+/// Where the root step's time went, for one log line (`root timings`): wall-clock spans and
+/// each thread's CPU time, summed by name, in the order first seen.
+#[derive(Default)]
+struct Clock {
+    spans: std::sync::Mutex<Vec<(&'static str, std::time::Duration)>>,
+}
+
+impl Clock {
+    fn add(&self, what: &'static str, d: std::time::Duration) {
+        let mut spans = self
+            .spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match spans.iter_mut().find(|(w, _)| *w == what) {
+            Some((_, sum)) => *sum += d,
+            None => spans.push((what, d)),
+        }
+    }
+
+    /// Runs `f`, adding its wall-clock time to `what`.
+    fn time<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
+        let t0 = std::time::Instant::now();
+        let out = f();
+        self.add(what, t0.elapsed());
+        out
+    }
+
+    /// Adds the CPU time the calling thread has used to `what` (once, when it is done).
+    fn thread_cpu(&self, what: &'static str) {
+        let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        let d = std::time::Duration::new(
+            u64::try_from(ts.tv_sec).unwrap_or(0),
+            u32::try_from(ts.tv_nsec).unwrap_or(0),
+        );
+        self.add(what, d);
+    }
+
+    fn line(&self) -> String {
+        let spans = self
+            .spans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spans
+            .iter()
+            .map(|(w, d)| format!("{w}={}", d.as_millis()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
 }
@@ -621,13 +671,14 @@ fn plan_root(
     root: &Artifact,
     part: Part,
     src: &mut (dyn Source + Send),
+    clock: &Clock,
 ) -> Result<(ChunkIndex, Vec<Origin>, bool), ApplyError> {
-    let index = fetch_index(src, root, cutter)?;
+    let index = clock.time("index", || fetch_index(src, root, cutter))?;
     // The active slot is cut and hashed on one core while the inactive slot is checked against
     // the index on the other.
     let (local, present) = std::thread::scope(|s| {
-        let local = s.spawn(|| local_chunks(t, chunking, cutter, &index));
-        let present = present_chunks(t.disk, part, &index);
+        let local = s.spawn(|| clock.time("local", || local_chunks(t, chunking, cutter, &index)));
+        let present = clock.time("present", || present_chunks(t.disk, part, &index));
         (local.join().unwrap_or_default(), present)
     });
     let (local, cached) = local;
@@ -644,6 +695,7 @@ type Run = (usize, usize);
 /// The fetching thread: fetches `planned`, then the runs the writer sends once its local copies
 /// are done (chunks whose local copy did not match), and checks every chunk against the index
 /// before handing it on. Stops at the first error (handed on) or when the writer stops listening.
+#[allow(clippy::too_many_arguments)]
 fn fetcher(
     src: &mut (dyn Source + Send),
     root: &Artifact,
@@ -652,6 +704,7 @@ fn fetcher(
     more: std::sync::mpsc::Receiver<Vec<Run>>,
     out: std::sync::mpsc::SyncSender<Fetched>,
     reuse: std::sync::mpsc::Receiver<Vec<u8>>,
+    clock: &Clock,
 ) {
     let source_name = src.describe();
     let chunks = &index.chunks;
@@ -659,25 +712,38 @@ fn fetcher(
         let mut buf = reuse.try_recv().unwrap_or_default();
         let start = chunks[first].offset;
         let len = chunks[last].offset + u64::from(chunks[last].len) - start;
-        let got = src
-            .read_range(root.offset + start, len, &mut buf)
+        let got = clock
+            .time("fetch_net", || {
+                src.read_range(root.offset + start, len, &mut buf)
+            })
             .map_err(ApplyError::from)
-            .and_then(|()| check_run(index, first, last, &buf, "root", &source_name));
+            .and_then(|()| {
+                clock.time("fetch_check", || {
+                    check_run(index, first, last, &buf, "root", &source_name)
+                })
+            });
         let failed = got.is_err();
         // A closed channel means the writer stopped: stop fetching too.
-        out.send(got.map(|()| (first, last, buf))).is_ok() && !failed
+        let sent = clock.time("fetch_handoff", || {
+            out.send(got.map(|()| (first, last, buf)))
+        });
+        sent.is_ok() && !failed
     };
-    for run in planned {
-        if !fetch(run) {
-            return;
+    let fetch_all = || {
+        for run in planned {
+            if !fetch(run) {
+                return;
+            }
         }
-    }
-    // Nothing more comes when the writer stopped before its copies were done.
-    for run in more.recv().unwrap_or_default() {
-        if !fetch(run) {
-            return;
+        // Nothing more comes when the writer stopped before its copies were done.
+        for run in more.recv().unwrap_or_default() {
+            if !fetch(run) {
+                return;
+            }
         }
-    }
+    };
+    fetch_all();
+    clock.thread_cpu("fetch_cpu");
 }
 
 /// How far the read-back may read: every byte of the slot below `upto` holds what the update
@@ -862,7 +928,9 @@ fn write_root(
     stop: StopAfter,
 ) -> Result<(ApplyStats, ChunkIndex), ApplyError> {
     let part = Part::root(slot);
-    let (index, origins, cached) = plan_root(t, &m.chunking, cutter, root, part, src)?;
+    let clock = Clock::default();
+    let started = std::time::Instant::now();
+    let (index, origins, cached) = plan_root(t, &m.chunking, cutter, root, part, src, &clock)?;
     let mut stats = ApplyStats {
         local_index_cached: cached,
         ..ApplyStats::default()
@@ -891,25 +959,44 @@ fn write_root(
         kicked: 0,
         mark: &mark,
         stop,
+        clock: &clock,
     };
+    let planned_at = started.elapsed();
     let (written, whole, tree) = std::thread::scope(|s| {
-        let whole = s.spawn(|| whole_sha256(t.disk, part, root.size, &mark));
-        let tree = s.spawn(|| verity_root(t.disk, part, verity, &mark));
+        let clock = &clock;
+        let mark = &mark;
+        let whole = s.spawn(move || {
+            let got = clock.time("sha_wall", || whole_sha256(t.disk, part, root.size, mark));
+            clock.thread_cpu("sha_cpu");
+            got
+        });
+        let tree = s.spawn(move || {
+            let got = clock.time("verity_wall", || verity_root(t.disk, part, verity, mark));
+            clock.thread_cpu("verity_cpu");
+            got
+        });
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let (give_back, reuse) = std::sync::mpsc::channel();
         let (more_tx, more_rx) = std::sync::mpsc::channel();
         let fetch = &mut *src;
         let index = &index;
-        s.spawn(move || fetcher(fetch, root, index, planned, more_rx, tx, reuse));
+        s.spawn(move || fetcher(fetch, root, index, planned, more_rx, tx, reuse, clock));
+        let cpu_before = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
         let written = {
-            let _stop = StopOnDrop(&mark);
-            pipe.write(more_tx, rx, &give_back)
+            let _stop = StopOnDrop(mark);
+            clock.time("write_wall", || pipe.write(more_tx, rx, &give_back))
         };
+        let cpu_after = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        let secs = |ts: rustix::time::Timespec| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
+        clock.add(
+            "writer_cpu",
+            std::time::Duration::from_secs_f64((secs(cpu_after) - secs(cpu_before)).max(0.0)),
+        );
         let written = match written {
             Ok(Written::All) => {
                 pipe.progress.step("verifying the written slot");
-                t.disk
-                    .sync()
+                clock
+                    .time("sync", || t.disk.sync())
                     .map(|()| Written::All)
                     .map_err(ApplyError::from)
             }
@@ -918,8 +1005,14 @@ fn write_root(
         let joined = |r: std::thread::Result<Result<Hash, String>>| {
             r.unwrap_or_else(|_| Err("a read-back thread panicked".into()))
         };
-        (written, joined(whole.join()), joined(tree.join()))
+        let verdict = clock.time("verdict_wait", || {
+            (joined(whole.join()), joined(tree.join()))
+        });
+        (written, verdict.0, verdict.1)
     });
+    clock.add("plan", planned_at);
+    clock.add("root", started.elapsed());
+    log::info!("root timings (ms): {}", clock.line());
     match written? {
         Written::Cut => return Ok((stats, index)),
         Written::Stopped | Written::All => {}
@@ -992,6 +1085,7 @@ struct Pipe<'a, 'p> {
     kicked: u64,
     mark: &'a Mark,
     stop: StopAfter,
+    clock: &'a Clock,
 }
 
 impl Pipe<'_, '_> {
@@ -1076,7 +1170,8 @@ impl Pipe<'_, '_> {
         }
         // The fetcher ends once its runs are done.
         drop(more);
-        for got in fetched {
+        let clock = self.clock;
+        while let Some(got) = clock.time("write_waits", || fetched.recv().ok()) {
             if self.mark.stopped() {
                 return Ok(Written::Stopped);
             }
@@ -1092,7 +1187,9 @@ impl Pipe<'_, '_> {
             }
             let start = chunks[first].offset;
             let len = (chunks[last].offset + u64::from(chunks[last].len) - start) as usize;
-            self.t.disk.write_at(self.part, start, &bytes[..len])?;
+            clock.time("write_io", || {
+                self.t.disk.write_at(self.part, start, &bytes[..len])
+            })?;
             self.stats.fetched += (last - first + 1) as u64;
             self.advance(first, last);
             if cut {

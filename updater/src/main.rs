@@ -72,10 +72,12 @@ enum Command {
     },
 }
 
-/// A progress bar on a terminal, a log line every 10% otherwise.
+/// A progress bar on a terminal, a log line every 10% otherwise; each log line says how long
+/// after the command's start it came (`+N ms`).
 struct Bar {
     bar: Option<indicatif::ProgressBar>,
     last: u64,
+    started: std::time::Instant,
 }
 
 impl Bar {
@@ -89,7 +91,15 @@ impl Bar {
             }
             b
         });
-        Bar { bar, last: 0 }
+        Bar {
+            bar,
+            last: 0,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn ms(&self) -> u128 {
+        self.started.elapsed().as_millis()
     }
 }
 
@@ -104,7 +114,10 @@ impl Progress for Bar {
                 let pct = done * 100 / total.max(1);
                 if pct >= self.last + 10 || done == total {
                     self.last = pct;
-                    log::info!("root payload: {pct}% ({done} of {total} bytes)");
+                    log::info!(
+                        "root payload: {pct}% ({done} of {total} bytes) (+{} ms)",
+                        self.ms()
+                    );
                 }
             }
         }
@@ -112,7 +125,7 @@ impl Progress for Bar {
     fn step(&mut self, what: &str) {
         match &self.bar {
             Some(b) => b.set_message(what.to_string()),
-            None => log::info!("{what}"),
+            None => log::info!("{what} (+{} ms)", self.ms()),
         }
     }
 }
