@@ -586,7 +586,7 @@ impl Supervisor {
                 match crate::stage2::elapsed_ms() {
                     Some(ms) => log::info!(
                         "spawned {name} (pid {pid}) at +{ms} ms (set-up {plan_ms} ms, \
-                         fork and exec {spawn_ms} ms)"
+                         spawn {spawn_ms} ms)"
                     ),
                     None => log::info!("started {name} (pid {pid})"),
                 }

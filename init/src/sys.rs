@@ -2,7 +2,8 @@
 //! them through `rustix` (and `libc` where rustix has no wrapper), [`Recording`] records them so
 //! stage ordering, the supervisor and shutdown run in plain `cargo test`.
 //!
-//! This module and [`crate::dm`] are the only places with `unsafe`.
+//! This module (with [`spawn`], how services start) and [`crate::dm`] are the only places with
+//! `unsafe`.
 
 use crate::dm;
 use caisson_layout::verity::VerityParams;
@@ -10,15 +11,16 @@ use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 
 pub use rustix::mount::MountFlags;
+
+mod spawn;
 
 /// A process id.
 pub type Pid = i32;
@@ -137,11 +139,6 @@ pub trait Syscall: Send + Sync {
 /// The real system calls.
 #[derive(Debug, Default)]
 pub struct Real;
-
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-}
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
@@ -277,7 +274,7 @@ impl Syscall for Real {
     }
 
     fn spawn(&self, plan: &ExecPlan) -> io::Result<Spawned> {
-        spawn_real(plan)
+        spawn::spawn(plan)
     }
 
     fn exec(&self, program: &Path) -> io::Error {
@@ -318,56 +315,6 @@ fn interface_up(name: &str) -> io::Result<()> {
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
-}
-
-fn spawn_real(plan: &ExecPlan) -> io::Result<Spawned> {
-    let mut cmd = Command::new(&plan.program);
-    cmd.args(&plan.args)
-        .env_clear()
-        .envs(plan.env.iter().cloned());
-    cmd.stdin(Stdio::null());
-    let mut output = None;
-    if plan.capture_output {
-        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        let write2: OwnedFd = write.try_clone()?;
-        cmd.stdout(Stdio::from(write)).stderr(Stdio::from(write2));
-        output = Some(File::from(read));
-    }
-    if let Some(gid) = plan.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = plan.uid {
-        cmd.uid(uid);
-    }
-    let cgroup = plan.cgroup_procs.as_deref().map(cpath).transpose()?;
-    let oom = plan.oom_score_adj.map(|v| format!("{v}\n"));
-    // SAFETY: the closure runs between fork and exec; it only makes raw system calls (setsid,
-    // open, write, close) on data prepared before the fork, and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::process::setsid()?;
-            if let Some(path) = &cgroup {
-                write_file_raw(path, b"0\n")?;
-            }
-            if let Some(v) = &oom {
-                write_file_raw(c"/proc/self/oom_score_adj", v.as_bytes())?;
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    // The child is reaped by the reaper, never through `Child::wait`.
-    Ok(Spawned {
-        pid: child.id() as Pid,
-        output,
-    })
-}
-
-fn write_file_raw(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
-    use rustix::fs::{open, Mode, OFlags};
-    let fd = open(path, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
-    rustix::io::write(&fd, data)?;
     Ok(())
 }
 
