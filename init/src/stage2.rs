@@ -283,10 +283,9 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     steps.mark("mounts");
     // Before any other thread starts: moving the init into its leaf and enabling the
     // controllers on a thread of its own, beside the steps below, once hung a guest under TCG
-    // (both threads stuck in the kernel, soft lockups, the RCU kthread starved).
-    let c = Cgroups {
-        root: PathBuf::from(CGROUP2_AT),
-    };
+    // (both threads stuck in the kernel, soft lockups, the RCU kthread starved). The
+    // controllers are enabled after the first services start, on this thread.
+    let c = Cgroups::new(PathBuf::from(CGROUP2_AT));
     let cgroups = match c.setup() {
         Ok(()) => Some(c),
         Err(e) => {
@@ -295,6 +294,15 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         }
     };
     steps.mark("cgroups");
+    // Bringing lo up waits for the network stack (10-20 ms under emulation): on a thread,
+    // beside the reading below; joined before the first service starts.
+    let lo = {
+        let sys = sys.clone();
+        std::thread::Builder::new()
+            .name("lo".into())
+            .stack_size(64 * 1024)
+            .spawn(move || sys.loopback_up())
+    };
     let id = Identity::read();
     if let Some(p) = &id.params {
         crate::console::set_debug(p.debug);
@@ -305,9 +313,6 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         id.version,
         id.slot_text()
     );
-    if let Err(e) = sys.loopback_up() {
-        log::warn!("bringing up lo failed: {e}");
-    }
     steps.mark("identity");
     // Both module lists load on a thread; whatever needs a module waits for its list: the
     // network, the virtio control port and blessing the early one, services `after = ["modules"]`
@@ -341,6 +346,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     steps.mark("provisioning");
     hostname(sys.as_ref());
     let config = InitConfig::load(Path::new(CONFIG_PATH));
+    steps.mark("hostname and config");
     let loaded = service::load_dirs(&[
         Path::new(paths::IMAGE_SERVICES_DIR),
         Path::new(paths::ETC_SERVICES_DIR),
@@ -350,6 +356,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         loaded.specs.len(),
         loaded.broken.len()
     );
+    steps.mark("service files");
     let pump = LogPump {
         dir: PathBuf::from(paths::LOG_DIR),
         max_bytes: config.log_max_bytes,
@@ -358,6 +365,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         console: true,
     };
     let reaper = Arc::new(Reaper::default());
+    let cgroups_now = cgroups.clone();
     let sup_config = supervisor::Config {
         cgroups,
         healthy_after: Duration::from_secs(config.bless_after_s),
@@ -371,15 +379,47 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         loaded.specs,
         loaded.broken,
     );
+    steps.mark("services");
+    // What waits for the network or the modules is held before the first tick; what waits for
+    // nothing (containerd) starts in it, before the init's own threads: each costs a few
+    // milliseconds under emulation, and none is needed until a service has started (a child
+    // that exits meanwhile stays a zombie, its SIGCHLD pending, until the signal thread reaps).
+    if early_net.is_none() {
+        sup.hold(crate::network::PSEUDO_SERVICE);
+    }
+    let modules_held = !modules.is_loaded(List::Late);
+    if modules_held {
+        sup.hold(MODULES_PSEUDO_SERVICE);
+    }
+    let lo_up = match lo {
+        Ok(thread) => thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("its thread panicked"))),
+        Err(_) => sys.loopback_up(),
+    };
+    if let Err(e) = lo_up {
+        log::warn!("bringing up lo failed: {e}");
+    }
+    steps.mark("lo");
+    let first = sup.tick(Instant::now());
+    steps.mark("first services");
+    // Services with limits enabled them already; the others gain them now.
+    if let Some(c) = &cgroups_now {
+        if let Err(e) = c.enable_controllers() {
+            log::warn!("{e}; services run without cgroup limits");
+        }
+    }
     let (tx, rx) = channel();
     start_signal_thread(sys.clone(), reaper, tx.clone())?;
     let net = match early_net {
         Some(n) => n,
-        None => start_network(&mut sup, &tx, &modules),
+        None => start_network(&tx, &modules),
     };
-    hold_for_modules(&mut sup, &tx, &modules);
+    if modules_held {
+        wait_for_modules(&mut sup, &tx, &modules);
+    }
     start_control(tx.clone(), &modules);
-    steps.mark("services and threads");
+    steps.mark("threads");
     log::info!("{}", steps.line());
     let watchdog = (config.unhealthy_reboot_s > 0).then(|| {
         Instant::now() + Duration::from_secs(config.bless_after_s + config.unhealthy_reboot_s)
@@ -389,7 +429,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         net: &net,
         modules: &modules,
     };
-    Ok(event_loop(&mut sup, &rx, &tx, &env, watchdog))
+    Ok(event_loop(&mut sup, first, &rx, &tx, &env, watchdog))
 }
 
 /// The network thread started before the services (for provisioning), waited on until it has
@@ -413,14 +453,10 @@ fn network_now(modules: &Loading) -> crate::network::Shared {
     net
 }
 
-/// The network thread; services `after = ["network"]` wait until it settles.
-fn start_network(
-    sup: &mut Supervisor,
-    tx: &Sender<Event>,
-    modules: &Loading,
-) -> crate::network::Shared {
+/// The network thread; services `after = ["network"]`, held until it settles, are released by
+/// its event.
+fn start_network(tx: &Sender<Event>, modules: &Loading) -> crate::network::Shared {
     let net = crate::network::Shared::default();
-    sup.hold(crate::network::PSEUDO_SERVICE);
     let tx = std::sync::Mutex::new(tx.clone());
     crate::network::start(
         net.clone(),
@@ -434,12 +470,8 @@ fn start_network(
     net
 }
 
-/// Services `after = ["modules"]` wait until both module lists are loaded.
-fn hold_for_modules(sup: &mut Supervisor, tx: &Sender<Event>, modules: &Loading) {
-    if modules.is_loaded(List::Late) {
-        return;
-    }
-    sup.hold(MODULES_PSEUDO_SERVICE);
+/// Services `after = ["modules"]`, held, are released once both module lists are loaded.
+fn wait_for_modules(sup: &mut Supervisor, tx: &Sender<Event>, modules: &Loading) {
     let (modules, tx) = (modules.clone(), tx.clone());
     let spawned = std::thread::Builder::new()
         .name("modules-wait".into())
@@ -550,6 +582,7 @@ struct LoopEnv<'a> {
 /// The supervisor's loop; returns what to do once every service has stopped.
 fn event_loop(
     sup: &mut Supervisor,
+    first: Vec<Notice>,
     rx: &Receiver<Event>,
     tx: &Sender<Event>,
     env: &LoopEnv,
@@ -559,13 +592,17 @@ fn event_loop(
     let mut power = Power::PowerOff;
     let mut ready = false;
     let mut shutdown_deadline: Option<Instant> = None;
-    // Tick first: the services start at once, not after the first wait for an event.
+    // The notices of the tick before the loop, then a tick per turn: services start at once,
+    // not after the first wait for an event.
+    let mut pending = first;
     loop {
         let now = Instant::now();
         if sup.shutting_down() && shutdown_deadline.is_none() {
             shutdown_deadline = Some(now + Duration::from_secs(90));
         }
-        for notice in sup.tick(now) {
+        let mut notices = std::mem::take(&mut pending);
+        notices.extend(sup.tick(now));
+        for notice in notices {
             match notice {
                 Notice::Ready => {
                     ready = true;
