@@ -686,15 +686,16 @@ fn plan_root(
     Ok((index, origins, cached))
 }
 
-/// A fetched run of chunks `first..=last` and its bytes, checked against the index.
+/// A fetched run of chunks `first..=last` and its bytes, not yet checked against the index.
 type Fetched = Result<(usize, usize, Vec<u8>), ApplyError>;
 
 /// Chunks `first..=last` of the slot.
 type Run = (usize, usize);
 
 /// The fetching thread: fetches `planned`, then the runs the writer sends once its local copies
-/// are done (chunks whose local copy did not match), and checks every chunk against the index
-/// before handing it on. Stops at the first error (handed on) or when the writer stops listening.
+/// are done (chunks whose local copy did not match), and hands each run to the writer, which
+/// checks every chunk against the index before it writes it: the next run arrives while the
+/// last is hashed. Stops at the first error (handed on) or when the writer stops listening.
 #[allow(clippy::too_many_arguments)]
 fn fetcher(
     src: &mut (dyn Source + Send),
@@ -706,7 +707,6 @@ fn fetcher(
     reuse: std::sync::mpsc::Receiver<Vec<u8>>,
     clock: &Clock,
 ) {
-    let source_name = src.describe();
     let chunks = &index.chunks;
     let mut fetch = |(first, last): Run| -> bool {
         let mut buf = reuse.try_recv().unwrap_or_default();
@@ -716,12 +716,7 @@ fn fetcher(
             .time("fetch_net", || {
                 src.read_range(root.offset + start, len, &mut buf)
             })
-            .map_err(ApplyError::from)
-            .and_then(|()| {
-                clock.time("fetch_check", || {
-                    check_run(index, first, last, &buf, "root", &source_name)
-                })
-            });
+            .map_err(ApplyError::from);
         let failed = got.is_err();
         // A closed channel means the writer stopped: stop fetching too.
         let sent = clock.time("fetch_handoff", || {
@@ -912,7 +907,7 @@ enum Written {
 
 /// Writes the root payload into the inactive slot and reads it back as the written part grows:
 /// local copies first (each chunk checked against the index before it is written; a chunk that
-/// does not match is fetched instead), then the fetched runs in order (checked on the fetching
+/// does not match is fetched instead), then the fetched runs in order (checked on the writer's
 /// thread). Two threads read the slot back behind the writer, one for its sha256 and one for its
 /// verity tree. The slot is synced before their verdict is taken.
 #[allow(clippy::too_many_arguments)]
@@ -960,6 +955,7 @@ fn write_root(
         mark: &mark,
         stop,
         clock: &clock,
+        source_name: src.describe(),
     };
     let planned_at = started.elapsed();
     let (written, whole, tree) = std::thread::scope(|s| {
@@ -1086,6 +1082,8 @@ struct Pipe<'a, 'p> {
     mark: &'a Mark,
     stop: StopAfter,
     clock: &'a Clock,
+    /// Where fetched chunks come from, for messages.
+    source_name: String,
 }
 
 impl Pipe<'_, '_> {
@@ -1176,6 +1174,10 @@ impl Pipe<'_, '_> {
                 return Ok(Written::Stopped);
             }
             let (first, mut last, bytes) = got?;
+            // Every fetched chunk is checked against the index before it is written.
+            clock.time("check", || {
+                check_run(self.index, first, last, &bytes, "root", &self.source_name)
+            })?;
             // The power-cut hook: only the first n fetched chunks land.
             let mut cut = false;
             if let StopAfter::RootChunks(n) = self.stop {
