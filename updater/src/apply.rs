@@ -18,11 +18,16 @@
 //! 5. write the new entry `caisson-<v>-<slot>+3-0.conf` (temporary name, sync, rename).
 //!
 //! The running slot's entry is never touched.
+//!
+//! The slots are read and written past the page cache where the disk allows it (`O_DIRECT`,
+//! see [`Disk::read_uncached`] and [`Disk::write_uncached`]): the read-back reads what the
+//! device holds, not the pages just written, and no byte is copied through the kernel's cache
+//! (in a VM without SHA-NI that copying cost about as much CPU as a sha256 pass).
 
 use crate::bundle::{Artifact, ArtifactKind, ChunkIndex, Chunking, Cutter, Hash, Manifest};
 use crate::chunk_cache;
 use crate::download::{DownloadError, Source};
-use crate::slots::{self, Disk, SlotError, SlotState};
+use crate::slots::{self, AlignedBuf, Disk, SlotError, SlotState};
 use caisson_layout::cmdline::BootParams;
 use caisson_layout::partition::Part;
 use caisson_layout::{entry, paths, verity, EntryName, Slot};
@@ -426,7 +431,7 @@ fn local_chunks(
     cut_local(
         cutter,
         index,
-        SlotReader::buffered(t.disk, part, end),
+        SlotReader::new(t.disk, part, end),
         &mut local,
     );
     (local, false)
@@ -442,14 +447,14 @@ fn present_chunks(disk: &Disk, part: Part, index: &ChunkIndex) -> Vec<bool> {
     let zero_hashes = zero_hashes(index);
     let max = chunks.iter().map(|c| c.len as usize).max().unwrap_or(0);
     let zeros = vec![0u8; max];
-    let mut buf = Vec::new();
+    let mut read = AlignedBuf::default();
     for (first, last) in runs(chunks.len(), |_| true, |i| chunks[i].len, READ_PIECE) {
         let start = chunks[first].offset;
         let end = chunks[last].offset + u64::from(chunks[last].len);
-        buf.resize((end - start) as usize, 0);
-        if disk.read_at(part, start, &mut buf).is_err() {
+        let Ok(got) = disk.read_uncached(part, start, (end - start) as usize, &mut read) else {
             break;
-        }
+        };
+        let buf = read.bytes(got);
         for i in first..=last {
             let c = &chunks[i];
             let rel = (c.offset - start) as usize;
@@ -956,6 +961,7 @@ fn write_root(
         stop,
         clock: &clock,
         source_name: src.describe(),
+        staging: AlignedBuf::default(),
     };
     let planned_at = started.elapsed();
     let (written, whole, tree) = std::thread::scope(|s| {
@@ -1039,12 +1045,21 @@ fn write_root(
 
 /// The read-back's sha256 of the first `size` bytes of `part`, read behind the writer.
 fn whole_sha256(disk: &Disk, part: Part, size: u64, mark: &Mark) -> Result<Hash, String> {
+    use std::io::BufRead;
     let mut hash = Sha256::new();
-    match std::io::copy(&mut SlotReader::behind(disk, part, size, mark), &mut hash) {
-        Ok(_) => Ok(hash.finalize().into()),
-        Err(e) => {
-            mark.fail(e.to_string());
-            Err(e.to_string())
+    let mut reader = SlotReader::behind(disk, part, size, mark);
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => return Ok(hash.finalize().into()),
+            Ok(piece) => {
+                hash.update(piece);
+                let n = piece.len();
+                reader.consume(n);
+            }
+            Err(e) => {
+                mark.fail(e.to_string());
+                return Err(e.to_string());
+            }
         }
     }
 }
@@ -1084,6 +1099,8 @@ struct Pipe<'a, 'p> {
     clock: &'a Clock,
     /// Where fetched chunks come from, for messages.
     source_name: String,
+    /// Aligned memory for direct writes.
+    staging: AlignedBuf,
 }
 
 impl Pipe<'_, '_> {
@@ -1126,26 +1143,29 @@ impl Pipe<'_, '_> {
             }
         }
         let mut mismatched = Vec::new();
-        let mut buf = Vec::new();
+        let mut read = AlignedBuf::default();
         let running = Part::root(self.t.booted.slot);
         for r in copies(self.index, self.origins) {
             if self.mark.stopped() {
                 return Ok(Written::Stopped);
             }
-            buf.resize(r.len as usize, 0);
-            self.t.disk.read_at(running, r.from, &mut buf)?;
+            let got = self
+                .t
+                .disk
+                .read_uncached(running, r.from, r.len as usize, &mut read)?;
+            let buf = read.bytes(got);
             // Each copied chunk is checked against the index before it is written: whatever
             // said the running slot holds it, a chunk that does not match is fetched instead.
             let mut good = r.first;
             for (i, c) in (r.first..=r.last).zip(&chunks[r.first..=r.last]) {
                 let rel = (c.offset - r.to) as usize;
                 if sha256(&buf[rel..rel + c.len as usize]) != c.sha256 {
-                    self.write_copied(&mut fin, &buf, r.to, good, i)?;
+                    self.write_copied(&mut fin, buf, r.to, good, i)?;
                     mismatched.push(i);
                     good = i + 1;
                 }
             }
-            self.write_copied(&mut fin, &buf, r.to, good, r.last + 1)?;
+            self.write_copied(&mut fin, buf, r.to, good, r.last + 1)?;
         }
         if !mismatched.is_empty() {
             log::warn!(
@@ -1190,7 +1210,9 @@ impl Pipe<'_, '_> {
             let start = chunks[first].offset;
             let len = (chunks[last].offset + u64::from(chunks[last].len) - start) as usize;
             clock.time("write_io", || {
-                self.t.disk.write_at(self.part, start, &bytes[..len])
+                self.t
+                    .disk
+                    .write_uncached(self.part, start, &bytes[..len], &mut self.staging)
             })?;
             self.stats.fetched += (last - first + 1) as u64;
             self.advance(first, last);
@@ -1221,65 +1243,81 @@ impl Pipe<'_, '_> {
         let start = chunks[first].offset;
         let stop = chunks[end - 1].offset + u64::from(chunks[end - 1].len);
         let piece = &buf[(start - to) as usize..(stop - to) as usize];
-        self.t.disk.write_at(self.part, start, piece)?;
+        self.t
+            .disk
+            .write_uncached(self.part, start, piece, &mut self.staging)?;
         self.advance(first, end - 1);
         self.finished(fin.set(first, end - 1));
         Ok(())
     }
 }
 
-/// Reads `part` from `pos` to `end`, in large pieces; behind a writer, only what it has
-/// written.
+/// Reads the first `end` bytes of `part` in pieces of up to [`READ_PIECE`], from the device
+/// itself where it allows ([`Disk::read_uncached`]); behind a writer, only what it has written.
+/// Each piece is read once and handed out in whatever sizes the caller asks.
 struct SlotReader<'a> {
     disk: &'a Disk,
     part: Part,
+    /// Where the next piece starts.
     pos: u64,
     end: u64,
     mark: Option<&'a Mark>,
+    buf: AlignedBuf,
+    /// What is left of the last piece, in `buf`.
+    have: std::ops::Range<usize>,
 }
 
 impl<'a> SlotReader<'a> {
-    /// The first `end` bytes of partition `part`, read in [`READ_PIECE`]s.
-    fn buffered(disk: &'a Disk, part: Part, end: u64) -> std::io::BufReader<SlotReader<'a>> {
-        std::io::BufReader::with_capacity(
-            READ_PIECE as usize,
-            SlotReader {
-                disk,
-                part,
-                pos: 0,
-                end,
-                mark: None,
-            },
-        )
+    /// The first `end` bytes of partition `part`.
+    fn new(disk: &'a Disk, part: Part, end: u64) -> SlotReader<'a> {
+        SlotReader {
+            disk,
+            part,
+            pos: 0,
+            end,
+            mark: None,
+            buf: AlignedBuf::default(),
+            have: 0..0,
+        }
     }
 
     /// The same, each byte read only once `mark` has passed it.
-    fn behind(
-        disk: &'a Disk,
-        part: Part,
-        end: u64,
-        mark: &'a Mark,
-    ) -> std::io::BufReader<SlotReader<'a>> {
-        let mut r = SlotReader::buffered(disk, part, end);
-        r.get_mut().mark = Some(mark);
-        r
+    fn behind(disk: &'a Disk, part: Part, end: u64, mark: &'a Mark) -> SlotReader<'a> {
+        SlotReader {
+            mark: Some(mark),
+            ..SlotReader::new(disk, part, end)
+        }
+    }
+}
+
+impl std::io::BufRead for SlotReader<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.have.is_empty() && self.pos < self.end {
+            let mut n = READ_PIECE.min(self.end - self.pos);
+            if let Some(mark) = self.mark {
+                n = n.min(mark.readable(self.pos)? - self.pos);
+            }
+            self.have = self
+                .disk
+                .read_uncached(self.part, self.pos, n as usize, &mut self.buf)
+                .map_err(std::io::Error::other)?;
+            self.pos += n;
+        }
+        Ok(self.buf.bytes(self.have.clone()))
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.have.start = (self.have.start + amt).min(self.have.end);
     }
 }
 
 impl std::io::Read for SlotReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let mut n = (buf.len() as u64).min(self.end - self.pos);
-        if n == 0 {
-            return Ok(0);
-        }
-        if let Some(mark) = self.mark {
-            n = n.min(mark.readable(self.pos)? - self.pos);
-        }
-        let n = n as usize;
-        self.disk
-            .read_at(self.part, self.pos, &mut buf[..n])
-            .map_err(std::io::Error::other)?;
-        self.pos += n as u64;
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        let got = self.fill_buf()?;
+        let n = got.len().min(out.len());
+        out[..n].copy_from_slice(&got[..n]);
+        self.consume(n);
         Ok(n)
     }
 }

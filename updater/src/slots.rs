@@ -56,7 +56,39 @@ pub struct Extent {
 pub struct Disk {
     pub path: PathBuf,
     file: File,
+    /// The same disk opened for reads and writes that bypass the page cache (`O_DIRECT`),
+    /// where the disk allows it (a block device does; an image file on tmpfs does not).
+    direct: Option<File>,
     parts: Vec<(Part, Extent)>,
+}
+
+/// The alignment of [`Disk::read_uncached`]'s reads: of memory, offset and length (4 KiB covers
+/// disks with 512-byte and 4 KiB logical blocks).
+const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer for [`Disk::read_uncached`]: memory aligned for direct I/O, reused across reads.
+#[derive(Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    /// Where the aligned part of `raw` begins.
+    start: usize,
+}
+
+impl AlignedBuf {
+    /// At least `len` aligned bytes.
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.len() < self.start + len {
+            self.raw = vec![0u8; len + DIRECT_ALIGN];
+            let addr = self.raw.as_ptr() as usize;
+            self.start = addr.next_multiple_of(DIRECT_ALIGN) - addr;
+        }
+        &mut self.raw[self.start..self.start + len]
+    }
+
+    /// The bytes a read left, by the range it returned.
+    pub fn bytes(&self, r: std::ops::Range<usize>) -> &[u8] {
+        &self.raw[self.start..][r]
+    }
 }
 
 impl Disk {
@@ -96,9 +128,28 @@ impl Disk {
             .write(true)
             .open(path)
             .map_err(io_err("opening", path))?;
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+        };
+        let direct = match direct {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::debug!(
+                    "{}: no direct I/O ({e}): reading and writing through the page cache",
+                    path.display()
+                );
+                None
+            }
+        };
         Ok(Disk {
             path: path.to_path_buf(),
             file,
+            direct,
             parts,
         })
     }
@@ -144,6 +195,89 @@ impl Disk {
         self.file
             .read_exact_at(buf, at)
             .map_err(io_err("reading", &self.path))
+    }
+
+    /// Reads `len` bytes at `offset` inside `part` from the device itself where the disk allows
+    /// it (`O_DIRECT`: what was written through the page cache is written out first, then read
+    /// from the device; the page cache is neither filled nor copied from), else through the
+    /// page cache. The bytes are `buf.bytes(range)` for the range returned: a direct read takes
+    /// whole aligned blocks around them.
+    pub fn read_uncached(
+        &self,
+        part: Part,
+        offset: u64,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> Result<std::ops::Range<usize>, SlotError> {
+        let at = self.check("a read", part, offset, len as u64)?;
+        let align = DIRECT_ALIGN as u64;
+        let (first, end) = (
+            at / align * align,
+            (at + len as u64).next_multiple_of(align),
+        );
+        let e = self.extent(part);
+        // Whole blocks inside the partition (its start and end are whole blocks on any disk
+        // the builder makes; on another, the page cache).
+        let inside = first >= e.start && end <= e.start + e.size;
+        if let (Some(direct), true) = (&self.direct, inside) {
+            let skip = (at - first) as usize;
+            match direct.read_exact_at(buf.get((end - first) as usize), first) {
+                Ok(()) => return Ok(skip..skip + len),
+                // A disk that takes no direct reads of this kind: the page cache will do.
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    log::debug!("{}: direct read refused ({err})", self.path.display());
+                }
+                Err(err) => return Err(io_err("reading", &self.path)(err)),
+            }
+        }
+        self.file
+            .read_exact_at(buf.get(len), at)
+            .map_err(io_err("reading", &self.path))?;
+        Ok(0..len)
+    }
+
+    /// Writes `buf` at `offset` inside `part`: the whole aligned blocks it covers straight to
+    /// the device where the disk allows it (`O_DIRECT`, through `staging` when `buf` is not
+    /// aligned in memory), the partial blocks at either end through the page cache. A block is
+    /// written one way or the other, never both: only blocks that one call covers whole go
+    /// direct. [`Disk::sync`] makes both durable (one `fsync` flushes the device's cache too).
+    pub fn write_uncached(
+        &self,
+        part: Part,
+        offset: u64,
+        buf: &[u8],
+        staging: &mut AlignedBuf,
+    ) -> Result<(), SlotError> {
+        let at = self.check("a write", part, offset, buf.len() as u64)?;
+        let align = DIRECT_ALIGN as u64;
+        let end = at + buf.len() as u64;
+        let (first, last) = (at.next_multiple_of(align), end / align * align);
+        let Some(direct) = self.direct.as_ref().filter(|_| first < last) else {
+            return self.write_at(part, offset, buf);
+        };
+        let (head, rest) = buf.split_at((first - at) as usize);
+        let (core, tail) = rest.split_at((last - first) as usize);
+        let aligned = (core.as_ptr() as usize) & (DIRECT_ALIGN - 1) == 0;
+        let from = if aligned {
+            core
+        } else {
+            let s = staging.get(core.len());
+            s.copy_from_slice(core);
+            s
+        };
+        match direct.write_all_at(from, first) {
+            Ok(()) => {}
+            // A disk that takes no direct writes of this kind: the page cache will do.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                log::debug!("{}: direct write refused ({err})", self.path.display());
+                return self.write_at(part, offset, buf);
+            }
+            Err(err) => return Err(io_err("writing", &self.path)(err)),
+        }
+        self.file
+            .write_all_at(head, at)
+            .and_then(|()| self.file.write_all_at(tail, last))
+            .map_err(io_err("writing", &self.path))
     }
 
     /// Writes `buf` at `offset` inside `part`.
