@@ -303,6 +303,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
             .stack_size(64 * 1024)
             .spawn(move || sys.loopback_up())
     };
+    let must_look = crate::provisioning::must_look();
     let id = Identity::read();
     if let Some(p) = &id.params {
         crate::console::set_debug(p.debug);
@@ -325,7 +326,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
             (List::Late, paths::ROOT_MODULES_LATE_LIST),
         ],
     );
-    if crate::provisioning::must_look() {
+    if must_look {
         modules.wait(List::Early);
         steps.mark("modules");
     }
@@ -345,8 +346,11 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     });
     steps.mark("provisioning");
     hostname(sys.as_ref());
+    steps.mark("hostname");
+    // Under emulation most of this step is the first run of the TOML parser's code (QEMU
+    // translates code as it first runs). Reading on a thread beside the steps above was tried:
+    // with the host's cores busy the guest's second vCPU is no help, and the spawn came later.
     let config = InitConfig::load(Path::new(CONFIG_PATH));
-    steps.mark("hostname and config");
     let loaded = service::load_dirs(&[
         Path::new(paths::IMAGE_SERVICES_DIR),
         Path::new(paths::ETC_SERVICES_DIR),
@@ -356,7 +360,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         loaded.specs.len(),
         loaded.broken.len()
     );
-    steps.mark("service files");
+    steps.mark("config and service files");
     let pump = LogPump {
         dir: PathBuf::from(paths::LOG_DIR),
         max_bytes: config.log_max_bytes,
