@@ -56,8 +56,8 @@ pub struct Extent {
 pub struct Disk {
     pub path: PathBuf,
     file: File,
-    /// The same disk opened for reads and writes that bypass the page cache (`O_DIRECT`),
-    /// where the disk allows it (a block device does; an image file on tmpfs does not).
+    /// The same disk opened for reads that bypass the page cache (`O_DIRECT`), where the disk
+    /// allows it (a block device does; an image file on tmpfs does not).
     direct: Option<File>,
     parts: Vec<(Part, Extent)>,
 }
@@ -132,7 +132,6 @@ impl Disk {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .read(true)
-                .write(true)
                 .custom_flags(libc::O_DIRECT)
                 .open(path)
         };
@@ -140,7 +139,7 @@ impl Disk {
             Ok(f) => Some(f),
             Err(e) => {
                 log::debug!(
-                    "{}: no direct I/O ({e}): reading and writing through the page cache",
+                    "{}: no direct reads ({e}): reading through the page cache",
                     path.display()
                 );
                 None
@@ -234,50 +233,6 @@ impl Disk {
             .read_exact_at(buf.get(len), at)
             .map_err(io_err("reading", &self.path))?;
         Ok(0..len)
-    }
-
-    /// Writes `buf` at `offset` inside `part`: the whole aligned blocks it covers straight to
-    /// the device where the disk allows it (`O_DIRECT`, through `staging` when `buf` is not
-    /// aligned in memory), the partial blocks at either end through the page cache. A block is
-    /// written one way or the other, never both: only blocks that one call covers whole go
-    /// direct. [`Disk::sync`] makes both durable (one `fsync` flushes the device's cache too).
-    pub fn write_uncached(
-        &self,
-        part: Part,
-        offset: u64,
-        buf: &[u8],
-        staging: &mut AlignedBuf,
-    ) -> Result<(), SlotError> {
-        let at = self.check("a write", part, offset, buf.len() as u64)?;
-        let align = DIRECT_ALIGN as u64;
-        let end = at + buf.len() as u64;
-        let (first, last) = (at.next_multiple_of(align), end / align * align);
-        let Some(direct) = self.direct.as_ref().filter(|_| first < last) else {
-            return self.write_at(part, offset, buf);
-        };
-        let (head, rest) = buf.split_at((first - at) as usize);
-        let (core, tail) = rest.split_at((last - first) as usize);
-        let aligned = (core.as_ptr() as usize) & (DIRECT_ALIGN - 1) == 0;
-        let from = if aligned {
-            core
-        } else {
-            let s = staging.get(core.len());
-            s.copy_from_slice(core);
-            s
-        };
-        match direct.write_all_at(from, first) {
-            Ok(()) => {}
-            // A disk that takes no direct writes of this kind: the page cache will do.
-            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
-                log::debug!("{}: direct write refused ({err})", self.path.display());
-                return self.write_at(part, offset, buf);
-            }
-            Err(err) => return Err(io_err("writing", &self.path)(err)),
-        }
-        self.file
-            .write_all_at(head, at)
-            .and_then(|()| self.file.write_all_at(tail, last))
-            .map_err(io_err("writing", &self.path))
     }
 
     /// Writes `buf` at `offset` inside `part`.
