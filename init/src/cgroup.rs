@@ -3,7 +3,6 @@
 use crate::service::Limits;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 /// A cgroup file operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,35 +34,14 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     pub root: PathBuf,
-    /// True once the controllers are enabled for `system/`; shared by the clones.
-    controllers: Arc<Mutex<bool>>,
 }
 
 impl Cgroups {
-    pub fn new(root: PathBuf) -> Cgroups {
-        Cgroups {
-            root,
-            controllers: Arc::default(),
-        }
-    }
-
-    /// Move the init into `init/` and create `system/`. The controllers are enabled apart
-    /// ([`Self::enable_controllers`]): under emulation that write takes 10–25 ms, and the first
-    /// services need no controller unless they have limits.
+    /// Move the init into `init/` and enable the controllers for `system/`.
     pub fn setup(&self) -> Result<(), CgroupError> {
         let leaf = self.root.join("init");
         mkdir(&leaf)?;
         write(&leaf.join("cgroup.procs"), "0\n")?;
-        mkdir(&self.root.join("system"))
-    }
-
-    /// Enable cpu, memory, pids and io (those the kernel has) for `system/` and its services;
-    /// done once, later calls return at once. Services already started gain them too.
-    pub fn enable_controllers(&self) -> Result<(), CgroupError> {
-        let mut done = self.controllers.lock().unwrap_or_else(|p| p.into_inner());
-        if *done {
-            return Ok(());
-        }
         let available =
             std::fs::read_to_string(self.root.join("cgroup.controllers")).unwrap_or_default();
         let wanted: Vec<String> = ["cpu", "memory", "pids", "io"]
@@ -73,8 +51,9 @@ impl Cgroups {
             .collect();
         let control = wanted.join(" ");
         write(&self.root.join("cgroup.subtree_control"), &control)?;
-        write(&self.root.join("system/cgroup.subtree_control"), &control)?;
-        *done = true;
+        let system = self.root.join("system");
+        mkdir(&system)?;
+        write(&system.join("cgroup.subtree_control"), &control)?;
         Ok(())
     }
 
@@ -82,9 +61,6 @@ impl Cgroups {
     pub fn service(&self, name: &str, limits: &Limits) -> Result<PathBuf, CgroupError> {
         let dir = self.root.join("system").join(name);
         mkdir(&dir)?;
-        if *limits != Limits::default() {
-            self.enable_controllers()?;
-        }
         if let Some(m) = limits.memory_max {
             write(&dir.join("memory.max"), &m.to_string())?;
         }
@@ -103,25 +79,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn controllers_come_with_the_first_limits_or_when_asked() {
+    fn writes_limits_and_controllers() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(
             tmp.path().join("cgroup.controllers"),
             "cpuset cpu io memory pids\n",
         )
         .unwrap();
-        let cg = Cgroups::new(tmp.path().to_path_buf());
+        let cg = Cgroups {
+            root: tmp.path().to_path_buf(),
+        };
         cg.setup().unwrap();
-        let init = std::fs::read_to_string(tmp.path().join("init/cgroup.procs"));
-        assert_eq!(init.unwrap(), "0\n");
-        let control = tmp.path().join("system/cgroup.subtree_control");
-        // A service without limits needs no controller.
-        let procs = cg.service("plain", &Limits::default()).unwrap();
-        assert_eq!(procs, tmp.path().join("system/plain/cgroup.procs"));
-        assert!(!control.exists());
-        // The first one with limits enables them (on a clone: the flag is shared).
+        let ctl = std::fs::read_to_string(tmp.path().join("system/cgroup.subtree_control"));
+        assert_eq!(ctl.unwrap(), "+cpu +memory +pids +io");
         let procs = cg
-            .clone()
             .service(
                 "containerd",
                 &Limits {
@@ -132,18 +103,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(procs, tmp.path().join("system/containerd/cgroup.procs"));
-        assert_eq!(
-            std::fs::read_to_string(&control).unwrap(),
-            "+cpu +memory +pids +io"
-        );
-        let root = std::fs::read_to_string(tmp.path().join("cgroup.subtree_control"));
-        assert_eq!(root.unwrap(), "+cpu +memory +pids +io");
         let mem = std::fs::read_to_string(tmp.path().join("system/containerd/memory.max"));
         assert_eq!(mem.unwrap(), "1024");
         assert!(!tmp.path().join("system/containerd/pids.max").exists());
-        // Once: a later call writes nothing (the file here would be rewritten otherwise).
-        std::fs::write(&control, "changed").unwrap();
-        cg.enable_controllers().unwrap();
-        assert_eq!(std::fs::read_to_string(&control).unwrap(), "changed");
     }
 }
