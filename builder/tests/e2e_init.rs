@@ -210,6 +210,61 @@ fn stage2_starts_without_reading_its_own_binary() {
     poweroff(&mut vm);
 }
 
+/// Stage 1 also asks for each service's ELF interpreter, looked up inside the new root (Debian's
+/// loader path is an absolute link). containerd is dynamically linked: between its clone and its
+/// exec, the child (still named `init` until the exec's point of no return, while PID 1's
+/// spawning thread waits for it) must issue no block request. Before the interpreter was
+/// prefetched, three were traced there: the loader's directory and inode.
+#[test]
+fn host_services_exec_without_reading_the_loader() {
+    let image = common::image("host");
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = kept_overlay(&image, dir.path());
+    let (kernel, initrd, options) = slot_a_boot_files(&image, dir.path());
+    let mut opts = caisson_qemu::VmOptions::new(&disk);
+    opts.disk = caisson_qemu::Disk::direct(&disk);
+    opts.kernel = Some(caisson_qemu::DirectKernel {
+        kernel,
+        initrd,
+        cmdline: format!(
+            "{options} loglevel=5 tp_printk \
+             trace_event=sched:sched_process_fork,sched:sched_process_exec,block:block_rq_issue"
+        ),
+    });
+    let mut vm = Vm::launch(opts).expect("launching QEMU");
+    vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
+        .expect("host reaches ready");
+    let console = vm.console_text().unwrap();
+    let pid: u32 = console
+        .lines()
+        .find_map(|l| l.split("spawned containerd (pid ").nth(1))
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no spawn line for containerd:\n{console}"));
+    let lines: Vec<&str> = console.lines().collect();
+    let fork = lines
+        .iter()
+        .position(|l| l.contains(&format!("pid=1 child_comm=init child_pid={pid}")))
+        .unwrap_or_else(|| panic!("no trace of containerd's clone (pid {pid}):\n{console}"));
+    let exec = fork
+        + lines[fork..]
+            .iter()
+            .position(|l| l.contains(&format!("filename=/usr/bin/containerd pid={pid}")))
+            .unwrap_or_else(|| panic!("no trace of containerd's exec:\n{console}"));
+    let window = &lines[fork + 1..exec];
+    let reads: Vec<&&str> = window
+        .iter()
+        .filter(|l| l.contains("block_rq_issue") && l.trim_end().ends_with("[init]"))
+        .collect();
+    assert!(
+        reads.is_empty(),
+        "containerd's exec read from disk before its point of no return:\n{}",
+        window.join("\n")
+    );
+    poweroff(&mut vm);
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
