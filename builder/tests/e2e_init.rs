@@ -162,6 +162,21 @@ fn slot_a_boot_files(image: &Path, dir: &Path) -> (PathBuf, PathBuf, String) {
     (kernel, initrd, entry.options.clone())
 }
 
+/// Boots slot a of a copy of `image` (in `dir`) with its kernel loaded directly and the kernel
+/// trace `events` printed to the console as they happen.
+fn launch_traced(image: &Path, dir: &Path, events: &str) -> Vm {
+    let disk = kept_overlay(image, dir);
+    let (kernel, initrd, options) = slot_a_boot_files(image, dir);
+    let mut opts = caisson_qemu::VmOptions::new(&disk);
+    opts.disk = caisson_qemu::Disk::direct(&disk);
+    opts.kernel = Some(caisson_qemu::DirectKernel {
+        kernel,
+        initrd,
+        cmdline: format!("{options} loglevel=5 tp_printk trace_event={events}"),
+    });
+    Vm::launch(opts).expect("launching QEMU")
+}
+
 /// Stage 1 asks for stage 2's binary before the switch (init/src/prefetch.rs), so stage 2 starts
 /// without reading its own code from the verified root a page fault at a time. The kernel traces
 /// every block request to the console: from stage 2's exec to its first cgroup (the step after
@@ -171,19 +186,11 @@ fn stage2_starts_without_reading_its_own_binary() {
     let image = common::image("minimal");
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
-    let disk = kept_overlay(&image, dir.path());
-    let (kernel, initrd, options) = slot_a_boot_files(&image, dir.path());
-    let mut opts = caisson_qemu::VmOptions::new(&disk);
-    opts.disk = caisson_qemu::Disk::direct(&disk);
-    opts.kernel = Some(caisson_qemu::DirectKernel {
-        kernel,
-        initrd,
-        cmdline: format!(
-            "{options} loglevel=5 tp_printk \
-             trace_event=sched:sched_process_exec,cgroup:cgroup_mkdir,block:block_rq_issue"
-        ),
-    });
-    let mut vm = Vm::launch(opts).expect("launching QEMU");
+    let mut vm = launch_traced(
+        &image,
+        dir.path(),
+        "sched:sched_process_exec,cgroup:cgroup_mkdir,block:block_rq_issue",
+    );
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("minimal reaches ready");
     let console = vm.console_text().unwrap();
@@ -214,25 +221,17 @@ fn stage2_starts_without_reading_its_own_binary() {
 /// loader path is an absolute link). containerd is dynamically linked: between its clone and its
 /// exec, the child (still named `init` until the exec's point of no return, while PID 1's
 /// spawning thread waits for it) must issue no block request. Before the interpreter was
-/// prefetched, three were traced there: the loader's directory and inode.
+/// prefetched, four were traced there: the loader's directory, inode and header.
 #[test]
 fn host_services_exec_without_reading_the_loader() {
     let image = common::image("host");
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
-    let disk = kept_overlay(&image, dir.path());
-    let (kernel, initrd, options) = slot_a_boot_files(&image, dir.path());
-    let mut opts = caisson_qemu::VmOptions::new(&disk);
-    opts.disk = caisson_qemu::Disk::direct(&disk);
-    opts.kernel = Some(caisson_qemu::DirectKernel {
-        kernel,
-        initrd,
-        cmdline: format!(
-            "{options} loglevel=5 tp_printk \
-             trace_event=sched:sched_process_fork,sched:sched_process_exec,block:block_rq_issue"
-        ),
-    });
-    let mut vm = Vm::launch(opts).expect("launching QEMU");
+    let mut vm = launch_traced(
+        &image,
+        dir.path(),
+        "sched:sched_process_fork,sched:sched_process_exec,block:block_rq_issue",
+    );
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("host reaches ready");
     let console = vm.console_text().unwrap();
