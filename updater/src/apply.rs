@@ -297,6 +297,15 @@ struct Clock {
     spans: std::sync::Mutex<Vec<(&'static str, std::time::Duration)>>,
 }
 
+/// The CPU time the calling thread has used so far.
+fn thread_cpu_now() -> std::time::Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
 impl Clock {
     fn add(&self, what: &'static str, d: std::time::Duration) {
         let mut spans = self
@@ -319,12 +328,7 @@ impl Clock {
 
     /// Adds the CPU time the calling thread has used to `what` (once, when it is done).
     fn thread_cpu(&self, what: &'static str) {
-        let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-        let d = std::time::Duration::new(
-            u64::try_from(ts.tv_sec).unwrap_or(0),
-            u32::try_from(ts.tv_nsec).unwrap_or(0),
-        );
-        self.add(what, d);
+        self.add(what, thread_cpu_now());
     }
 
     fn line(&self) -> String {
@@ -984,17 +988,12 @@ fn write_root(
         let fetch = &mut *src;
         let index = &index;
         s.spawn(move || fetcher(fetch, root, index, planned, more_rx, tx, reuse, clock));
-        let cpu_before = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        let cpu_before = thread_cpu_now();
         let written = {
             let _stop = StopOnDrop(mark);
             clock.time("write_wall", || pipe.write(more_tx, rx, &give_back))
         };
-        let cpu_after = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-        let secs = |ts: rustix::time::Timespec| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
-        clock.add(
-            "writer_cpu",
-            std::time::Duration::from_secs_f64((secs(cpu_after) - secs(cpu_before)).max(0.0)),
-        );
+        clock.add("writer_cpu", thread_cpu_now().saturating_sub(cpu_before));
         let written = match written {
             Ok(Written::All) => {
                 pipe.progress.step("verifying the written slot");
