@@ -47,9 +47,33 @@ pub enum List {
     Late,
 }
 
-/// Which lists have been loaded; whoever needs a module waits for its list.
-#[derive(Debug, Clone, Default)]
-pub struct Loading(Arc<(Mutex<Option<List>>, Condvar)>);
+/// Which lists have been loaded; whoever needs a module waits for its list. The loading may be
+/// prepared and begun later: the first `wait` begins it if nobody has, so no waiter can wait for
+/// a thread that was never started.
+#[derive(Clone, Default)]
+pub struct Loading(Arc<(Mutex<State>, Condvar)>);
+
+#[derive(Default)]
+struct State {
+    loaded: Option<List>,
+    pending: Option<Pending>,
+}
+
+/// What a prepared loading will load, once begun.
+struct Pending {
+    sys: Arc<dyn Syscall>,
+    lists: Vec<(List, &'static str)>,
+}
+
+impl std::fmt::Debug for Loading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state();
+        f.debug_struct("Loading")
+            .field("loaded", &state.loaded)
+            .field("begun", &state.pending.is_none())
+            .finish()
+    }
+}
 
 impl Loading {
     /// A handle on which `list` (and every list before it) is already loaded.
@@ -62,18 +86,37 @@ impl Loading {
     /// Loads `lists` (list file paths under `/`, in order) on a thread and returns at once. With
     /// no thread, loads them here.
     pub fn start(sys: Arc<dyn Syscall>, lists: Vec<(List, &'static str)>) -> Loading {
+        let l = Loading::prepare(sys, lists);
+        l.begin();
+        l
+    }
+
+    /// Like `start`, but the thread starts only with `begin` or the first `wait`.
+    pub fn prepare(sys: Arc<dyn Syscall>, lists: Vec<(List, &'static str)>) -> Loading {
         let l = Loading::default();
+        l.state().pending = Some(Pending { sys, lists });
+        l
+    }
+
+    /// Starts the prepared loading, if it has not started yet.
+    pub fn begin(&self) {
+        let Some(Pending { sys, lists }) = self.state().pending.take() else {
+            return;
+        };
         let spawned = {
-            let (sys, lists, l) = (sys.clone(), lists.clone(), l.clone());
+            let (sys, lists, l) = (sys.clone(), lists.clone(), self.clone());
             std::thread::Builder::new()
                 .name("modules".into())
                 .spawn(move || l.load(sys.as_ref(), &lists))
         };
         if let Err(e) = spawned {
             log::warn!("no thread for the modules ({e}); loading them now");
-            l.load(sys.as_ref(), &lists);
+            self.load(sys.as_ref(), &lists);
         }
-        l
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn load(&self, sys: &dyn Syscall, lists: &[(List, &'static str)]) {
@@ -84,26 +127,24 @@ impl Loading {
     }
 
     fn mark(&self, list: List) {
-        let (done, cv) = &*self.0;
-        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
-        if d.is_none_or(|had| had < list) {
-            *d = Some(list);
+        let mut d = self.state();
+        if d.loaded.is_none_or(|had| had < list) {
+            d.loaded = Some(list);
         }
-        cv.notify_all();
+        self.0 .1.notify_all();
     }
 
     /// True once `list` is loaded.
     pub fn is_loaded(&self, list: List) -> bool {
-        let (done, _) = &*self.0;
-        let d = done.lock().unwrap_or_else(|p| p.into_inner());
-        d.is_some_and(|had| had >= list)
+        self.state().loaded.is_some_and(|had| had >= list)
     }
 
-    /// Waits until `list` is loaded.
+    /// Waits until `list` is loaded, beginning a prepared loading first.
     pub fn wait(&self, list: List) {
-        let (done, cv) = &*self.0;
-        let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
-        while !d.is_some_and(|had| had >= list) {
+        self.begin();
+        let cv = &self.0 .1;
+        let mut d = self.state();
+        while d.loaded.is_none_or(|had| had < list) {
             d = cv.wait(d).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -166,5 +207,32 @@ mod tests {
         );
         l.wait(List::Late);
         assert!(l.is_loaded(List::Early));
+    }
+
+    #[test]
+    fn a_prepared_loading_starts_on_begin_or_on_the_first_wait() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sys = Arc::new(Recording::new(tmp.path()));
+        let lists = || {
+            vec![
+                (List::Early, "/no-early-list"),
+                (List::Late, "/no-late-list"),
+            ]
+        };
+        let l = Loading::prepare(sys.clone(), lists());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!l.is_loaded(List::Early), "nothing loads before it begins");
+        l.wait(List::Late);
+        assert!(l.is_loaded(List::Early));
+
+        let l = Loading::prepare(sys, lists());
+        l.begin();
+        l.begin();
+        let started = std::time::Instant::now();
+        while !l.is_loaded(List::Late) {
+            assert!(started.elapsed().as_secs() < 10, "begin starts the loading");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(format!("{l:?}").contains("begun: true"));
     }
 }
