@@ -64,6 +64,8 @@ pub enum BuildError {
     Disk(#[from] caisson_disk::DiskError),
     #[error(transparent)]
     Bundle(#[from] caisson_update::bundle::BundleError),
+    #[error("keeping slot a's chunk index on the state partition: {0}")]
+    ChunkCache(#[from] caisson_update::chunk_cache::CacheError),
     #[error("--version {0:?}: {1}")]
     Version(String, String),
     #[error("{what} {path}: {source}")]
@@ -266,7 +268,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutputs, BuildError> {
     phases.done("esp");
 
     let state_img = work.join("state.img");
-    caisson_disk::make_state_fs(None, &state_img, spec.sizes.state, opts.epoch, &name)?;
+    let state_dir = work.join("state");
+    if bins.iter().any(|b| b == "caisson-update") {
+        seed_chunk_cache(&state_dir, &payload.verity.root_hash, &payload_path)?;
+    }
+    let state_content = state_dir.is_dir().then_some(state_dir.as_path());
+    caisson_disk::make_state_fs(
+        state_content,
+        &state_img,
+        spec.sizes.state,
+        opts.epoch,
+        &name,
+    )?;
     phases.done("state");
 
     let stem = format!("{name}-{version}");
@@ -574,4 +587,21 @@ pub fn print_summary(o: &BuildOutputs) {
         .map(|(n, s)| format!("{n} {s:.2}s"))
         .collect();
     println!("  {total:.1} s: {}", phases.join(", "));
+}
+
+/// Puts slot a's chunk index into the state partition's content, where `caisson-update` keeps
+/// the index of each installed slot: the first update after an install then copies the chunks
+/// it can by that index instead of cutting and hashing the whole running slot first (the same
+/// as every later update, whose apply keeps the index it fetched).
+fn seed_chunk_cache(state_dir: &Path, root: &[u8; 32], payload: &Path) -> Result<(), BuildError> {
+    // The state partition is mounted at /var.
+    let updater_dir = Path::new(caisson_update::record::STATE_DIR)
+        .strip_prefix("/var")
+        .unwrap_or(Path::new("lib/caisson/update"));
+    let dir = state_dir
+        .join(updater_dir)
+        .join(caisson_update::chunk_cache::DIR);
+    Ok(caisson_update::chunk_cache::store_payload(
+        &dir, root, payload,
+    )?)
 }

@@ -131,3 +131,49 @@ fn host_runs_containerd_under_the_init() {
     assert!(r.error.unwrap_or_default().contains("/no/such/program"));
     poweroff(&mut vm);
 }
+
+/// The host image carries `caisson-update`: its state partition holds slot a's chunk index where
+/// the updater keeps the index of each installed slot, read back here with debugfs and loaded
+/// by the updater's own code against the manifest's root hash and size.
+#[test]
+fn host_state_holds_slot_a_chunk_index_for_the_first_update() {
+    let image = common::image("host");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.with_extension("manifest.json")).unwrap())
+            .unwrap();
+    let root_hex = manifest["verity"]["root_hash"].as_str().unwrap();
+    let mut root = [0u8; 32];
+    hex::decode_to_slice(root_hex, &mut root).unwrap();
+    let size = manifest["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "root")
+        .and_then(|a| a["size"].as_u64())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state =
+        common::extract_partition(&image, caisson_layout::partition::Part::State, dir.path());
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let inside = Path::new(caisson_update::record::STATE_DIR)
+        .strip_prefix("/var")
+        .unwrap()
+        .join(caisson_update::chunk_cache::DIR)
+        .join(format!("{root_hex}.idx"));
+    let out = cache.join(format!("{root_hex}.idx"));
+    common::check(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /{} {}", inside.display(), out.display()),
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(out.is_file(), "debugfs found no {}", inside.display());
+    let chunking = caisson_update::bundle::Chunking::default();
+    let index = caisson_update::chunk_cache::load(&cache, &root, size, &chunking)
+        .expect("the kept index loads for slot a's root hash and size");
+    assert_eq!(index.size(), size);
+    assert!(index.chunks.len() > 1000, "{} chunks", index.chunks.len());
+}

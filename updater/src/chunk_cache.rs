@@ -30,6 +30,8 @@ pub enum CacheError {
     },
     #[error(transparent)]
     Write(#[from] crate::slots::SlotError),
+    #[error("the default chunking: {0}")]
+    Chunking(String),
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
@@ -91,6 +93,20 @@ pub fn store(
         }
     }
     Ok(())
+}
+
+/// Cuts the slot payload in the file `payload` (data and verity tree, as a bundle carries it)
+/// with the default chunking and keeps its index in `dir`: an image builder does this on a
+/// fresh image's state partition, so that the first update after an install copies by a cached
+/// index like every later one instead of cutting and hashing the running slot first.
+pub fn store_payload(dir: &Path, root: &[u8; 32], payload: &Path) -> Result<(), CacheError> {
+    let chunking = Chunking::default();
+    let cutter = chunking.cutter().map_err(CacheError::Chunking)?;
+    let file = std::fs::File::open(payload).map_err(io_err("opening", payload))?;
+    let reader = std::io::BufReader::with_capacity(4 << 20, file);
+    let (_, _, index) = crate::bundle::copy_chunked(&cutter, reader, &mut std::io::sink())
+        .map_err(io_err("reading", payload))?;
+    store(dir, root, &chunking, &index, None)
 }
 
 /// The cached index of the slot whose verity root is `root` and payload `size` bytes, cut as
@@ -213,5 +229,32 @@ mod tests {
         std::fs::write(&p, &good).unwrap();
         std::fs::rename(&p, path(dir.path(), &[2; 32])).unwrap();
         assert_eq!(load(dir.path(), &[2; 32], index().size(), &c), None);
+    }
+
+    #[test]
+    fn a_payload_file_is_kept_as_the_bundle_would_cut_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = dir.path().join("root.img");
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes: Vec<u8> = (0..(1 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&payload, &bytes).unwrap();
+        let cache = dir.path().join("cache");
+        let root = [7u8; 32];
+        store_payload(&cache, &root, &payload).unwrap();
+        let c = Chunking::default();
+        let (_, _, want) =
+            crate::bundle::copy_chunked(&c.cutter().unwrap(), &bytes[..], &mut std::io::sink())
+                .unwrap();
+        assert!(want.chunks.len() > 10, "cut into content-defined chunks");
+        assert_eq!(load(&cache, &root, bytes.len() as u64, &c), Some(want));
+        let err = store_payload(&cache, &root, &dir.path().join("gone")).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
     }
 }
