@@ -594,13 +594,7 @@ pub fn print_summary(o: &BuildOutputs) {
 /// it can by that index instead of cutting and hashing the whole running slot first (the same
 /// as every later update, whose apply keeps the index it fetched).
 fn seed_chunk_cache(state_dir: &Path, root: &[u8; 32], payload: &Path) -> Result<(), BuildError> {
-    // The state partition is mounted at /var.
-    let updater_dir = Path::new(caisson_update::record::STATE_DIR)
-        .strip_prefix("/var")
-        .unwrap_or(Path::new("lib/caisson/update"));
-    let dir = state_dir
-        .join(updater_dir)
-        .join(caisson_update::chunk_cache::DIR);
+    let dir = state_dir.join(caisson_update::chunk_cache::dir_in_state_partition());
     Ok(caisson_update::chunk_cache::store_payload(
         &dir, root, payload,
     )?)

@@ -156,11 +156,8 @@ fn host_state_holds_slot_a_chunk_index_for_the_first_update() {
         common::extract_partition(&image, caisson_layout::partition::Part::State, dir.path());
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    let inside = Path::new(caisson_update::record::STATE_DIR)
-        .strip_prefix("/var")
-        .unwrap()
-        .join(caisson_update::chunk_cache::DIR)
-        .join(format!("{root_hex}.idx"));
+    let inside =
+        caisson_update::chunk_cache::dir_in_state_partition().join(format!("{root_hex}.idx"));
     let out = cache.join(format!("{root_hex}.idx"));
     common::check(
         "debugfs",

@@ -177,6 +177,29 @@ fn launch_traced(image: &Path, dir: &Path, events: &str) -> Vm {
     Vm::launch(opts).expect("launching QEMU")
 }
 
+/// The console lines after line `from` up to the first one containing `until` (which must
+/// appear; `what` names it in the failure), and the block requests PID 1's task (`[init]`)
+/// issued among them.
+fn init_reads_until<'a>(
+    lines: &[&'a str],
+    from: usize,
+    until: &str,
+    what: &str,
+) -> (Vec<&'a str>, Vec<&'a str>) {
+    let end = from
+        + lines[from..]
+            .iter()
+            .position(|l| l.contains(until))
+            .unwrap_or_else(|| panic!("no trace of {what}:\n{}", lines.join("\n")));
+    let window = lines[from + 1..end].to_vec();
+    let reads = window
+        .iter()
+        .copied()
+        .filter(|l| l.contains("block_rq_issue") && l.trim_end().ends_with("[init]"))
+        .collect();
+    (window, reads)
+}
+
 /// Stage 1 asks for stage 2's binary before the switch (init/src/prefetch.rs), so stage 2 starts
 /// without reading its own code from the verified root a page fault at a time. The kernel traces
 /// every block request to the console: from stage 2's exec to its first cgroup (the step after
@@ -199,16 +222,7 @@ fn stage2_starts_without_reading_its_own_binary() {
         .iter()
         .position(|l| l.contains("sched_process_exec: filename=/sbin/init pid=1"))
         .unwrap_or_else(|| panic!("no trace of stage 2's exec on the console:\n{console}"));
-    let cgroup = exec
-        + lines[exec..]
-            .iter()
-            .position(|l| l.contains("cgroup_mkdir:"))
-            .unwrap_or_else(|| panic!("no trace of the init's cgroup:\n{console}"));
-    let window = &lines[exec + 1..cgroup];
-    let reads: Vec<&&str> = window
-        .iter()
-        .filter(|l| l.contains("block_rq_issue") && l.trim_end().ends_with("[init]"))
-        .collect();
+    let (window, reads) = init_reads_until(&lines, exec, "cgroup_mkdir:", "the init's cgroup");
     assert!(
         reads.is_empty(),
         "stage 2 read from disk before its first cgroup:\n{}",
@@ -246,16 +260,12 @@ fn host_services_exec_without_reading_the_loader() {
         .iter()
         .position(|l| l.contains(&format!("pid=1 child_comm=init child_pid={pid}")))
         .unwrap_or_else(|| panic!("no trace of containerd's clone (pid {pid}):\n{console}"));
-    let exec = fork
-        + lines[fork..]
-            .iter()
-            .position(|l| l.contains(&format!("filename=/usr/bin/containerd pid={pid}")))
-            .unwrap_or_else(|| panic!("no trace of containerd's exec:\n{console}"));
-    let window = &lines[fork + 1..exec];
-    let reads: Vec<&&str> = window
-        .iter()
-        .filter(|l| l.contains("block_rq_issue") && l.trim_end().ends_with("[init]"))
-        .collect();
+    let (window, reads) = init_reads_until(
+        &lines,
+        fork,
+        &format!("filename=/usr/bin/containerd pid={pid}"),
+        "containerd's exec",
+    );
     assert!(
         reads.is_empty(),
         "containerd's exec read from disk before its point of no return:\n{}",

@@ -334,7 +334,6 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         ],
     );
     if must_look {
-        modules.begin();
         modules.wait(List::Early);
         steps.mark("modules");
     }
@@ -356,8 +355,9 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     hostname(sys.as_ref());
     steps.mark("hostname");
     // Under emulation most of this step is the first run of the TOML parser's code (QEMU
-    // translates code as it first runs). Reading on a thread beside the steps above was tried:
-    // with the host's cores busy the guest's second vCPU is no help, and the spawn came later.
+    // translates code as it first runs). Reading on a thread beside the steps above was tried
+    // twice: with the host's cores busy the spawn came later, and on a quiet host it gained
+    // nothing measurable (81 against 82.5 ms, BENCHMARKS.md).
     let config = InitConfig::load(Path::new(CONFIG_PATH));
     let loaded = service::load_dirs(&[
         Path::new(paths::IMAGE_SERVICES_DIR),

@@ -52,6 +52,11 @@ struct Header {
     sha256: String,
 }
 
+/// The cache directory inside the state partition (see [`crate::record::STATE_DIR_IN_PARTITION`]).
+pub fn dir_in_state_partition() -> PathBuf {
+    Path::new(crate::record::STATE_DIR_IN_PARTITION).join(DIR)
+}
+
 /// The file for the slot whose verity root hash is `root`.
 pub fn path(dir: &Path, root: &[u8; 32]) -> PathBuf {
     dir.join(format!("{}.idx", hex::encode(root)))

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 /// The directory on a machine.
 pub const STATE_DIR: &str = "/var/lib/caisson/update";
+/// The same directory inside the state partition, which the machine mounts at `/var` (where an
+/// image builder puts what a new machine's updater should find).
+pub const STATE_DIR_IN_PARTITION: &str = "lib/caisson/update";
 const RECORD_FILE: &str = "state.json";
 /// The flock that serializes changes (see [`Records::lock`]).
 pub const LOCK_FILE: &str = "update.lock";
@@ -198,6 +201,11 @@ pub fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_dir_is_the_partition_dir_under_var() {
+        assert_eq!(STATE_DIR, format!("/var/{STATE_DIR_IN_PARTITION}"));
+    }
 
     #[test]
     fn a_second_change_waits_for_the_first() {
