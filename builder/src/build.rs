@@ -32,17 +32,19 @@ pub const INITRD_MODULES: &[&str] = &[
     "overlay",
 ];
 
-/// Modules stage 2 always loads: the ESP (to bless entries, and config drives), the console
-/// channel, networking, and QEMU's fw_cfg (a provisioning source, provision/CONFIG.md).
-pub const ROOT_MODULES: &[&str] = &[
+/// Modules stage 2 always loads after SOURCE_MODULES: the console channel and networking.
+pub const ROOT_MODULES: &[&str] = &["virtio_console", "virtio_net", "af_packet"];
+
+/// What the machine-config search needs (QEMU's fw_cfg first, then vfat and its character
+/// sets for a config drive and the ESP, provision/CONFIG.md); the ESP also serves blessing
+/// entries. Stage 2 loads these before any other module, and on the first
+/// boot waits only for them.
+pub const SOURCE_MODULES: &[&str] = &[
+    "qemu_fw_cfg",
     "vfat",
     "nls_cp437",
     "nls_ascii",
     "nls_iso8859_1",
-    "virtio_console",
-    "virtio_net",
-    "af_packet",
-    "qemu_fw_cfg",
 ];
 
 /// What can go wrong in a build.
@@ -430,15 +432,27 @@ fn assemble_root(
         &spec.spec.directories,
     )?;
     rootfs::install_update(root, spec.dir(), &spec.spec.update)?;
-    // Stage 2 loads ROOT_MODULES before anything else (the ESP, provisioning sources, the
-    // control channel, the network) and the spec's modules on a thread while services start.
-    let early_names: Vec<String> = ROOT_MODULES.iter().map(|s| s.to_string()).collect();
-    let early = kernel.closure(&early_names)?;
+    // Stage 2 loads three lists on a thread, in order: SOURCE_MODULES (the machine-config
+    // sources, the ESP), ROOT_MODULES (the control channel, the network), then the spec's
+    // modules. Each module goes in the first list whose closure holds it.
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let sources = kernel.closure(&names(SOURCE_MODULES))?;
+    let early: Vec<String> = kernel
+        .closure(&names(ROOT_MODULES))?
+        .into_iter()
+        .filter(|m| !sources.contains(m))
+        .collect();
     let late: Vec<String> = kernel
         .closure(&spec.spec.kernel.modules)?
         .into_iter()
-        .filter(|m| !early.contains(m))
+        .filter(|m| !sources.contains(m) && !early.contains(m))
         .collect();
+    rootfs::install_modules(
+        root,
+        &kernel.root,
+        &sources,
+        paths::ROOT_MODULES_SOURCES_LIST,
+    )?;
     rootfs::install_modules(root, &kernel.root, &early, paths::ROOT_MODULES_LIST)?;
     rootfs::install_modules(root, &kernel.root, &late, paths::ROOT_MODULES_LATE_LIST)?;
     let packages: Vec<rootfs::SbomPackage> = lock

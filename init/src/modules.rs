@@ -39,23 +39,29 @@ pub fn load_list(sys: &dyn Syscall, root: &Path, list: &str) -> usize {
     loaded
 }
 
-/// The two stage-2 module lists: `early` (what the machine's own devices need: the network and
-/// console drivers, fw_cfg, vfat for the ESP) and `late` (the spec's modules).
+/// The stage-2 module lists, in the order they load: `Sources` (what the machine-config search
+/// needs: fw_cfg, vfat for a config drive and the ESP), `Early` (the machine's other devices: the
+/// network and console drivers) and `Late` (the spec's modules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum List {
+    Sources,
     Early,
     Late,
 }
 
 /// Which lists have been loaded; whoever needs a module waits for its list. The loading may be
-/// prepared and begun later: the first `wait` begins it if nobody has, so no waiter can wait for
-/// a thread that was never started.
+/// prepared and begun later. One thread loads the lists in order, but no further than the last
+/// list asked for: `begin` asks for all of them, `wait` for the one it waits for. So a boot that
+/// needs only the first list before its services start does not load the others beside them,
+/// and no waiter can wait for a thread that was never started.
 #[derive(Clone, Default)]
 pub struct Loading(Arc<(Mutex<State>, Condvar)>);
 
 #[derive(Default)]
 struct State {
     loaded: Option<List>,
+    /// The last list the thread may load.
+    wanted: Option<List>,
     pending: Option<Pending>,
 }
 
@@ -70,6 +76,7 @@ impl std::fmt::Debug for Loading {
         let state = self.state();
         f.debug_struct("Loading")
             .field("loaded", &state.loaded)
+            .field("wanted", &state.wanted)
             .field("begun", &state.pending.is_none())
             .finish()
     }
@@ -91,16 +98,29 @@ impl Loading {
         l
     }
 
-    /// Like `start`, but the thread starts only with `begin` or the first `wait`.
+    /// Like `start`, but nothing loads before `begin` or the first `wait`.
     pub fn prepare(sys: Arc<dyn Syscall>, lists: Vec<(List, &'static str)>) -> Loading {
         let l = Loading::default();
         l.state().pending = Some(Pending { sys, lists });
         l
     }
 
-    /// Starts the prepared loading, if it has not started yet.
+    /// Lets every list load, starting the thread if it has not started yet.
     pub fn begin(&self) {
-        let Some(Pending { sys, lists }) = self.state().pending.take() else {
+        self.want(List::Late);
+    }
+
+    /// Lets the lists up to `list` load, starting the thread if it has not started yet.
+    fn want(&self, list: List) {
+        let pending = {
+            let mut d = self.state();
+            if d.wanted.is_none_or(|had| had < list) {
+                d.wanted = Some(list);
+                self.0 .1.notify_all();
+            }
+            d.pending.take()
+        };
+        let Some(Pending { sys, lists }) = pending else {
             return;
         };
         let spawned = {
@@ -111,6 +131,7 @@ impl Loading {
         };
         if let Err(e) = spawned {
             log::warn!("no thread for the modules ({e}); loading them now");
+            self.want(List::Late);
             self.load(sys.as_ref(), &lists);
         }
     }
@@ -121,6 +142,18 @@ impl Loading {
 
     fn load(&self, sys: &dyn Syscall, lists: &[(List, &'static str)]) {
         for (which, path) in lists {
+            {
+                let cv = &self.0 .1;
+                let mut d = self.state();
+                // This list is wanted, or a list asked for is not loaded yet (it may be
+                // missing from `lists`: then the next one stands for it).
+                while !d
+                    .wanted
+                    .is_some_and(|w| w >= *which || d.loaded.is_none_or(|had| had < w))
+                {
+                    d = cv.wait(d).unwrap_or_else(|p| p.into_inner());
+                }
+            }
             load_list(sys, Path::new("/"), path);
             self.mark(*which);
         }
@@ -139,9 +172,9 @@ impl Loading {
         self.state().loaded.is_some_and(|had| had >= list)
     }
 
-    /// Waits until `list` is loaded, beginning a prepared loading first.
+    /// Waits until `list` is loaded, letting it (and the lists before it) load first.
     pub fn wait(&self, list: List) {
-        self.begin();
+        self.want(list);
         let cv = &self.0 .1;
         let mut d = self.state();
         while d.loaded.is_none_or(|had| had < list) {
@@ -234,5 +267,40 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(format!("{l:?}").contains("begun: true"));
+    }
+
+    #[test]
+    fn a_wait_for_the_first_list_loads_no_further_until_more_is_asked_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sys = Arc::new(Recording::new(tmp.path()));
+        let l = Loading::prepare(
+            sys.clone(),
+            vec![
+                (List::Sources, "/no-sources-list"),
+                (List::Early, "/no-early-list"),
+                (List::Late, "/no-late-list"),
+            ],
+        );
+        l.wait(List::Sources);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !l.is_loaded(List::Early),
+            "only what was asked for loads: {l:?}"
+        );
+        l.begin();
+        l.wait(List::Late);
+
+        // A list asked for but not given: the next one stands for it, and no more.
+        let l = Loading::prepare(
+            sys,
+            vec![
+                (List::Early, "/no-early-list"),
+                (List::Late, "/no-late-list"),
+            ],
+        );
+        l.wait(List::Sources);
+        assert!(l.is_loaded(List::Early));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!l.is_loaded(List::Late), "{l:?}");
     }
 }

@@ -318,23 +318,25 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         id.slot_text()
     );
     steps.mark("identity");
-    // Both module lists load on a thread; whatever needs a module waits for its list: the
-    // network, the virtio control port and blessing the early one, services `after = ["modules"]`
-    // both. A boot that must look for a machine config needs the early drivers (fw_cfg, config
-    // drives, the ESP, the network) before it goes on. Other boots begin loading right after
-    // the first services started (or when a provisioned config's modules are waited for):
-    // loading beside the steps below held the first spawn back by ~15 ms under emulation
-    // (the loader's reads and relocations compete for the same two CPUs), and nothing started
-    // before then needs a module.
+    // The module lists load on a thread; whatever needs a module waits for its list: blessing
+    // the sources one (vfat), the network and the virtio control port the early one, services
+    // `after = ["modules"]` all three. A boot that must look for a machine config needs the
+    // sources' drivers (fw_cfg, vfat for config drives and the ESP) before it goes on; the
+    // network's only if the config is fetched from a URL. The rest load right after the first
+    // services started (or when a provisioned config's modules are waited for): loading beside
+    // the steps below held the first spawn back by ~15 ms under emulation (the loader's reads
+    // and relocations compete for the same CPUs), and nothing started before then needs a
+    // module.
     let modules = Loading::prepare(
         sys.clone(),
         vec![
+            (List::Sources, paths::ROOT_MODULES_SOURCES_LIST),
             (List::Early, paths::ROOT_MODULES_LIST),
             (List::Late, paths::ROOT_MODULES_LATE_LIST),
         ],
     );
     if must_look {
-        modules.wait(List::Early);
+        modules.wait(List::Sources);
         steps.mark("modules");
     }
     for d in ["/run/caisson", paths::LOG_DIR] {
@@ -546,7 +548,7 @@ fn start_control(tx: Sender<Event>, modules: &Loading) {
     ) {
         log::error!("control socket {}: {e}", paths::CONTROL_SOCKET);
     }
-    // The port appears once virtio_console (an early module) is loaded.
+    // The port appears once virtio_console (in the early list) is loaded.
     let modules = modules.clone();
     let virtio = move || {
         modules.wait(List::Early);
@@ -764,8 +766,8 @@ fn start_bless(id: &Identity, tx: Sender<Event>, modules: Loading) {
     let spawned = std::thread::Builder::new()
         .name("bless".into())
         .spawn(move || {
-            // The ESP is vfat, an early module.
-            modules.wait(List::Early);
+            // The ESP is vfat, in the sources' list.
+            modules.wait(List::Sources);
             if let Err(e) = bless_now(&Real, &params) {
                 log::error!("blessing the boot entry failed: {e}");
             }
