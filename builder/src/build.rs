@@ -32,20 +32,22 @@ pub const INITRD_MODULES: &[&str] = &[
     "overlay",
 ];
 
-/// Modules stage 2 always loads after SOURCE_MODULES: the console channel and networking.
-pub const ROOT_MODULES: &[&str] = &["virtio_console", "virtio_net", "af_packet"];
-
-/// What the machine-config search needs (QEMU's fw_cfg first, then vfat and its character
-/// sets for a config drive and the ESP, provision/CONFIG.md); the ESP also serves blessing
-/// entries. Stage 2 loads these before any other module, and on the first
-/// boot waits only for them.
-pub const SOURCE_MODULES: &[&str] = &[
-    "qemu_fw_cfg",
+/// Modules stage 2 always loads after SOURCE_MODULES: vfat for the ESP (blessing entries,
+/// updates), the console channel and networking.
+pub const ROOT_MODULES: &[&str] = &[
     "vfat",
     "nls_cp437",
     "nls_ascii",
     "nls_iso8859_1",
+    "virtio_console",
+    "virtio_net",
+    "af_packet",
 ];
+
+/// What the machine-config search needs from the kernel: QEMU's fw_cfg (config drives and the
+/// ESP are read in user space, provision/CONFIG.md). Stage 2 loads these before any other
+/// module, and on the first boot waits only for them.
+pub const SOURCE_MODULES: &[&str] = &["qemu_fw_cfg"];
 
 /// What can go wrong in a build.
 #[derive(Debug, thiserror::Error)]
@@ -433,7 +435,7 @@ fn assemble_root(
     )?;
     rootfs::install_update(root, spec.dir(), &spec.spec.update)?;
     // Stage 2 loads three lists on a thread, in order: SOURCE_MODULES (the machine-config
-    // sources, the ESP), ROOT_MODULES (the control channel, the network), then the spec's
+    // sources), ROOT_MODULES (the ESP, the control channel, the network), then the spec's
     // modules. Each module goes in the first list whose closure holds it.
     let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let sources = kernel.closure(&names(SOURCE_MODULES))?;

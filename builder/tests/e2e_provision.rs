@@ -249,6 +249,34 @@ fn a_config_drive_is_applied_with_a_static_address() {
     poweroff(&mut vm);
 }
 
+/// The ESP, read in user space (never mounted) on the first boot, and found by its PARTUUID.
+#[test]
+fn a_config_on_the_esp_is_applied() {
+    let image = image();
+    let _one_vm = common::vm_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    std::fs::copy(&image, &disk).unwrap();
+    let layout = caisson_disk::read_layout(&disk).unwrap();
+    let esp = layout.get(Part::Esp).unwrap();
+    let on_esp = format!("{}@@{}", disk.display(), esp.start);
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(&cfg, config()).unwrap();
+    // `caisson/` is there already: it holds each version's kernel and initramfs.
+    common::check(
+        "mcopy",
+        &[
+            "-i",
+            &on_esp,
+            cfg.to_str().unwrap(),
+            "::/caisson/config.toml",
+        ],
+    );
+    let mut vm = boot(&disk, None, None);
+    check_provisioned(&mut vm, "ESP");
+    poweroff(&mut vm);
+}
+
 /// Appends `words` to the options line of the image's first boot entry (mtools, on a raw copy).
 fn add_to_cmdline(raw: &Path, words: &str, dir: &Path) {
     let layout = caisson_disk::read_layout(raw).unwrap();

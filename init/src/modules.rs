@@ -40,7 +40,7 @@ pub fn load_list(sys: &dyn Syscall, root: &Path, list: &str) -> usize {
 }
 
 /// The stage-2 module lists, in the order they load: `Sources` (what the machine-config search
-/// needs: fw_cfg, vfat for a config drive and the ESP), `Early` (the machine's other devices: the
+/// needs from the kernel: fw_cfg), `Early` (the machine's own devices: vfat for the ESP, the
 /// network and console drivers) and `Late` (the spec's modules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum List {

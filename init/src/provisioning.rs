@@ -3,14 +3,11 @@
 //! A config that fails stops the boot here, before any service, and never echoes contents.
 
 use crate::modules::{List, Loading};
-use crate::sys::{MountFlags, Power, Syscall};
-use caisson_provision::source::{self, Env, Mounter};
+use crate::sys::{Power, Syscall};
+use caisson_provision::source::{self, Env};
 use caisson_provision::{Checks, Outcome};
 use std::path::Path;
 use uuid::Uuid;
-
-/// Where the config drive or the ESP is mounted for a moment.
-pub const MOUNT_DIR: &str = "/run/caisson/provision";
 
 /// The init's own parsers, so a provisioned file is one the init will take.
 pub struct InitChecks;
@@ -23,20 +20,6 @@ impl Checks for InitChecks {
     }
     fn network(&self, text: &str) -> Result<(), String> {
         crate::network::NetworkConfig::parse(text).map(|_| ())
-    }
-}
-
-struct SysMounter<'a>(&'a dyn Syscall);
-
-impl Mounter for SysMounter<'_> {
-    fn mount_vfat_ro(&self, dev: &Path, target: &Path) -> std::io::Result<()> {
-        let flags =
-            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-        self.0
-            .mount(&dev.to_string_lossy(), target, "vfat", flags, "umask=0077")
-    }
-    fn unmount(&self, target: &Path) -> std::io::Result<()> {
-        self.0.unmount(target, false)
     }
 }
 
@@ -106,13 +89,10 @@ fn find_and_apply(
     network: &mut dyn FnMut(),
 ) -> Result<(), String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let mounter = SysMounter(sys);
     let env = Env {
         root,
-        mounter: &mounter,
         cmdline: &cmdline,
         esp: esp.and_then(|u| crate::blockdev::find_partuuid(root, u)),
-        mount_dir: MOUNT_DIR,
     };
     let local = source::discover_local(&env).map_err(|e| format!("source: {e}"))?;
     let found = match local {

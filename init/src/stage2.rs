@@ -319,10 +319,10 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     );
     steps.mark("identity");
     // The module lists load on a thread; whatever needs a module waits for its list: blessing
-    // the sources one (vfat), the network and the virtio control port the early one, services
+    // (vfat), the network and the virtio control port the early one, services
     // `after = ["modules"]` all three. A boot that must look for a machine config needs the
-    // sources' drivers (fw_cfg, vfat for config drives and the ESP) before it goes on; the
-    // network's only if the config is fetched from a URL. The rest load right after the first
+    // sources' driver (fw_cfg; config drives and the ESP are read in user space) before it
+    // goes on; the network's only if the config is fetched from a URL. The rest load right after the first
     // services started (or when a provisioned config's modules are waited for): loading beside
     // the steps below held the first spawn back by ~15 ms under emulation (the loader's reads
     // and relocations compete for the same CPUs), and nothing started before then needs a
@@ -766,8 +766,8 @@ fn start_bless(id: &Identity, tx: Sender<Event>, modules: Loading) {
     let spawned = std::thread::Builder::new()
         .name("bless".into())
         .spawn(move || {
-            // The ESP is vfat, in the sources' list.
-            modules.wait(List::Sources);
+            // The ESP is vfat, an early module.
+            modules.wait(List::Early);
             if let Err(e) = bless_now(&Real, &params) {
                 log::error!("blessing the boot entry failed: {e}");
             }

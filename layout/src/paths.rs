@@ -35,10 +35,10 @@ pub const INITRD_MARKER: &str = "/etc/initrd-release";
 /// Ordered list of module files (relative to `/`) that stage 1 loads, one per line.
 pub const INITRD_MODULES_LIST: &str = "/etc/caisson/initrd-modules";
 /// Ordered list of module files (relative to `/`, one per line) that stage 2 loads first from the
-/// root: what finding the machine config needs (fw_cfg, vfat for a config drive and the ESP).
+/// root: what finding the machine config needs from the kernel (fw_cfg).
 pub const ROOT_MODULES_SOURCES_LIST: &str = "/usr/lib/caisson/modules.sources";
-/// Ordered list of module files that stage 2 loads next: the machine's other devices (the
-/// network and console drivers).
+/// Ordered list of module files that stage 2 loads next: the machine's own devices (vfat for the
+/// ESP, the network and console drivers).
 pub const ROOT_MODULES_LIST: &str = "/usr/lib/caisson/modules";
 /// Ordered list of module files that stage 2 loads on a thread while services start: the
 /// spec's `kernel.modules` (bridge, netfilter...), which no service needs in its first moments.

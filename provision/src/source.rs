@@ -4,6 +4,10 @@
 //!    read from sysfs (kernel module `qemu_fw_cfg`);
 //! 2. a FAT volume labelled `CAISSON-CFG` holding `/caisson.toml` (`caisson config-drive`);
 //! 3. `/caisson/config.toml` on the ESP;
+//!
+//! FAT volumes are read here, in user space, with the `fatfs` crate, never mounted: the first
+//! boot needs no FAT driver in the kernel to look for a config, and a config drive's file
+//! system, which anyone with the machine's hardware can hand it, is parsed by memory-safe code.
 //! 4. `caisson.config_url=http://... caisson.config_sha256=<hex>` on the kernel command line
 //!    (plain HTTP: the required sha256 is what makes it trustworthy).
 
@@ -38,10 +42,10 @@ pub enum SourceError {
     },
     #[error("{what} is larger than {MAX_SIZE} bytes")]
     TooLarge { what: String },
-    #[error("mounting {dev} (vfat, read-only) at {target}: {source}")]
-    Mount {
+    #[error("reading /{file} from the FAT volume {dev}: {source}")]
+    Fat {
         dev: PathBuf,
-        target: PathBuf,
+        file: String,
         #[source]
         source: std::io::Error,
     },
@@ -94,23 +98,14 @@ impl std::fmt::Debug for Found {
     }
 }
 
-/// Mounting, as the caller does it (the init's system call layer).
-pub trait Mounter {
-    fn mount_vfat_ro(&self, dev: &Path, target: &Path) -> std::io::Result<()>;
-    fn unmount(&self, target: &Path) -> std::io::Result<()>;
-}
-
 /// What [`discover`] looks at.
 pub struct Env<'a> {
     /// `/` on a machine.
     pub root: &'a Path,
-    pub mounter: &'a dyn Mounter,
     /// The kernel command line.
     pub cmdline: &'a str,
     /// The ESP's device node, when known.
     pub esp: Option<PathBuf>,
-    /// Where volumes are mounted for a moment (absolute, taken under `root`).
-    pub mount_dir: &'a str,
 }
 
 fn under(root: &Path, abs: &str) -> PathBuf {
@@ -186,25 +181,64 @@ pub fn find_labelled(root: &Path, label: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Mounts `dev` read-only, reads `file` from it, unmounts it.
-fn read_from_volume(env: &Env, dev: &Path, file: &str) -> Result<Option<Vec<u8>>, SourceError> {
-    let target = under(env.root, env.mount_dir);
-    std::fs::create_dir_all(&target).map_err(|source| SourceError::Read {
-        path: target.clone(),
+/// A block device or image read as a FAT volume: reads go through a buffer, and any write fails,
+/// so looking for a config can never change the volume.
+struct ReadOnly(std::io::BufReader<std::fs::File>);
+
+impl Read for ReadOnly {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Seek for ReadOnly {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(pos)
+    }
+}
+
+impl Write for ReadOnly {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the volume is read only here",
+        ))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads `file` (a path inside the volume, `/`-separated, matched without regard to case as
+/// FAT does) from the FAT volume on `dev`, without mounting it; `None` when it has no such file.
+pub fn read_from_volume(dev: &Path, file: &str) -> Result<Option<Vec<u8>>, SourceError> {
+    let fat = |source| SourceError::Fat {
+        dev: dev.into(),
+        file: file.into(),
+        source,
+    };
+    let f = std::fs::File::open(dev).map_err(|source| SourceError::Read {
+        path: dev.into(),
         source,
     })?;
-    env.mounter
-        .mount_vfat_ro(dev, &target)
-        .map_err(|source| SourceError::Mount {
-            dev: dev.into(),
-            target: target.clone(),
-            source,
-        })?;
-    let result = read_limited(&target.join(file));
-    if let Err(e) = env.mounter.unmount(&target) {
-        log::warn!("unmounting {}: {e}", target.display());
+    let volume = ReadOnly(std::io::BufReader::with_capacity(64 * 1024, f));
+    let fs = fatfs::FileSystem::new(volume, fatfs::FsOptions::new()).map_err(fat)?;
+    let mut found = match fs.root_dir().open_file(file) {
+        Ok(found) => found,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fat(e)),
+    };
+    let mut bytes = Vec::new();
+    (&mut found)
+        .take(MAX_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fat)?;
+    if bytes.len() as u64 > MAX_SIZE {
+        return Err(SourceError::TooLarge {
+            what: format!("/{file} on {}", dev.display()),
+        });
     }
-    result
+    Ok(Some(bytes))
 }
 
 fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -297,7 +331,7 @@ pub fn discover_local(env: &Env) -> Result<Option<Found>, SourceError> {
         }));
     }
     if let Some(dev) = find_labelled(env.root, DRIVE_LABEL).into_iter().next() {
-        let bytes = read_from_volume(env, &dev, DRIVE_FILE)?
+        let bytes = read_from_volume(&dev, DRIVE_FILE)?
             .ok_or_else(|| SourceError::DriveEmpty { dev: dev.clone() })?;
         return Ok(Some(Found {
             source: Source::Drive(dev),
@@ -306,7 +340,7 @@ pub fn discover_local(env: &Env) -> Result<Option<Found>, SourceError> {
     }
     if let Some(esp) = &env.esp {
         // The ESP is on every machine: a failure to read it must not stop an unprovisioned one.
-        match read_from_volume(env, esp, ESP_FILE) {
+        match read_from_volume(esp, ESP_FILE) {
             Ok(Some(bytes)) => {
                 return Ok(Some(Found {
                     source: Source::Esp(esp.clone()),

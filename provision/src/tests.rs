@@ -3,7 +3,7 @@
 use crate::apply::{apply, check, recorded, sha256_hex, Outcome, RECORD};
 use crate::config::{Config, ConfigError};
 use crate::plan::{Checks, NoChecks};
-use crate::source::{self, Env, Mounter, Source};
+use crate::source::{self, Env, Source};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -341,25 +341,16 @@ fn rendered_fleet_and_update_files_parse_in_their_agents() {
     assert_eq!(u.maintenance_window.unwrap().length_minutes, 120);
 }
 
-/// "Mounts" by pointing the mount directory at a prepared one.
-struct FakeMount(PathBuf);
-impl Mounter for FakeMount {
-    fn mount_vfat_ro(&self, _dev: &Path, target: &Path) -> std::io::Result<()> {
-        std::fs::remove_dir(target)?;
-        std::os::unix::fs::symlink(&self.0, target)
-    }
-    fn unmount(&self, target: &Path) -> std::io::Result<()> {
-        std::fs::remove_file(target)?;
-        std::fs::create_dir(target)
-    }
+fn fat_image(dir: &Path, label: &str) -> PathBuf {
+    fat_image_kib(dir, label, 1024)
 }
 
-fn fat_image(dir: &Path, label: &str) -> PathBuf {
-    let img = dir.join("fat.img");
+fn fat_image_kib(dir: &Path, label: &str, kib: u32) -> PathBuf {
+    let img = dir.join(format!("{label}.img"));
     let st = std::process::Command::new("mkfs.fat")
         .args(["-C", "-n", label])
         .arg(&img)
-        .arg("1024")
+        .arg(kib.to_string())
         .output()
         .unwrap();
     assert!(
@@ -370,40 +361,63 @@ fn fat_image(dir: &Path, label: &str) -> PathBuf {
     img
 }
 
+/// Runs an mtools command on the image `img` (`mcopy -i IMG ...`).
+fn mtools(tool: &str, img: &Path, args: &[&str]) {
+    let out = std::process::Command::new(tool)
+        .arg("-i")
+        .arg(img)
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Puts `text` at `path` (`::/dir/file`) on the FAT image `img`.
+fn put(img: &Path, path: &str, text: &str) {
+    let src = img.with_extension("put");
+    std::fs::write(&src, text).unwrap();
+    mtools("mcopy", img, &["-o", &src.to_string_lossy(), path]);
+}
+
 #[test]
 fn sources_first_found_wins() {
     let tmp = tempfile::tempdir().unwrap();
     let r = tmp.path().join("root");
-    let content = tmp.path().join("volume");
-    std::fs::create_dir_all(&content).unwrap();
-    std::fs::write(content.join("caisson.toml"), "version = 1\n").unwrap();
-    let mounter = FakeMount(content.clone());
     let env = |esp: Option<PathBuf>| Env {
         root: &r,
-        mounter: &mounter,
         cmdline: "console=ttyS0",
         esp,
-        mount_dir: "/run/caisson/provision",
     };
     std::fs::create_dir_all(&r).unwrap();
     assert_eq!(source::discover_local(&env(None)).unwrap(), None);
 
-    // The ESP.
-    std::fs::create_dir_all(content.join("caisson")).unwrap();
-    std::fs::write(content.join("caisson/config.toml"), "version = 1 # esp\n").unwrap();
-    let found = source::discover_local(&env(Some(PathBuf::from("/dev/vda1"))))
+    // The ESP, read without mounting it; its file names are matched without regard to case.
+    let esp = fat_image(tmp.path(), "ESP");
+    let found = source::discover_local(&env(Some(esp.clone()))).unwrap();
+    assert_eq!(found, None, "an ESP without a config");
+    mtools("mmd", &esp, &["::/CAISSON"]);
+    put(&esp, "::/CAISSON/Config.toml", "version = 1 # esp\n");
+    let found = source::discover_local(&env(Some(esp.clone())))
         .unwrap()
         .unwrap();
-    assert_eq!(found.source, Source::Esp("/dev/vda1".into()));
+    assert_eq!(found.source, Source::Esp(esp.clone()));
     assert_eq!(found.bytes, b"version = 1 # esp\n");
+    let before = std::fs::read(&esp).unwrap();
 
     // A config drive, found by its FAT label, beats the ESP.
     std::fs::create_dir_all(r.join("sys/class/block/vdb")).unwrap();
     std::fs::create_dir_all(r.join("sys/class/block/vda")).unwrap();
     std::fs::create_dir_all(r.join("dev")).unwrap();
     std::fs::write(r.join("dev/vda"), vec![0u8; 4096]).unwrap();
-    std::fs::copy(fat_image(tmp.path(), "CAISSON-CFG"), r.join("dev/vdb")).unwrap();
-    let found = source::discover_local(&env(Some(PathBuf::from("/dev/vda1"))))
+    let drive = fat_image(tmp.path(), "CAISSON-CFG");
+    put(&drive, "::/caisson.toml", "version = 1\n");
+    std::fs::copy(&drive, r.join("dev/vdb")).unwrap();
+    let found = source::discover_local(&env(Some(esp.clone())))
         .unwrap()
         .unwrap();
     assert_eq!(found.source, Source::Drive(r.join("dev/vdb")));
@@ -415,6 +429,51 @@ fn sources_first_found_wins() {
     std::fs::write(&fw, "version = 1 # fw_cfg\n").unwrap();
     let found = source::discover_local(&env(None)).unwrap().unwrap();
     assert_eq!(found.source, Source::FwCfg);
+
+    // Reading changed nothing on the volumes.
+    assert_eq!(std::fs::read(&esp).unwrap(), before);
+    assert_eq!(
+        std::fs::read(r.join("dev/vdb")).unwrap(),
+        std::fs::read(&drive).unwrap()
+    );
+}
+
+#[test]
+fn a_fat_volume_read_in_user_space_refuses_what_it_cannot_take() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path().join("root");
+    std::fs::create_dir_all(r.join("sys/class/block/vdb")).unwrap();
+    std::fs::create_dir_all(r.join("dev")).unwrap();
+    let env = |esp: Option<PathBuf>| Env {
+        root: &r,
+        cmdline: "",
+        esp,
+    };
+
+    // A config drive without the file is an error that names the device and the file.
+    let drive = fat_image_kib(tmp.path(), "CAISSON-CFG", 4096);
+    std::fs::copy(&drive, r.join("dev/vdb")).unwrap();
+    let e = source::discover_local(&env(None)).unwrap_err();
+    assert!(e.to_string().contains("dev/vdb"), "{e}");
+    assert!(e.to_string().contains("caisson.toml"), "{e}");
+
+    // A config larger than the limit is refused.
+    let big = "#".repeat(source::MAX_SIZE as usize + 1);
+    put(&drive, "::/caisson.toml", &big);
+    std::fs::copy(&drive, r.join("dev/vdb")).unwrap();
+    let e = source::discover_local(&env(None)).unwrap_err();
+    assert!(e.to_string().contains("larger than"), "{e}");
+
+    // An ESP that is not a FAT volume is logged and passed over: the boot goes on.
+    std::fs::remove_file(r.join("dev/vdb")).unwrap();
+    let junk = tmp.path().join("junk");
+    std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    assert_eq!(
+        source::discover_local(&env(Some(junk.clone()))).unwrap(),
+        None
+    );
+    let e = source::read_from_volume(&junk, "caisson/config.toml").unwrap_err();
+    assert!(e.to_string().contains("FAT volume"), "{e}");
 }
 
 #[test]
@@ -476,7 +535,6 @@ fn fetches_over_http_and_checks_the_hash() {
 
     // Through discover, with the hash pinned (and a wrong one refused).
     let tmp = tempfile::tempdir().unwrap();
-    let mounter = FakeMount(tmp.path().into());
     let sha = sha256_hex(body.as_bytes());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -494,10 +552,8 @@ fn fetches_over_http_and_checks_the_hash() {
             format!("caisson.config_url=http://{addr}/m.toml caisson.config_sha256={pin}");
         let env = Env {
             root: tmp.path(),
-            mounter: &mounter,
             cmdline: &cmdline,
             esp: None,
-            mount_dir: "/mnt",
         };
         let r = source::discover(&env, std::time::Duration::from_secs(5));
         match ok {
@@ -542,4 +598,6 @@ fn a_config_drive_is_found_by_its_label() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), EXAMPLE);
+    let read = source::read_from_volume(&img, "caisson.toml").unwrap();
+    assert_eq!(read.as_deref(), Some(EXAMPLE.as_bytes()));
 }
