@@ -322,11 +322,11 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     // (vfat), the network and the virtio control port the early one, services
     // `after = ["modules"]` all three. A boot that must look for a machine config needs the
     // sources' driver (fw_cfg; config drives and the ESP are read in user space) before it
-    // goes on; the network's only if the config is fetched from a URL. The rest load right after the first
-    // services started (or when a provisioned config's modules are waited for): loading beside
-    // the steps below held the first spawn back by ~15 ms under emulation (the loader's reads
-    // and relocations compete for the same CPUs), and nothing started before then needs a
-    // module.
+    // goes on, and the network's only if the config is fetched from a URL. The rest load
+    // right after the first services started (or when a provisioned config's modules are
+    // waited for): loading beside the steps below held the first spawn back by ~15 ms under
+    // emulation (the loader's reads and relocations compete for the same CPUs), and nothing
+    // started before then needs a module.
     let modules = Loading::prepare(
         sys.clone(),
         vec![
