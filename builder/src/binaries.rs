@@ -1,10 +1,8 @@
-//! The workspace's own binaries that go into an image, built statically in release mode.
+//! The workspace's own binaries that go into an image, built statically in release mode by `ci/build`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The Rust target the image binaries are built for.
-pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Binaries every image has.
 pub const ALWAYS: [&str; 2] = ["caisson-init", "caisson-ctl"];
 
@@ -13,13 +11,17 @@ pub const ALWAYS: [&str; 2] = ["caisson-init", "caisson-ctl"];
 pub enum BinariesError {
     #[error("no Cargo workspace above {0}: build from a Caisson checkout or pass --binaries DIR")]
     NoWorkspace(PathBuf),
-    #[error("running cargo in {dir}: {source}")]
+    #[error("running bash ci/build in {dir}: {source}")]
     Spawn {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0} is missing: build from a Caisson checkout or pass --binaries DIR")]
+    NoScript(PathBuf),
     #[error("cargo build of {bins} failed (exit {status}); its output is above")]
     Build { bins: String, status: String },
+    #[error("ci/build printed no output directory as its last line (it printed {0:?})")]
+    NoDir(String),
     #[error("binary {0} not found (looked for {1})")]
     Missing(String, PathBuf),
 }
@@ -46,31 +48,46 @@ pub fn wanted(extra: &[String]) -> Vec<String> {
     all
 }
 
-/// Builds `bins` statically in `workspace` (in its own target dir, so it never waits on or
-/// disturbs the developer's builds) and returns their paths, in the order given.
+/// The script that owns the one release build of every Caisson binary (flags, target, feature
+/// set, path remapping), relative to the workspace. `ci/demo` runs it for the `caisson` tool, and
+/// this runs it for an image's binaries, so both share one compile of the dependency tree.
+pub const BUILD_SCRIPT: &str = "ci/build";
+
+/// Builds the workspace's binaries with [`BUILD_SCRIPT`] (cargo's progress goes to stderr) and
+/// returns the paths of `bins`, in the order given.
 pub fn build(workspace: &Path, bins: &[String]) -> Result<Vec<PathBuf>, BinariesError> {
-    let target_dir = workspace.join("target").join("caisson-image");
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(workspace)
-        .args(["build", "--release", "--locked", "--target", TARGET])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
-    for b in bins {
-        cmd.args(["--bin", b]);
+    let script = workspace.join(BUILD_SCRIPT);
+    if !script.is_file() {
+        return Err(BinariesError::NoScript(script));
     }
-    log::info!("building {} (static, release)", bins.join(", "));
-    let status = cmd.status().map_err(|source| BinariesError::Spawn {
-        dir: workspace.to_path_buf(),
-        source,
-    })?;
-    if !status.success() {
+    log::info!(
+        "building {} with {BUILD_SCRIPT} (one static release build shared with the caisson tool; \
+         seconds when it is up to date)",
+        bins.join(", ")
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .current_dir(workspace)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|source| BinariesError::Spawn {
+            dir: workspace.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
         return Err(BinariesError::Build {
             bins: bins.join(", "),
-            status: status.to_string(),
+            status: out.status.to_string(),
         });
     }
-    locate(&target_dir.join(TARGET).join("release"), bins)
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|l| l.starts_with('/'))
+        .ok_or_else(|| BinariesError::NoDir(stdout.trim().to_string()))?;
+    locate(Path::new(dir), bins)
 }
 
 /// Finds prebuilt `bins` in `dir`.

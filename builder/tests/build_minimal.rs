@@ -141,7 +141,11 @@ fn build_as_nobody_is_identical() {
             std::fs::copy(user_cache.join(h), cache.join(h)).unwrap();
         }
     }
-    let bins = ws.join("target/caisson-image/x86_64-unknown-linux-gnu/release");
+    let bins = caisson_builder::binaries::build(&ws, &caisson_builder::binaries::wanted(&[]))
+        .unwrap()[0]
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let out = root.join("out");
     let am_root = effective_uid() == 0;
     if am_root {
@@ -197,4 +201,40 @@ fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
             std::fs::copy(e.path(), &to).unwrap();
         }
     }
+}
+
+/// The image binaries carry no path of this checkout, its target directory or cargo's home
+/// (panic locations, generated code included from a build script's `OUT_DIR`), so an image's
+/// bytes do not depend on where the checkout lives. `ci/repro-check` builds two clones in
+/// different directories and compares the images whole.
+#[test]
+fn image_binaries_name_no_local_path() {
+    let ws = common::workspace();
+    let bins = caisson_builder::binaries::build(
+        &ws,
+        &caisson_builder::binaries::wanted(&["caisson-fleet".into(), "caisson-update".into()]),
+    )
+    .unwrap();
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo")
+        });
+    let local = [ws.canonicalize().unwrap(), home];
+    for bin in &bins {
+        let bytes = std::fs::read(bin).unwrap();
+        for path in &local {
+            let needle = path.to_str().unwrap().as_bytes();
+            let found = bytes.windows(needle.len()).position(|w| w == needle);
+            assert!(
+                found.is_none(),
+                "{} names {} at byte {found:?}",
+                bin.display(),
+                path.display()
+            );
+        }
+    }
+    // The remapped prefix is there, so the search above looked at the right kind of string.
+    let fleet = std::fs::read(bins.iter().find(|b| b.ends_with("caisson-fleet")).unwrap()).unwrap();
+    assert!(fleet.windows(16).any(|w| w == b"/caisson/target/"));
 }

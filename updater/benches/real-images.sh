@@ -19,8 +19,7 @@ ws="$(cd "$(dirname "$0")/../.." && pwd)"
 work="${1:-$ws/target/real-images}"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1700000000}"
 cd "$ws"
-cargo build --release --locked -p caisson-builder
-caisson="$ws/target/release/caisson"
+caisson="$(ci/build)/caisson"
 
 mkdir -p "$work"
 for v in v1 v2; do
