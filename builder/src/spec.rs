@@ -293,6 +293,10 @@ pub fn parse(text: &str, path: &Path) -> Result<LoadedSpec, SpecError> {
         check_abs(&d.path).map_err(|why| invalid(&format!("directories[{i}].path"), why))?;
         parse_mode(&d.mode).map_err(|why| invalid(&format!("directories[{i}].mode"), why))?;
     }
+    for (i, word) in spec.kernel.cmdline.iter().enumerate() {
+        caisson_layout::cmdline::check_extra(word)
+            .map_err(|e| invalid(&format!("kernel.cmdline[{i}]"), e.to_string()))?;
+    }
     for name in spec.services.keys() {
         check_name(name).map_err(|why| invalid(&format!("services.{name}"), why))?;
     }
@@ -366,19 +370,9 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Checks a version: letters, digits, `.`, `~`, `_` and `-`, starting with a digit.
+/// Checks a version (the rule is the on-disk contract's: `caisson_layout::version`).
 pub fn check_version(v: &str) -> Result<(), String> {
-    let ok = v.chars().next().is_some_and(|c| c.is_ascii_digit())
-        && v.len() <= 64
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '~' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{v:?} must start with a digit and hold only letters, digits, '.', '~', '_' or '-'"
-        ))
-    }
+    caisson_layout::version::check(v).map_err(|e| e.to_string())
 }
 
 fn check_abs(p: &str) -> Result<(), String> {
@@ -489,6 +483,16 @@ slot = "256M"
             ("src = \"etc/motd\"", "src = \"../x\"", "files[0].src"),
             ("slot = \"256M\"", "slot = \"256X\"", "partitions.slot"),
             ("slot = \"256M\"", "slot = \"1000K\"", "partitions.slot"),
+            (
+                "cmdline = [\"console=ttyS0\"]",
+                "cmdline = [\"console=ttyS0\", \"caisson.slot=a\"]",
+                "kernel.cmdline[1]",
+            ),
+            (
+                "cmdline = [\"console=ttyS0\"]",
+                "cmdline = [\"quiet\\ninitrd /x\"]",
+                "kernel.cmdline[0]",
+            ),
         ] {
             let err = p(&GOOD.replace(from, to)).unwrap_err().to_string();
             assert!(err.contains(field), "{to}: {err}");

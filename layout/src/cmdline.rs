@@ -42,6 +42,17 @@ pub enum CmdlineError {
          (add caisson.insecure for a development boot)"
     )]
     Unverified,
+    /// An extra word (from a spec's `kernel.cmdline` or a manifest) that would override what a
+    /// boot entry pins: the kernel takes the last occurrence of a key.
+    #[error(
+        "kernel command line extra {0:?} is reserved: root= and caisson.* are set by the boot \
+         entry itself (only caisson.debug may be added)"
+    )]
+    Reserved(String),
+    /// An extra that holds a newline or another control character, which would end the entry's
+    /// `options` line and start a line of its own.
+    #[error("kernel command line extra {0:?} holds a control character")]
+    Control(String),
 }
 
 pub const KEY_ROOT: &str = "root";
@@ -141,6 +152,21 @@ impl BootParams {
     }
 }
 
+/// Checks the words a spec or a manifest adds after a boot entry's pinning keys: none may set
+/// `root=` or a `caisson.*` key (except the `caisson.debug` flag), none may hold a control character.
+pub fn check_extra(extra: &str) -> Result<(), CmdlineError> {
+    if extra.chars().any(char::is_control) {
+        return Err(CmdlineError::Control(extra.to_string()));
+    }
+    for word in extra.split_whitespace() {
+        let key = word.split_once('=').map_or(word, |(k, _)| k);
+        if key == KEY_ROOT || (key.starts_with("caisson.") && word != FLAG_DEBUG) {
+            return Err(CmdlineError::Reserved(word.to_string()));
+        }
+    }
+    Ok(())
+}
+
 fn hex32(text: &str) -> Result<[u8; 32], String> {
     let bytes = hex::decode(text).map_err(|e| e.to_string())?;
     bytes
@@ -185,6 +211,33 @@ mod tests {
         assert_eq!(BootParams::parse(&line), Ok(p));
         let stripped = line.replace(FLAG_INSECURE, "");
         assert_eq!(BootParams::parse(&stripped), Err(CmdlineError::Unverified));
+    }
+
+    #[test]
+    fn extras_cannot_override_the_pinned_keys() {
+        assert_eq!(
+            check_extra("console=ttyS0 panic=5 quiet caisson.debug"),
+            Ok(())
+        );
+        for bad in [
+            "caisson.slot=a",
+            "console=ttyS0 root=/dev/sda2",
+            "caisson.verity.root=00",
+            "caisson.insecure",
+            "caisson.version=9.9.9",
+        ] {
+            assert!(
+                matches!(check_extra(bad), Err(CmdlineError::Reserved(_))),
+                "{bad} accepted"
+            );
+        }
+        assert!(matches!(
+            check_extra("quiet\ninitrd /evil"),
+            Err(CmdlineError::Control(_))
+        ));
+        // What the check prevents: an extra after the pinning keys wins.
+        let line = format!("{} caisson.slot=a", sample().render());
+        assert_eq!(BootParams::parse(&line).map(|p| p.slot), Ok(Slot::A));
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod partition;
 pub mod paths;
 pub mod slot;
 pub mod verity;
+pub mod version;
 
 pub use entry::{BootCounter, EntryName};
 pub use slot::Slot;
