@@ -134,6 +134,56 @@ impl Response {
 /// Answers the requests that need the supervisor (everything but `logs`).
 pub type Dispatch = Arc<dyn Fn(Request) -> Response + Send + Sync>;
 
+/// The longest request line the init reads. A longer one is refused and skipped without being
+/// kept in memory (an `exec` with its arguments fits many times over).
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// One request line read from a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Text(String),
+    TooLong,
+    NotUtf8,
+    End,
+}
+
+/// Reads the next line of at most [`MAX_REQUEST_LINE`] bytes. A longer line is consumed up to
+/// its newline in buffer-sized pieces, never held whole.
+fn next_line<R: BufRead>(r: &mut R) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let limit = MAX_REQUEST_LINE as u64 + 1;
+    if std::io::Read::take(&mut *r, limit).read_until(b'\n', &mut buf)? == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_REQUEST_LINE {
+        skip_line(r)?;
+        return Ok(Line::TooLong);
+    }
+    Ok(String::from_utf8(buf).map_or(Line::NotUtf8, Line::Text))
+}
+
+/// Consumes input up to and including the next newline (or to the end).
+fn skip_line<R: BufRead>(r: &mut R) -> std::io::Result<()> {
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = chunk.len();
+                r.consume(n);
+            }
+        }
+    }
+}
+
 /// Serve one connection (a socket client, or the virtio port) until it closes.
 pub fn serve_stream<R: std::io::Read, W: Write>(
     reader: R,
@@ -141,9 +191,21 @@ pub fn serve_stream<R: std::io::Read, W: Write>(
     dispatch: &Dispatch,
     log_dir: &Path,
 ) -> std::io::Result<()> {
-    let reader = BufReader::new(reader);
-    for line in reader.lines() {
-        let line = line?;
+    let mut reader = BufReader::new(reader);
+    loop {
+        let line = match next_line(&mut reader)? {
+            Line::End => return Ok(()),
+            Line::Text(l) => l,
+            Line::TooLong => {
+                let why = format!("request line longer than {MAX_REQUEST_LINE} bytes refused");
+                send(&mut writer, &Response::error(why))?;
+                continue;
+            }
+            Line::NotUtf8 => {
+                send(&mut writer, &Response::error("bad request: not UTF-8"))?;
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -163,7 +225,6 @@ pub fn serve_stream<R: std::io::Read, W: Write>(
             other => send(&mut writer, &dispatch(other))?,
         }
     }
-    Ok(())
 }
 
 fn send<W: Write>(w: &mut W, r: &Response) -> std::io::Result<()> {
@@ -225,13 +286,21 @@ fn line(l: String) -> Response {
     }
 }
 
-/// Accept connections on `path` forever, one thread per connection.
+/// Accept connections on `path` forever, one thread per connection. The socket is root's alone:
+/// it appears under its name already mode 0600 (bound under a temporary name, then renamed), and
+/// a peer whose credentials (`SO_PEERCRED`) are not root's is answered with an error and closed.
 pub fn serve_socket(path: &Path, dispatch: Dispatch, log_dir: PathBuf) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let listener = UnixListener::bind(path)?;
+    let mut fresh = path.as_os_str().to_owned();
+    fresh.push(".new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    let listener = UnixListener::bind(&fresh)?;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&fresh, path)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -242,14 +311,33 @@ pub fn serve_socket(path: &Path, dispatch: Dispatch, log_dir: PathBuf) -> std::i
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
                     .stack_size(128 * 1024)
-                    .spawn(move || {
-                        if let Ok(reader) = conn.try_clone() {
-                            let _ = serve_stream(reader, conn, &dispatch, &log_dir);
-                        }
-                    });
+                    .spawn(move || serve_connection(conn, &dispatch, &log_dir));
             }
         })?;
     Ok(())
+}
+
+/// Serves one socket client if it is root.
+fn serve_connection(mut conn: UnixStream, dispatch: &Dispatch, log_dir: &Path) {
+    match rustix::net::sockopt::socket_peercred(&conn) {
+        Ok(cred) if cred.uid.is_root() => {}
+        Ok(cred) => {
+            let why = format!(
+                "uid {} may not use the init's control socket",
+                cred.uid.as_raw()
+            );
+            log::warn!("control socket: refused a peer: {why}");
+            let _ = send(&mut conn, &Response::error(why));
+            return;
+        }
+        Err(e) => {
+            log::warn!("control socket: cannot read a peer's credentials: {e}");
+            return;
+        }
+    }
+    if let Ok(reader) = conn.try_clone() {
+        let _ = serve_stream(reader, conn, dispatch, log_dir);
+    }
 }
 
 /// The virtio-serial port called `name`, found through `/sys/class/virtio-ports/*/name`.
@@ -457,6 +545,90 @@ mod tests {
         assert_eq!(c.recv().unwrap(), Response::ok());
         c.writer.write_all(b"garbage\n").unwrap();
         assert!(c.recv().unwrap().error.unwrap().contains("bad request"));
+    }
+
+    fn echo_dispatch() -> Dispatch {
+        Arc::new(|_| Response::error("dispatched"))
+    }
+
+    #[test]
+    fn an_overlong_request_is_refused_and_the_next_one_served() {
+        let mut input = vec![b'x'; MAX_REQUEST_LINE * 3];
+        input.extend_from_slice(b"\n{\"cmd\":\"status\"}\n\xff\xfe\n");
+        let mut out = Vec::new();
+        serve_stream(
+            &input[..],
+            &mut out,
+            &echo_dispatch(),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        let answers: Vec<Response> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        assert!(answers[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("longer than 65536"));
+        assert_eq!(answers[1].error.as_deref(), Some("dispatched"));
+        assert!(answers[2].error.as_deref().unwrap().contains("not UTF-8"));
+    }
+
+    #[test]
+    fn a_line_at_the_limit_is_read_and_one_past_it_is_not_kept() {
+        let mut at = vec![b'a'; MAX_REQUEST_LINE];
+        at.push(b'\n');
+        assert_eq!(
+            next_line(&mut &at[..]).unwrap(),
+            Line::Text("a".repeat(MAX_REQUEST_LINE))
+        );
+        // An endless line without a newline: refused, the reader drained, nothing kept.
+        let past = vec![b'a'; MAX_REQUEST_LINE * 4];
+        let mut r = BufReader::with_capacity(4096, &past[..]);
+        assert_eq!(next_line(&mut r).unwrap(), Line::TooLong);
+        assert_eq!(next_line(&mut r).unwrap(), Line::End);
+    }
+
+    #[test]
+    fn the_socket_is_roots_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("run/init.sock");
+        serve_socket(&sock, echo_dispatch(), tmp.path().to_path_buf()).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: the peer check needs a second user, skipped");
+            return;
+        }
+        // Opened to everyone, the socket still serves only root: a client as nobody is refused.
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            tmp.path().join("run"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let client = r#"import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b'{"cmd":"status"}\n'); print(s.makefile().readline().strip())"#;
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(["/usr/bin/python3", "-c", client])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(answer.contains("uid 65534 may not use"), "{answer} {out:?}");
+        let mut c = Client::connect(&sock).unwrap();
+        assert_eq!(
+            c.call(&Request::Status).unwrap().error.as_deref(),
+            Some("dispatched")
+        );
     }
 
     #[test]
