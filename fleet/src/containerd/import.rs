@@ -1,0 +1,295 @@
+//! Importing an OCI archive into containerd: its blobs into the content store with the
+//! garbage-collection labels containerd's own unpacker sets, its layers applied onto a chain of
+//! snapshots named by chain ID, and an image record.
+
+use super::archive::{self, Archive, ArchiveError, Chosen};
+use super::{
+    archive_path, call, descriptor, found, nanos, Conn, Containerd, ContainerdError, Imported,
+};
+use containerd_client::services::v1 as api;
+use containerd_client::services::v1::snapshots as snap;
+use containerd_client::tonic::Code;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+impl Containerd {
+    /// Imports the image of an OCI archive (idempotent). `name` picks the image in the
+    /// archive; `fallback` names the image record when the archive does not.
+    pub async fn import(
+        &self,
+        path: &Path,
+        name: Option<&str>,
+        fallback: &str,
+    ) -> Result<Imported, ContainerdError> {
+        let (conn, lease) = self.leased("import").await?;
+        let r = self.import_with(&conn, path, name, fallback).await;
+        self.release(&conn, &lease).await;
+        r
+    }
+
+    pub(super) async fn import_with(
+        &self,
+        conn: &Conn,
+        path: &Path,
+        name: Option<&str>,
+        fallback: &str,
+    ) -> Result<Imported, ContainerdError> {
+        let archive = Archive::open(path)?;
+        let chosen = archive.choose(name)?;
+        let chains = archive::chain_ids(&chosen.config.rootfs.diff_ids);
+        let top = chains.last().cloned().unwrap_or_default();
+        let m = &chosen.manifest;
+        for (layer, diff_id) in m.layers.iter().zip(&chosen.config.rootfs.diff_ids) {
+            let labels = [("containerd.io/uncompressed".to_string(), diff_id.clone())];
+            self.write_blob(conn, &archive, layer, &labels).await?;
+        }
+        let mut config_labels = Vec::new();
+        if !top.is_empty() {
+            config_labels.push((
+                format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
+                top.clone(),
+            ));
+        }
+        self.write_blob(conn, &archive, &m.config, &config_labels)
+            .await?;
+        let mut manifest_labels = vec![(
+            "containerd.io/gc.ref.content.config".to_string(),
+            m.config.digest.clone(),
+        )];
+        for (i, l) in m.layers.iter().enumerate() {
+            manifest_labels.push((
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest.clone(),
+            ));
+        }
+        self.write_blob(conn, &archive, &chosen.target, &manifest_labels)
+            .await?;
+        self.unpack(conn, &chosen, &chains).await?;
+        let image_name = chosen
+            .name
+            .clone()
+            // A bare tag ("1.0") is no image name.
+            .filter(|n| (n.contains('/') || n.contains(':')) && !n.starts_with(':'))
+            .unwrap_or_else(|| format!("caisson.local/{fallback}:latest"));
+        self.put_image(conn, &image_name, &chosen.target).await?;
+        Ok(Imported {
+            name: image_name,
+            digest: chosen.target.digest.clone(),
+            top,
+            chosen,
+        })
+    }
+
+    async fn put_image(
+        &self,
+        conn: &Conn,
+        name: &str,
+        target: &archive::Descriptor,
+    ) -> Result<(), ContainerdError> {
+        let image = api::Image {
+            name: name.to_string(),
+            target: Some(descriptor(target)),
+            ..Default::default()
+        };
+        let mut images = api::images_client::ImagesClient::new(conn.channel.clone());
+        let created = images
+            .create(conn.req(api::CreateImageRequest {
+                image: Some(image.clone()),
+                ..Default::default()
+            }))
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => images
+                .update(conn.req(api::UpdateImageRequest {
+                    image: Some(image),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["target".into()],
+                    }),
+                    ..Default::default()
+                }))
+                .await
+                .map(|_| ())
+                .map_err(call("image update", name)),
+            Err(s) => Err(call("image create", name)(s)),
+        }
+    }
+
+    /// Writes one blob to the content store unless it is there; sets its labels either way.
+    async fn write_blob(
+        &self,
+        conn: &Conn,
+        archive: &Archive,
+        desc: &archive::Descriptor,
+        labels: &[(String, String)],
+    ) -> Result<(), ContainerdError> {
+        let labels: HashMap<String, String> = labels.iter().cloned().collect();
+        let mut content = conn.content();
+        let info = found(
+            content
+                .info(conn.req(api::InfoRequest {
+                    digest: desc.digest.clone(),
+                }))
+                .await
+                .map_err(call("content info", &desc.digest)),
+        )?;
+        if info.is_some() {
+            if labels.is_empty() {
+                return Ok(());
+            }
+            let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+            content
+                .update(conn.req(api::UpdateRequest {
+                    info: Some(api::Info {
+                        digest: desc.digest.clone(),
+                        labels,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                }))
+                .await
+                .map_err(call("content update", &desc.digest))?;
+            return Ok(());
+        }
+        let (mut reader, size) = archive.blob(&desc.digest)?;
+        if i64::try_from(size).ok() != Some(desc.size) {
+            return Err(ContainerdError::Archive(ArchiveError::Digest {
+                path: archive_path(archive),
+                digest: desc.digest.clone(),
+            }));
+        }
+        // Read in chunks on a blocking thread, send them as one Write stream, Commit last.
+        let (tx, rx) = tokio::sync::mpsc::channel::<api::WriteContentRequest>(4);
+        let digest = desc.digest.clone();
+        let reference = format!("caisson-import-{digest}");
+        let total = desc.size;
+        let reader_task = tokio::task::spawn_blocking(move || -> Result<(), std::io::Error> {
+            let mut offset: i64 = 0;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = reader.read(&mut buf)?;
+                let last = n == 0;
+                let msg = api::WriteContentRequest {
+                    action: if last {
+                        api::WriteAction::Commit
+                    } else {
+                        api::WriteAction::Write
+                    } as i32,
+                    r#ref: reference.clone(),
+                    total,
+                    expected: digest.clone(),
+                    offset,
+                    data: buf[..n].to_vec(),
+                    labels: if last { labels.clone() } else { HashMap::new() },
+                };
+                offset += n as i64;
+                if tx.blocking_send(msg).is_err() || last {
+                    return Ok(());
+                }
+            }
+        });
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        let written = async {
+            let mut responses = content
+                .write(conn.req(stream))
+                .await
+                .map_err(call("content write", &desc.digest))?
+                .into_inner();
+            while responses
+                .message()
+                .await
+                .map_err(call("content write", &desc.digest))?
+                .is_some()
+            {}
+            Ok::<(), ContainerdError>(())
+        }
+        .await;
+        let read = reader_task.await;
+        match written {
+            Err(e) if e.code() == Some(Code::AlreadyExists) => {}
+            other => other?,
+        }
+        match read {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ContainerdError::Io {
+                path: archive_path(archive),
+                message: format!("blob {}: {e}", desc.digest),
+            }),
+            Err(e) => Err(ContainerdError::Io {
+                path: archive_path(archive),
+                message: format!("blob {}: {e}", desc.digest),
+            }),
+        }
+    }
+
+    /// Applies each layer onto its parent's snapshot, committing it under its chain ID.
+    async fn unpack(
+        &self,
+        conn: &Conn,
+        chosen: &Chosen,
+        chains: &[String],
+    ) -> Result<(), ContainerdError> {
+        let mut snapshots = conn.snapshots();
+        let mut diff = api::diff_client::DiffClient::new(conn.channel.clone());
+        let mut parent = String::new();
+        for (layer, chain) in chosen.manifest.layers.iter().zip(chains) {
+            let exists = found(
+                snapshots
+                    .stat(conn.req(snap::StatSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: chain.clone(),
+                    }))
+                    .await
+                    .map_err(call("snapshot stat", chain)),
+            )?;
+            if exists.is_none() {
+                let key = format!("caisson-extract-{}-{chain}", nanos());
+                let mounts = snapshots
+                    .prepare(conn.req(snap::PrepareSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: key.clone(),
+                        parent: parent.clone(),
+                        labels: HashMap::new(),
+                    }))
+                    .await
+                    .map_err(call("snapshot prepare", &key))?
+                    .into_inner()
+                    .mounts;
+                let applied = diff
+                    .apply(conn.req(api::ApplyRequest {
+                        diff: Some(descriptor(layer)),
+                        mounts,
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(call("diff apply (unpacking layer)", &layer.digest));
+                let committed = match applied {
+                    Ok(_) => snapshots
+                        .commit(conn.req(snap::CommitSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            name: chain.clone(),
+                            key: key.clone(),
+                            labels: HashMap::new(),
+                        }))
+                        .await
+                        .map(|_| ())
+                        .map_err(call("snapshot commit", chain)),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = committed {
+                    let _ = self.remove_snapshot(conn, &key).await;
+                    if e.code() != Some(Code::AlreadyExists) {
+                        return Err(e);
+                    }
+                }
+            }
+            parent = chain.clone();
+        }
+        Ok(())
+    }
+}
