@@ -62,7 +62,7 @@ use caisson_update::bundle::{
 };
 use caisson_update::channel::{self, PublishOptions, Server};
 use caisson_update::chunk_cache;
-use caisson_update::download::{HttpSource, Retry};
+use caisson_update::download::{HttpSource, Limits};
 use caisson_update::machine::Machine;
 use caisson_update::sign;
 use caisson_update::slots::Disk;
@@ -821,7 +821,7 @@ fn time_apply_http(
 /// `apply::apply` over HTTP without the Machine around it: no lock, no progress records.
 fn time_apply_core(w: &Work, dir: &Path, rel: &Release, bundle_url: &str) -> Result<Duration> {
     let (disk, esp, booted) = fresh_parts(w, dir)?;
-    let mut src = HttpSource::new(bundle_url, Retry::default())?;
+    let mut src = HttpSource::new(bundle_url, Limits::default())?;
     let target = Target {
         disk: &disk,
         esp: &esp,

@@ -329,7 +329,7 @@ fn parse_range(h: &str, size: u64) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::download::{HttpSource, Retry, Source};
+    use crate::download::{Document, HttpSource, Limits, Source};
 
     #[test]
     fn durations_and_names() {
@@ -360,15 +360,15 @@ mod tests {
         std::fs::write(d.path().join("f.bin"), &data).unwrap();
         std::fs::write(d.path().join(".secret"), b"x").unwrap();
         let addr = Server::bind(d.path(), "127.0.0.1:0").unwrap().spawn();
-        let mut src = HttpSource::new(&format!("http://{addr}/f.bin"), Retry::default()).unwrap();
+        let mut src = HttpSource::new(&format!("http://{addr}/f.bin"), Limits::default()).unwrap();
         let mut out = Vec::new();
         src.read_range(5000, 40_000, &mut out).unwrap();
         assert_eq!(out, data[5000..45_000]);
         let c = crate::download::client().unwrap();
         let url = format!("http://{addr}/f.bin");
-        let whole = crate::download::get(&c, &url, Retry::default()).unwrap();
+        let whole = crate::download::get(&c, &url, Document::Manifest, &Limits::default()).unwrap();
         assert_eq!(whole, data);
         let secret = format!("http://{addr}/.secret");
-        assert!(crate::download::get(&c, &secret, Retry::default()).is_err());
+        assert!(crate::download::get(&c, &secret, Document::Manifest, &Limits::default()).is_err());
     }
 }

@@ -5,7 +5,7 @@
 use crate::apply::{self, ApplyStats, Progress, StopAfter, Target};
 use crate::bundle::Manifest;
 use crate::channel::{Index, Release};
-use crate::download::{self, FileSource, HttpSource, Retry, Source};
+use crate::download::{self, Document, FileSource, HttpSource, Limits, Source};
 use crate::record::{self, Outcome, ProgressRecord, Record, Records};
 use crate::sign::{self, Installed, Keyring};
 use crate::slots::{Disk, Health, SlotState};
@@ -31,6 +31,8 @@ pub struct Machine {
     pub keys_dir: PathBuf,
     pub records: Records,
     pub machine_id: String,
+    /// Caps and deadlines of every network read.
+    pub net: Limits,
     /// Keeps the ESP mounted while the machine is in use.
     _esp_mount: Option<EspMount>,
 }
@@ -111,6 +113,7 @@ impl Machine {
             keys_dir: PathBuf::from(paths::UPDATE_KEYS_DIR),
             records: Records::new(Path::new(record::STATE_DIR)),
             machine_id: std::fs::read_to_string("/etc/machine-id").unwrap_or_default(),
+            net: Limits::default(),
             _esp_mount: Some(mount),
         })
     }
@@ -133,6 +136,7 @@ impl Machine {
             keys_dir: keys_dir.to_path_buf(),
             records: Records::new(state_dir),
             machine_id: machine_id.to_string(),
+            net: Limits::default(),
             _esp_mount: None,
         }
     }
@@ -236,18 +240,18 @@ impl Machine {
     /// not rejected, its verified manifest, and when this machine's wave starts.
     pub fn check(&self, url: &str) -> Result<Option<Offer>, Error> {
         let client = download::client()?;
-        let retry = Retry::default();
+        let get = |url: &str, doc| download::get(&client, url, doc, &self.net);
         let index_url = download::join_url(url, crate::channel::INDEX);
-        let index = Index::parse(&download::get(&client, &index_url, retry)?, &index_url)?;
+        let index = Index::parse(&get(&index_url, Document::Index)?, &index_url)?;
         let rec = self.records.load()?;
         let Some(release) = index.newest_for(&self.image, &self.booted.version, &rec.rejected)
         else {
             return Ok(None);
         };
         let murl = download::join_url(url, &release.manifest);
-        let bytes = download::get(&client, &murl, retry)?;
+        let bytes = get(&murl, Document::Manifest)?;
         let sig_url = format!("{murl}.{}", sign::SIG_EXT);
-        let sig = download::get(&client, &sig_url, retry)?;
+        let sig = get(&sig_url, Document::Signature)?;
         let keys = Keyring::load(&self.keys_dir)?;
         let (manifest, keyid) = sign::verify_bytes(
             &bytes,
@@ -348,7 +352,7 @@ impl Machine {
         offer: &Offer,
         progress: &mut dyn Progress,
     ) -> Result<ApplyStats, Error> {
-        let mut src = HttpSource::new(&offer.bundle_url, Retry::default())?;
+        let mut src = HttpSource::new(&offer.bundle_url, self.net)?;
         self.apply(&offer.manifest, &mut src, progress, StopAfter::Never)
     }
 

@@ -977,3 +977,124 @@ fn uncached_reads_give_the_bytes_just_written_at_any_offset_and_length() {
         .read_uncached(Part::RootB, size - 10, 11, &mut buf)
         .is_err());
 }
+
+/// How the hostile channel server answers for its target file.
+#[derive(Debug, Clone, Copy)]
+enum Hostile {
+    /// The head, then one byte every 100 ms for as long as the client listens.
+    Trickle,
+    /// An answer without a length that never ends.
+    Endless,
+}
+
+/// A channel server on 127.0.0.1 that serves `www` whole, except `target` (a file name), for
+/// which it behaves as `how`; returns the channel URL.
+fn hostile_server(www: PathBuf, target: &'static str, how: Hostile) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let www = www.clone();
+            std::thread::spawn(move || {
+                let mut first = String::new();
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                reader.read_line(&mut first).unwrap_or_default();
+                let mut line = String::new();
+                let mut range = (0, 999_999);
+                while reader.read_line(&mut line).unwrap_or_default() > 2 {
+                    let lower = line.to_ascii_lowercase();
+                    if let Some((a, b)) = lower
+                        .strip_prefix("range: bytes=")
+                        .and_then(|r| r.trim().split_once('-'))
+                    {
+                        range = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+                    }
+                    line.clear();
+                }
+                let path = first.split_whitespace().nth(1).unwrap_or("/").to_string();
+                if path.ends_with(&format!("/{target}")) {
+                    match how {
+                        Hostile::Trickle => {
+                            let (a, b): (u64, u64) = range;
+                            let head = format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/100000000\r\n\r\n", b + 1 - a);
+                            let _ = s.write_all(head.as_bytes());
+                            while s.write_all(b"{").is_ok() {
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                            }
+                        }
+                        Hostile::Endless => {
+                            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+                            while s.write_all(&[b' '; 65536]).is_ok() {}
+                        }
+                    }
+                    return;
+                }
+                match std::fs::read(www.join(path.trim_start_matches('/'))) {
+                    Ok(body) => {
+                        let head =
+                            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = s.write_all(head.as_bytes());
+                        let _ = s.write_all(&body);
+                    }
+                    Err(_) => {
+                        let _ = s.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/stable")
+}
+
+/// Deadlines small enough that a refusal takes a second or two.
+fn small_limits() -> caisson_update::download::Limits {
+    caisson_update::download::Limits {
+        document_deadline: std::time::Duration::from_millis(500),
+        range_base: std::time::Duration::from_secs(2),
+        min_rate: 1024 * 1024,
+        retry: caisson_update::download::Retry {
+            attempts: 2,
+            first_backoff: std::time::Duration::from_millis(10),
+            max_backoff: std::time::Duration::from_millis(20),
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_hostile_channel_server_fails_the_check_in_bounded_time_and_writes_nothing() {
+    let f = std::sync::Arc::new(fixture());
+    release(&f, "2.0.0", &[3]);
+    let before = slot_bytes(&f, Part::RootB, 4 * MIB as usize);
+    let esp_before = entries(&f);
+    for (target, how) in [
+        ("index.json", Hostile::Trickle),
+        ("index.json", Hostile::Endless),
+        ("host-2.0.0.manifest.json", Hostile::Trickle),
+        ("host-2.0.0.manifest.json", Hostile::Endless),
+        ("host-2.0.0.manifest.json.minisig", Hostile::Trickle),
+        ("host-2.0.0.manifest.json.minisig", Hostile::Endless),
+    ] {
+        let url = hostile_server(f.dir.path().join("www"), target, how);
+        let g = f.clone();
+        let t0 = std::time::Instant::now();
+        let err = within(20, move || {
+            let mut m = machine(&g, "1.0.0", Slot::A, g.v1);
+            m.net = small_limits();
+            m.check(&url).map(|_| ()).unwrap_err().to_string()
+        });
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{target} {how:?}: {:?}",
+            t0.elapsed()
+        );
+        assert!(err.contains(&format!("/stable/{target}")), "{how:?}: {err}");
+        assert!(
+            err.contains("within 0.5 s") || err.contains("larger than"),
+            "{how:?}: {err}"
+        );
+    }
+    assert_eq!(slot_bytes(&f, Part::RootB, 4 * MIB as usize), before);
+    assert_eq!(entries(&f), esp_before);
+}
