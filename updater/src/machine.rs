@@ -157,7 +157,7 @@ impl Machine {
     /// (its predecessor's unused files are removed); a version the boot loader fell back from is
     /// rejected for good. Returns the new outcome, if any.
     pub fn reconcile(&self) -> Result<Option<Outcome>, Error> {
-        let _lock = self.records.lock()?;
+        let _lock = self.records.lock("recording the last boot's result")?;
         let slots = self.slots()?;
         let mut rec = self.records.load()?;
         let now = record::now();
@@ -290,7 +290,8 @@ impl Machine {
         progress: &mut dyn Progress,
         stop: StopAfter,
     ) -> Result<ApplyStats, Error> {
-        let _lock = self.records.lock()?;
+        let what = format!("applying {} from {}", m.version, src.describe());
+        let _lock = self.records.lock(&what)?;
         let rec = self.records.load()?;
         if rec.rejected.contains(&m.version) {
             return Err(Error::Rejected(m.version.clone()));
@@ -376,7 +377,7 @@ impl Machine {
     /// Makes the other slot boot next by giving up the running entry. Refused when the other slot
     /// has nothing bootable.
     pub fn rollback(&self) -> Result<String, Error> {
-        let _lock = self.records.lock()?;
+        let _lock = self.records.lock("rolling back")?;
         let mut slots = self.slots()?;
         let other = self.booted.slot.other();
         match slots.health(other) {

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The directory on a machine.
 pub const STATE_DIR: &str = "/var/lib/caisson/update";
@@ -26,6 +27,16 @@ pub enum RecordError {
     },
     #[error("{path}: {why} (remove it to start over)")]
     Parse { path: PathBuf, why: String },
+    #[error(
+        "another caisson-update is changing this machine ({holder}; it holds {path}); waited \
+         {waited_s} s: try again once it is done (`caisson-update status` shows its progress; \
+         a network apply gives up by itself when its server stalls)"
+    )]
+    Busy {
+        path: PathBuf,
+        holder: String,
+        waited_s: u64,
+    },
 }
 
 /// The outcome of the last update.
@@ -69,10 +80,15 @@ pub struct ProgressRecord {
     pub at: u64,
 }
 
+/// How long a change waits for another one's lock by default: a rollback or an `apply --file`
+/// does not wait forever behind an apply.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
+
 /// The records directory.
 #[derive(Debug, Clone)]
 pub struct Records {
     dir: PathBuf,
+    lock_wait: Duration,
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RecordError {
@@ -91,6 +107,15 @@ impl Records {
     pub fn new(dir: &Path) -> Records {
         Records {
             dir: dir.to_path_buf(),
+            lock_wait: LOCK_WAIT,
+        }
+    }
+
+    /// The same records, whose [`Records::lock`] waits at most `wait` for another holder.
+    pub fn with_lock_wait(self, wait: Duration) -> Records {
+        Records {
+            lock_wait: wait,
+            ..self
         }
     }
 
@@ -100,26 +125,51 @@ impl Records {
     }
 
     /// Takes the machine's update lock, waiting while another `caisson-update` (the agent, an
-    /// `apply` from the shell) holds it: two processes never write the ESP or a slot at once.
-    pub fn lock(&self) -> Result<ChangeLock, RecordError> {
+    /// `apply` from the shell) holds it, at most the lock wait ([`LOCK_WAIT`]): two processes
+    /// never write the ESP or a slot at once. `what` (e.g. `applying 2.0.0 from <url>`) is
+    /// written into the lock file, so that a waiter can say who holds it.
+    pub fn lock(&self, what: &str) -> Result<ChangeLock, RecordError> {
         std::fs::create_dir_all(&self.dir).map_err(io_err("creating", &self.dir))?;
         let path = self.dir.join(LOCK_FILE);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(io_err("opening", &path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                log::info!(
-                    "another caisson-update is changing this machine ({} is locked); waiting",
-                    path.display()
-                );
-                file.lock().map_err(io_err("locking", &path))?;
+        let started = Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err("locking", &path)(e)),
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("locking", &path)(e)),
+            if started.elapsed() >= self.lock_wait {
+                return Err(RecordError::Busy {
+                    holder: holder(&path),
+                    path,
+                    waited_s: started.elapsed().as_secs(),
+                });
+            }
+            if !told {
+                told = true;
+                log::info!(
+                    "another caisson-update is changing this machine ({}); waiting up to {} s",
+                    holder(&path),
+                    self.lock_wait.as_secs()
+                );
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+        // Advisory: a failure here only leaves a waiter without a name for the holder.
+        let line = format!("pid {}: {what}\n{}\n", std::process::id(), now());
+        let written = file
+            .set_len(0)
+            .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&file, line.as_bytes(), 0));
+        if let Err(e) = written {
+            log::warn!("writing the holder into {}: {e}", path.display());
         }
         Ok(ChangeLock { _file: file })
     }
@@ -183,6 +233,23 @@ impl Records {
     }
 }
 
+/// How often a waiting change tries the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
+/// Who holds the lock at `path`, as its holder wrote it: `pid 123: applying 2.0.0 from <url>,
+/// for 42 s`.
+fn holder(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines();
+    let Some(who) = lines.next().filter(|l| !l.trim().is_empty()) else {
+        return "a process that did not say what it does".into();
+    };
+    match lines.next().and_then(|l| l.trim().parse::<u64>().ok()) {
+        Some(since) => format!("{who}, for {} s", now().saturating_sub(since)),
+        None => who.to_string(),
+    }
+}
+
 /// Whether a record is flushed to disk before it replaces the old one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durable {
@@ -211,25 +278,44 @@ mod tests {
     fn a_second_change_waits_for_the_first() {
         let d = tempfile::tempdir().unwrap();
         let r = Records::new(&d.path().join("u"));
-        let held = r.lock().unwrap();
+        let held = r.lock("applying 2.0.0").unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let r2 = r.clone();
         let waiter = std::thread::spawn(move || {
-            let second = r2.lock().unwrap();
+            let second = r2.lock("rolling back").unwrap();
             tx.send(()).unwrap();
             drop(second);
         });
         assert!(
-            rx.recv_timeout(std::time::Duration::from_millis(300))
-                .is_err(),
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "the second lock was granted while the first was held"
         );
         drop(held);
-        rx.recv_timeout(std::time::Duration::from_secs(10))
+        rx.recv_timeout(Duration::from_secs(10))
             .expect("the second lock is granted once the first is dropped");
         waiter.join().unwrap();
         // Released when dropped: taken again at once.
-        drop(r.lock().unwrap());
+        drop(r.lock("checking").unwrap());
+    }
+
+    #[test]
+    fn a_change_waits_for_another_only_so_long_and_names_it() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Records::new(&d.path().join("u"));
+        let _held = r
+            .lock("applying 2.0.0 from http://updates/host-2.0.0.bundle")
+            .unwrap();
+        let waiting = r.clone().with_lock_wait(Duration::from_millis(300));
+        let t0 = Instant::now();
+        let err = waiting.lock("rolling back").unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        let msg = err.to_string();
+        let who = format!(
+            "pid {}: applying 2.0.0 from http://updates/host-2.0.0.bundle, for ",
+            std::process::id()
+        );
+        assert!(matches!(err, RecordError::Busy { .. }), "{msg}");
+        assert!(msg.contains(&who) && msg.contains("update.lock"), "{msg}");
     }
 
     #[test]

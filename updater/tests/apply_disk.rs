@@ -1098,3 +1098,70 @@ fn a_hostile_channel_server_fails_the_check_in_bounded_time_and_writes_nothing()
     assert_eq!(slot_bytes(&f, Part::RootB, 4 * MIB as usize), before);
     assert_eq!(entries(&f), esp_before);
 }
+
+#[test]
+fn a_stalled_bundle_server_fails_the_apply_in_bounded_time_and_a_rollback_names_it() {
+    let f = std::sync::Arc::new(fixture());
+    release(&f, "2.0.0", &[3]);
+    let url = serve(&f);
+    let mut offer = machine(&f, "1.0.0", Slot::A, f.v1)
+        .check(&url)
+        .unwrap()
+        .unwrap();
+    let bad = hostile_server(
+        f.dir.path().join("www"),
+        "host-2.0.0.bundle",
+        Hostile::Trickle,
+    );
+    offer.bundle_url = format!("{bad}/host-2.0.0.bundle");
+    let bundle_url = offer.bundle_url.clone();
+    let g = f.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut m = machine(&g, "1.0.0", Slot::A, g.v1);
+        m.net = small_limits();
+        let t0 = std::time::Instant::now();
+        let got = m.apply_offer(&offer, &mut Quiet).map(|_| ());
+        let _ = tx.send((got, t0.elapsed()));
+    });
+    // While the apply holds the update lock, a rollback waits only so long and names it.
+    let lock = f.dir.path().join("state/update.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .contains("applying")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the apply never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let g = f.clone();
+    let err = within(10, move || {
+        let mut r = machine(&g, "1.0.0", Slot::A, g.v1);
+        r.records = caisson_update::record::Records::new(&g.dir.path().join("state"))
+            .with_lock_wait(std::time::Duration::from_millis(300));
+        r.rollback().unwrap_err().to_string()
+    });
+    assert!(
+        err.contains(&format!("applying 2.0.0 from {bundle_url}")),
+        "{err}"
+    );
+    // The apply gives up by itself, naming the URL, and the running entry is untouched.
+    let (got, took) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the apply hung");
+    let err = got.unwrap_err().to_string();
+    assert!(
+        err.contains(&bundle_url) && err.contains("stalled"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    assert_eq!(entries(&f), ["caisson-1.0.0-a.conf"]);
+    // Once it has, the lock is free again.
+    assert!(matches!(
+        machine(&f, "1.0.0", Slot::A, f.v1).rollback(),
+        Err(Error::NothingToRollBackTo { .. })
+    ));
+}
