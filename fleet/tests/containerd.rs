@@ -136,6 +136,13 @@ fn digest(b: &[u8]) -> String {
 
 /// An OCI archive with one layer: /bin/busybox and links to it.
 fn busybox_archive(path: &Path) -> Vec<u8> {
+    let layer = busybox_layer();
+    let l = digest(&layer);
+    oci_archive(path, &[layer], &[l])
+}
+
+/// A layer (an uncompressed tar): /bin/busybox and links to it.
+fn busybox_layer() -> Vec<u8> {
     let mut layer = tar::Builder::new(Vec::new());
     for d in ["bin/", "etc/", "tmp/"] {
         let mut h = tar::Header::new_gnu();
@@ -163,17 +170,33 @@ fn busybox_archive(path: &Path) -> Vec<u8> {
             .append_link(&mut h, format!("bin/{l}"), "busybox")
             .unwrap();
     }
-    let layer = layer.into_inner().unwrap();
-    let l = digest(&layer);
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["{l}"]}}}}"#
-    );
+    layer.into_inner().unwrap()
+}
+
+/// An OCI archive of one image (`caisson.test/busybox:1`) with these layers (uncompressed
+/// tars) and these `rootfs.diff_ids` in its config, which a test may get wrong on purpose.
+fn oci_archive(path: &Path, layers: &[Vec<u8>], diff_ids: &[String]) -> Vec<u8> {
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    .to_string();
     let c = digest(config.as_bytes());
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{}}}]}}"#,
-        config.len(),
-        layer.len()
-    );
+    let layer_descs: Vec<_> = layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                               "digest": digest(l), "size": l.len()})
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c,
+                   "size": config.len()},
+        "layers": layer_descs,
+    })
+    .to_string();
     let m = digest(manifest.as_bytes());
     let index = format!(
         r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"caisson.test/busybox:1"}}}}]}}"#,
@@ -187,7 +210,9 @@ fn busybox_archive(path: &Path) -> Vec<u8> {
         0o644,
     );
     add(&mut t, "index.json", index.as_bytes(), 0o644);
-    for b in [layer.as_slice(), config.as_bytes(), manifest.as_bytes()] {
+    let mut blobs: Vec<&[u8]> = layers.iter().map(|l| l.as_slice()).collect();
+    blobs.extend([config.as_bytes(), manifest.as_bytes()]);
+    for b in blobs {
         add(
             &mut t,
             &format!("blobs/sha256/{}", &digest(b)[7..]),
@@ -398,4 +423,94 @@ async fn runs_stops_and_deletes_containers_in_a_real_containerd() {
     assert!(rt.list().await.unwrap().is_empty());
     // Removing what is gone is fine.
     rt.remove("hello").await.unwrap();
+}
+
+/// `ctr` against the test's containerd, in the runtime's namespace: its output.
+fn ctr(daemon: &Daemon, rt: &Containerd, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(daemon.socket())
+        .args(["--namespace", &rt.namespace])
+        .args(args)
+        .output()
+        .expect("running ctr (Debian's containerd package has it)");
+    assert!(out.status.success(), "ctr {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An archive whose layer does not unpack to its `rootfs.diff_ids` entry would plant that
+/// layer's content under another image's chain ID (here busybox's own, so a later import of the
+/// real busybox would find its snapshot "already there" and run the planted one); an archive
+/// whose manifest and config disagree on the layer count is as wrong. Both are refused with an
+/// error naming the layer, and nothing of them is imported or run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_whose_layers_do_not_match_their_diff_ids_are_refused() {
+    if let Some(why) = missing() {
+        eprintln!("skipping the containerd integration test: {why}");
+        return;
+    }
+    let daemon = Daemon::start();
+    let rt = daemon.runtime();
+    let dir = daemon.dir.path();
+    let real = busybox_layer();
+    let real_id = digest(&real);
+    let mut evil = tar::Builder::new(Vec::new());
+    add(&mut evil, "bin/sh", b"#!/bin/evil\n", 0o755);
+    let evil = evil.into_inner().unwrap();
+
+    let planted = dir.join("planted.oci.tar");
+    oci_archive(
+        &planted,
+        std::slice::from_ref(&evil),
+        std::slice::from_ref(&real_id),
+    );
+    let e = rt
+        .import(&planted, None, "x")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("layer {}", digest(&evil)))
+            && e.contains("diff_ids")
+            && e.contains(&real_id),
+        "{e}"
+    );
+    let snapshots = ctr(
+        &daemon,
+        &rt,
+        &["snapshots", "--snapshotter", "overlayfs", "ls"],
+    );
+    assert!(!snapshots.contains(&real_id), "planted: {snapshots}");
+    assert!(
+        !snapshots.contains("caisson-extract"),
+        "left behind: {snapshots}"
+    );
+
+    let miscounted = dir.join("miscounted.oci.tar");
+    oci_archive(
+        &miscounted,
+        std::slice::from_ref(&real),
+        &[real_id.clone(), real_id.clone()],
+    );
+    let e = rt
+        .import(&miscounted, None, "x")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 layer(s)") && e.contains("lists 2"), "{e}");
+
+    for (name, archive) in [("planted", &planted), ("miscounted", &miscounted)] {
+        let u = unit(name, &format!("[image]\npath = \"{}\"", archive.display()));
+        let e = rt.start(&u, "h").await.unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains("refusing the image"), "{e}");
+    }
+    assert!(rt.list().await.unwrap().is_empty());
+    assert_eq!(ctr(&daemon, &rt, &["images", "ls", "-q"]).trim(), "");
+    assert_eq!(ctr(&daemon, &rt, &["containers", "ls", "-q"]).trim(), "");
+
+    // The real image still imports, into its own snapshot.
+    let good = dir.join("good.oci.tar");
+    busybox_archive(&good);
+    let imported = rt.import(&good, None, "x").await.unwrap();
+    assert_eq!(imported.top, real_id);
 }

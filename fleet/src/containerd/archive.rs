@@ -29,6 +29,21 @@ pub enum ArchiveError {
     /// A blob's content does not match its digest.
     #[error("OCI archive {path}: blob {digest} does not match its digest")]
     Digest { path: String, digest: String },
+    /// The manifest and the image config disagree on how many layers the image has.
+    #[error("OCI archive {path}: the manifest lists {layers} layer(s) but the image config's rootfs.diff_ids lists {diff_ids}; refusing the image")]
+    LayerCount {
+        path: String,
+        layers: usize,
+        diff_ids: usize,
+    },
+    /// A layer does not unpack to the uncompressed digest the image config gives it.
+    #[error("OCI archive {path}: layer {layer} unpacks to {got:?}, but the image config's rootfs.diff_ids says {expected}; refusing the image")]
+    DiffId {
+        path: String,
+        layer: String,
+        expected: String,
+        got: String,
+    },
 }
 
 /// A content descriptor (OCI image spec).
@@ -273,11 +288,11 @@ impl Archive {
         let manifest: Manifest = self.blob_json(&target.digest)?;
         let config: ImageConfig = self.blob_json(&manifest.config.digest)?;
         if config.rootfs.diff_ids.len() != manifest.layers.len() {
-            return Err(self.choice(format!(
-                "the image config lists {} layer(s), its manifest {}",
-                config.rootfs.diff_ids.len(),
-                manifest.layers.len()
-            )));
+            return Err(ArchiveError::LayerCount {
+                path: self.display(),
+                layers: manifest.layers.len(),
+                diff_ids: config.rootfs.diff_ids.len(),
+            });
         }
         Ok(Chosen {
             name: image_name,
@@ -398,5 +413,39 @@ mod tests {
         assert_eq!((s.as_slice(), n), (&layer[..], layer.len() as u64));
         let e = Archive::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("reading OCI archive"), "{e}");
+    }
+
+    #[test]
+    fn a_layer_count_that_differs_from_the_diff_ids_is_refused() {
+        let mut t = tar::Builder::new(Vec::new());
+        let l = blob(&mut t, b"a layer");
+        let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{l}","{l}"]}}}}"#);
+        let c = blob(&mut t, config.as_bytes());
+        let manifest = format!(
+            r#"{{"config":{{"mediaType":"c","digest":"{c}","size":{}}},"layers":[{{"mediaType":"l","digest":"{l}","size":7}}]}}"#,
+            config.len()
+        );
+        let m = blob(&mut t, manifest.as_bytes());
+        let index = format!(
+            r#"{{"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{}}}]}}"#,
+            manifest.len()
+        );
+        add(&mut t, "index.json", index.as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar");
+        std::fs::write(&path, t.into_inner().unwrap()).unwrap();
+        let e = Archive::open(&path).unwrap().choose(None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ArchiveError::LayerCount {
+                    layers: 1,
+                    diff_ids: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("a.tar"), "{e}");
     }
 }

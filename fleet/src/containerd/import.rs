@@ -1,6 +1,11 @@
 //! Importing an OCI archive into containerd: its blobs into the content store with the
 //! garbage-collection labels containerd's own unpacker sets, its layers applied onto a chain of
 //! snapshots named by chain ID, and an image record.
+//!
+//! Nothing in the archive is trusted: the manifest must list as many layers as the config's
+//! `rootfs.diff_ids`, and each layer must unpack to its diff_id (containerd's Diff.Apply
+//! computes it) before its snapshot is committed under the chain ID, as containerd's own
+//! unpacker checks. Otherwise an archive could plant its content under another image's chain ID.
 
 use super::archive::{self, Archive, ArchiveError, Chosen};
 use super::{
@@ -40,9 +45,9 @@ impl Containerd {
         let chains = archive::chain_ids(&chosen.config.rootfs.diff_ids);
         let top = chains.last().cloned().unwrap_or_default();
         let m = &chosen.manifest;
-        for (layer, diff_id) in m.layers.iter().zip(&chosen.config.rootfs.diff_ids) {
-            let labels = [("containerd.io/uncompressed".to_string(), diff_id.clone())];
-            self.write_blob(conn, &archive, layer, &labels).await?;
+        // Layers are labelled with their uncompressed digest only once unpacking proved it.
+        for layer in &m.layers {
+            self.write_blob(conn, &archive, layer, &[]).await?;
         }
         let mut config_labels = Vec::new();
         if !top.is_empty() {
@@ -65,7 +70,7 @@ impl Containerd {
         }
         self.write_blob(conn, &archive, &chosen.target, &manifest_labels)
             .await?;
-        self.unpack(conn, &chosen, &chains).await?;
+        self.unpack(conn, &archive, &chosen, &chains).await?;
         let image_name = chosen
             .name
             .clone()
@@ -227,69 +232,105 @@ impl Containerd {
         }
     }
 
-    /// Applies each layer onto its parent's snapshot, committing it under its chain ID.
+    /// Applies each layer onto its parent's snapshot, committing it under its chain ID. A layer
+    /// whose chain is already there is not applied again.
     async fn unpack(
         &self,
         conn: &Conn,
+        archive: &Archive,
         chosen: &Chosen,
         chains: &[String],
     ) -> Result<(), ContainerdError> {
-        let mut snapshots = conn.snapshots();
-        let mut diff = api::diff_client::DiffClient::new(conn.channel.clone());
+        let diff_ids = &chosen.config.rootfs.diff_ids;
         let mut parent = String::new();
-        for (layer, chain) in chosen.manifest.layers.iter().zip(chains) {
-            let exists = found(
-                snapshots
-                    .stat(conn.req(snap::StatSnapshotRequest {
-                        snapshotter: self.snapshotter.clone(),
-                        key: chain.clone(),
-                    }))
-                    .await
-                    .map_err(call("snapshot stat", chain)),
-            )?;
-            if exists.is_none() {
-                let key = format!("caisson-extract-{}-{chain}", nanos());
-                let mounts = snapshots
-                    .prepare(conn.req(snap::PrepareSnapshotRequest {
-                        snapshotter: self.snapshotter.clone(),
-                        key: key.clone(),
-                        parent: parent.clone(),
-                        labels: HashMap::new(),
-                    }))
-                    .await
-                    .map_err(call("snapshot prepare", &key))?
-                    .into_inner()
-                    .mounts;
-                let applied = diff
-                    .apply(conn.req(api::ApplyRequest {
-                        diff: Some(descriptor(layer)),
-                        mounts,
-                        ..Default::default()
-                    }))
-                    .await
-                    .map_err(call("diff apply (unpacking layer)", &layer.digest));
-                let committed = match applied {
-                    Ok(_) => snapshots
-                        .commit(conn.req(snap::CommitSnapshotRequest {
-                            snapshotter: self.snapshotter.clone(),
-                            name: chain.clone(),
-                            key: key.clone(),
-                            labels: HashMap::new(),
-                        }))
-                        .await
-                        .map(|_| ())
-                        .map_err(call("snapshot commit", chain)),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = committed {
-                    let _ = self.remove_snapshot(conn, &key).await;
-                    if e.code() != Some(Code::AlreadyExists) {
-                        return Err(e);
-                    }
-                }
+        for ((layer, chain), diff_id) in chosen.manifest.layers.iter().zip(chains).zip(diff_ids) {
+            if !self.has_snapshot(conn, chain).await? {
+                self.apply_layer(conn, archive, layer, diff_id, &parent, chain)
+                    .await?;
             }
             parent = chain.clone();
         }
         Ok(())
+    }
+
+    async fn has_snapshot(&self, conn: &Conn, key: &str) -> Result<bool, ContainerdError> {
+        let mut snapshots = conn.snapshots();
+        let stat = snapshots.stat(conn.req(snap::StatSnapshotRequest {
+            snapshotter: self.snapshotter.clone(),
+            key: key.to_string(),
+        }));
+        Ok(found(stat.await.map_err(call("snapshot stat", key)))?.is_some())
+    }
+
+    /// Applies one layer in a new snapshot on `parent` and commits it as `chain`, but only when
+    /// what it unpacked to is the image config's `diff_id` for it (as containerd's own unpacker
+    /// checks): otherwise an archive could plant any content under another image's chain ID.
+    /// The layer's blob gets its `containerd.io/uncompressed` label only once that holds.
+    async fn apply_layer(
+        &self,
+        conn: &Conn,
+        archive: &Archive,
+        layer: &archive::Descriptor,
+        diff_id: &str,
+        parent: &str,
+        chain: &str,
+    ) -> Result<(), ContainerdError> {
+        let key = format!("caisson-extract-{}-{chain}", nanos());
+        let mounts = conn
+            .snapshots()
+            .prepare(conn.req(snap::PrepareSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.clone(),
+                parent: parent.to_string(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(call("snapshot prepare", &key))?
+            .into_inner()
+            .mounts;
+        let committed = async {
+            let applied = api::diff_client::DiffClient::new(conn.channel.clone())
+                .apply(conn.req(api::ApplyRequest {
+                    diff: Some(descriptor(layer)),
+                    mounts,
+                    ..Default::default()
+                }))
+                .await
+                .map_err(call("diff apply (unpacking layer)", &layer.digest))?
+                .into_inner()
+                .applied
+                .map(|d| d.digest)
+                .unwrap_or_default();
+            if applied != diff_id {
+                return Err(ContainerdError::Archive(ArchiveError::DiffId {
+                    path: archive_path(archive),
+                    layer: layer.digest.clone(),
+                    expected: diff_id.to_string(),
+                    got: applied,
+                }));
+            }
+            conn.snapshots()
+                .commit(conn.req(snap::CommitSnapshotRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    name: chain.to_string(),
+                    key: key.clone(),
+                    labels: HashMap::new(),
+                }))
+                .await
+                .map_err(call("snapshot commit", chain))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = committed {
+            let _ = self.remove_snapshot(conn, &key).await;
+            if e.code() != Some(Code::AlreadyExists) {
+                return Err(e);
+            }
+        }
+        let labels = [(
+            "containerd.io/uncompressed".to_string(),
+            diff_id.to_string(),
+        )];
+        self.write_blob(conn, archive, layer, &labels).await
     }
 }
