@@ -141,11 +141,13 @@ fn build_as_nobody_is_identical() {
             std::fs::copy(user_cache.join(h), cache.join(h)).unwrap();
         }
     }
-    let bins = caisson_builder::binaries::build(&ws, &caisson_builder::binaries::wanted(&[]))
-        .unwrap()[0]
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    // Its own copy of the binaries too: the checkout may sit where nobody cannot read.
+    let bins = root.join("bins");
+    std::fs::create_dir_all(&bins).unwrap();
+    let wanted = caisson_builder::binaries::wanted(&[]);
+    for b in caisson_builder::binaries::build(&ws, &wanted).unwrap() {
+        std::fs::copy(&b, bins.join(b.file_name().unwrap())).unwrap();
+    }
     let out = root.join("out");
     let am_root = effective_uid() == 0;
     if am_root {
