@@ -181,19 +181,63 @@ pub fn find_labelled(root: &Path, label: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// A block device or image read as a FAT volume: reads go through a buffer, and any write fails,
-/// so looking for a config can never change the volume.
-struct ReadOnly(std::io::BufReader<std::fs::File>);
+/// The most one lookup may read from a FAT volume, its metadata and the file together: a
+/// config of [`MAX_SIZE`] and thousands of directory entries take far less. It is what stops a
+/// hostile volume whose directory's cluster chain loops (the `fatfs` crate follows it forever).
+pub const FAT_READ_BUDGET: u64 = MAX_SIZE + 8 * (1 << 20);
+/// The most reads one lookup may make (each cluster step of a FAT chain is one).
+const FAT_READ_CALLS: u64 = 1 << 20;
+
+/// A block device or image read as a FAT volume: reads go through a buffer that a seek inside it
+/// keeps (the `fatfs` crate seeks before every read), any write fails, so looking for a config
+/// can never change the volume, and past [`FAT_READ_BUDGET`] every read fails.
+struct ReadOnly {
+    inner: std::io::BufReader<std::fs::File>,
+    /// The position the next read starts at.
+    pos: u64,
+    /// Bytes and reads handed out so far.
+    read: u64,
+    calls: u64,
+}
+
+impl ReadOnly {
+    fn new(f: std::fs::File) -> ReadOnly {
+        ReadOnly {
+            inner: std::io::BufReader::with_capacity(64 * 1024, f),
+            pos: 0,
+            read: 0,
+            calls: 0,
+        }
+    }
+}
 
 impl Read for ReadOnly {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
+        self.calls += 1;
+        if self.read > FAT_READ_BUDGET || self.calls > FAT_READ_CALLS {
+            return Err(std::io::Error::other(format!(
+                "more than {FAT_READ_BUDGET} bytes or {FAT_READ_CALLS} reads for one file: \
+                 the volume is damaged (a cluster chain that loops?)"
+            )));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
 impl std::io::Seek for ReadOnly {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.0.seek(pos)
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        if let std::io::SeekFrom::Start(p) = to {
+            if let Ok(delta) = i64::try_from(i128::from(p) - i128::from(self.pos)) {
+                self.inner.seek_relative(delta)?;
+                self.pos = p;
+                return Ok(p);
+            }
+        }
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
     }
 }
 
@@ -221,7 +265,7 @@ pub fn read_from_volume(dev: &Path, file: &str) -> Result<Option<Vec<u8>>, Sourc
         path: dev.into(),
         source,
     })?;
-    let volume = ReadOnly(std::io::BufReader::with_capacity(64 * 1024, f));
+    let volume = ReadOnly::new(f);
     let fs = fatfs::FileSystem::new(volume, fatfs::FsOptions::new()).map_err(fat)?;
     let mut found = match fs.root_dir().open_file(file) {
         Ok(found) => found,

@@ -601,3 +601,75 @@ fn a_config_drive_is_found_by_its_label() {
     let read = source::read_from_volume(&img, "caisson.toml").unwrap();
     assert_eq!(read.as_deref(), Some(EXAMPLE.as_bytes()));
 }
+
+/// The little-endian u16 at `at`.
+fn le16(b: &[u8], at: usize) -> usize {
+    usize::from(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// Sets FAT12 entry `cluster` to `value` in every FAT of the image `b`.
+fn set_fat12(b: &mut [u8], cluster: usize, value: u16) {
+    let (bps, reserved, fats, per_fat) =
+        (le16(b, 11), le16(b, 14), usize::from(b[16]), le16(b, 22));
+    for n in 0..fats {
+        let at = (reserved + n * per_fat) * bps + cluster + cluster / 2;
+        if cluster.is_multiple_of(2) {
+            b[at] = value as u8;
+            b[at + 1] = (b[at + 1] & 0xF0) | ((value >> 8) as u8 & 0x0F);
+        } else {
+            b[at] = (b[at] & 0x0F) | ((value as u8 & 0x0F) << 4);
+            b[at + 1] = (value >> 4) as u8;
+        }
+    }
+}
+
+/// A FAT12 image whose directory `/CAISSON` is one cluster whose chain leads back to itself,
+/// every entry after `.` and `..` a deleted one: a reader that follows the chain never meets the
+/// end of the directory.
+fn looping_directory_image(dir: &Path) -> PathBuf {
+    let img = fat_image(dir, "CAISSON-CFG");
+    mtools("mmd", &img, &["::/CAISSON"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let (bps, spc, reserved) = (le16(&b, 11), usize::from(b[13]), le16(&b, 14));
+    let (fats, root_entries, per_fat) = (usize::from(b[16]), le16(&b, 17), le16(&b, 22));
+    let root = (reserved + fats * per_fat) * bps;
+    let entry = (0..root_entries)
+        .map(|i| root + i * 32)
+        .find(|&at| &b[at..at + 11] == b"CAISSON    ")
+        .expect("the directory entry");
+    let cluster = le16(&b, entry + 26);
+    let data = root + root_entries * 32;
+    let start = data + (cluster - 2) * spc * bps;
+    for at in (start + 64..start + spc * bps).step_by(32) {
+        b[at..at + 32].copy_from_slice(&[0xE5; 32]);
+    }
+    set_fat12(&mut b, cluster, cluster as u16);
+    std::fs::write(&img, &b).unwrap();
+    img
+}
+
+#[test]
+fn a_directory_whose_cluster_chain_loops_is_refused_in_bounded_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = looping_directory_image(tmp.path());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let read = img.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(source::read_from_volume(&read, "caisson/config.toml"));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("reading a looping directory hung");
+    let e = got.unwrap_err().to_string();
+    assert!(e.contains(&img.display().to_string()), "{e}");
+    assert!(e.contains("more than"), "{e}");
+    // Through discovery, as the first boot reads the ESP: passed over, the boot goes on.
+    let r = tmp.path().join("root");
+    std::fs::create_dir_all(&r).unwrap();
+    let env = Env {
+        root: &r,
+        cmdline: "",
+        esp: Some(img),
+    };
+    assert_eq!(source::discover_local(&env).unwrap(), None);
+}
