@@ -16,7 +16,7 @@
 use crate::config::Config;
 use crate::etcd::{Client, Event};
 use crate::registry::{self, Keys, MachineRecord, Member};
-use crate::store::{Store, Target, UnitStatus};
+use crate::store::{Store, StoreError, Target, UnitStatus};
 use crate::unit::{Restart, UnitError, UnitSpec};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -573,7 +573,9 @@ impl<R: Runtime> Agent<R> {
             }
         }
         let me = self.member.id().to_string();
-        let (assigned, _) = self.store.assigned(&me).await.map_err(|e| e.to_string())?;
+        let Some(assigned) = self.own_assignment().await? else {
+            return Ok(());
+        };
         let units = self.store.units().await.map_err(|e| e.to_string())?;
         let desired: BTreeMap<String, UnitSpec> = assigned
             .iter()
@@ -628,6 +630,23 @@ impl<R: Runtime> Agent<R> {
             self.reported.remove(&u);
         }
         Ok(())
+    }
+
+    /// The units assigned to this machine; `None` when the assignment does not decode (logged
+    /// once): the containers are then left as they are until the leader writes it again.
+    async fn own_assignment(&self) -> Result<Option<std::collections::BTreeSet<String>>, String> {
+        let key = self.store.keys.assign(self.member.id());
+        match self.store.assigned(self.member.id()).await {
+            Ok((units, _)) => {
+                self.store.skipped.note_one(&key, None);
+                Ok(Some(units))
+            }
+            Err(StoreError::Invalid(bad)) => {
+                self.store.skipped.note_one(&key, Some(&bad));
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Ticks until `stop` resolves, then leaves the fleet (its units move elsewhere): at once

@@ -5,6 +5,7 @@ use crate::config::{self, Config};
 use crate::containerd::Containerd;
 use crate::etcd::Client;
 use crate::lock::RebootLock;
+use crate::records::Invalid;
 use crate::registry::{self, Keys, MachineRecord};
 use crate::store::{self, Store, Target};
 use crate::unit::UnitSpec;
@@ -29,7 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// List the machines: id, address, labels, version, slot, units, last seen.
+    /// List the machines: id, address, labels, version, slot, units, last seen (a record that
+    /// does not decode is listed as INVALID, with its key and the error).
     Machines {
         /// Print JSON.
         #[arg(long)]
@@ -56,7 +58,8 @@ pub enum Command {
         /// The unit's name.
         unit: String,
     },
-    /// List units: desired and actual state, where they run.
+    /// List units: desired and actual state, where they run (a record that does not decode is
+    /// listed as INVALID, with its key and the error; the agents skip it).
     Units {
         /// Print JSON.
         #[arg(long)]
@@ -169,8 +172,28 @@ pub async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The rows of records that do not decode: `name` (the key's last part), `key`, `invalid`.
+fn invalid_rows(prefix: &str, field: &str, invalid: &[Invalid]) -> Vec<serde_json::Value> {
+    invalid
+        .iter()
+        .map(|i| json!({ field: i.key.strip_prefix(prefix).unwrap_or(&i.key), "key": i.key, "invalid": i.error }))
+        .collect()
+}
+
+fn print_invalid(rows: &[serde_json::Value], field: &str, width: usize) {
+    for r in rows {
+        println!(
+            "{:<width$} INVALID  {}: {}",
+            r[field].as_str().unwrap_or(""),
+            r["key"].as_str().unwrap_or(""),
+            r["invalid"].as_str().unwrap_or("")
+        );
+    }
+}
+
 async fn machines(store: &Store, json: bool) -> Result<()> {
-    let ms = registry::machines(&store.client, &store.keys).await?;
+    let (ms, invalid) = registry::machine_records(&store.client, &store.keys).await?;
+    let invalid = invalid_rows(&store.keys.machines(), "id", &invalid);
     let placed = store::by_machine(&store.placement().await?);
     let leader = registry::leader(&store.client, &store.keys).await?;
     if json {
@@ -182,6 +205,7 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
                 v["leader"] = json!(leader.as_deref() == Some(m.id.as_str()));
                 v
             })
+            .chain(invalid)
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -213,11 +237,13 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
             now.saturating_sub(m.last_seen),
         );
     }
+    print_invalid(&invalid, "id", 34);
     Ok(())
 }
 
 async fn units(store: &Store, json: bool) -> Result<()> {
-    let units = store.units().await?;
+    let (units, invalid) = store.unit_records().await?;
+    let invalid = invalid_rows(&store.keys.units(), "name", &invalid);
     let placement = store.placement().await?;
     let statuses = store.statuses().await?;
     let rows: Vec<_> = units
@@ -234,6 +260,7 @@ async fn units(store: &Store, json: bool) -> Result<()> {
         })
         .collect();
     if json {
+        let rows: Vec<_> = rows.into_iter().chain(invalid).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
@@ -259,6 +286,7 @@ async fn units(store: &Store, json: bool) -> Result<()> {
             }
         );
     }
+    print_invalid(&invalid, "name", 24);
     Ok(())
 }
 

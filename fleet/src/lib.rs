@@ -4,6 +4,7 @@
 //! - [`unit`]: unit files (what to run, how many, where) and their validation.
 //! - [`scheduler`]: the pure placement function.
 //! - [`registry`]: machine records under leases, leader election, the keyspace.
+//! - [`records`]: records in etcd this version cannot use: skipped, logged once, listed.
 //! - [`store`]: units, assignments, statuses, and the leader's scheduling pass.
 //! - [`lock`]: the reboot semaphore the updater's `etcd-lock` strategy uses.
 //! - [`agent`]: the agent loop and reconciliation against a [`agent::Runtime`].
@@ -17,6 +18,7 @@ pub mod config;
 pub mod containerd;
 pub mod etcd;
 pub mod lock;
+pub mod records;
 pub mod registry;
 pub mod scheduler;
 pub mod store;

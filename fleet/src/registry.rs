@@ -13,6 +13,7 @@
 //! | `lock/reboot` | [`crate::lock::Semaphore`] JSON | none |
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
+use crate::records::{self, Invalid};
 use caisson_layout::cmdline::BootParams;
 use caisson_layout::osrelease::OsRelease;
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,7 @@ pub enum RegistryError {
     },
     #[error("{path} holds no machine id")]
     NoMachineId { path: String },
-    #[error("machine record {key:?} is not valid JSON: {source}")]
+    #[error("machine record {key:?}: cannot encode it: {source}")]
     Corrupt {
         key: String,
         #[source]
@@ -296,18 +297,35 @@ impl Member {
     }
 }
 
-/// Every registered (live) machine.
+/// Every registered (live) machine whose record decodes (see [`machine_records`]).
 pub async fn machines(client: &Client, keys: &Keys) -> Result<Vec<MachineRecord>, RegistryError> {
+    Ok(machine_records(client, keys).await?.0)
+}
+
+/// Every registered machine, and the records under the machines prefix that do not decode
+/// (a newer version's record with changed fields, say) or that name another machine than
+/// their key.
+pub async fn machine_records(
+    client: &Client,
+    keys: &Keys,
+) -> Result<(Vec<MachineRecord>, Vec<Invalid>), RegistryError> {
     let r = client.range(&keys.machines(), true).await?;
-    r.kvs
-        .iter()
-        .map(|kv| {
-            serde_json::from_slice(&kv.value).map_err(|source| RegistryError::Corrupt {
-                key: kv.key.clone(),
-                source,
-            })
-        })
-        .collect()
+    let mut good = Vec::new();
+    let mut invalid = Vec::new();
+    for kv in &r.kvs {
+        let decoded = records::decode(&kv.key, &kv.value, kv.mod_revision, |m: &MachineRecord| {
+            if kv.key == keys.machine(&m.id) {
+                Ok(())
+            } else {
+                Err(format!("it names machine {:?}", m.id))
+            }
+        });
+        match decoded {
+            Ok(m) => good.push(m),
+            Err(bad) => invalid.push(bad),
+        }
+    }
+    Ok((good, invalid))
 }
 
 /// The current leader's machine id.

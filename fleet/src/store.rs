@@ -1,6 +1,7 @@
 //! Units, assignments and statuses in etcd, and the leader's scheduling pass.
 
-use crate::etcd::{Client, Compare, EtcdError, Op};
+use crate::etcd::{Client, Compare, EtcdError, KeyValue, Op};
+use crate::records::{self, Invalid, Skipped};
 use crate::registry::{self, Keys, MachineRecord, RegistryError};
 use crate::scheduler::{self, Placement, Schedule};
 use crate::unit::UnitSpec;
@@ -14,7 +15,9 @@ pub enum StoreError {
     Etcd(#[from] EtcdError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("{key:?} holds invalid JSON: {source}")]
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{key:?}: cannot encode the record: {source}")]
     Corrupt {
         key: String,
         #[source]
@@ -58,10 +61,19 @@ pub struct UnitStatus {
     pub since: u64,
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
-        key: key.to_string(),
-        source,
+/// Decodes a record that needs no check against its key.
+fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, Invalid> {
+    records::decode(&kv.key, &kv.value, kv.mod_revision, |_| Ok(()))
+}
+
+/// Decodes a unit record: its spec passes [`UnitSpec::check`] and is named as its key.
+fn decode_unit(keys: &Keys, kv: &KeyValue) -> Result<UnitRecord, Invalid> {
+    records::decode(&kv.key, &kv.value, kv.mod_revision, |r: &UnitRecord| {
+        r.spec.check().map_err(|e| e.to_string())?;
+        if kv.key != keys.unit(&r.spec.name) {
+            return Err(format!("it names unit {:?}", r.spec.name));
+        }
+        Ok(())
     })
 }
 
@@ -77,6 +89,8 @@ fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
 pub struct Store {
     pub client: Client,
     pub keys: Keys,
+    /// The records that did not decode and were logged (shared by clones).
+    pub skipped: Skipped,
 }
 
 /// Every unit with its record and revision.
@@ -84,18 +98,35 @@ pub type Units = BTreeMap<String, (UnitRecord, i64)>;
 
 impl Store {
     pub fn new(client: Client, keys: Keys) -> Store {
-        Store { client, keys }
+        Store {
+            client,
+            keys,
+            skipped: Skipped::default(),
+        }
     }
 
-    /// Every unit, by name, with the revision of its record.
+    /// Every unit, by name, with the revision of its record; a record that does not decode is
+    /// skipped and logged once (see [`Store::unit_records`]).
     pub async fn units(&self) -> Result<Units, StoreError> {
+        let (units, invalid) = self.unit_records().await?;
+        self.skipped.note(&self.keys.units(), &invalid);
+        Ok(units)
+    }
+
+    /// Every unit, and the records under the units prefix that do not decode.
+    pub async fn unit_records(&self) -> Result<(Units, Vec<Invalid>), StoreError> {
         let r = self.client.range(&self.keys.units(), true).await?;
         let mut out = BTreeMap::new();
+        let mut invalid = Vec::new();
         for kv in r.kvs {
-            let rec: UnitRecord = decode(&kv.key, &kv.value)?;
-            out.insert(rec.spec.name.clone(), (rec, kv.mod_revision));
+            match decode_unit(&self.keys, &kv) {
+                Ok(rec) => {
+                    out.insert(rec.spec.name.clone(), (rec, kv.mod_revision));
+                }
+                Err(bad) => invalid.push(bad),
+            }
         }
-        Ok(out)
+        Ok((out, invalid))
     }
 
     /// Writes every unit in one transaction, or none: a unit that changed since it was read
@@ -104,14 +135,17 @@ impl Store {
         if specs.is_empty() {
             return Err(StoreError::Empty);
         }
-        let existing = self.units().await?;
+        let (existing, invalid) = self.unit_records().await?;
         let mut compares = Vec::new();
         let mut ops = Vec::new();
         for spec in specs {
             let key = self.keys.unit(&spec.name);
-            let (target, rev) = match existing.get(&spec.name) {
-                Some((rec, rev)) => (rec.target, *rev),
-                None => (Target::Running, 0),
+            // A record that does not decode is replaced.
+            let unusable = invalid.iter().find(|i| i.key == key);
+            let (target, rev) = match (existing.get(&spec.name), unusable) {
+                (Some((rec, rev)), _) => (rec.target, *rev),
+                (None, Some(bad)) => (Target::Running, bad.revision),
+                (None, None) => (Target::Running, 0),
             };
             compares.push(Compare::mod_revision(&key, rev));
             let rec = UnitRecord {
@@ -135,7 +169,7 @@ impl Store {
             let Some(kv) = self.client.get(&key).await? else {
                 return Err(StoreError::NoSuchUnit(name.to_string()));
             };
-            let mut rec: UnitRecord = decode(&key, &kv.value)?;
+            let mut rec = decode_unit(&self.keys, &kv)?;
             if rec.target == target {
                 return Ok(());
             }
@@ -163,45 +197,64 @@ impl Store {
         Ok(())
     }
 
-    /// The placement the leader last wrote: unit to machines.
+    /// The placement the leader last wrote: unit to machines. An assignment that does not
+    /// decode is skipped and logged once.
     pub async fn placement(&self) -> Result<Placement, StoreError> {
-        let prefix = self.keys.assigns();
-        let r = self.client.range(&prefix, true).await?;
-        let mut p = Placement::new();
-        for kv in r.kvs {
-            let machine = kv.key[prefix.len()..].to_string();
-            let units: Vec<String> = decode(&kv.key, &kv.value)?;
-            for u in units {
-                p.entry(u).or_default().insert(machine.clone());
-            }
-        }
+        let (p, invalid) = self.placement_records().await?;
+        self.skipped.note(&self.keys.assigns(), &invalid);
         Ok(p)
     }
 
-    /// The units assigned to one machine, and the revision of the assignment.
+    /// The placement, and the assignments that do not decode.
+    pub async fn placement_records(&self) -> Result<(Placement, Vec<Invalid>), StoreError> {
+        let prefix = self.keys.assigns();
+        let r = self.client.range(&prefix, true).await?;
+        let mut p = Placement::new();
+        let mut invalid = Vec::new();
+        for kv in r.kvs {
+            let machine = kv.key[prefix.len()..].to_string();
+            match decode::<Vec<String>>(&kv) {
+                Ok(units) => {
+                    for u in units {
+                        p.entry(u).or_default().insert(machine.clone());
+                    }
+                }
+                Err(bad) => invalid.push(bad),
+            }
+        }
+        Ok((p, invalid))
+    }
+
+    /// The units assigned to one machine, and the revision of the assignment;
+    /// [`StoreError::Invalid`] when the assignment does not decode.
     pub async fn assigned(&self, machine: &str) -> Result<(BTreeSet<String>, i64), StoreError> {
         let key = self.keys.assign(machine);
         let r = self.client.range(&key, false).await?;
         match r.kvs.first() {
             None => Ok((BTreeSet::new(), r.revision)),
-            Some(kv) => Ok((decode(&key, &kv.value)?, r.revision)),
+            Some(kv) => Ok((decode(kv)?, r.revision)),
         }
     }
 
-    /// Every status, by (machine, unit).
+    /// Every status, by (machine, unit); a status that does not decode is skipped and logged
+    /// once.
     pub async fn statuses(&self) -> Result<BTreeMap<(String, String), UnitStatus>, StoreError> {
         let prefix = self.keys.statuses();
         let r = self.client.range(&prefix, true).await?;
         let mut out = BTreeMap::new();
+        let mut invalid = Vec::new();
         for kv in r.kvs {
             let Some((machine, unit)) = kv.key[prefix.len()..].split_once('/') else {
                 continue;
             };
-            out.insert(
-                (machine.to_string(), unit.to_string()),
-                decode(&kv.key, &kv.value)?,
-            );
+            match decode(&kv) {
+                Ok(st) => {
+                    out.insert((machine.to_string(), unit.to_string()), st);
+                }
+                Err(bad) => invalid.push(bad),
+            }
         }
+        self.skipped.note(&prefix, &invalid);
         Ok(out)
     }
 
@@ -229,10 +282,15 @@ impl Store {
     /// The leader's pass: reads machines, units and the current placement, schedules, and
     /// writes the assignments that changed, fenced by `fence` (the leader key still ours).
     /// Returns the schedule, or `None` when this machine turned out not to lead.
+    /// Records that do not decode are left out (and logged once): a machine whose record does
+    /// not decode gets no units, a unit that does not decode is not placed, and an assignment
+    /// that does not decode is written again (or deleted).
     pub async fn schedule_pass(&self, fence: &Compare) -> Result<Option<Schedule>, StoreError> {
-        let machines = registry::machines(&self.client, &self.keys).await?;
+        let (machines, bad_machines) = registry::machine_records(&self.client, &self.keys).await?;
+        self.skipped.note(&self.keys.machines(), &bad_machines);
         let units = self.units().await?;
-        let current = self.placement().await?;
+        let (current, bad_assigns) = self.placement_records().await?;
+        self.skipped.note(&self.keys.assigns(), &bad_assigns);
         let s = plan(&machines, &units, &current);
         let before = by_machine(&current);
         let after = by_machine(&s.placement);
@@ -245,6 +303,12 @@ impl Store {
         }
         for m in before.keys().filter(|m| !after.contains_key(*m)) {
             ops.push(Op::delete(self.keys.assign(m)));
+        }
+        for bad in &bad_assigns {
+            let machine = &bad.key[self.keys.assigns().len()..];
+            if !after.contains_key(machine) {
+                ops.push(Op::delete(bad.key.clone()));
+            }
         }
         // etcd allows 128 operations per transaction by default; with nothing to write, the
         // empty transaction still checks the fence.

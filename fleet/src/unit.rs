@@ -309,6 +309,44 @@ impl UnitSpec {
     }
 }
 
+impl UnitSpec {
+    /// Checks a unit read back from etcd, which anyone with write access to the units could
+    /// have written without `caisson-fleet submit`: the fields the agent builds paths, requests
+    /// and loops from (name, image, replicas) get the unit file's rules.
+    pub fn check(&self) -> Result<(), UnitError> {
+        let field = |field: &str, message: String| UnitError::Field {
+            unit: self.name.clone(),
+            field: field.to_string(),
+            message,
+        };
+        if !valid_name(&self.name) {
+            return Err(field("name", format!("{:?} is not a unit name", self.name)));
+        }
+        let image = match self.image.clone() {
+            Image::Path { path, name } => ImageFile {
+                path: Some(path),
+                url: None,
+                sha256: None,
+                name,
+            },
+            Image::Url { url, sha256, name } => ImageFile {
+                path: None,
+                url: Some(url),
+                sha256: Some(sha256),
+                name,
+            },
+        };
+        check_image(image).map_err(|(f, m)| field(f, m))?;
+        match self.replicas {
+            Replicas::Count(n) if n == 0 || n > MAX_REPLICAS => Err(field(
+                "replicas",
+                format!("{n} is not between 1 and {MAX_REPLICAS}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn check_image(f: ImageFile) -> Result<Image, (&'static str, String)> {
     if let Some(n) = &f.name {
         if n.is_empty() || n.contains(char::is_whitespace) {
@@ -453,6 +491,35 @@ mod tests {
         assert!(unknown.contains("replica"), "{unknown}");
         let typed = err(&format!("replicas = \"two\"\n{img}"));
         assert!(typed.contains("replicas"), "{typed}");
+    }
+
+    #[test]
+    fn a_stored_unit_is_checked_again() {
+        let u = UnitSpec::parse("web", WEB).unwrap();
+        assert_eq!(u.check(), Ok(()));
+        let named = UnitSpec {
+            name: "../../etc/x".into(),
+            ..u.clone()
+        };
+        assert!(named.check().unwrap_err().to_string().contains("`name`"));
+        let url = UnitSpec {
+            image: Image::Url {
+                url: "http://h/x.tar".into(),
+                sha256: "../../x".into(),
+                name: None,
+            },
+            ..u.clone()
+        };
+        assert!(url
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("image.sha256"));
+        let many = UnitSpec {
+            replicas: Replicas::Count(u32::MAX),
+            ..u
+        };
+        assert!(many.check().unwrap_err().to_string().contains("`replicas`"));
     }
 
     #[test]

@@ -552,3 +552,106 @@ async fn a_machine_that_comes_back_stops_what_is_no_longer_its_own() {
         .unwrap();
     assert_eq!(machines.len(), 2, "m1 registered again: {machines:?}");
 }
+
+/// One record that does not decode never stops the fleet: `{}` under the units prefix, a unit
+/// record under another unit's name, a machine record from a "newer version" whose address
+/// changed type, and an assignment that is not a list. The agents keep ticking, the good unit
+/// is placed and runs, the leader rewrites the bad assignment, the CLI lists the bad records
+/// as invalid with their key and error, and submitting a unit replaces a bad record of its name.
+#[tokio::test]
+async fn records_that_do_not_decode_are_skipped_and_listed() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd);
+    let mut agents = Vec::new();
+    for id in ["m1", "m2"] {
+        agents.push(
+            Agent::join(&cfg, record(id), FakeRuntime::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let store = Store::new(agents[0].store.client.clone(), agents[0].store.keys.clone());
+    let keys = &store.keys;
+    let put = |key: String, value: &'static str| {
+        let c = store.client.clone();
+        async move { c.put(&key, value, 0).await.unwrap() }
+    };
+    put(keys.unit("broken"), "{}").await;
+    let other = r#"{"spec":{"name":"web","image":{"path":{"path":"/evil.tar"}},"replicas":{"count":1},"restart":"always"},"target":"running"}"#;
+    put(keys.unit("alias"), other).await;
+    put(
+        keys.machine("ghost"),
+        r#"{"id":"ghost","address":{"v6":"::1"},"labels":{}}"#,
+    )
+    .await;
+    put(keys.assign("m2"), r#""not a list""#).await;
+    let web = UnitSpec::parse("web", "replicas = 2\n[image]\npath = \"/w.tar\"").unwrap();
+    store.submit(&[web]).await.unwrap();
+    for _ in 0..3 {
+        tick_all(&mut agents).await;
+    }
+    for a in &agents {
+        assert_eq!(a.runtime.units(), ["web"], "{}", a.member.id());
+    }
+    assert_eq!(
+        store
+            .assigned("m2")
+            .await
+            .unwrap()
+            .0
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["web"],
+        "the leader wrote the bad assignment again"
+    );
+    let st = store.statuses().await.unwrap();
+    assert_eq!(st[&("m2".to_string(), "web".to_string())].state, "running");
+    assert_eq!(
+        caisson_fleet::registry::machines(&store.client, &store.keys)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let (ok, out, err) = fleet(&etcd, &["units", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let invalid: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.get("invalid").is_some())
+        .map(|r| (r["name"].as_str().unwrap(), r["invalid"].as_str().unwrap()))
+        .collect();
+    assert_eq!(invalid.len(), 2, "{out}");
+    assert_eq!(invalid[0].0, "alias");
+    assert!(invalid[0].1.contains("names unit \"web\""), "{out}");
+    assert_eq!(invalid[1].0, "broken");
+    assert!(invalid[1].1.contains("missing field"), "{out}");
+    assert_eq!(
+        rows.iter().filter(|r| r["name"] == "web").count(),
+        1,
+        "{out}"
+    );
+    let (ok, out, _) = fleet(&etcd, &["units"]);
+    assert!(ok);
+    assert!(
+        out.lines().any(|l| l.starts_with("broken")
+            && l.contains("INVALID")
+            && l.contains("units/broken")),
+        "{out}"
+    );
+    let (ok, out, _) = fleet(&etcd, &["machines", "--json"]);
+    assert!(ok);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let ghost = rows.iter().find(|r| r["id"] == "ghost").unwrap();
+    assert!(
+        ghost["invalid"].as_str().unwrap().contains("invalid type"),
+        "{out}"
+    );
+    assert_eq!(rows.len(), 3, "{out}");
+
+    // Submitting a unit named like a bad record replaces it.
+    let fixed = UnitSpec::parse("broken", "[image]\npath = \"/b.tar\"").unwrap();
+    store.submit(&[fixed]).await.unwrap();
+    assert!(store.units().await.unwrap().contains_key("broken"));
+}
