@@ -45,8 +45,8 @@ pub enum CmdlineError {
     /// An extra word (from a spec's `kernel.cmdline` or a manifest) that would override what a
     /// boot entry pins: the kernel takes the last occurrence of a key.
     #[error(
-        "kernel command line extra {0:?} is reserved: root= and caisson.* are set by the boot \
-         entry itself (only caisson.debug may be added)"
+        "kernel command line extra {0:?} is reserved: root=, the caisson.* keys a boot entry pins \
+         (slot, version, state, esp, verity.*) and caisson.insecure are set by the entry itself"
     )]
     Reserved(String),
     /// An extra that holds a newline or another control character, which would end the entry's
@@ -152,15 +152,30 @@ impl BootParams {
     }
 }
 
-/// Checks the words a spec or a manifest adds after a boot entry's pinning keys: none may set
-/// `root=` or a `caisson.*` key (except the `caisson.debug` flag), none may hold a control character.
+/// The keys a boot entry pins, which no extra word may set again.
+pub const PINNED_KEYS: [&str; 10] = [
+    KEY_ROOT,
+    KEY_SLOT,
+    KEY_VERSION,
+    KEY_STATE,
+    KEY_ESP,
+    KEY_VERITY_ROOT,
+    KEY_VERITY_SALT,
+    KEY_VERITY_DATA_BLOCKS,
+    KEY_VERITY_HASH_OFFSET,
+    FLAG_INSECURE,
+];
+
+/// Checks the words a spec or a manifest adds after a boot entry's pinning keys: none may set a
+/// [`PINNED_KEYS`] key or anything below `caisson.verity.`, none may hold a control character.
+/// Other words (`console=`, `caisson.debug`, `caisson.config_url=`) are the spec's to add.
 pub fn check_extra(extra: &str) -> Result<(), CmdlineError> {
     if extra.chars().any(char::is_control) {
         return Err(CmdlineError::Control(extra.to_string()));
     }
     for word in extra.split_whitespace() {
         let key = word.split_once('=').map_or(word, |(k, _)| k);
-        if key == KEY_ROOT || (key.starts_with("caisson.") && word != FLAG_DEBUG) {
+        if PINNED_KEYS.contains(&key) || key.starts_with("caisson.verity.") {
             return Err(CmdlineError::Reserved(word.to_string()));
         }
     }
@@ -216,7 +231,7 @@ mod tests {
     #[test]
     fn extras_cannot_override_the_pinned_keys() {
         assert_eq!(
-            check_extra("console=ttyS0 panic=5 quiet caisson.debug"),
+            check_extra("console=ttyS0 quiet caisson.debug caisson.config_url=http://x/c"),
             Ok(())
         );
         for bad in [
@@ -225,6 +240,9 @@ mod tests {
             "caisson.verity.root=00",
             "caisson.insecure",
             "caisson.version=9.9.9",
+            "caisson.verity.newer=1",
+            "caisson.state=PARTUUID=00000000-0000-0000-0000-000000000000",
+            "caisson.esp",
         ] {
             assert!(
                 matches!(check_extra(bad), Err(CmdlineError::Reserved(_))),
