@@ -15,7 +15,7 @@ use crate::apply::sha256_hex;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// fw_cfg entry name, and where sysfs shows its contents.
 pub const FW_CFG_NAME: &str = "opt/caisson/config";
@@ -304,7 +304,8 @@ pub fn url_source(cmdline: &str) -> Result<Option<(String, String)>, SourceError
     Ok(Some((url.to_string(), sha.to_ascii_lowercase())))
 }
 
-/// `GET url` over plain HTTP/1.0; the body, at most [`MAX_SIZE`] bytes.
+/// `GET url` over plain HTTP/1.0; the body, at most [`MAX_SIZE`] bytes. `timeout` bounds the
+/// whole try, from connecting to the last byte: a server that trickles is cut off.
 pub fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, SourceError> {
     let bad = |why: String| SourceError::Url {
         url: url.to_string(),
@@ -326,18 +327,24 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, SourceError> {
         .map_err(|e| bad(format!("resolving {host_port}: {e}")))?
         .next()
         .ok_or_else(|| bad(format!("{host_port} has no address")))?;
+    let until = Instant::now() + timeout;
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| bad(format!("connecting to {addr}: {e}")))?;
-    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
     let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: caisson-provision\r\n\r\n"
     );
     s.write_all(request.as_bytes())
         .map_err(|e| bad(format!("sending the request: {e}")))?;
     let mut reply = Vec::new();
-    s.take(MAX_SIZE + 64 * 1024)
-        .read_to_end(&mut reply)
-        .map_err(|e| bad(format!("reading the reply: {e}")))?;
+    Deadline {
+        stream: s,
+        until,
+        total: timeout,
+    }
+    .take(MAX_SIZE + 64 * 1024)
+    .read_to_end(&mut reply)
+    .map_err(|e| bad(format!("reading the reply: {e}")))?;
     let split = reply
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -352,6 +359,43 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<Vec<u8>, SourceError> {
         return Err(SourceError::TooLarge { what: url.into() });
     }
     Ok(body)
+}
+
+/// A socket read within a total deadline: each read waits at most what is left of it.
+struct Deadline {
+    stream: TcpStream,
+    until: Instant,
+    total: Duration,
+}
+
+impl Deadline {
+    fn late(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no complete answer within {} s", self.total.as_secs_f64()),
+        )
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.late());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match self.stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(self.late())
+            }
+            other => other,
+        }
+    }
 }
 
 fn pinned(what: String, bytes: Vec<u8>, expected: &str) -> Result<Vec<u8>, SourceError> {

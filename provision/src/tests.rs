@@ -673,3 +673,44 @@ fn a_directory_whose_cluster_chain_loops_is_refused_in_bounded_time() {
     };
     assert_eq!(source::discover_local(&env).unwrap(), None);
 }
+
+#[test]
+fn a_trickling_or_endless_config_server_is_cut_off() {
+    use std::io::{BufRead, BufReader, Write};
+    let serve = |body: fn(&mut std::net::TcpStream)| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).unwrap_or_default();
+                body(&mut s);
+            }
+        });
+        format!("http://{addr}/machine.toml")
+    };
+    // One byte every 100 ms for ever: each read is quick, the try as a whole is not.
+    let url = serve(|s| {
+        let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+        while s.write_all(b"#").is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fetch = url.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(source::http_get(&fetch, std::time::Duration::from_secs(1)));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("a trickling server kept the fetch past its deadline");
+    let e = got.unwrap_err().to_string();
+    assert!(e.contains(&url) && e.contains("within 1 s"), "{e}");
+    // A body that never ends is refused at the size cap.
+    let url = serve(|s| {
+        let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+        while s.write_all(&[b'#'; 65536]).is_ok() {}
+    });
+    let e = source::http_get(&url, std::time::Duration::from_secs(10)).unwrap_err();
+    assert!(matches!(e, source::SourceError::TooLarge { .. }), "{e}");
+}
