@@ -49,6 +49,16 @@ pub enum ApplyError {
          still counts tries): wait until it is blessed, then update"
     )]
     NotBlessed { version: String, slot: Slot },
+    #[error(
+        "the running boot says slot {slot} but its root (PARTUUID {root}) is not partition {label} \
+         ({expected}): refusing to write either slot; boot a Caisson entry that was not edited"
+    )]
+    BootedSlotMismatch {
+        slot: Slot,
+        root: uuid::Uuid,
+        label: &'static str,
+        expected: uuid::Uuid,
+    },
     #[error("the root payload of {version} is {need} bytes but partition {label} holds {have}")]
     SlotTooSmall {
         version: String,
@@ -147,6 +157,23 @@ pub enum StopAfter {
     Kernel,
 }
 
+/// The slot the command line names must be the partition its root (the device stage 1 found by
+/// that PARTUUID and mounted) is: an entry whose `caisson.slot` lies would make the apply write
+/// the running root.
+fn check_booted_slot(t: &Target) -> Result<(), ApplyError> {
+    let part = Part::root(t.booted.slot);
+    let expected = t.disk.extent(part).guid;
+    if expected == t.booted.root {
+        return Ok(());
+    }
+    Err(ApplyError::BootedSlotMismatch {
+        slot: t.booted.slot,
+        root: t.booted.root,
+        label: part.label(),
+        expected,
+    })
+}
+
 /// Writes `m` into the inactive slot and adds its boot entry. Returns the entry name.
 pub fn apply(
     t: &Target,
@@ -155,6 +182,7 @@ pub fn apply(
     progress: &mut dyn Progress,
     stop: StopAfter,
 ) -> Result<(EntryName, ApplyStats), ApplyError> {
+    check_booted_slot(t)?;
     let mut state = SlotState::load_booted(t.esp, t.booted)?;
     if !state.booted_is_blessed() {
         return Err(ApplyError::NotBlessed {

@@ -426,6 +426,13 @@ impl Manifest {
             )));
         }
         let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        // The version names ESP directories and boot entries, and cmdline_extra is appended
+        // after the entry's pinning keys: neither may escape or override them.
+        caisson_layout::version::check(&m.version).map_err(|e| bad(e.to_string()))?;
+        if let Some(min) = &m.min_version {
+            caisson_layout::version::check(min).map_err(|e| bad(format!("min_version: {e}")))?;
+        }
+        caisson_layout::cmdline::check_extra(&m.cmdline_extra).map_err(|e| bad(e.to_string()))?;
         m.chunking.cutter().map_err(bad)?;
         m.verity_params().map_err(|e| bad(format!("verity: {e}")))?;
         for kind in [
@@ -745,6 +752,29 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("chunk sizes"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_version_or_command_line_that_escapes_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a", 10, 1);
+        let m = write_bundle(&input(&a, &a, &a), &dir.path().join("b")).unwrap();
+        let json = m.to_json();
+        assert!(Manifest::parse(json.as_bytes(), Path::new("x.json")).is_ok());
+        for (field, evil, expect) in [
+            ("version", "../../loader/x", "version"),
+            ("version", "1.0.0\\n", "version"),
+            ("cmdline_extra", "console=ttyS0 caisson.slot=a", "reserved"),
+            ("cmdline_extra", "quiet\\ninitrd /x", "control character"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            v[field] = serde_json::Value::String(evil.replace("\\n", "\n"));
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let err = Manifest::parse(&bytes, Path::new("x.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{field}={evil:?}: {err}");
+        }
     }
 
     /// Deterministic bytes that look random (a xorshift stream).

@@ -525,6 +525,43 @@ fn corrupted_or_unsigned_bundles_change_nothing() {
     assert!(err.contains("downgrade"), "{err}");
 }
 
+/// An entry edited to say `caisson.slot=b` while its root is slot a's partition: the apply would
+/// write the running root. It is refused before anything changes.
+#[test]
+fn a_boot_whose_slot_lies_about_its_root_is_not_applied() {
+    let f = fixture();
+    let (_, bundle, mpath) = release(&f, "2.0.0", &[1]);
+    let mut lying = booted("1.0.0", Slot::B, f.v1);
+    lying.root = partition_guid(IMAGE, Part::RootA);
+    let esp_entries = f.esp.join(paths::ESP_ENTRIES_DIR);
+    std::fs::write(
+        esp_entries.join(EntryName::new_blessed("1.0.0", Slot::B).to_string()),
+        entry::render(&lying, ""),
+    )
+    .unwrap();
+    let m = Machine::from_parts(
+        Disk::open(&f.disk).unwrap(),
+        &f.esp,
+        lying,
+        IMAGE,
+        &f.keys,
+        &f.dir.path().join("state"),
+        "0123456789abcdef0123456789abcdef",
+    );
+    let before = std::fs::read(&f.disk).unwrap();
+    let listed = entries(&f);
+    let err = m
+        .apply_file(&bundle, &mpath, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("says slot b but its root") && err.contains("root-b"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&f.disk).unwrap(), before);
+    assert_eq!(entries(&f), listed);
+}
+
 #[test]
 fn manual_rollback_needs_a_bootable_other_slot() {
     let f = fixture();
