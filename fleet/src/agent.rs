@@ -36,6 +36,9 @@ pub enum RuntimeError {
     /// An operation on one unit's container failed.
     #[error("unit {unit}: {message}")]
     Unit { unit: String, message: String },
+    /// The unit cannot start yet (its image is downloading); a later tick tries again.
+    #[error("unit {unit}: {message}")]
+    Pending { unit: String, message: String },
 }
 
 /// A container the agent manages, as the runtime reports it.
@@ -60,6 +63,11 @@ pub enum ContainerState {
 pub trait Runtime {
     /// Every container the agent manages.
     async fn list(&self) -> Result<Vec<Container>, RuntimeError>;
+    /// Gets what the unit needs before its container can be (re)created, without blocking the
+    /// tick: [`RuntimeError::Pending`] while that is under way (an image downloading).
+    async fn prepare(&self, _spec: &UnitSpec) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     /// Fetches the unit's image if needed, creates its container and starts it.
     async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError>;
     /// Starts an exited container again.
@@ -119,12 +127,14 @@ pub fn actions(desired: &BTreeMap<String, UnitSpec>, actual: &[Container]) -> Ve
     out
 }
 
-/// Applies the actions; returns the error of each unit that failed (others still proceed).
+/// Applies the actions; returns the error of each unit that failed or has to wait (others still
+/// proceed). A unit is started or replaced only once [`Runtime::prepare`] says its image is
+/// there, so a replaced container keeps running while the new image downloads.
 pub async fn apply<R: Runtime>(
     rt: &R,
     desired: &BTreeMap<String, UnitSpec>,
     actions: &[Action],
-) -> BTreeMap<String, String> {
+) -> BTreeMap<String, RuntimeError> {
     let mut errors = BTreeMap::new();
     for a in actions {
         let (unit, r) = match a {
@@ -132,22 +142,31 @@ pub async fn apply<R: Runtime>(
             Action::Restart(u) => (u, rt.restart(u).await),
             Action::Start(u) | Action::Replace(u) => {
                 let Some(spec) = desired.get(u) else { continue };
-                let mut r = Ok(());
-                if matches!(a, Action::Replace(_)) {
-                    r = rt.remove(u).await;
-                }
-                if r.is_ok() {
-                    r = rt.start(spec, &spec_hash(spec)).await;
-                }
-                (u, r)
+                (u, start(rt, spec, matches!(a, Action::Replace(_))).await)
             }
         };
-        if let Err(e) = r {
-            log::warn!("{e}");
-            errors.insert(unit.clone(), e.to_string());
+        match r {
+            Ok(()) => {}
+            Err(e @ RuntimeError::Pending { .. }) => {
+                log::debug!("{e}");
+                errors.insert(unit.clone(), e);
+            }
+            Err(e) => {
+                log::warn!("{e}");
+                errors.insert(unit.clone(), e);
+            }
         }
     }
     errors
+}
+
+/// Prepares, removes the old container when `replace`, and starts the unit's container.
+async fn start<R: Runtime>(rt: &R, spec: &UnitSpec, replace: bool) -> Result<(), RuntimeError> {
+    rt.prepare(spec).await?;
+    if replace {
+        rt.remove(&spec.name).await?;
+    }
+    rt.start(spec, &spec_hash(spec)).await
 }
 
 /// Reads every `*.toml` in `dir` (none when the directory does not exist).
@@ -188,9 +207,11 @@ pub async fn reconcile<R: Runtime>(
     let mut out = BTreeMap::new();
     for name in desired.keys() {
         let c = after.iter().find(|c| &c.unit == name);
+        let pending = matches!(errors.get(name), Some(RuntimeError::Pending { .. }));
         let (state, exit_code) = match c.map(|c| c.state) {
             Some(ContainerState::Running) => ("running", None),
             Some(ContainerState::Exited(code)) => ("exited", Some(code)),
+            None if pending => ("starting", None),
             None => ("failed", None),
         };
         out.insert(
@@ -198,7 +219,7 @@ pub async fn reconcile<R: Runtime>(
             UnitStatus {
                 state: state.to_string(),
                 exit_code,
-                error: errors.get(name).cloned(),
+                error: errors.get(name).filter(|_| !pending).map(|e| e.to_string()),
                 restarts: c.map_or(0, |c| c.restarts),
                 since: now,
             },

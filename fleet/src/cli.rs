@@ -340,7 +340,8 @@ fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
 
 async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     let config = cli.config()?;
-    let runtime = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
+    let mut runtime = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
+    runtime.fetch_limits = config.fetch_limits();
     let stop = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

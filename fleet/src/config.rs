@@ -9,7 +9,12 @@
 //! units_dir = "/etc/caisson/units"       # local units (used without etcd)
 //! containerd_socket = "/run/containerd/containerd.sock"
 //! namespace = "caisson"                  # containerd namespace of the agent's containers
+//! image_timeout_s = 1800                 # an image URL's whole download, request to last byte
+//! image_max_bytes = 4294967296           # the largest image archive a URL may send (4 GiB)
 //! ```
+//!
+//! An image download that misses its deadline or passes its cap fails (its partial file is
+//! removed) and is tried again a minute later; other units are reconciled meanwhile.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -45,6 +50,8 @@ pub struct Config {
     pub units_dir: PathBuf,
     pub containerd_socket: PathBuf,
     pub namespace: String,
+    pub image_timeout_s: u64,
+    pub image_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -58,6 +65,8 @@ impl Default for Config {
             units_dir: UNITS_DIR.into(),
             containerd_socket: "/run/containerd/containerd.sock".into(),
             namespace: "caisson".into(),
+            image_timeout_s: crate::containerd::fetch::DEFAULT_DEADLINE.as_secs(),
+            image_max_bytes: crate::containerd::fetch::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -88,10 +97,23 @@ impl Config {
                 c.ttl_s
             )));
         }
+        if c.image_timeout_s == 0 || c.image_max_bytes == 0 {
+            return Err(bad(
+                "image_timeout_s and image_max_bytes must be at least 1".into(),
+            ));
+        }
         if !c.prefix.ends_with('/') {
             c.prefix.push('/');
         }
         Ok(c)
+    }
+
+    /// The deadline and size cap of each image download.
+    pub fn fetch_limits(&self) -> crate::containerd::FetchLimits {
+        crate::containerd::FetchLimits {
+            deadline: std::time::Duration::from_secs(self.image_timeout_s),
+            max_bytes: self.image_max_bytes,
+        }
     }
 
     /// Whether the agent is part of a cluster (otherwise it runs its local units alone).
@@ -121,6 +143,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("ttl_s"));
+        assert_eq!(c.fetch_limits(), crate::containerd::FetchLimits::default());
+        let small = Config::parse(p, "image_timeout_s = 60\nimage_max_bytes = 1024").unwrap();
+        assert_eq!(small.fetch_limits().deadline.as_secs(), 60);
+        assert_eq!(small.fetch_limits().max_bytes, 1024);
+        assert!(Config::parse(p, "image_max_bytes = 0")
+            .unwrap_err()
+            .to_string()
+            .contains("image_max_bytes"));
         assert!(Config::parse(p, "endpoint = []")
             .unwrap_err()
             .to_string()

@@ -514,3 +514,102 @@ async fn archives_whose_layers_do_not_match_their_diff_ids_are_refused() {
     let imported = rt.import(&good, None, "x").await.unwrap();
     assert_eq!(imported.top, real_id);
 }
+
+/// An HTTP server on loopback that announces a megabyte and sends one byte every 100 ms.
+async fn serve_slowly() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+                    .await?;
+                loop {
+                    s.write_all(b"x").await?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), std::io::Error>(())
+            });
+        }
+    });
+    port
+}
+
+/// A unit whose image URL trickles does not hold up the others: the reconciliation starts its
+/// download in the background, reports it `starting` and starts the other unit at once; when
+/// the download misses its deadline the unit is reported failed with that error, and no
+/// partial file is left in the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_image_download_holds_up_no_other_unit() {
+    if let Some(why) = missing() {
+        eprintln!("skipping the containerd integration test: {why}");
+        return;
+    }
+    let daemon = Daemon::start();
+    let mut rt = daemon.runtime();
+    // runc keeps its state per namespace outside the daemon's directory: a name of its own,
+    // so this test's "web" never meets the other test's.
+    rt.namespace.push_str("-stalled");
+    rt.fetch_limits.deadline = Duration::from_secs(10);
+    let archive = daemon.dir.path().join("busybox.oci.tar");
+    busybox_archive(&archive);
+    let port = serve_slowly().await;
+    let mut desired = std::collections::BTreeMap::new();
+    let slow = unit(
+        "slow",
+        &format!(
+            "[image]\nurl = \"http://127.0.0.1:{port}/slow.oci.tar\"\nsha256 = \"{}\"",
+            "ab".repeat(32)
+        ),
+    );
+    let web = unit(
+        "web",
+        &format!(
+            "command = [\"/bin/sleep\", \"1000\"]\n[image]\npath = \"{}\"",
+            archive.display()
+        ),
+    );
+    desired.insert("slow".to_string(), slow);
+    desired.insert("web".to_string(), web);
+    let t = Instant::now();
+    let st = caisson_fleet::agent::reconcile(&rt, &desired)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    eprintln!("first reconciliation: {:?}", t.elapsed());
+    assert!(t.elapsed() < rt.fetch_limits.deadline, "{:?}", t.elapsed());
+    assert_eq!(st["web"].state, "running", "{st:?}");
+    assert_eq!(
+        (st["slow"].state.as_str(), &st["slow"].error),
+        ("starting", &None)
+    );
+    let failed = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let st = caisson_fleet::agent::reconcile(&rt, &desired)
+            .await
+            .unwrap();
+        assert_eq!(st["web"].state, "running", "{st:?}");
+        if st["slow"].state != "starting" {
+            break st["slow"].clone();
+        }
+        assert!(
+            t.elapsed() < rt.fetch_limits.deadline + Duration::from_secs(10),
+            "the download outlived its deadline"
+        );
+    };
+    assert_eq!(failed.state, "failed");
+    let e = failed.error.unwrap_or_default();
+    assert!(
+        e.contains("not complete after 10s") && e.contains("slow.oci.tar"),
+        "{e}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&rt.cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    rt.remove("web").await.unwrap();
+}

@@ -1,7 +1,8 @@
 //! The containerd runtime: the agent's containers through containerd's gRPC API.
 //!
 //! - Images: an OCI archive (a path on the machine, or an HTTP URL checked against its sha256
-//!   and cached) is imported into containerd: its blobs written to the content store with the
+//!   and cached, downloaded in the background within a deadline and a size cap: [`fetch`])
+//!   is imported into containerd: its blobs written to the content store with the
 //!   garbage-collection labels containerd's own unpacker sets, its layers applied
 //!   (Diff.Apply) onto a chain of snapshots named by chain ID, and an image record created.
 //!   Everything already present is skipped, so importing again is cheap and idempotent.
@@ -15,7 +16,7 @@
 //! collector never takes a half-imported image.
 
 pub mod archive;
-mod fetch;
+pub mod fetch;
 mod import;
 pub mod spec;
 
@@ -26,6 +27,7 @@ use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::{self, metadata::MetadataValue, transport::Channel, Code, Request};
 use containerd_client::types::{Descriptor, Mount};
+pub use fetch::FetchLimits;
 use spec::SpecError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,9 @@ pub enum ContainerdError {
     /// An image download failed or did not match its sha256.
     #[error("fetching image {url}: {message}")]
     Fetch { url: String, message: String },
+    /// The image is being downloaded in the background.
+    #[error("downloading image {url}")]
+    Downloading { url: String },
     /// The namespace is not a valid gRPC metadata value.
     #[error("containerd namespace {namespace:?} is not valid")]
     Namespace { namespace: String },
@@ -121,6 +126,10 @@ pub struct Containerd {
     pub cache_dir: PathBuf,
     /// How long a container has to exit after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
+    /// The deadline and size cap of each image download.
+    pub fetch_limits: FetchLimits,
+    /// Downloads running in the background (see [`fetch`]).
+    downloads: fetch::Downloads,
 }
 
 /// An imported image.
@@ -205,6 +214,8 @@ impl Containerd {
             log_dir: "/var/log/caisson/fleet".into(),
             cache_dir: "/var/lib/caisson/fleet/images".into(),
             stop_timeout: Duration::from_secs(10),
+            fetch_limits: FetchLimits::default(),
+            downloads: fetch::Downloads::default(),
         }
     }
 
@@ -622,6 +633,10 @@ impl Containerd {
                 endpoint: socket,
                 message,
             },
+            e @ ContainerdError::Downloading { .. } => RuntimeError::Pending {
+                unit: unit.to_string(),
+                message: e.to_string(),
+            },
             other => RuntimeError::Unit {
                 unit: unit.to_string(),
                 message: other.to_string(),
@@ -655,6 +670,11 @@ impl Runtime for Containerd {
                 message: other.to_string(),
             },
         })
+    }
+    async fn prepare(&self, spec: &UnitSpec) -> Result<(), RuntimeError> {
+        self.prepare_image(spec)
+            .await
+            .map_err(|e| self.runtime_error(&spec.name, e))
     }
     async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError> {
         self.create_and_start(spec, spec_hash)
