@@ -5,8 +5,12 @@
 use crate::supervisor::OutputSink;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The mode of a service log: output may hold what others must not read.
+pub const LOG_MODE: u32 = 0o640;
 
 /// A log file that rotates itself when it grows past `max_bytes`.
 pub struct LogFile {
@@ -31,8 +35,15 @@ impl LogFile {
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(LOG_MODE)
                 .open(&self.path)
                 .ok()?;
+            // A log made by an older init may be world-readable: close it to others.
+            if f.metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o007 != 0)
+            {
+                let _ = f.set_permissions(std::fs::Permissions::from_mode(LOG_MODE));
+            }
             self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
             self.file = Some(f);
         }
@@ -226,6 +237,24 @@ mod tests {
         assert!(cur.len() <= 20 && old.len() <= 20, "{cur:?} {old:?}");
         assert!(cur.ends_with("line 4\n"));
         assert_eq!(tail(tmp.path(), "s", 1).unwrap(), ["line 4"]);
+    }
+
+    #[test]
+    fn logs_are_not_world_readable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("s.log");
+        let mut f = LogFile::new(p.clone(), 1 << 20);
+        f.write_line("secret output");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o007, 0, "{mode:o}");
+        assert_eq!(mode & 0o600, 0o600, "{mode:o}");
+        // An old world-readable log is closed to others when reopened.
+        let old = tmp.path().join("o.log");
+        std::fs::write(&old, "x\n").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        LogFile::new(old.clone(), 1 << 20).write_line("y");
+        let mode = std::fs::metadata(&old).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, LOG_MODE, "{mode:o}");
     }
 
     #[test]
