@@ -489,10 +489,25 @@ impl FileSpec {
             (Some(t), None) => Ok(t.as_bytes().to_vec()),
             (None, Some(b)) => base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
-                // The decoder's message names a byte offset only, never the contents.
-                .map_err(|e| ("contents_base64", format!("not base64: {e}"))),
+                .map_err(|e| ("contents_base64", base64_error(&e))),
             (None, None) => Ok(Vec::new()),
         }
+    }
+}
+
+/// A base64 error by offset and kind only: the decoder's own message quotes the offending
+/// byte, and the value may be a secret.
+fn base64_error(e: &base64::DecodeError) -> String {
+    use base64::DecodeError as D;
+    match e {
+        D::InvalidByte(at, _) => {
+            format!("not base64: a character that is not base64 at offset {at}")
+        }
+        D::InvalidLength(n) => format!("not base64: {n} symbols is not a valid length"),
+        D::InvalidLastSymbol(at, _) => {
+            format!("not base64: the last symbol (offset {at}) has bits set that padding forbids")
+        }
+        D::InvalidPadding => "not base64: missing or extra '=' padding".to_string(),
     }
 }
 

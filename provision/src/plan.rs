@@ -297,12 +297,16 @@ pub fn plan(
         checks
             .service(name, &text)
             .map_err(|why| ConfigError::new(&field, why))?;
-        files.push(generated(
+        // An environment may hold secrets (tokens, passwords): such a file is not for others.
+        let has_env = table.contains_key("env");
+        let mut entry = generated(
             &format!("{SERVICES_DIR}/{name}.toml"),
             &field,
             text,
-            0o644,
-        ));
+            if has_env { 0o600 } else { 0o644 },
+        );
+        entry.secret = has_env;
+        files.push(entry);
     }
     if let Some(k) = &config.kernel {
         files.extend(kernel_entries(k)?);

@@ -714,3 +714,40 @@ fn a_trickling_or_endless_config_server_is_cut_off() {
     let e = source::http_get(&url, std::time::Duration::from_secs(10)).unwrap_err();
     assert!(matches!(e, source::SourceError::TooLarge { .. }), "{e}");
 }
+
+#[test]
+fn a_service_with_an_environment_is_written_0600() {
+    let tmp = root();
+    let r = tmp.path();
+    let config = "version = 1\n\
+        [services.app]\nexec = \"/usr/bin/app\"\nenv = { TOKEN = \"hunter2\" }\n\
+        [services.plain]\nexec = \"/usr/bin/plain\"\n";
+    let plan = check(config.as_bytes(), Some(r), &NoChecks).unwrap();
+    let shown = format!("{plan:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    apply(config.as_bytes(), r, &NoChecks, "test").unwrap();
+    assert_eq!(mode(r, "/etc/caisson/services/app.toml"), 0o600);
+    assert!(read(r, "/etc/caisson/services/app.toml").contains("hunter2"));
+    assert_eq!(mode(r, "/etc/caisson/services/plain.toml"), 0o644);
+}
+
+#[test]
+fn a_base64_error_shows_no_byte_of_the_value() {
+    // Each value is bad in a different way; none of its characters may appear in the message.
+    for (value, kind) in [
+        ("czNj!!!!", "offset 4"),
+        ("czNjc", "length"),
+        ("czNjcg=", "padding"),
+        ("czNjcZ==", "last symbol"),
+    ] {
+        let e = err(&format!(
+            "version = 1\n[[files]]\npath = \"/etc/k\"\nsecret = true\ncontents_base64 = \"{value}\"\n"
+        ));
+        let text = e.to_string();
+        assert!(text.contains("contents_base64"), "{text}");
+        assert!(text.contains(kind), "{value}: {text}");
+        for needle in ["!", "czN", "'Z'", "90", "33", "0x"] {
+            assert!(!text.contains(needle), "{value}: {needle:?} in {text}");
+        }
+    }
+}
