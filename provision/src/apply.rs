@@ -7,10 +7,13 @@
 
 use crate::config::{Config, ConfigError};
 use crate::plan::{plan, Checks, Kind, Plan};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
+use rustix::io::Errno;
 use sha2::{Digest, Sha256};
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
 
 /// On `state` (below the root): the sha256 of the applied config, and where it came from.
 pub const RECORD: &str = "/var/lib/caisson/provisioned";
@@ -29,6 +32,23 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+    /// A path on the way to a provisioned path is a symbolic link: links are never followed,
+    /// so nothing lands outside the root or anywhere but where the config says.
+    #[error("{path}: {link} is a symbolic link (to {to}); provisioning does not follow links: write below a real directory")]
+    Symlink {
+        path: PathBuf,
+        link: PathBuf,
+        to: String,
+    },
+    /// Something on the way is not a directory.
+    #[error("{path}: {on} is not a directory")]
+    NotADirectory { path: PathBuf, on: PathBuf },
+    /// The path to write is a directory.
+    #[error("{0} is a directory")]
+    IsADirectory(PathBuf),
+    /// The path is not a plain absolute path beneath the root.
+    #[error("{0} is not a plain path beneath the root")]
+    NotBeneath(PathBuf),
 }
 
 /// What [`apply`] did.
@@ -65,8 +85,9 @@ pub fn looked(root: &Path) -> bool {
 
 /// Records that the first boot found no config, so later boots do not look again.
 pub fn record_nothing(root: &Path) -> Result<(), ApplyError> {
-    write_atomic(
-        &under(root, RECORD),
+    write_beneath(
+        root,
+        RECORD,
         b"# the first boot found no machine config\nsource = \"none\"\n",
         0o644,
     )
@@ -98,7 +119,7 @@ pub fn apply(
         "sha256 = \"{sha256}\"\nsource = {}\n",
         toml::Value::String(source.into())
     );
-    write_atomic(&under(root, RECORD), record.as_bytes(), 0o644)?;
+    write_beneath(root, RECORD, record.as_bytes(), 0o644)?;
     Ok(Outcome::Applied {
         sha256,
         entries: plan.entries.len(),
@@ -110,90 +131,257 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApplyEr
     move |source| ApplyError::Io { what, path, source }
 }
 
-/// Creates the missing ancestors of `dir` (0755), remembering which it made.
-fn make_dirs(dir: &Path, made: &mut Vec<PathBuf>) -> Result<(), ApplyError> {
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    for d in missing.into_iter().rev() {
-        std::fs::create_dir(d).map_err(io("creating", d))?;
-        made.push(d.to_path_buf());
+fn sys(what: &'static str, path: &Path) -> impl FnOnce(Errno) -> ApplyError {
+    let path = path.to_path_buf();
+    move |e| ApplyError::Io {
+        what,
+        path,
+        source: e.into(),
     }
-    Ok(())
 }
 
-fn set_owner_mode(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), ApplyError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(io("reading", path))?;
-    if let Some((uid, gid)) = owner.filter(|&(u, g)| meta.uid() != u || meta.gid() != g) {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io("chown", path))?;
+/// The components of an absolute machine path, each a plain name.
+fn names<'a>(root: &Path, abs: &'a str) -> Result<Vec<&'a OsStr>, ApplyError> {
+    let mut out = Vec::new();
+    for c in Path::new(abs).components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => out.push(n),
+            _ => return Err(ApplyError::NotBeneath(under(root, abs))),
+        }
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod", path))
+    Ok(out)
 }
 
-fn temp_of(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    target.with_file_name(format!(".{name}.caisson-provision"))
+fn open_root(root: &Path) -> Result<OwnedFd, ApplyError> {
+    rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(sys("opening", root))
 }
 
-fn stage_file(
+fn open_dir_at(dir: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Why `name` in `dir` could not be opened as a directory: a symbolic link, something else
+/// than a directory, or an I/O error.
+fn refusal(dir: &OwnedFd, name: &OsStr, at: &Path, target: &Path, e: Errno) -> ApplyError {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+            symlink(dir, name, at, target)
+        }
+        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
+            ApplyError::NotADirectory {
+                path: target.to_path_buf(),
+                on: at.to_path_buf(),
+            }
+        }
+        _ => sys("opening", at)(e),
+    }
+}
+
+fn symlink(dir: &OwnedFd, name: &OsStr, at: &Path, target: &Path) -> ApplyError {
+    let to = rustix::fs::readlinkat(dir, name, Vec::new())
+        .map(|t| String::from_utf8_lossy(t.as_bytes()).into_owned())
+        .unwrap_or_else(|_| "?".into());
+    ApplyError::Symlink {
+        path: target.to_path_buf(),
+        link: at.to_path_buf(),
+        to,
+    }
+}
+
+/// A directory made while staging, removed again if staging fails.
+struct Made {
+    parent: OwnedFd,
+    name: OsString,
+}
+
+/// Opens the directory `abs` beneath the root one component at a time, never following a
+/// symbolic link, and makes what is missing (0755) when `made` is given. `target` is the
+/// provisioned path, for messages.
+fn walk(
+    root: &Path,
+    root_fd: &OwnedFd,
+    abs: &str,
     target: &Path,
+    mut made: Option<&mut Vec<Made>>,
+) -> Result<OwnedFd, ApplyError> {
+    let mut cur = root_fd.try_clone().map_err(io("opening", root))?;
+    let mut at = root.to_path_buf();
+    for name in names(root, abs)? {
+        at.push(name);
+        let next = match (open_dir_at(&cur, name), made.as_deref_mut()) {
+            (Ok(fd), _) => fd,
+            (Err(Errno::NOENT), Some(made)) => {
+                rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(0o755))
+                    .map_err(sys("creating", &at))?;
+                made.push(Made {
+                    parent: cur.try_clone().map_err(io("opening", &at))?,
+                    name: name.to_os_string(),
+                });
+                open_dir_at(&cur, name).map_err(|e| refusal(&cur, name, &at, target, e))?
+            }
+            (Err(e), _) => return Err(refusal(&cur, name, &at, target, e)),
+        };
+        cur = next;
+    }
+    Ok(cur)
+}
+
+/// Sets owner and mode through the open file, never by path.
+fn set_owner_mode(
+    fd: &OwnedFd,
+    path: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), ApplyError> {
+    let st = rustix::fs::fstat(fd).map_err(sys("reading", path))?;
+    if let Some((uid, gid)) = owner.filter(|&(u, g)| st.st_uid != u || st.st_gid != g) {
+        if uid == u32::MAX || gid == u32::MAX {
+            return Err(ApplyError::Io {
+                what: "chown",
+                path: path.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        rustix::fs::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+            .map_err(sys("chown", path))?;
+    }
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(sys("chmod", path))
+}
+
+/// A file written beside its target, renamed into place once everything is staged.
+struct Temp {
+    parent: OwnedFd,
+    tmp: OsString,
+    name: OsString,
+    path: PathBuf,
+}
+
+/// Stages `abs` beneath the root: its directory is walked (and made) without following links,
+/// the target must not be a symbolic link or a directory, and the file is written beside it.
+fn stage_file(
+    root: &Path,
+    root_fd: &OwnedFd,
+    abs: &str,
     mode: u32,
     owner: Option<(u32, u32)>,
     bytes: &[u8],
-) -> Result<PathBuf, ApplyError> {
-    let tmp = temp_of(target);
-    let _ = std::fs::remove_file(&tmp);
+    made: &mut Vec<Made>,
+) -> Result<Temp, ApplyError> {
+    let target = under(root, abs);
+    let (Some(dir), Some(name)) = (Path::new(abs).parent(), Path::new(abs).file_name()) else {
+        return Err(ApplyError::NotBeneath(target));
+    };
+    let dir = dir
+        .to_str()
+        .ok_or_else(|| ApplyError::NotBeneath(target.clone()))?;
+    let parent = walk(root, root_fd, dir, &target, Some(made))?;
+    match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => return Err(symlink(&parent, name, &target, &target)),
+            FileType::Directory => return Err(ApplyError::IsADirectory(target)),
+            _ => {}
+        },
+        Err(Errno::NOENT) => {}
+        Err(e) => return Err(sys("reading", &target)(e)),
+    }
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(".caisson-provision");
+    let tmp_path = target.with_file_name(&tmp);
+    let _ = rustix::fs::unlinkat(&parent, &tmp, AtFlags::empty());
     // A secret is never readable by others, not even for a moment.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("creating", &tmp))?;
-    f.write_all(bytes).map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("syncing", &tmp))?;
-    set_owner_mode(&tmp, mode, owner)?;
-    Ok(tmp)
+    let fd = rustix::fs::openat(
+        &parent,
+        &tmp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(sys("creating", &tmp_path))?;
+    let staged = Temp {
+        parent,
+        tmp,
+        name: name.to_os_string(),
+        path: target,
+    };
+    let mut f = std::fs::File::from(fd);
+    let written = f
+        .write_all(bytes)
+        .map_err(io("writing", &tmp_path))
+        .and_then(|()| f.sync_all().map_err(io("syncing", &tmp_path)))
+        .and_then(|()| set_owner_mode(&OwnedFd::from(f), &tmp_path, mode, owner));
+    if let Err(e) = written {
+        staged.remove();
+        return Err(e);
+    }
+    Ok(staged)
 }
 
+impl Temp {
+    fn remove(&self) {
+        let _ = rustix::fs::unlinkat(&self.parent, &self.tmp, AtFlags::empty());
+    }
+
+    fn rename(&self) -> Result<(), ApplyError> {
+        rustix::fs::renameat(&self.parent, &self.tmp, &self.parent, &self.name)
+            .map_err(sys("renaming into place", &self.path))
+    }
+}
+
+#[derive(Default)]
 struct Staged {
-    made_dirs: Vec<PathBuf>,
-    temps: Vec<(PathBuf, PathBuf)>,
+    made_dirs: Vec<Made>,
+    temps: Vec<Temp>,
 }
 
 impl Staged {
     fn undo(&self) {
-        for (tmp, _) in &self.temps {
-            let _ = std::fs::remove_file(tmp);
+        for t in &self.temps {
+            t.remove();
         }
         for d in self.made_dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
+            let _ = rustix::fs::unlinkat(&d.parent, &d.name, AtFlags::REMOVEDIR);
         }
     }
 }
 
 fn stage(plan: &Plan, root: &Path, s: &mut Staged) -> Result<(), ApplyError> {
+    let root_fd = open_root(root)?;
     for e in &plan.entries {
         let target = under(root, &e.path);
         match &e.kind {
             Kind::Dir => {
-                make_dirs(&target, &mut s.made_dirs)?;
-                set_owner_mode(&target, e.mode, Some((e.uid, e.gid)))?;
+                let fd = walk(root, &root_fd, &e.path, &target, Some(&mut s.made_dirs))?;
+                set_owner_mode(&fd, &target, e.mode, Some((e.uid, e.gid)))?;
             }
             Kind::File(bytes) => {
-                if let Some(parent) = target.parent() {
-                    make_dirs(parent, &mut s.made_dirs)?;
-                }
-                if target.is_dir() {
-                    return Err(ApplyError::Config(ConfigError::new(
+                let staged = stage_file(
+                    root,
+                    &root_fd,
+                    &e.path,
+                    e.mode,
+                    Some((e.uid, e.gid)),
+                    bytes,
+                    &mut s.made_dirs,
+                )
+                .map_err(|err| match err {
+                    ApplyError::IsADirectory(_) => ApplyError::Config(ConfigError::new(
                         format!("{}.path", e.origin),
                         format!("{} is a directory on this machine", e.path),
-                    )));
-                }
-                let tmp = stage_file(&target, e.mode, Some((e.uid, e.gid)), bytes)?;
-                s.temps.push((tmp, target));
+                    )),
+                    other => other,
+                })?;
+                s.temps.push(staged);
             }
         }
     }
@@ -202,28 +390,22 @@ fn stage(plan: &Plan, root: &Path, s: &mut Staged) -> Result<(), ApplyError> {
 
 /// Stages every entry, then renames the files into place.
 pub fn commit(plan: &Plan, root: &Path) -> Result<(), ApplyError> {
-    let mut s = Staged {
-        made_dirs: Vec::new(),
-        temps: Vec::new(),
-    };
+    let mut s = Staged::default();
     if let Err(e) = stage(plan, root, &mut s) {
         s.undo();
         return Err(e);
     }
-    for (tmp, target) in &s.temps {
-        std::fs::rename(tmp, target).map_err(io("renaming into place", target))?;
+    for t in &s.temps {
+        t.rename()?;
     }
     Ok(())
 }
 
-/// Writes a file through a temporary sibling and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ApplyError> {
+/// Writes `abs` beneath `root` through a temporary sibling and a rename.
+fn write_beneath(root: &Path, abs: &str, bytes: &[u8], mode: u32) -> Result<(), ApplyError> {
+    let root_fd = open_root(root)?;
     let mut made = Vec::new();
-    if let Some(parent) = path.parent() {
-        make_dirs(parent, &mut made)?;
-    }
-    let tmp = stage_file(path, mode, None, bytes)?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
+    stage_file(root, &root_fd, abs, mode, None, bytes, &mut made)?.rename()
 }
 
 #[cfg(test)]

@@ -751,3 +751,84 @@ fn a_base64_error_shows_no_byte_of_the_value() {
         }
     }
 }
+
+/// A root whose /var/run is a link to the root's /run, whose /var/x is a link to a directory
+/// outside it, and whose /etc/linked.conf is a link to a file outside it.
+fn linked_root() -> (tempfile::TempDir, tempfile::TempDir) {
+    let tmp = root();
+    let outside = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    std::fs::create_dir_all(r.join("var")).unwrap();
+    std::fs::create_dir_all(r.join("run")).unwrap();
+    std::os::unix::fs::symlink("../run", r.join("var/run")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), r.join("var/x")).unwrap();
+    std::fs::write(outside.path().join("file"), "outside\n").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("file"), r.join("etc/linked.conf")).unwrap();
+    (tmp, outside)
+}
+
+/// Each config writes a good file first (in a directory it makes), then one through a link.
+#[test]
+fn a_symbolic_link_on_the_way_or_at_the_target_is_refused() {
+    let (tmp, outside) = linked_root();
+    let r = tmp.path();
+    let o = outside.path();
+    let good = "version = 1\n[[files]]\npath = \"/etc/app/a.conf\"\ncontents = \"a\"\n";
+    let cases = [
+        (
+            "[[files]]\npath = \"/var/run/app/app.pid\"\ncontents = \"1\"\n",
+            "var/run",
+        ),
+        (
+            "[[files]]\npath = \"/var/x/token\"\nsecret = true\ncontents = \"hunter2\"\n",
+            "var/x",
+        ),
+        (
+            "[[files]]\npath = \"/etc/linked.conf\"\ncontents = \"inside\"\n",
+            "etc/linked.conf",
+        ),
+        (
+            "[[directories]]\npath = \"/var/x\"\nmode = \"0700\"\nowner = 0\n",
+            "var/x",
+        ),
+        ("[[directories]]\npath = \"/var/run/sub\"\n", "var/run"),
+    ];
+    for (bad, link) in cases {
+        let before = tree(r);
+        let outside_before = tree(o);
+        let config = format!("{good}{bad}");
+        let e = apply(config.as_bytes(), r, &NoChecks, "t").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, crate::ApplyError::Symlink { .. }),
+            "{bad}: {text}"
+        );
+        assert!(
+            text.contains(&r.join(link).display().to_string()) && text.contains("symbolic link"),
+            "{bad}: {text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert_eq!(tree(r), before, "{bad}: nothing half-written inside");
+        assert_eq!(tree(o), outside_before, "{bad}: nothing written outside");
+        assert_eq!(recorded(r), None);
+    }
+    assert_eq!(read(o, "file"), "outside\n");
+    assert_eq!(
+        mode(o, ""),
+        0o755,
+        "the outside directory's mode is untouched"
+    );
+    assert!(std::fs::read_dir(r.join("run")).unwrap().next().is_none());
+    assert!(std::fs::symlink_metadata(r.join("etc/linked.conf"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // A link in /var/lib/caisson cannot take the record elsewhere either.
+    std::fs::create_dir_all(r.join("var/lib")).unwrap();
+    std::os::unix::fs::symlink(o, r.join("var/lib/caisson")).unwrap();
+    let e = crate::record_nothing(r).unwrap_err();
+    assert!(matches!(e, crate::ApplyError::Symlink { .. }), "{e}");
+    assert!(!o.join("provisioned").exists());
+}
