@@ -69,9 +69,30 @@ fn under(root: &Path, abs: &str) -> PathBuf {
     root.join(abs.trim_start_matches('/'))
 }
 
+/// The text of `abs` beneath `root`, read without following a symbolic link anywhere on the
+/// way; `None` when it is missing, a link, or unreadable.
+fn read_beneath(root: &Path, abs: &str) -> Option<String> {
+    let (dir, name) = (
+        Path::new(abs).parent()?.to_str()?,
+        Path::new(abs).file_name()?,
+    );
+    let root_fd = open_root(root).ok()?;
+    let parent = walk(root, &root_fd, dir, &under(root, abs), None).ok()?;
+    let fd = rustix::fs::openat(
+        &parent,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).ok()?;
+    Some(text)
+}
+
 /// The hash recorded under `root`, if the machine was provisioned.
 pub fn recorded(root: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(under(root, RECORD)).ok()?;
+    let text = read_beneath(root, RECORD)?;
     text.lines()
         .find_map(|l| l.strip_prefix("sha256 = "))
         .map(|v| v.trim_matches('"').to_string())
@@ -80,7 +101,7 @@ pub fn recorded(root: &Path) -> Option<String> {
 /// True once a first boot has looked for a config, whether it found one or not: later boots
 /// do not look again (a machine is provisioned on its first boot only).
 pub fn looked(root: &Path) -> bool {
-    under(root, RECORD).exists()
+    read_beneath(root, RECORD).is_some()
 }
 
 /// Records that the first boot found no config, so later boots do not look again.
@@ -114,12 +135,13 @@ pub fn apply(
     }
     let sha256 = sha256_hex(bytes);
     let plan = check(bytes, Some(root), checks)?;
-    commit(&plan, root)?;
     let record = format!(
         "sha256 = \"{sha256}\"\nsource = {}\n",
         toml::Value::String(source.into())
     );
-    write_beneath(root, RECORD, record.as_bytes(), 0o644)?;
+    // The record is staged with the files (a link on its way refuses the whole config) and
+    // renamed into place last.
+    commit_with(&plan, root, Some(record.as_bytes()))?;
     Ok(Outcome::Applied {
         sha256,
         entries: plan.entries.len(),
@@ -390,8 +412,19 @@ fn stage(plan: &Plan, root: &Path, s: &mut Staged) -> Result<(), ApplyError> {
 
 /// Stages every entry, then renames the files into place.
 pub fn commit(plan: &Plan, root: &Path) -> Result<(), ApplyError> {
+    commit_with(plan, root, None)
+}
+
+fn commit_with(plan: &Plan, root: &Path, record: Option<&[u8]>) -> Result<(), ApplyError> {
     let mut s = Staged::default();
-    if let Err(e) = stage(plan, root, &mut s) {
+    let staged = stage(plan, root, &mut s).and_then(|()| {
+        let Some(bytes) = record else { return Ok(()) };
+        let root_fd = open_root(root)?;
+        let t = stage_file(root, &root_fd, RECORD, 0o644, None, bytes, &mut s.made_dirs)?;
+        s.temps.push(t);
+        Ok(())
+    });
+    if let Err(e) = staged {
         s.undo();
         return Err(e);
     }

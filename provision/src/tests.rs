@@ -832,3 +832,23 @@ fn a_symbolic_link_on_the_way_or_at_the_target_is_refused() {
     assert!(matches!(e, crate::ApplyError::Symlink { .. }), "{e}");
     assert!(!o.join("provisioned").exists());
 }
+
+#[test]
+fn a_record_behind_a_link_is_not_taken_for_one() {
+    let tmp = root();
+    let outside = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    std::fs::write(
+        outside.path().join("provisioned"),
+        "sha256 = \"00\"\nsource = \"elsewhere\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(r.join("var/lib")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), r.join("var/lib/caisson")).unwrap();
+    assert!(!crate::looked(r));
+    assert_eq!(recorded(r), None);
+    let before = tree(r);
+    let e = apply(b"version = 1\nhostname = \"h\"\n", r, &NoChecks, "t").unwrap_err();
+    assert!(matches!(e, crate::ApplyError::Symlink { .. }), "{e}");
+    assert_eq!(tree(r), before, "nothing of the config is written");
+}
