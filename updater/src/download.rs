@@ -711,13 +711,18 @@ mod tests {
         );
     }
 
+    /// The head of a 206 answer claiming bytes `a..=b` of `total`, with `len` as its length.
+    fn partial_head(a: usize, b: usize, total: usize, len: usize) -> String {
+        format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{total}\r\nContent-Length: {len}\r\n\r\n"
+        )
+    }
+
     #[test]
     fn a_one_byte_body_is_refused() {
         let url = server("b.bundle", |range, s| {
             let (a, b) = range.unwrap_or((0, 0));
-            let head = format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/100000\r\nContent-Length: 1\r\n\r\nx"
-            );
+            let head = partial_head(a, b, 100_000, 1) + "x";
             let _ = s.write_all(head.as_bytes());
         });
         let mut src = HttpSource::new(&url, small()).unwrap();
@@ -738,10 +743,7 @@ mod tests {
         let url = server("b.bundle", move |range, s| {
             count.fetch_add(1, Ordering::SeqCst);
             let (a, b) = range.unwrap_or((0, 0));
-            let head = format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/10000000\r\nContent-Length: {}\r\n\r\nx",
-                b + 1 - a
-            );
+            let head = partial_head(a, b, 10_000_000, b + 1 - a) + "x";
             let _ = s.write_all(head.as_bytes());
         });
         let mut src = HttpSource::new(&url, small()).unwrap();
@@ -758,10 +760,7 @@ mod tests {
     fn a_trickled_range_fails_by_the_minimum_rate() {
         let url = server("b.bundle", |range, s| {
             let (a, b) = range.unwrap_or((0, 0));
-            let head = format!(
-                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/10000000\r\nContent-Length: {}\r\n\r\n",
-                b + 1 - a
-            );
+            let head = partial_head(a, b, 10_000_000, b + 1 - a);
             trickle(s, &head);
         });
         let mut src = HttpSource::new(&url, small()).unwrap();
