@@ -718,7 +718,7 @@ impl<R: Runtime> Agent<R> {
         };
         let lock = Watched {
             only_while: Some(self.waiting_for_lock.clone()),
-            ..watched(keys.lock(), false, any_change)
+            ..watched(keys.lock(), true, any_change)
         };
         spawn_watch(
             self.store.client.clone(),

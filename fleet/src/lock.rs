@@ -1,9 +1,11 @@
-//! The reboot semaphore: one etcd key holding `{"max":N,"holders":[...]}`, changed only by
-//! compare-and-swap on its revision. The updater's `etcd-lock` strategy calls [`RebootLock::acquire`]
-//! before rebooting into a new version and the agent calls [`RebootLock::release`] once the machine
-//! is back at steady state: the boot has settled (the updater's
-//! `caisson_layout::paths::BOOT_SETTLED`; see `Agent::release_when_settled`). A missing key means
-//! `max = 1` and no holders.
+//! The reboot semaphore: `lock/reboot/max` holds how many machines may reboot at once (one
+//! when absent) and each holder has its own key, `lock/reboot/holders/<id>`, so that a machine's etcd
+//! role can take and give back its own slot and no one else's. A slot is taken by a
+//! transaction that compares the whole `lock/reboot/` range against the revision it was read
+//! at, so two machines cannot both take the last slot. The updater's `etcd-lock` strategy asks
+//! the agent to reboot; the agent takes a slot first ([`RebootLock::acquire`]) and gives it
+//! back once the machine is back at steady state: the boot has settled (the updater's
+//! `caisson_layout::paths::BOOT_SETTLED`; see `Agent::release_when_settled`).
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
 use serde::{Deserialize, Serialize};
@@ -14,19 +16,12 @@ pub enum LockError {
     /// etcd failed.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
-    /// The key holds something that is not a semaphore.
-    #[error("reboot lock key {key:?} holds invalid JSON: {source}")]
-    Corrupt {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    /// The `max` key holds something that is not a count.
+    #[error("reboot lock key {key:?} holds {value:?}, not a count of machines")]
+    Corrupt { key: String, value: String },
     /// `max` must be at least 1.
     #[error("reboot lock max must be at least 1, not {0}")]
     BadMax(u32),
-    /// The blocking wrappers could not start their runtime.
-    #[error("starting an async runtime for the reboot lock: {0}")]
-    Runtime(#[source] std::io::Error),
     /// Too many compare-and-swap conflicts in a row.
     #[error("reboot lock {key:?} kept changing under us ({tries} tries); try again")]
     Contended { key: String, tries: u32 },
@@ -70,9 +65,24 @@ impl Semaphore {
     }
 }
 
-/// The default key of the reboot lock under a fleet prefix.
+/// The reboot lock's keys under a fleet prefix (everything starting with this).
 pub fn key(prefix: &str) -> String {
-    format!("{prefix}lock/reboot")
+    format!("{prefix}lock/reboot/")
+}
+
+/// The key of `max` under the lock's keys.
+pub fn max_key(lock: &str) -> String {
+    format!("{lock}max")
+}
+
+/// Where the holders' keys live under the lock's keys.
+pub fn holders_key(lock: &str) -> String {
+    format!("{lock}holders/")
+}
+
+/// The key of `id`'s slot under the lock's keys.
+pub fn holder_key(lock: &str, id: &str) -> String {
+    format!("{lock}holders/{id}")
 }
 
 /// The reboot semaphore in etcd.
@@ -101,70 +111,27 @@ impl RebootLock {
     /// Takes a slot for `id`. `Ok(true)`: `id` holds the lock (it may reboot); `Ok(false)`: the
     /// lock is full, try again later. Idempotent.
     pub async fn acquire(&self, id: &str) -> Result<bool, LockError> {
-        self.update(|s| {
-            let held = s.acquire(id);
-            (held, held)
-        })
-        .await
-    }
-
-    /// Gives back `id`'s slot; `Ok(true)` if it held one. Idempotent.
-    pub async fn release(&self, id: &str) -> Result<bool, LockError> {
-        self.update(|s| {
-            let had = s.release(id);
-            (had, had)
-        })
-        .await
-    }
-
-    /// Sets how many machines may hold the lock at once (existing holders keep theirs).
-    pub async fn set_max(&self, max: u32) -> Result<(), LockError> {
-        if max == 0 {
-            return Err(LockError::BadMax(max));
-        }
-        self.update(|s| {
-            let changed = s.max != max;
-            s.max = max;
-            ((), changed)
-        })
-        .await
-    }
-
-    async fn read(&self) -> Result<(Semaphore, i64), LockError> {
-        match self.client.get(&self.key).await? {
-            None => Ok((Semaphore::default(), 0)),
-            Some(kv) => {
-                let s = serde_json::from_slice(&kv.value).map_err(|source| LockError::Corrupt {
-                    key: self.key.clone(),
-                    source,
-                })?;
-                Ok((s, kv.mod_revision))
-            }
-        }
-    }
-
-    /// Read, change in memory, write back only if nobody wrote in between; retry otherwise.
-    async fn update<T>(&self, f: impl Fn(&mut Semaphore) -> (T, bool)) -> Result<T, LockError> {
         for attempt in 0..MAX_TRIES {
             let (mut s, rev) = self.read().await?;
-            let (out, changed) = f(&mut s);
-            if !changed {
-                return Ok(out);
+            if s.holders.iter().any(|h| h == id) {
+                return Ok(true);
             }
-            let value = serde_json::to_vec(&s).map_err(|source| LockError::Corrupt {
-                key: self.key.clone(),
-                source,
-            })?;
+            if !s.acquire(id) {
+                return Ok(false);
+            }
             let r = self
                 .client
                 .txn(
-                    &[Compare::mod_revision(&self.key, rev)],
-                    &[Op::put(&self.key, value)],
+                    &[Compare::unchanged_since(&self.key, rev)],
+                    &[Op::put(
+                        holder_key(&self.key, id),
+                        crate::registry::now_s().to_string(),
+                    )],
                     &[],
                 )
                 .await?;
             if r.succeeded {
-                return Ok(out);
+                return Ok(true);
             }
             let pause = 5 + u64::from(attempt) * 7 % 40;
             tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
@@ -174,30 +141,49 @@ impl RebootLock {
             tries: MAX_TRIES,
         })
     }
-}
 
-/// Blocking calls for callers without an async runtime (the updater).
-pub mod blocking {
-    use super::*;
-
-    fn run<T>(f: impl std::future::Future<Output = Result<T, LockError>>) -> Result<T, LockError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(LockError::Runtime)?;
-        rt.block_on(f)
+    /// Gives back `id`'s slot; `Ok(true)` if it held one. Idempotent.
+    pub async fn release(&self, id: &str) -> Result<bool, LockError> {
+        Ok(self
+            .client
+            .delete(&holder_key(&self.key, id), false)
+            .await?
+            > 0)
     }
 
-    /// [`RebootLock::acquire`] on the lock at [`key`]`(prefix)` through `endpoints`.
-    pub fn acquire(endpoints: &[String], prefix: &str, id: &str) -> Result<bool, LockError> {
-        let lock = RebootLock::new(Client::new(endpoints)?, key(prefix));
-        run(lock.acquire(id))
+    /// Sets how many machines may hold the lock at once (existing holders keep theirs).
+    pub async fn set_max(&self, max: u32) -> Result<(), LockError> {
+        if max == 0 {
+            return Err(LockError::BadMax(max));
+        }
+        self.client
+            .put(&max_key(&self.key), max.to_string(), 0)
+            .await?;
+        Ok(())
     }
 
-    /// [`RebootLock::release`] on the lock at [`key`]`(prefix)` through `endpoints`.
-    pub fn release(endpoints: &[String], prefix: &str, id: &str) -> Result<bool, LockError> {
-        let lock = RebootLock::new(Client::new(endpoints)?, key(prefix));
-        run(lock.release(id))
+    /// The semaphore and the revision it was read at.
+    async fn read(&self) -> Result<(Semaphore, i64), LockError> {
+        let r = self.client.range(&self.key, true).await?;
+        let mut s = Semaphore::default();
+        let (max, holders) = (max_key(&self.key), holders_key(&self.key));
+        for kv in &r.kvs {
+            if kv.key == max {
+                s.max = kv
+                    .value_str()
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&n: &u32| n > 0)
+                    .ok_or_else(|| LockError::Corrupt {
+                        key: kv.key.clone(),
+                        value: kv.value_str(),
+                    })?;
+            } else if let Some(id) = kv.key.strip_prefix(&holders) {
+                s.holders.push(id.to_string());
+            }
+        }
+        Ok((s, r.revision))
     }
 }
 

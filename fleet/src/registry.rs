@@ -10,7 +10,8 @@
 //! | `assign/<id>` | JSON list of the unit names the machine runs | none (written by the leader) |
 //! | `status/<id>/<unit>` | [`crate::store::UnitStatus`] JSON | the machine's |
 //! | `logs/<id>/<unit>` | the unit's last output lines on that machine | the machine's |
-//! | `lock/reboot` | [`crate::lock::Semaphore`] JSON | none |
+//! | `lock/reboot/max` | how many machines may hold the reboot lock (absent: 1) | none |
+//! | `lock/reboot/holders/<id>` | when the machine took its slot (unix seconds) | none |
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
 use crate::records::{self, Invalid};

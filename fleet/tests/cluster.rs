@@ -232,12 +232,18 @@ async fn reboot_lock_under_concurrent_takers() {
     assert!(!lock.release(&winners[0]).await.unwrap());
     assert!(lock.acquire("late").await.unwrap());
     assert!(lock.set_max(0).await.is_err());
-    // The blocking API for the updater.
-    let endpoints = vec![etcd.endpoint()];
-    let held = tokio::task::spawn_blocking(move || {
-        lock::blocking::release(&endpoints, "/t/", "late").unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(held);
+    // A machine's slot is its own key; a max that is not a count is named.
+    assert!(c
+        .get(&lock::holder_key(&lock::key("/t/"), "late"))
+        .await
+        .unwrap()
+        .is_some());
+    c.put(&lock::max_key(&lock::key("/t/")), "many", 0)
+        .await
+        .unwrap();
+    let e = lock.acquire("x").await.unwrap_err().to_string();
+    assert!(
+        e.contains("/t/lock/reboot/max") && e.contains("many"),
+        "{e}"
+    );
 }

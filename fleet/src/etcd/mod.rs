@@ -5,9 +5,14 @@
 //! endpoints may be given: a request that cannot reach one (connection refused, timeout, etcd
 //! unavailable) moves on to the next, and the client keeps using the one that answered.
 
+mod access;
+mod auth;
 mod txn;
 mod watch;
 mod wire;
+
+pub use access::{Access, Credentials};
+pub use auth::{Perm, Permission};
 
 pub use txn::{CmpOp, Compare, Op, Target, TxnResponse};
 pub use watch::{Event, Watch};
@@ -73,6 +78,36 @@ pub enum EtcdError {
          read the keys again and watch from the revision of that read"
     )]
     Compacted { key: String, compact_revision: i64 },
+    /// A CA bundle or client certificate the TLS layer cannot use.
+    #[error("etcd TLS: {what}: {why}")]
+    Tls { what: &'static str, why: String },
+    /// etcd refused the user's name or password (never shown).
+    #[error("etcd at {endpoint} refused the credentials of user {user:?}: {message}")]
+    Auth {
+        endpoint: String,
+        user: String,
+        message: String,
+    },
+    /// Credentials are configured but etcd does not check them: anyone may write the fleet.
+    #[error(
+        "etcd at {endpoint} has authentication turned off, so anyone who reaches it controls the \
+         fleet: turn it on (`caisson-fleet access init`), or drop [auth] and set insecure = true"
+    )]
+    AuthNotEnabled { endpoint: String },
+    /// An answer larger than the client accepts.
+    #[error("etcd at {endpoint} answered {path} with more than {cap} bytes")]
+    TooLarge {
+        endpoint: String,
+        path: String,
+        cap: usize,
+    },
+}
+
+impl EtcdError {
+    /// etcd said the user's roles do not allow the request.
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, EtcdError::Api { status: 403, .. })
+    }
 }
 
 /// Result of an etcd call.
@@ -121,7 +156,16 @@ struct Inner {
     http: reqwest::Client,
     preferred: AtomicUsize,
     timeout: Duration,
+    credentials: Option<Credentials>,
+    /// The token etcd gave for `credentials` (simple tokens are valid on one member only, and
+    /// lost when it restarts: a 401 gets a new one).
+    token: std::sync::Mutex<Option<String>>,
+    /// One authentication at a time.
+    authenticating: tokio::sync::Mutex<()>,
 }
+
+/// The largest unary answer read (a range over a big prefix stays well below it).
+pub const MAX_ANSWER: usize = 64 << 20;
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,13 +176,24 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client for these endpoints (`http://host:port`), tried in order on failure.
+    /// A client for these endpoints (`http://host:port`), tried in order on failure, with no
+    /// TLS settings of its own and no credentials (see [`Client::connect`]).
     pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Client> {
         Client::with_timeout(endpoints, Duration::from_secs(5))
     }
 
-    /// A client whose unary requests give up on an endpoint after `timeout`.
+    /// [`Client::new`] whose unary requests give up on an endpoint after `timeout`.
     pub fn with_timeout<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<Client> {
+        Client::connect(endpoints, &Access::default(), timeout)
+    }
+
+    /// A client that trusts only `access`'s CA (when it names one), presents its client
+    /// certificate, and authenticates as its user.
+    pub fn connect<S: AsRef<str>>(
+        endpoints: &[S],
+        access: &Access,
+        timeout: Duration,
+    ) -> Result<Client> {
         let endpoints: Vec<String> = endpoints
             .iter()
             .map(|e| e.as_ref().trim_end_matches('/').to_string())
@@ -152,18 +207,20 @@ impl Client {
         {
             return Err(EtcdError::BadEndpoint(bad.clone()));
         }
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2).min(timeout))
             .tcp_keepalive(Duration::from_secs(5))
-            .no_proxy()
-            .build()
-            .map_err(EtcdError::Client)?;
+            .no_proxy();
+        let http = access.apply(builder)?.build().map_err(EtcdError::Client)?;
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoints,
                 http,
                 preferred: AtomicUsize::new(0),
                 timeout,
+                credentials: access.credentials.clone(),
+                token: std::sync::Mutex::new(None),
+                authenticating: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -185,7 +242,8 @@ impl Client {
     }
 
     /// [`Client::send`] with a body already serialised: a watch stream's body carries several
-    /// JSON requests one after the other.
+    /// JSON requests one after the other. With credentials, each request carries the user's
+    /// token; a token etcd no longer knows (401) is replaced once per endpoint.
     async fn send_raw(
         &self,
         path: &str,
@@ -198,34 +256,64 @@ impl Client {
         for i in 0..n {
             let idx = (start + i) % n;
             let endpoint = &self.inner.endpoints[idx];
-            let mut req = self
-                .inner
-                .http
-                .post(format!("{endpoint}{path}"))
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone());
-            if let Some(t) = timeout {
-                req = req.timeout(t);
-            }
-            match req.send().await {
-                Ok(resp) if unavailable(resp.status()) => {
-                    let status = resp.status().as_u16();
-                    let message = resp.text().await.unwrap_or_default();
-                    log::warn!("etcd {endpoint} unavailable for {path}: HTTP {status}: {message}");
-                    last = Some(Err(EtcdError::Api {
-                        endpoint: endpoint.clone(),
-                        path: path.to_string(),
-                        status,
-                        message,
-                    }));
+            let mut renewed = false;
+            loop {
+                let token = match self.token(endpoint).await {
+                    Ok(t) => t,
+                    Err(EtcdError::Unreachable { source, .. }) => {
+                        last = Some(Ok((endpoint.clone(), source)));
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut req = self
+                    .inner
+                    .http
+                    .post(format!("{endpoint}{path}"))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+                if let Some(t) = &token {
+                    req = req.header(reqwest::header::AUTHORIZATION, t.as_str());
                 }
-                Ok(resp) => {
-                    self.inner.preferred.store(idx, Ordering::Relaxed);
-                    return Ok((endpoint.clone(), resp));
+                if let Some(t) = timeout {
+                    req = req.timeout(t);
                 }
-                Err(e) => {
-                    log::debug!("etcd {endpoint} failed {path}: {e}");
-                    last = Some(Ok((endpoint.clone(), e)));
+                match req.send().await {
+                    Ok(resp)
+                        if resp.status() == reqwest::StatusCode::UNAUTHORIZED
+                            && token.is_some()
+                            && !renewed =>
+                    {
+                        log::debug!(
+                            "etcd {endpoint}: token refused for {path}; authenticating again"
+                        );
+                        self.forget_token(token.as_deref());
+                        renewed = true;
+                    }
+                    Ok(resp) if unavailable(resp.status()) => {
+                        let status = resp.status().as_u16();
+                        let message =
+                            error_message(&read_capped(resp, 4096).await.unwrap_or_default());
+                        log::warn!(
+                            "etcd {endpoint} unavailable for {path}: HTTP {status}: {message}"
+                        );
+                        last = Some(Err(EtcdError::Api {
+                            endpoint: endpoint.clone(),
+                            path: path.to_string(),
+                            status,
+                            message,
+                        }));
+                        break;
+                    }
+                    Ok(resp) => {
+                        self.inner.preferred.store(idx, Ordering::Relaxed);
+                        return Ok((endpoint.clone(), resp));
+                    }
+                    Err(e) => {
+                        log::debug!("etcd {endpoint} failed {path}: {e}");
+                        last = Some(Ok((endpoint.clone(), e)));
+                        break;
+                    }
                 }
             }
         }
@@ -245,15 +333,19 @@ impl Client {
     async fn call<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T> {
         let (endpoint, resp) = self.send(path, &body, Some(self.inner.timeout)).await?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| EtcdError::Unreachable {
+        let bytes = read_capped(resp, MAX_ANSWER).await.map_err(|e| match e {
+            Capped::Read(source) => EtcdError::Unreachable {
                 path: path.to_string(),
                 endpoint: endpoint.clone(),
                 tried: 1,
                 source,
-            })?;
+            },
+            Capped::TooLarge => EtcdError::TooLarge {
+                endpoint: endpoint.clone(),
+                path: path.to_string(),
+                cap: MAX_ANSWER,
+            },
+        })?;
         if !status.is_success() {
             return Err(EtcdError::Api {
                 endpoint,
@@ -386,12 +478,34 @@ impl Client {
     }
 }
 
+/// Why an answer's body could not be read whole.
+pub(super) enum Capped {
+    Read(reqwest::Error),
+    TooLarge,
+}
+
+/// Reads an answer's body, refusing more than `cap` bytes (the request's timeout bounds the
+/// time).
+pub(super) async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: usize,
+) -> std::result::Result<Vec<u8>, Capped> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Capped::Read)? {
+        if out.len() + chunk.len() > cap {
+            return Err(Capped::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// Errors worth trying another endpoint for: etcd (or a proxy) unavailable.
 fn unavailable(status: reqwest::StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504)
 }
 
-fn error_message(bytes: &[u8]) -> String {
+pub(super) fn error_message(bytes: &[u8]) -> String {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(v) => v
             .get("message")

@@ -23,6 +23,9 @@ pub enum Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compare {
     pub key: String,
+    /// Compare every key starting with `key` (each must satisfy the comparison; an empty range
+    /// compares as one absent key).
+    pub prefix: bool,
     pub op: CmpOp,
     pub target: Target,
 }
@@ -41,6 +44,7 @@ impl Compare {
     pub fn absent(key: impl Into<String>) -> Compare {
         Compare {
             key: key.into(),
+            prefix: false,
             op: CmpOp::Equal,
             target: Target::CreateRevision(0),
         }
@@ -50,8 +54,20 @@ impl Compare {
     pub fn mod_revision(key: impl Into<String>, rev: i64) -> Compare {
         Compare {
             key: key.into(),
+            prefix: false,
             op: CmpOp::Equal,
             target: Target::ModRevision(rev),
+        }
+    }
+
+    /// No key starting with `prefix` was written after revision `rev` (deletions are not
+    /// seen): the compare-and-swap of a set of keys read at `rev`.
+    pub fn unchanged_since(prefix: impl Into<String>, rev: i64) -> Compare {
+        Compare {
+            key: prefix.into(),
+            prefix: true,
+            op: CmpOp::Less,
+            target: Target::ModRevision(rev + 1),
         }
     }
 
@@ -59,6 +75,7 @@ impl Compare {
     pub fn value(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Compare {
         Compare {
             key: key.into(),
+            prefix: false,
             op: CmpOp::Equal,
             target: Target::Value(value.into()),
         }
@@ -72,6 +89,9 @@ impl Compare {
             CmpOp::Less => "LESS",
         };
         let mut v = json!({ "result": result, "key": b64(&self.key) });
+        if self.prefix {
+            v["range_end"] = json!(B64.encode(super::prefix_end(self.key.as_bytes())));
+        }
         let (target, field, value) = match &self.target {
             Target::ModRevision(r) => ("MOD", "mod_revision", json!(r.to_string())),
             Target::CreateRevision(r) => ("CREATE", "create_revision", json!(r.to_string())),
@@ -150,5 +170,9 @@ mod tests {
         assert_eq!(c["target"], "MOD");
         assert_eq!(c["mod_revision"], "5");
         assert_eq!(Compare::absent("k").to_json()["create_revision"], "0");
+        let c = Compare::unchanged_since("/a/", 7).to_json();
+        assert_eq!(c["result"], "LESS");
+        assert_eq!(c["mod_revision"], "8");
+        assert_eq!(c["range_end"], B64.encode("/a0"));
     }
 }

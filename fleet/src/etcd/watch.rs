@@ -90,6 +90,13 @@ impl Watch {
             match self.stream.as_mut() {
                 None => self.connect().await?,
                 Some((endpoint, resp)) => match resp.chunk().await {
+                    Ok(Some(bytes)) if self.buf.len() + bytes.len() > super::MAX_ANSWER => {
+                        log::warn!(
+                            "etcd watch stream from {endpoint} sent a line over {} bytes; resuming",
+                            super::MAX_ANSWER
+                        );
+                        self.disconnect();
+                    }
                     Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
                     Ok(None) => {
                         log::info!("etcd watch stream from {endpoint} ended; resuming");
