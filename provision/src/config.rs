@@ -3,6 +3,7 @@
 //! Validation here needs nothing but the text; what depends on the root it is applied to
 //! (user and group names, whether the image has an SSH server) is checked by [`crate::plan`].
 
+use crate::credentials::{check_password, check_pem, check_user, PemKind, Secret};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -156,18 +157,41 @@ pub struct Kernel {
     pub sysctls: BTreeMap<String, toml::Value>,
 }
 
-/// `[fleet]`, rendered to `/etc/caisson/fleet.toml` (fleet/src/config.rs).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+/// `[fleet]`, rendered to `/etc/caisson/fleet.toml` (fleet/src/config.rs), with the TLS and
+/// etcd credentials of `[fleet.tls]` and `[fleet.auth]` written to files of their own.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Fleet {
     pub endpoints: Vec<String>,
     pub labels: BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// `true`: plain `http://` endpoints, no TLS and no etcd user (the agent logs it at every
+    /// start). Passed through as given.
+    pub insecure: Option<bool>,
+    pub tls: Option<FleetTls>,
+    pub auth: Option<FleetAuth>,
+}
+
+/// `[fleet.tls]`: PEM texts, written to `/etc/caisson/fleet/`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetTls {
+    /// The CA certificate(s) that signed etcd's server certificates.
+    pub ca: Option<String>,
+    /// This machine's client certificate (with `key`).
+    pub cert: Option<String>,
+    /// Its private key (with `cert`); never shown.
+    pub key: Option<Secret>,
+}
+
+/// `[fleet.auth]`: the machine's etcd user and its password (written to a file, never shown).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetAuth {
+    pub user: String,
+    pub password: Secret,
 }
 
 /// A daily maintenance window, UTC.
@@ -436,6 +460,11 @@ pub fn check_path(p: &str) -> Result<(), String> {
             "{p:?} is reserved (services go in [services], the machine's state is the init's)"
         ));
     }
+    if path.starts_with("/etc/caisson/fleet") {
+        return Err(format!(
+            "{p:?} is reserved for the fleet agent's credentials: give them in [fleet.tls] and [fleet.auth]"
+        ));
+    }
     Ok(())
 }
 
@@ -605,7 +634,110 @@ impl Fleet {
                 ));
             }
         }
+        if let Some(t) = &self.tls {
+            t.validate()?;
+        }
+        if let Some(a) = &self.auth {
+            a.validate()?;
+        }
+        if self.is_insecure() {
+            self.check_insecure()
+        } else {
+            self.check_secure()
+        }
+    }
+
+    /// Whether the config asks for plain HTTP (`insecure = true`).
+    pub fn is_insecure(&self) -> bool {
+        self.insecure == Some(true)
+    }
+
+    /// The fleet agent's rule, checked here so that a config it would refuse is refused
+    /// before the boot: a cluster talks https:// only, checks etcd's certificate against a
+    /// CA, and logs in as this machine's etcd user.
+    fn check_secure(&self) -> Result<(), ConfigError> {
+        if self.endpoints.is_empty() {
+            return Ok(());
+        }
+        if let Some((i, e)) = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .find(|(_, e)| !e.starts_with("https://"))
+        {
+            return Err(ConfigError::new(
+                format!("fleet.endpoints[{i}]"),
+                format!(
+                    "{e:?} is plain HTTP, which lets anyone on the network command the fleet: \
+                     use https:// with [fleet.tls] and [fleet.auth], or set insecure = true (a lab only)"
+                ),
+            ));
+        }
+        if self.tls.as_ref().is_none_or(|t| t.ca.is_none()) {
+            return Err(ConfigError::new(
+                "fleet.tls.ca",
+                "a cluster needs the CA certificate that signed etcd's server certificates \
+                 (PEM text), or insecure = true (a lab only)",
+            ));
+        }
+        if self.auth.is_none() {
+            return Err(ConfigError::new(
+                "fleet.auth",
+                "a cluster needs this machine's etcd user and password ([fleet.auth] user, \
+                 password), or insecure = true (a lab only)",
+            ));
+        }
         Ok(())
+    }
+
+    /// `insecure = true` talks plain HTTP: credentials given for TLS or etcd would be unused,
+    /// or sent in the clear, so they are refused.
+    fn check_insecure(&self) -> Result<(), ConfigError> {
+        if self.tls.is_some() {
+            return Err(ConfigError::new(
+                "fleet.tls",
+                "insecure = true uses no TLS: remove [fleet.tls], or insecure",
+            ));
+        }
+        if self.auth.is_some() {
+            return Err(ConfigError::new(
+                "fleet.auth",
+                "insecure = true would send the password in the clear: remove [fleet.auth], or insecure",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl FleetTls {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let pem = |field: &str, text: Option<&str>, kind| match text {
+            Some(t) => check_pem(t, kind).map_err(|e| ConfigError::new(field, e.to_string())),
+            None => Ok(()),
+        };
+        pem("fleet.tls.ca", self.ca.as_deref(), PemKind::Certificate)?;
+        pem("fleet.tls.cert", self.cert.as_deref(), PemKind::Certificate)?;
+        let key = self.key.as_ref().map(Secret::text).transpose();
+        let key = key.map_err(|why| ConfigError::new("fleet.tls.key", why))?;
+        pem("fleet.tls.key", key, PemKind::PrivateKey)?;
+        match (&self.cert, &self.key) {
+            (Some(_), None) => Err(ConfigError::new(
+                "fleet.tls.key",
+                "a client certificate needs its private key: give cert and key, or neither",
+            )),
+            (None, Some(_)) => Err(ConfigError::new(
+                "fleet.tls.cert",
+                "a private key needs its client certificate: give cert and key, or neither",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FleetAuth {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_user(&self.user).map_err(|why| ConfigError::new("fleet.auth.user", why))?;
+        check_password(&self.password).map_err(|why| ConfigError::new("fleet.auth.password", why))
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod boot;
 pub mod config;
+pub mod credentials;
 pub mod drive;
 pub mod plan;
 pub mod source;
@@ -18,3 +19,7 @@ pub use plan::{Checks, NoChecks, Plan};
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests_fleet;

@@ -1,7 +1,9 @@
 //! A validated config turned into what it writes: directories and files with their modes and
 //! owners, resolved against the root it is applied to. Nothing is written here.
 
-use crate::config::{parse_mode, sysctl_value, Config, ConfigError, Id, NetMode};
+use crate::config::{
+    parse_mode, sysctl_value, Config, ConfigError, Fleet, FleetAuth, FleetTls, Id, NetMode,
+};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,6 +12,13 @@ use std::path::Path;
 pub const NETWORK_PATH: &str = "/etc/caisson/network.toml";
 /// The fleet agent's settings.
 pub const FLEET_PATH: &str = "/etc/caisson/fleet.toml";
+/// The fleet agent's TLS and etcd credentials (`[fleet.tls]`, `[fleet.auth]`): a directory
+/// only root can enter, the CA and client certificates 0644, the key and password 0600.
+pub const FLEET_DIR: &str = "/etc/caisson/fleet";
+pub const FLEET_CA: &str = "/etc/caisson/fleet/ca.crt";
+pub const FLEET_CERT: &str = "/etc/caisson/fleet/client.crt";
+pub const FLEET_KEY: &str = "/etc/caisson/fleet/client.key";
+pub const FLEET_PASSWORD: &str = "/etc/caisson/fleet/password";
 /// The update agent's settings.
 pub const UPDATE_PATH: &str = "/etc/caisson/update.toml";
 /// Kernel modules the init loads on every boot, one name a line.
@@ -260,6 +269,120 @@ fn kernel_entries(k: &crate::config::Kernel) -> Result<Vec<Entry>, ConfigError> 
     Ok(out)
 }
 
+/// `/etc/caisson/fleet.toml` as the agent reads it: the credentials by path, never inline.
+#[derive(serde::Serialize)]
+struct FleetToml<'a> {
+    endpoints: &'a [String],
+    labels: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_s: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    insecure: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsPaths>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<AuthPaths<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct TlsPaths {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'static str>,
+}
+
+#[derive(serde::Serialize)]
+struct AuthPaths<'a> {
+    user: &'a str,
+    password_file: &'static str,
+}
+
+fn fleet_text(f: &Fleet) -> Result<String, ConfigError> {
+    let tls = f.tls.as_ref().map(|t| TlsPaths {
+        ca: t.ca.as_ref().map(|_| FLEET_CA),
+        cert: t.cert.as_ref().map(|_| FLEET_CERT),
+        key: t.key.as_ref().map(|_| FLEET_KEY),
+    });
+    let doc = FleetToml {
+        endpoints: &f.endpoints,
+        labels: &f.labels,
+        ttl_s: f.ttl_s,
+        address: f.address.as_deref(),
+        prefix: f.prefix.as_deref(),
+        insecure: f.insecure,
+        tls,
+        auth: f.auth.as_ref().map(|a| AuthPaths {
+            user: &a.user,
+            password_file: FLEET_PASSWORD,
+        }),
+    };
+    Ok(format!(
+        "# written by caisson provisioning\n{}",
+        toml_text("fleet", &doc)?
+    ))
+}
+
+/// A PEM text as a file: ending in a newline, as PEM files do.
+fn pem_file(path: &str, origin: &str, text: &str, mode: u32) -> Entry {
+    let mut text = text.to_string();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let mut e = generated(path, origin, text, mode);
+    e.secret = mode & 0o077 == 0;
+    e
+}
+
+fn tls_files(t: &FleetTls) -> Vec<Entry> {
+    let mut out = Vec::new();
+    if let Some(ca) = &t.ca {
+        out.push(pem_file(FLEET_CA, "fleet.tls.ca", ca, 0o644));
+    }
+    if let Some(cert) = &t.cert {
+        out.push(pem_file(FLEET_CERT, "fleet.tls.cert", cert, 0o644));
+    }
+    if let Some(key) = &t.key {
+        out.push(pem_file(FLEET_KEY, "fleet.tls.key", key.expose(), 0o600));
+    }
+    out
+}
+
+/// The password exactly as given, without a newline.
+fn password_file(a: &FleetAuth) -> Entry {
+    let mut e = generated(
+        FLEET_PASSWORD,
+        "fleet.auth.password",
+        a.password.expose().to_string(),
+        0o600,
+    );
+    e.secret = true;
+    e
+}
+
+/// `[fleet]`: the directory of its credentials (when it has any) and its files, fleet.toml last.
+fn fleet_entries(f: &Fleet) -> Result<(Option<Entry>, Vec<Entry>), ConfigError> {
+    let mut files = f.tls.as_ref().map(tls_files).unwrap_or_default();
+    files.extend(f.auth.as_ref().map(password_file));
+    let dir = (!files.is_empty()).then(|| Entry {
+        path: FLEET_DIR.to_string(),
+        kind: Kind::Dir,
+        mode: 0o700,
+        uid: 0,
+        gid: 0,
+        secret: false,
+        origin: "fleet".to_string(),
+    });
+    files.push(generated(FLEET_PATH, "fleet", fleet_text(f)?, 0o644));
+    Ok((dir, files))
+}
+
 /// Everything `config` writes under `root`. Without a root (checking a config away from the
 /// machine) user and group names and the SSH server in the image are not checked.
 pub fn plan(
@@ -311,12 +434,11 @@ pub fn plan(
     if let Some(k) = &config.kernel {
         files.extend(kernel_entries(k)?);
     }
+    let mut entries = Vec::new();
     if let Some(f) = &config.fleet {
-        let text = format!(
-            "# written by caisson provisioning\n{}",
-            toml_text("fleet", f)?
-        );
-        files.push(generated(FLEET_PATH, "fleet", text, 0o644));
+        let (dir, written) = fleet_entries(f)?;
+        entries.extend(dir);
+        files.extend(written);
     }
     if let Some(u) = &config.update {
         let text = format!(
@@ -354,7 +476,6 @@ pub fn plan(
             origin: field,
         });
     }
-    let mut entries = Vec::new();
     for (i, d) in config.directories.iter().enumerate() {
         let field = format!("directories[{i}]");
         if let Some(other) = seen.get(&d.path) {
