@@ -690,19 +690,15 @@ impl Fleet {
         Ok(())
     }
 
-    /// `insecure = true` talks plain HTTP: credentials given for TLS or etcd would be unused,
-    /// or sent in the clear, so they are refused.
+    /// `insecure = true` allows http:// endpoints and a cluster without `[fleet.tls]` or
+    /// `[fleet.auth]`, as the agent does; but a password is never sent over plain HTTP.
     fn check_insecure(&self) -> Result<(), ConfigError> {
-        if self.tls.is_some() {
-            return Err(ConfigError::new(
-                "fleet.tls",
-                "insecure = true uses no TLS: remove [fleet.tls], or insecure",
-            ));
-        }
-        if self.auth.is_some() {
+        let plain = self.endpoints.iter().any(|e| e.starts_with("http://"));
+        if plain && self.auth.is_some() {
             return Err(ConfigError::new(
                 "fleet.auth",
-                "insecure = true would send the password in the clear: remove [fleet.auth], or insecure",
+                "an http:// endpoint would carry the password in the clear: \
+                 use https:// endpoints with [fleet.tls], or remove [fleet.auth]",
             ));
         }
         Ok(())

@@ -160,6 +160,14 @@ fn insecure_is_passed_through_and_writes_no_credentials() {
     assert!(
         matches!(&toml.kind, Kind::File(b) if String::from_utf8_lossy(b).contains("insecure = false\n"))
     );
+    // insecure = true relaxes the rule as the agent does: TLS without etcd auth, or with it.
+    let tls_only = fleet(
+        "https://10.0.2.2:2379",
+        &format!("insecure = true\n{}", tls(Some(CA), None, None)),
+    );
+    check(tls_only.as_bytes(), None, &NoChecks).unwrap();
+    let everything = full().replace("[fleet.tls]", "insecure = true\n[fleet.tls]");
+    check(everything.as_bytes(), None, &NoChecks).unwrap();
     // No endpoints: the agent runs alone, nothing to secure.
     Config::parse("version = 1\n[fleet]\nlabels = { zone = \"a\" }\n").unwrap();
 }
@@ -258,11 +266,6 @@ fn refusals() -> Vec<(String, &'static str, &'static str)> {
             "1-128",
         ),
         (with_auth(auth("", PASSWORD)), "fleet.auth.user", "1-128"),
-        (
-            full().replace("[fleet.tls]", "insecure = true\n[fleet.tls]"),
-            "fleet.tls",
-            "insecure",
-        ),
         (
             fleet(
                 "http://a:2379",
