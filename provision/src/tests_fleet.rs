@@ -340,20 +340,43 @@ fn the_example_s_key_and_password_stay_out_of_an_unrelated_error() {
     assert!(!e.contains(KEY_BODY) && !e.contains(PASSWORD), "{e}");
 }
 
-/// The rendered file as the fleet agent reads it (fleet/src/config.rs). Ignored until the
-/// agent's parser knows `insecure`, `[tls]` and `[auth]` (issue 16, being written in the
-/// fleet crate): today it refuses them as unknown fields.
+/// The rendered file and the files it names, as the fleet agent reads them
+/// (fleet/src/config.rs): its parser takes fleet.toml, its mode checks take the key and
+/// password files, and its TLS stack takes the example's certificate and key. Ignored until
+/// the agent's parser that knows `insecure`, `[tls]` and `[auth]` (issue 16, being written in
+/// the fleet crate) is committed: the committed one refuses them as unknown fields.
 #[test]
 #[ignore = "needs fleet/src/config.rs with [tls] and [auth] (issue 16)"]
-fn rendered_fleet_file_parses_in_the_agent() {
+fn rendered_fleet_file_and_credentials_are_taken_by_the_agent() {
     let tmp = root();
     let r = tmp.path();
     apply(EXAMPLE.as_bytes(), r, &NoChecks, "t").unwrap();
-    let f = caisson_fleet::config::Config::parse(
+    let mut f = caisson_fleet::config::Config::parse(
         std::path::Path::new("fleet.toml"),
         &read(r, "/etc/caisson/fleet.toml"),
     )
     .unwrap();
     assert_eq!(f.labels["role"], "web");
     assert_eq!(f.endpoints, ["https://10.0.2.2:2379"]);
+    assert!(!f.insecure);
+    // The files as the agent finds them, beneath this test's root.
+    let beneath = |p: &mut Option<std::path::PathBuf>| {
+        let abs = p.take().unwrap();
+        *p = Some(r.join(abs.strip_prefix("/").unwrap()));
+    };
+    let tls = f.tls.as_mut().unwrap();
+    beneath(&mut tls.ca);
+    beneath(&mut tls.cert);
+    beneath(&mut tls.key);
+    let auth = f.auth.as_mut().unwrap();
+    let mut password_file = Some(auth.password_file.clone());
+    beneath(&mut password_file);
+    auth.password_file = password_file.unwrap();
+    let access = f.access().unwrap();
+    let credentials = access.credentials.as_ref().unwrap();
+    assert_eq!(credentials.user, "caisson-machine-0123456789abcdef");
+    assert_eq!(credentials.password, PASSWORD);
+    assert!(access.ca_pem.is_some() && access.identity_pem.is_some());
+    caisson_fleet::etcd::Client::connect(&f.endpoints, &access, std::time::Duration::from_secs(1))
+        .unwrap();
 }
