@@ -167,8 +167,8 @@ pub struct Fleet {
     pub ttl_s: Option<i64>,
     pub address: Option<String>,
     pub prefix: Option<String>,
-    /// `true`: plain `http://` endpoints, no TLS and no etcd user (the agent logs it at every
-    /// start). Passed through as given.
+    /// `true` allows plain `http://` endpoints and a cluster without `[fleet.tls]` or
+    /// `[fleet.auth]` (the agent logs it at every start). Passed through as given.
     pub insecure: Option<bool>,
     pub tls: Option<FleetTls>,
     pub auth: Option<FleetAuth>,

@@ -329,27 +329,28 @@ fn fleet_text(f: &Fleet) -> Result<String, ConfigError> {
     ))
 }
 
-/// A PEM text as a file: ending in a newline, as PEM files do.
-fn pem_file(path: &str, origin: &str, text: &str, mode: u32) -> Entry {
+/// A PEM text as a file ending in a newline, as PEM files do: a certificate 0644, a key a
+/// secret, 0600.
+fn pem_file(path: &str, origin: &str, text: &str, secret: bool) -> Entry {
     let mut text = text.to_string();
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    let mut e = generated(path, origin, text, mode);
-    e.secret = mode & 0o077 == 0;
+    let mut e = generated(path, origin, text, if secret { 0o600 } else { 0o644 });
+    e.secret = secret;
     e
 }
 
 fn tls_files(t: &FleetTls) -> Vec<Entry> {
     let mut out = Vec::new();
     if let Some(ca) = &t.ca {
-        out.push(pem_file(FLEET_CA, "fleet.tls.ca", ca, 0o644));
+        out.push(pem_file(FLEET_CA, "fleet.tls.ca", ca, false));
     }
     if let Some(cert) = &t.cert {
-        out.push(pem_file(FLEET_CERT, "fleet.tls.cert", cert, 0o644));
+        out.push(pem_file(FLEET_CERT, "fleet.tls.cert", cert, false));
     }
     if let Some(key) = &t.key {
-        out.push(pem_file(FLEET_KEY, "fleet.tls.key", key.expose(), 0o600));
+        out.push(pem_file(FLEET_KEY, "fleet.tls.key", key.expose(), true));
     }
     out
 }
