@@ -5,8 +5,8 @@
 //! shutdown, has its process group killed.
 
 use crate::control::{ExecResult, Response};
-use crate::reaper::Reaper;
-use crate::sys::{ExecPlan, Exit, Pid, Sig, Syscall};
+use crate::reaper::{ChildId, Reaper};
+use crate::sys::{ExecPlan, Exit, Sig, Syscall};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -35,10 +35,10 @@ struct Running {
     ended: Sender<Ended>,
 }
 
-/// The commands running now, by pid.
+/// The commands running now.
 #[derive(Debug, Default)]
 pub struct Commands {
-    running: HashMap<Pid, Running>,
+    running: HashMap<ChildId, Running>,
 }
 
 impl Commands {
@@ -52,11 +52,11 @@ impl Commands {
         timeout: Duration,
         now: Instant,
         reply: Reply,
-    ) -> Result<Pid, String> {
-        let spawned = reaper
-            .spawn(|| sys.spawn(plan))
+    ) -> Result<ChildId, String> {
+        let (child, spawned) = reaper
+            .start(sys, plan)
             .map_err(|e| format!("starting {} failed: {e}", plan.program.display()))?;
-        let pid = spawned.pid;
+        let pid = child.pid;
         let (tx, rx) = channel();
         let output = spawned.output;
         let collector = std::thread::Builder::new()
@@ -67,25 +67,25 @@ impl Commands {
             Ok(_) => false,
             Err(e) => {
                 log::warn!("no thread to collect the output of pid {pid} ({e}); killing it");
-                let _ = sys.kill(-pid, Sig::Kill);
+                kill_group(sys, reaper, child);
                 true
             }
         };
         log::info!("exec: pid {pid} runs {}", plan.program.display());
         self.running.insert(
-            pid,
+            child,
             Running {
                 deadline: now + timeout,
                 killed,
                 ended: tx,
             },
         );
-        Ok(pid)
+        Ok(child)
     }
 
-    /// Hands the exit of `pid` to its command; false when `pid` is not a command.
-    pub fn claim(&mut self, pid: Pid, exit: Exit) -> bool {
-        let Some(r) = self.running.remove(&pid) else {
+    /// Hands the exit of `child` to its command; false when `child` is not a command.
+    pub fn claim(&mut self, child: ChildId, exit: Exit) -> bool {
+        let Some(r) = self.running.remove(&child) else {
             return false;
         };
         let _ = r.ended.send(Ended {
@@ -96,21 +96,21 @@ impl Commands {
     }
 
     /// Kills the process group of every command past its deadline.
-    pub fn expire(&mut self, sys: &dyn Syscall, now: Instant) {
-        for (pid, r) in &mut self.running {
+    pub fn expire(&mut self, sys: &dyn Syscall, reaper: &Reaper, now: Instant) {
+        for (child, r) in &mut self.running {
             if !r.killed && now >= r.deadline {
-                log::warn!("exec: pid {pid} ran past its timeout; killing it");
-                kill_group(sys, *pid);
+                log::warn!("exec: {child} ran past its timeout; killing it");
+                kill_group(sys, reaper, *child);
                 r.killed = true;
             }
         }
     }
 
     /// Kills every running command (shutdown).
-    pub fn kill_all(&mut self, sys: &dyn Syscall) {
-        for (pid, r) in &mut self.running {
+    pub fn kill_all(&mut self, sys: &dyn Syscall, reaper: &Reaper) {
+        for (child, r) in &mut self.running {
             if !r.killed {
-                kill_group(sys, *pid);
+                kill_group(sys, reaper, *child);
                 r.killed = true;
             }
         }
@@ -126,10 +126,11 @@ impl Commands {
     }
 }
 
-/// The command's process group (it is a session leader, see `sys::spawn`), or the process alone.
-fn kill_group(sys: &dyn Syscall, pid: Pid) {
-    if sys.kill(-pid, Sig::Kill).is_err() {
-        let _ = sys.kill(pid, Sig::Kill);
+/// The command's process group (it is a session leader, see `sys::spawn`), or the process alone;
+/// nothing once it has been collected (its pid may belong to someone else by then).
+fn kill_group(sys: &dyn Syscall, reaper: &Reaper, child: ChildId) {
+    if reaper.signal(sys, child, Sig::Kill, true).is_err() {
+        let _ = reaper.signal(sys, child, Sig::Kill, false);
     }
 }
 
@@ -245,14 +246,15 @@ mod tests {
     fn start(
         c: &mut Commands,
         sys: &Recording,
+        reaper: &Reaper,
         timeout: Duration,
         now: Instant,
-    ) -> (Pid, Receiver<Response>) {
+    ) -> (ChildId, Receiver<Response>) {
         let (tx, rx) = channel();
         let pid = c
             .start(
                 sys,
-                &Reaper::default(),
+                reaper,
                 &plan(),
                 timeout,
                 now,
@@ -267,9 +269,17 @@ mod tests {
     #[test]
     fn the_exit_is_answered_and_only_its_pid_is_claimed() {
         let sys = Recording::new(Path::new("/"));
+        let reaper = Reaper::default();
         let mut c = Commands::default();
-        let (pid, rx) = start(&mut c, &sys, Duration::from_secs(5), Instant::now());
-        assert!(!c.claim(pid + 1, Exit::Code(0)));
+        let (pid, rx) = start(
+            &mut c,
+            &sys,
+            &reaper,
+            Duration::from_secs(5),
+            Instant::now(),
+        );
+        let (other, _) = reaper.start(&sys, &plan()).unwrap();
+        assert!(!c.claim(other, Exit::Code(0)));
         assert_eq!(c.len(), 1);
         assert!(c.claim(pid, Exit::Code(3)));
         assert!(c.is_empty());
@@ -281,20 +291,22 @@ mod tests {
     #[test]
     fn past_the_deadline_its_group_is_killed_once_and_the_answer_says_so() {
         let sys = Recording::new(Path::new("/"));
+        let reaper = Reaper::default();
         let mut c = Commands::default();
         let t0 = Instant::now();
-        let (pid, rx) = start(&mut c, &sys, Duration::from_secs(5), t0);
-        c.expire(&sys, t0 + Duration::from_secs(4));
+        let (child, rx) = start(&mut c, &sys, &reaper, Duration::from_secs(5), t0);
+        let pid = child.pid;
+        c.expire(&sys, &reaper, t0 + Duration::from_secs(4));
         assert!(!sys.calls().contains(&Call::Kill(-pid, Sig::Kill)));
-        c.expire(&sys, t0 + Duration::from_secs(5));
-        c.expire(&sys, t0 + Duration::from_secs(6));
+        c.expire(&sys, &reaper, t0 + Duration::from_secs(5));
+        c.expire(&sys, &reaper, t0 + Duration::from_secs(6));
         let kills = sys
             .calls()
             .iter()
             .filter(|k| **k == Call::Kill(-pid, Sig::Kill))
             .count();
         assert_eq!(kills, 1);
-        assert!(c.claim(pid, Exit::Signal(9)));
+        assert!(c.claim(child, Exit::Signal(9)));
         let e = rx
             .recv_timeout(Duration::from_secs(10))
             .unwrap()
@@ -306,14 +318,15 @@ mod tests {
     #[test]
     fn shutdown_kills_every_command() {
         let sys = Recording::new(Path::new("/"));
+        let reaper = Reaper::default();
         let mut c = Commands::default();
         let now = Instant::now();
-        let (a, _ra) = start(&mut c, &sys, Duration::from_secs(60), now);
-        let (b, _rb) = start(&mut c, &sys, Duration::from_secs(60), now);
-        c.kill_all(&sys);
+        let (a, _ra) = start(&mut c, &sys, &reaper, Duration::from_secs(60), now);
+        let (b, _rb) = start(&mut c, &sys, &reaper, Duration::from_secs(60), now);
+        c.kill_all(&sys, &reaper);
         let calls = sys.calls();
-        assert!(calls.contains(&Call::Kill(-a, Sig::Kill)));
-        assert!(calls.contains(&Call::Kill(-b, Sig::Kill)));
+        assert!(calls.contains(&Call::Kill(-a.pid, Sig::Kill)));
+        assert!(calls.contains(&Call::Kill(-b.pid, Sig::Kill)));
     }
 
     #[test]

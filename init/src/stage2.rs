@@ -9,7 +9,7 @@ use crate::reaper::Reaper;
 use crate::service;
 use crate::stage1::EARLY_MOUNTS;
 use crate::supervisor::{self, Notice, Supervisor};
-use crate::sys::{self, Exit, MountFlags, Pid, Power, Real, Sig, Syscall};
+use crate::sys::{self, Exit, MountFlags, Power, Real, Sig, Syscall};
 use caisson_layout::cmdline::BootParams;
 use caisson_layout::{osrelease, paths, Slot};
 use serde::Deserialize;
@@ -68,7 +68,7 @@ impl InitConfig {
 
 /// What the main loop waits for.
 pub enum Event {
-    Exits(Vec<(Pid, Exit)>),
+    Exits(Vec<(crate::reaper::ChildId, Exit)>),
     Signal(i32),
     Control(Request, Sender<Response>),
     Blessed,

@@ -7,11 +7,12 @@ use crate::backoff::Backoff;
 use crate::cgroup::Cgroups;
 use crate::command::{Commands, Reply};
 use crate::deps;
+use crate::reaper::{ChildId, Reaper};
 use crate::service::{Kind, ReadyCheck, Restart, ServiceError, ServiceSpec};
 use crate::sys::{ExecPlan, Exit, Pid, Sig, Syscall};
-use crate::{reaper::Reaper, users};
+use crate::users;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,8 +22,6 @@ use std::time::{Duration, Instant};
 const PROBE_EVERY: Duration = Duration::from_millis(200);
 /// How long after SIGKILL a process that has not been reaped is given up on.
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// How many exits of unknown pids are kept for a late registration.
-const UNCLAIMED_MAX: usize = 256;
 
 /// What happens when a stopping service has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,16 +35,16 @@ enum State {
     /// Waiting for its dependencies.
     Waiting,
     Running {
-        pid: Pid,
+        pid: ChildId,
         since: Instant,
         ready: bool,
-        probe: Option<Pid>,
+        probe: Option<ChildId>,
         next_probe: Instant,
     },
     /// Waiting to be restarted.
     Backoff { until: Instant },
     Stopping {
-        pid: Pid,
+        pid: ChildId,
         kill_at: Instant,
         killed: bool,
         then: AfterStop,
@@ -80,11 +79,15 @@ impl Svc {
         matches!(self.state, State::Running { .. } | State::Stopping { .. })
     }
 
-    fn pid(&self) -> Option<Pid> {
+    fn child(&self) -> Option<ChildId> {
         match self.state {
             State::Running { pid, .. } | State::Stopping { pid, .. } => Some(pid),
             _ => None,
         }
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.child().map(|c| c.pid)
     }
 
     /// Whether a service that runs `after` this one may start.
@@ -177,9 +180,10 @@ pub struct Supervisor {
     config: Config,
     order: Vec<String>,
     services: BTreeMap<String, Svc>,
-    pids: HashMap<Pid, String>,
-    probes: HashMap<Pid, String>,
-    unclaimed: VecDeque<(Pid, Exit)>,
+    /// Services' and probes' processes; exits are matched by [`ChildId`], never by pid alone
+    /// (see [`crate::reaper`]).
+    pids: HashMap<ChildId, String>,
+    probes: HashMap<ChildId, String>,
     shutting_down: bool,
     ready_announced: bool,
     healthy_since: Option<Instant>,
@@ -270,7 +274,6 @@ impl Supervisor {
             services,
             pids: HashMap::new(),
             probes: HashMap::new(),
-            unclaimed: VecDeque::new(),
             shutting_down: false,
             ready_announced: false,
             healthy_since: None,
@@ -297,8 +300,10 @@ impl Supervisor {
         &self.order
     }
 
-    /// A child exited. Exits of pids not (yet) known are kept for [`Self::register`].
-    pub fn on_exit(&mut self, pid: Pid, exit: Exit, now: Instant) {
+    /// A child exited. Every child is registered before its exit can be delivered (it is started
+    /// on this thread, and the exit comes through the reaper's channel to this thread), so the
+    /// exit of a child that is not known is stale: of a child already dealt with.
+    pub fn on_exit(&mut self, pid: ChildId, exit: Exit, now: Instant) {
         if self.commands.claim(pid, exit) {
             return;
         }
@@ -307,21 +312,18 @@ impl Supervisor {
             return;
         }
         let Some(name) = self.pids.remove(&pid) else {
-            if self.unclaimed.len() >= UNCLAIMED_MAX {
-                self.unclaimed.pop_front();
-            }
-            self.unclaimed.push_back((pid, exit));
+            log::debug!("exit of {pid} ({exit}), no longer tracked");
             return;
         };
         self.service_exited(&name, pid, exit, now);
     }
 
-    fn take_unclaimed(&mut self, pid: Pid) -> Option<Exit> {
-        let i = self.unclaimed.iter().position(|(p, _)| *p == pid)?;
-        self.unclaimed.remove(i).map(|(_, e)| e)
+    /// Signals one of the services' processes, unless it has been collected already.
+    fn signal(&self, child: ChildId, sig: Sig) -> std::io::Result<bool> {
+        self.reaper.signal(self.sys.as_ref(), child, sig, false)
     }
 
-    fn probe_done(&mut self, name: &str, pid: Pid, exit: Exit, now: Instant) {
+    fn probe_done(&mut self, name: &str, pid: ChildId, exit: Exit, now: Instant) {
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
@@ -343,13 +345,13 @@ impl Supervisor {
         }
     }
 
-    fn service_exited(&mut self, name: &str, pid: Pid, exit: Exit, now: Instant) {
+    fn service_exited(&mut self, name: &str, pid: ChildId, exit: Exit, now: Instant) {
         let backoff = self.config.backoff;
         let shutting_down = self.shutting_down;
         let Some(svc) = self.services.get_mut(name) else {
             return;
         };
-        if svc.pid() != Some(pid) {
+        if svc.child() != Some(pid) {
             return;
         }
         svc.last_exit = Some(exit);
@@ -395,11 +397,11 @@ impl Supervisor {
             _ => {}
         }
         if let Some(probe) = self.probe_of(name) {
-            let _ = self.sys.kill(probe, Sig::Kill);
+            let _ = self.signal(probe, Sig::Kill);
         }
     }
 
-    fn probe_of(&self, name: &str) -> Option<Pid> {
+    fn probe_of(&self, name: &str) -> Option<ChildId> {
         self.probes
             .iter()
             .find(|(_, n)| n.as_str() == name)
@@ -409,7 +411,7 @@ impl Supervisor {
     /// Decide on what to start, probe, kill or announce now.
     pub fn tick(&mut self, now: Instant) -> Vec<Notice> {
         let mut notices = Vec::new();
-        self.commands.expire(self.sys.as_ref(), now);
+        self.commands.expire(self.sys.as_ref(), &self.reaper, now);
         if self.shutting_down {
             self.tick_shutdown(now);
             if !self.shutdown_announced && self.services.values().all(|s| !s.is_running()) {
@@ -555,16 +557,13 @@ impl Supervisor {
             }
         };
         let spawning = Instant::now();
-        let spawned = {
-            let sys = &self.sys;
-            self.reaper.spawn(|| sys.spawn(&plan))
-        };
+        let spawned = self.reaper.start(self.sys.as_ref(), &plan);
         let (plan_ms, spawn_ms) = (
             spawning.duration_since(planning).as_millis(),
             spawning.elapsed().as_millis(),
         );
         match spawned {
-            Ok(sp) => {
+            Ok((child, sp)) => {
                 let pid = sp.pid;
                 if let Some(out) = sp.output {
                     self.output.attach(name, out);
@@ -576,7 +575,7 @@ impl Supervisor {
                     }
                     svc.ever_started = true;
                     svc.state = State::Running {
-                        pid,
+                        pid: child,
                         since: now,
                         ready,
                         probe: None,
@@ -590,10 +589,7 @@ impl Supervisor {
                     ),
                     None => log::info!("started {name} (pid {pid})"),
                 }
-                self.pids.insert(pid, name.to_string());
-                if let Some(exit) = self.take_unclaimed(pid) {
-                    self.on_exit(pid, exit, now);
-                }
+                self.pids.insert(child, name.to_string());
             }
             Err(e) => {
                 let why = format!("starting {} failed: {e}", spec.exec.display());
@@ -613,7 +609,7 @@ impl Supervisor {
         }
     }
 
-    fn probe(&mut self, name: &str, pid: Pid, since: Instant, now: Instant) {
+    fn probe(&mut self, name: &str, pid: ChildId, since: Instant, now: Instant) {
         let Some(spec) = self.services.get(name).and_then(|s| s.spec.clone()) else {
             return;
         };
@@ -625,7 +621,7 @@ impl Supervisor {
                 "{name} was not ready within {} s; killing it",
                 spec.ready_timeout.as_secs()
             );
-            let _ = self.sys.kill(pid, Sig::Kill);
+            let _ = self.signal(pid, Sig::Kill);
             self.update_running(name, |_, next| *next = now + spec.ready_timeout);
             return;
         }
@@ -670,37 +666,30 @@ impl Supervisor {
             env: vec![("PATH".into(), self.config.default_path.clone())],
             ..Default::default()
         };
-        let spawned = {
-            let sys = &self.sys;
-            self.reaper.spawn(|| sys.spawn(&plan))
-        };
-        match spawned {
-            Ok(sp) => {
-                self.probes.insert(sp.pid, name.to_string());
+        match self.reaper.start(self.sys.as_ref(), &plan) {
+            Ok((child, _)) => {
+                self.probes.insert(child, name.to_string());
                 if let Some(Svc {
                     state: State::Running { probe, .. },
                     ..
                 }) = self.services.get_mut(name)
                 {
-                    *probe = Some(sp.pid);
-                }
-                if let Some(exit) = self.take_unclaimed(sp.pid) {
-                    self.on_exit(sp.pid, exit, Instant::now());
+                    *probe = Some(child);
                 }
             }
             Err(e) => log::warn!("{name}: readiness command {} failed: {e}", argv[0]),
         }
     }
 
-    fn escalate(&mut self, name: &str, pid: Pid, killed: bool, now: Instant) {
+    fn escalate(&mut self, name: &str, pid: ChildId, killed: bool, now: Instant) {
         if killed {
-            log::warn!("{name} (pid {pid}) did not exit after SIGKILL; giving up on it");
+            log::warn!("{name} ({pid}) did not exit after SIGKILL; giving up on it");
             self.pids.remove(&pid);
             self.set_state(name, State::Stopped);
             return;
         }
         log::warn!("{name} did not stop in time; sending SIGKILL");
-        let _ = self.sys.kill(pid, Sig::Kill);
+        let _ = self.signal(pid, Sig::Kill);
         if let Some(Svc {
             state: State::Stopping {
                 kill_at, killed, ..
@@ -724,9 +713,10 @@ impl Supervisor {
                     .as_ref()
                     .map(|s| s.stop_timeout)
                     .unwrap_or(Duration::from_secs(10));
-                log::info!("stopping {name} (pid {pid})");
-                if let Err(e) = self.sys.kill(pid, Sig::Term) {
-                    log::warn!("SIGTERM to {name} (pid {pid}) failed: {e}");
+                log::info!("stopping {name} ({pid})");
+                let sent = self.reaper.signal(self.sys.as_ref(), pid, Sig::Term, false);
+                if let Err(e) = sent {
+                    log::warn!("SIGTERM to {name} ({pid}) failed: {e}");
                 }
                 svc.state = State::Stopping {
                     pid,
@@ -763,7 +753,7 @@ impl Supervisor {
             return;
         }
         self.shutting_down = true;
-        self.commands.kill_all(self.sys.as_ref());
+        self.commands.kill_all(self.sys.as_ref(), &self.reaper);
         for svc in self.services.values_mut() {
             if matches!(svc.state, State::Waiting | State::Backoff { .. }) {
                 svc.state = State::Stopped;
@@ -794,12 +784,8 @@ impl Supervisor {
             capture_output: true,
             ..Default::default()
         };
-        let pid =
-            self.commands
-                .start(self.sys.as_ref(), &self.reaper, &plan, timeout, now, reply)?;
-        if let Some(exit) = self.take_unclaimed(pid) {
-            self.commands.claim(pid, exit);
-        }
+        self.commands
+            .start(self.sys.as_ref(), &self.reaper, &plan, timeout, now, reply)?;
         Ok(())
     }
 

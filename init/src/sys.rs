@@ -436,6 +436,11 @@ impl Recording {
         }
     }
 
+    /// The pid the next `spawn` hands out (then counting up from it), to play a recycled pid.
+    pub fn set_next_pid(&self, pid: Pid) {
+        self.next_pid.store(pid, Ordering::SeqCst);
+    }
+
     /// Queue an exit for `reap_one` to return.
     pub fn push_exit(&self, pid: Pid, exit: Exit) {
         if let Ok(mut e) = self.exits.lock() {

@@ -31,6 +31,10 @@ fn spawned(rec: &Recording) -> Vec<String> {
         .collect()
 }
 
+fn child_of(s: &Supervisor, name: &str) -> ChildId {
+    s.services.get(name).and_then(|x| x.child()).unwrap()
+}
+
 fn pid_of(s: &Supervisor, name: &str) -> Pid {
     s.status()
         .into_iter()
@@ -113,14 +117,14 @@ fn restarts_with_backoff() {
     let (rec, mut s) = sup(vec![svc("flaky", &[], &[])]);
     let t0 = Instant::now();
     s.tick(t0);
-    let pid = pid_of(&s, "flaky");
+    let pid = child_of(&s, "flaky");
     s.on_exit(pid, Exit::Code(1), t0 + Duration::from_millis(10));
     assert_eq!(state_of(&s, "flaky"), "restarting");
     s.tick(t0 + Duration::from_millis(100));
     assert_eq!(spawned(&rec).len(), 1, "restarted before the backoff delay");
     s.tick(t0 + Duration::from_millis(250));
     assert_eq!(spawned(&rec).len(), 2);
-    let pid = pid_of(&s, "flaky");
+    let pid = child_of(&s, "flaky");
     s.on_exit(pid, Exit::Code(1), t0 + Duration::from_millis(260));
     s.tick(t0 + Duration::from_millis(500));
     assert_eq!(spawned(&rec).len(), 2, "second delay is 400 ms");
@@ -130,24 +134,62 @@ fn restarts_with_backoff() {
 }
 
 #[test]
-fn exit_before_registration_is_not_lost() {
-    let (_rec, mut s) = sup(vec![svc("quick", &[], &[])]);
+fn an_orphan_exit_is_not_kept_for_a_later_child_with_its_pid() {
+    let (rec, mut s) = sup(vec![svc("quick", &[], &[])]);
     let t0 = Instant::now();
-    // The recording fake hands out pid 100 first: its exit arrives before the spawn is
-    // recorded (as when the reaper runs between fork and registration).
-    s.on_exit(100, Exit::Code(3), t0);
+    // An orphan (reparented to PID 1) with pid 4242 is collected; then the pid wraps and the
+    // service gets 4242. Kept and matched by pid, that exit would end the service at birth.
+    rec.push_exit(4242, Exit::Code(0));
+    let reaped = s.reaper.reap_all(rec.as_ref());
+    assert!(reaped.is_empty());
+    rec.set_next_pid(4242);
     s.tick(t0);
-    let st = &s.status()[0];
-    assert_eq!(st.state, "restarting");
-    assert_eq!(st.last_exit.as_deref(), Some("exit code 3"));
+    assert_eq!(pid_of(&s, "quick"), 4242);
+    s.tick(t0 + Duration::from_millis(10));
+    assert_eq!(state_of(&s, "quick"), "running");
+    assert_eq!(spawned(&rec).len(), 1);
+}
+
+#[test]
+fn a_stale_exit_for_a_recycled_pid_is_not_the_new_process_s_exit() {
+    let mut checked = svc("checked", &[], &[]);
+    checked.ready = ReadyCheck::Command(vec!["/bin/check".into()]);
+    let (rec, mut s) = sup(vec![svc("a", &[], &[]), checked]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let a = child_of(&s, "a");
+    // `a` exits with 0 and is collected; before the main loop reads that exit, the kernel
+    // gives its pid to the readiness probe of `checked`.
+    rec.push_exit(a.pid, Exit::Code(0));
+    let exits = s.reaper.reap_all(rec.as_ref());
+    rec.set_next_pid(a.pid);
+    s.tick(t0 + Duration::from_millis(1));
+    let probe = s.probe_of("checked").unwrap();
+    assert_eq!(probe.pid, a.pid);
+    for (child, exit) in exits {
+        s.on_exit(child, exit, t0 + Duration::from_millis(2));
+    }
+    // The exit was `a`'s, not the probe's: `checked` is not ready, its probe still runs.
+    assert_eq!(state_of(&s, "checked"), "starting");
+    assert_eq!(s.probe_of("checked"), Some(probe));
+    assert_eq!(state_of(&s, "a"), "exited");
+    // The probe's own exit is its own.
+    rec.push_exit(probe.pid, Exit::Code(0));
+    for (child, exit) in s.reaper.reap_all(rec.as_ref()) {
+        s.on_exit(child, exit, t0 + Duration::from_millis(3));
+    }
+    assert_eq!(state_of(&s, "checked"), "running");
 }
 
 #[test]
 fn orphans_do_not_disturb_services() {
-    let (_rec, mut s) = sup(vec![svc("a", &[], &[])]);
+    let (rec, mut s) = sup(vec![svc("a", &[], &[])]);
     let t0 = Instant::now();
     s.tick(t0);
-    s.on_exit(4242, Exit::Code(0), t0);
+    rec.push_exit(4242, Exit::Code(0));
+    for (child, exit) in s.reaper.reap_all(rec.as_ref()) {
+        s.on_exit(child, exit, t0);
+    }
     assert_eq!(state_of(&s, "a"), "running");
 }
 
@@ -162,8 +204,8 @@ fn never_and_oneshot() {
     let t0 = Instant::now();
     s.tick(t0);
     assert_eq!(state_of(&s, "after-once"), "waiting");
-    s.on_exit(pid_of(&s, "once"), Exit::Code(0), t0);
-    s.on_exit(pid_of(&s, "fragile"), Exit::Signal(11), t0);
+    s.on_exit(child_of(&s, "once"), Exit::Code(0), t0);
+    s.on_exit(child_of(&s, "fragile"), Exit::Signal(11), t0);
     s.tick(t0);
     assert_eq!(state_of(&s, "once"), "exited");
     assert_eq!(state_of(&s, "fragile"), "failed");
@@ -206,9 +248,9 @@ fn shutdown_stops_dependents_first_and_escalates() {
     let t0 = Instant::now();
     s.tick(t0);
     let (agent, ctd, other) = (
-        pid_of(&s, "agent"),
-        pid_of(&s, "containerd"),
-        pid_of(&s, "other"),
+        child_of(&s, "agent"),
+        child_of(&s, "containerd"),
+        child_of(&s, "other"),
     );
     s.begin_shutdown(t0);
     let kills = |rec: &Recording| -> Vec<Call> {
@@ -219,15 +261,18 @@ fn shutdown_stops_dependents_first_and_escalates() {
     };
     assert_eq!(
         kills(&rec),
-        [Call::Kill(agent, Sig::Term), Call::Kill(other, Sig::Term)]
+        [
+            Call::Kill(agent.pid, Sig::Term),
+            Call::Kill(other.pid, Sig::Term)
+        ]
     );
     s.on_exit(agent, Exit::Signal(15), t0);
     assert!(s.tick(t0).is_empty());
-    assert_eq!(kills(&rec).last(), Some(&Call::Kill(ctd, Sig::Term)));
+    assert_eq!(kills(&rec).last(), Some(&Call::Kill(ctd.pid, Sig::Term)));
     s.on_exit(ctd, Exit::Code(0), t0);
     // `other` ignores SIGTERM: SIGKILL after its stop timeout.
     s.tick(t0 + Duration::from_secs(11));
-    assert_eq!(kills(&rec).last(), Some(&Call::Kill(other, Sig::Kill)));
+    assert_eq!(kills(&rec).last(), Some(&Call::Kill(other.pid, Sig::Kill)));
     s.on_exit(other, Exit::Signal(9), t0 + Duration::from_secs(11));
     assert_eq!(s.tick(t0 + Duration::from_secs(11)), [Notice::ShutdownDone]);
     assert!(s.start_service("other", t0).is_err());
@@ -238,13 +283,13 @@ fn control_stop_start_restart() {
     let (rec, mut s) = sup(vec![svc("a", &[], &[])]);
     let t0 = Instant::now();
     s.tick(t0);
-    let pid = pid_of(&s, "a");
+    let pid = child_of(&s, "a");
     s.restart_service("a", t0).unwrap();
     assert_eq!(state_of(&s, "a"), "stopping");
     s.on_exit(pid, Exit::Signal(15), t0);
     s.tick(t0);
     assert_eq!(spawned(&rec).len(), 2);
-    let pid = pid_of(&s, "a");
+    let pid = child_of(&s, "a");
     s.stop_service("a", t0).unwrap();
     s.on_exit(pid, Exit::Signal(15), t0);
     s.tick(t0 + Duration::from_secs(60));
