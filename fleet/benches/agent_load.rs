@@ -251,7 +251,7 @@ fn start_agent(dir: &Path, endpoint: &str, socket: Option<&Path>, id: &str) -> R
     std::fs::write(root.join("etc/machine-id"), format!("{id}\n"))?;
     let socket = socket.map_or_else(|| dir.join("no-containerd.sock"), Path::to_path_buf);
     let config = format!(
-        "endpoints = [\"{endpoint}\"]\naddress = \"127.0.0.1\"\n\
+        "endpoints = [\"{endpoint}\"]\ninsecure = true\naddress = \"127.0.0.1\"\n\
          units_dir = \"{}\"\ncontainerd_socket = \"{}\"\nnamespace = \"caisson-bench\"\n",
         dir.join("agent-units").display(),
         socket.display(),

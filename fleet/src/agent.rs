@@ -403,8 +403,18 @@ impl<R: Runtime> Agent<R> {
         config: &Config,
         record: MachineRecord,
         runtime: R,
-    ) -> Result<Agent<R>, crate::etcd::EtcdError> {
-        let client = Client::new(&config.endpoints)?;
+    ) -> anyhow::Result<Agent<R>> {
+        if config.insecure {
+            log::warn!(
+                "insecure = true: etcd traffic may be plain HTTP and unauthenticated; anyone who \
+                 reaches etcd ({}) controls every machine of this fleet",
+                config.endpoints.join(", ")
+            );
+        }
+        let client = config.client()?;
+        if let Some(user) = client.user() {
+            log::info!("etcd user {user}");
+        }
         let keys = Keys::new(&config.prefix);
         let mut wait = Duration::from_millis(200);
         let member = loop {

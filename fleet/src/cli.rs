@@ -1,9 +1,10 @@
 //! The `caisson-fleet` command line: clap types and what each command does.
 
+use crate::access;
 use crate::agent::{self, Agent};
 use crate::config::{self, Config};
 use crate::containerd::Containerd;
-use crate::etcd::Client;
+use crate::etcd::{Client, Credentials, EtcdError};
 use crate::lock::RebootLock;
 use crate::records::Invalid;
 use crate::registry::{self, Keys, MachineRecord};
@@ -21,9 +22,13 @@ pub struct Cli {
     /// etcd endpoints, comma-separated (default: `endpoints` in the config file).
     #[arg(long, env = "CAISSON_FLEET_ETCD", value_delimiter = ',', global = true)]
     pub etcd: Vec<String>,
-    /// The agent's configuration file.
-    #[arg(long, default_value = config::PATH, global = true)]
+    /// The configuration file: endpoints, [tls] and [auth] (the operator's credentials on an
+    /// operator's machine; the agent's on a machine).
+    #[arg(long, env = "CAISSON_FLEET_CONFIG", default_value = config::PATH, global = true)]
     pub config: PathBuf,
+    /// Allow plain HTTP and no credentials (as `insecure = true` in the file).
+    #[arg(long, global = true)]
+    pub insecure: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -78,11 +83,47 @@ pub enum Command {
         #[command(subcommand)]
         command: LockCommand,
     },
+    /// etcd users and roles: who may write which keys (as etcd's root user).
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
     /// Run the agent (a service of the host image).
     Agent {
         /// The root to read the machine id, os-release and /proc/cmdline from.
         #[arg(long, default_value = "/")]
         root: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Make etcd's root user, the operator and leader roles and the operator's user, then turn
+    /// authentication on. Run once per etcd cluster, over TLS; idempotent.
+    Init {
+        /// etcd root's password (a new random one is written here, 0600, if the file is absent).
+        #[arg(long)]
+        root_password_file: PathBuf,
+        /// The operator's etcd user (for the `[auth]` of the operator's config).
+        #[arg(long, default_value = "caisson-operator")]
+        operator: String,
+        /// The operator's password (made like the root's when absent).
+        #[arg(long)]
+        operator_password_file: PathBuf,
+    },
+    /// Make machine ID's role and user (`caisson-machine-ID`); print the user name.
+    Machine {
+        /// The machine id (its /etc/machine-id).
+        id: String,
+        /// etcd root's password.
+        #[arg(long)]
+        root_password_file: PathBuf,
+        /// The machine's password (made when absent): provision it as `[fleet.auth] password`.
+        #[arg(long)]
+        password_file: PathBuf,
+        /// The machine may lead the fleet (write assignments).
+        #[arg(long)]
+        leader: bool,
     },
 }
 
@@ -112,6 +153,10 @@ impl Cli {
         if !self.etcd.is_empty() {
             c.endpoints = self.etcd.clone();
         }
+        c.insecure |= self.insecure;
+        c.check_access().map_err(|why| {
+            anyhow::anyhow!("{} (with --etcd/--insecure): {why}", self.config.display())
+        })?;
         Ok(c)
     }
 
@@ -119,11 +164,39 @@ impl Cli {
         let c = self.config()?;
         if c.endpoints.is_empty() {
             bail!(
-                "no etcd endpoints: pass --etcd http://HOST:2379 or set endpoints in {}",
+                "no etcd endpoints: pass --etcd https://HOST:2379 or set endpoints in {}",
                 self.config.display()
             );
         }
-        Ok(Store::new(Client::new(&c.endpoints)?, Keys::new(&c.prefix)))
+        Ok(Store::new(c.client()?, Keys::new(&c.prefix)))
+    }
+
+    /// A client as etcd's root user (TLS settings from the config file). Before authentication
+    /// is on, etcd takes no credentials: the client then sends none.
+    async fn root_client(&self, password: &str) -> Result<(Client, Keys)> {
+        let c = self.config()?;
+        if c.endpoints.is_empty() {
+            bail!(
+                "no etcd endpoints: pass --etcd https://HOST:2379 or set endpoints in {}",
+                self.config.display()
+            );
+        }
+        let mut access = c.access()?;
+        access.credentials = Some(Credentials {
+            user: access::ROOT.into(),
+            password: password.into(),
+        });
+        let timeout = std::time::Duration::from_secs(5);
+        let root = Client::connect(&c.endpoints, &access, timeout)?;
+        let client = match root.range(&c.prefix, false).await {
+            Err(EtcdError::AuthNotEnabled { .. }) => {
+                access.credentials = None;
+                Client::connect(&c.endpoints, &access, timeout)?
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => root,
+        };
+        Ok((client, Keys::new(&c.prefix)))
     }
 }
 
@@ -148,6 +221,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Machines { json } => machines(&cli.store()?, *json).await?,
         Command::Units { json } => units(&cli.store()?, *json).await?,
         Command::Logs { unit, machine } => logs(&cli.store()?, unit, machine.as_deref()).await?,
+        Command::Access { command } => run_access(&cli, command).await?,
         Command::Lock { command } => {
             let store = cli.store()?;
             let lock = RebootLock::new(store.client.clone(), store.keys.lock());
@@ -167,6 +241,38 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+async fn run_access(cli: &Cli, command: &AccessCommand) -> Result<()> {
+    match command {
+        AccessCommand::Init {
+            root_password_file,
+            operator,
+            operator_password_file,
+        } => {
+            let root = access::password_file(root_password_file)?;
+            let op = access::password_file(operator_password_file)?;
+            let (client, keys) = cli.root_client(&root).await?;
+            access::init(&client, &keys, &root, operator, &op).await?;
+            println!(
+                "authentication is on; operator user {operator} (password in {})",
+                operator_password_file.display()
+            );
+        }
+        AccessCommand::Machine {
+            id,
+            root_password_file,
+            password_file,
+            leader,
+        } => {
+            let root = access::password_file(root_password_file)?;
+            let pw = access::password_file(password_file)?;
+            let (client, keys) = cli.root_client(&root).await?;
+            let user = access::add_machine(&client, &keys, id, &pw, *leader).await?;
+            println!("{user}");
         }
     }
     Ok(())

@@ -1,7 +1,8 @@
 //! `/etc/caisson/fleet.toml`: how the agent reaches etcd and how it describes its machine.
 //!
 //! ```toml
-//! endpoints = ["http://10.0.2.2:2379"]   # none (or no file): run /etc/caisson/units alone
+//! endpoints = ["https://10.0.2.2:2379"]  # none (or no file): run /etc/caisson/units alone
+//! insecure = false                       # true: allow http:// and no [tls]/[auth] (logged)
 //! labels = { zone = "a" }
 //! ttl_s = 10                             # the machine's lease; its units move after it expires
 //! address = "10.0.2.15"                  # default: the source address towards the first endpoint
@@ -11,13 +12,27 @@
 //! namespace = "caisson"                  # containerd namespace of the agent's containers
 //! image_timeout_s = 1800                 # an image URL's whole download, request to last byte
 //! image_max_bytes = 4294967296           # the largest image archive a URL may send (4 GiB)
+//!
+//! [tls]
+//! ca = "/etc/caisson/fleet/ca.crt"        # the only CA trusted for etcd's server certificate
+//! cert = "/etc/caisson/fleet/client.crt"  # this machine's client certificate (with key)
+//! key = "/etc/caisson/fleet/client.key"   # mode 0600 or stricter
+//!
+//! [auth]
+//! user = "caisson-machine-<id>"                 # see `caisson-fleet access machine`
+//! password_file = "/etc/caisson/fleet/password" # mode 0600 or stricter
 //! ```
+//!
+//! Unless `insecure = true`, a clustered configuration must use `https://` endpoints, name the
+//! CA and give credentials: without them anyone who reaches etcd controls every machine.
 //!
 //! An image download that misses its deadline or passes its cap fails (its partial file is
 //! removed) and is tried again a minute later; other units are reconciled meanwhile.
 
+use crate::etcd::{Access, Client, Credentials};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Where the agent's configuration lives.
@@ -36,6 +51,25 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path}: mode {mode:04o} lets other users read it; make it 0600 (chmod 600 {path})")]
+    Exposed { path: PathBuf, mode: u32 },
+}
+
+/// `[tls]`: the CA of etcd's server certificates and this machine's client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// `[auth]`: the etcd user and the file holding its password.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub user: String,
+    pub password_file: PathBuf,
 }
 
 /// The agent's configuration.
@@ -52,6 +86,9 @@ pub struct Config {
     pub namespace: String,
     pub image_timeout_s: u64,
     pub image_max_bytes: u64,
+    pub insecure: bool,
+    pub tls: Option<Tls>,
+    pub auth: Option<Auth>,
 }
 
 impl Default for Config {
@@ -67,6 +104,9 @@ impl Default for Config {
             namespace: "caisson".into(),
             image_timeout_s: crate::containerd::fetch::DEFAULT_DEADLINE.as_secs(),
             image_max_bytes: crate::containerd::fetch::DEFAULT_MAX_BYTES,
+            insecure: false,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -105,7 +145,83 @@ impl Config {
         if !c.prefix.ends_with('/') {
             c.prefix.push('/');
         }
+        c.check_access().map_err(bad)?;
         Ok(c)
+    }
+
+    /// The rules of `insecure`, `[tls]` and `[auth]`.
+    pub fn check_access(&self) -> Result<(), String> {
+        if let Some(t) = &self.tls {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err("[tls] cert and key go together: give both or neither".into());
+            }
+        }
+        if let Some(a) = &self.auth {
+            if a.user.is_empty() || a.user.contains(char::is_whitespace) {
+                return Err(format!("[auth] user {:?} is not an etcd user name", a.user));
+            }
+        }
+        if self.insecure || !self.clustered() {
+            return Ok(());
+        }
+        const HOW: &str = "anyone who reaches etcd would control every machine; \
+                           use https:// with [tls] ca and [auth], or set insecure = true";
+        if let Some(e) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+            return Err(format!("endpoint {e:?} is not https://: {HOW}"));
+        }
+        if self.tls.as_ref().and_then(|t| t.ca.as_ref()).is_none() {
+            return Err(format!("[tls] ca is missing: {HOW}"));
+        }
+        if self.auth.is_none() {
+            return Err(format!("[auth] is missing: {HOW}"));
+        }
+        Ok(())
+    }
+
+    /// Reads the CA, the client certificate and key and the password named by `[tls]` and
+    /// `[auth]`. The key and the password must not be readable by other users.
+    pub fn access(&self) -> Result<Access, ConfigError> {
+        let mut access = Access::default();
+        if let Some(t) = &self.tls {
+            if let Some(ca) = &t.ca {
+                access.ca_pem = Some(read(ca)?);
+            }
+            if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+                let mut pem = read(cert)?;
+                pem.push(b'\n');
+                pem.extend(read_secret(key)?);
+                access.identity_pem = Some(pem);
+            }
+        }
+        if let Some(a) = &self.auth {
+            let bytes = read_secret(&a.password_file)?;
+            let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
+                path: a.password_file.clone(),
+                message: "the password is not UTF-8 text".into(),
+            })?;
+            let password = text.trim_end_matches(['\n', '\r']).to_string();
+            if password.is_empty() {
+                return Err(ConfigError::Parse {
+                    path: a.password_file.clone(),
+                    message: "the password file is empty".into(),
+                });
+            }
+            access.credentials = Some(Credentials {
+                user: a.user.clone(),
+                password,
+            });
+        }
+        Ok(access)
+    }
+
+    /// A client for the configured endpoints with the configured TLS and credentials.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let access = self.access()?;
+        Ok(Client::connect(
+            &self.endpoints,
+            &access,
+            std::time::Duration::from_secs(5),
+        )?)
     }
 
     /// The deadline and size cap of each image download.
@@ -122,6 +238,30 @@ impl Config {
     }
 }
 
+fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Reads a file that holds a secret, refusing one that group or others may read (as ssh does
+/// with private keys).
+fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Exposed {
+            path: path.into(),
+            mode,
+        });
+    }
+    read(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,7 +274,7 @@ mod tests {
         assert_eq!(c.ttl_s, 10);
         let c = Config::parse(
             p,
-            "endpoints = [\"http://a:2379\"]\nprefix = \"/x\"\nlabels = { zone = \"a\" }",
+            "endpoints = [\"http://a:2379\"]\ninsecure = true\nprefix = \"/x\"\nlabels = { zone = \"a\" }",
         )
         .unwrap();
         assert!(c.clustered());
@@ -159,5 +299,63 @@ mod tests {
             Config::load(Path::new("/nonexistent/fleet.toml")).unwrap(),
             Config::default()
         );
+    }
+
+    #[test]
+    fn without_insecure_tls_and_auth_are_required() {
+        let p = Path::new("fleet.toml");
+        let err = |text: &str| Config::parse(p, text).unwrap_err().to_string();
+        let e = err("endpoints = [\"http://a:2379\"]");
+        assert!(
+            e.contains("not https://") && e.contains("insecure = true"),
+            "{e}"
+        );
+        let e =
+            err("endpoints = [\"https://a:2379\"]\n[auth]\nuser = \"u\"\npassword_file = \"/p\"");
+        assert!(e.contains("[tls] ca is missing"), "{e}");
+        let e = err("endpoints = [\"https://a:2379\"]\n[tls]\nca = \"/ca\"");
+        assert!(e.contains("[auth] is missing"), "{e}");
+        let e = err("insecure = true\n[tls]\ncert = \"/c\"");
+        assert!(e.contains("cert and key go together"), "{e}");
+        let ok = Config::parse(
+            p,
+            "endpoints = [\"https://a:2379\"]\n[tls]\nca = \"/ca\"\n\
+             [auth]\nuser = \"u\"\npassword_file = \"/p\"",
+        )
+        .unwrap();
+        assert!(!ok.insecure);
+        // No endpoints: the machine runs alone, nothing to secure.
+        assert!(Config::parse(p, "").is_ok());
+    }
+
+    #[test]
+    fn secrets_must_be_private_and_are_read_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "endpoints = [\"https://a:2379\"]\n[tls]\nca = \"{0}/ca\"\n\
+             [auth]\nuser = \"u\"\npassword_file = \"{1}\"",
+            dir.path().display(),
+            pw.display()
+        );
+        let c = Config::parse(Path::new("fleet.toml"), &text).unwrap();
+        let e = c.access().unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{}/ca", dir.path().display())),
+            "the missing CA is named: {e}"
+        );
+        std::fs::write(dir.path().join("ca"), "PEM").unwrap();
+        let e = c.access().unwrap_err().to_string();
+        assert!(
+            e.contains("0644") && e.contains("chmod 600") && !e.contains("s3cret"),
+            "{e}"
+        );
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let a = c.access().unwrap();
+        assert_eq!(a.credentials.unwrap().password, "s3cret");
+        assert_eq!(a.ca_pem.unwrap(), b"PEM");
     }
 }

@@ -1,5 +1,6 @@
 //! Caisson's fleet agent and CLI on etcd.
 //!
+//! - [`access`]: the etcd roles and users: who may write which keys.
 //! - [`etcd`]: the etcd v3 client over the JSON gateway (failover, leases, resumable watches).
 //! - [`unit`]: unit files (what to run, how many, where) and their validation.
 //! - [`scheduler`]: the pure placement function.
@@ -12,6 +13,7 @@
 //! - [`config`]: the agent configuration file, /etc/caisson/fleet.toml.
 //! - [`cli`]: the `caisson-fleet` command line.
 
+pub mod access;
 pub mod agent;
 pub mod cli;
 pub mod config;

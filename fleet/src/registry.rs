@@ -33,7 +33,7 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} holds no machine id")]
+    #[error("{path} holds no machine id (1-64 of A-Z a-z 0-9 . _ -)")]
     NoMachineId { path: String },
     #[error("machine record {key:?}: cannot encode it: {source}")]
     Corrupt {
@@ -129,12 +129,24 @@ pub fn machine_id(root: &Path) -> Result<String, RegistryError> {
         source,
     })?;
     let id = text.trim().to_string();
-    if id.is_empty() {
+    if !valid_id(&id) {
         return Err(RegistryError::NoMachineId {
             path: path.display().to_string(),
         });
     }
     Ok(id)
+}
+
+/// A machine id names keys and an etcd role: 1-64 of `[A-Za-z0-9._-]`, never `/` (machine
+/// `a` may write `status/a/...`, which must not reach machine `a/b`'s keys).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The OS version and boot slot of the machine under `root` (either may be unknown).
@@ -170,6 +182,8 @@ pub struct Member {
     lease: i64,
     /// The current lease, for a keepalive that runs beside the agent's ticks.
     lease_now: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// etcd refused this machine's campaign: its user has no leader role (said once).
+    may_not_lead: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -187,6 +201,7 @@ impl Member {
             ttl_s,
             lease: 0,
             lease_now: Default::default(),
+            may_not_lead: Default::default(),
         };
         m.register().await?;
         Ok(m)
@@ -257,11 +272,12 @@ impl Member {
         }
     }
 
-    /// Tries to become (or stay) the leader. True if this machine leads.
+    /// Tries to become (or stay) the leader. True if this machine leads. A machine whose etcd
+    /// user may not write the leader key (no `caisson-leader` role) never leads; it says so once.
     pub async fn campaign(&self) -> Result<bool, RegistryError> {
         let key = self.keys.leader();
         let id = self.record.id.as_bytes().to_vec();
-        let r = self
+        let r = match self
             .client
             .txn(
                 &[Compare::absent(&key)],
@@ -275,7 +291,23 @@ impl Member {
                     prefix: false,
                 }],
             )
-            .await?;
+            .await
+        {
+            Err(e) if e.is_permission_denied() => {
+                if !self
+                    .may_not_lead
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    log::info!(
+                        "{}: etcd does not let this machine's user write {key:?} (no leader \
+                         role); it runs units and never leads",
+                        self.record.id
+                    );
+                }
+                return Ok(false);
+            }
+            r => r?,
+        };
         if r.succeeded {
             log::info!("{} is now the fleet leader", self.record.id);
             return Ok(true);

@@ -97,6 +97,7 @@ fn fleet(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
         .args([
             "--etcd",
             &etcd.endpoint(),
+            "--insecure",
             "--config",
             "/nonexistent/fleet.toml",
         ])
