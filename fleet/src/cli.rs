@@ -422,7 +422,10 @@ async fn logs(store: &Store, unit: &str, machine: Option<&str>) -> Result<()> {
 }
 
 fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
-    let id = registry::machine_id(root)?;
+    let id = match &config.id {
+        Some(id) => id.clone(),
+        None => registry::machine_id(root)?,
+    };
     let (version, slot) = registry::os_facts(root);
     let address = config
         .address

@@ -3,6 +3,7 @@
 //! ```toml
 //! endpoints = ["https://10.0.2.2:2379"]  # none (or no file): run /etc/caisson/units alone
 //! insecure = false                       # true: allow http:// and no [tls]/[auth] (logged)
+//! id = "web-1"                           # the machine's fleet id (default: /etc/machine-id)
 //! labels = { zone = "a" }
 //! ttl_s = 10                             # the machine's lease; its units move after it expires
 //! address = "10.0.2.15"                  # default: the source address towards the first endpoint
@@ -77,6 +78,7 @@ pub struct Auth {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub endpoints: Vec<String>,
+    pub id: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub ttl_s: i64,
     pub address: Option<String>,
@@ -95,6 +97,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             endpoints: Vec::new(),
+            id: None,
             labels: BTreeMap::new(),
             ttl_s: 10,
             address: None,
@@ -144,6 +147,13 @@ impl Config {
         }
         if !c.prefix.ends_with('/') {
             c.prefix.push('/');
+        }
+        if let Some(id) = &c.id {
+            if !crate::registry::valid_id(id) {
+                return Err(bad(format!(
+                    "id = {id:?}: 1-64 of A-Z a-z 0-9 . _ - (it names etcd keys and a role)"
+                )));
+            }
         }
         c.check_access().map_err(bad)?;
         Ok(c)
@@ -324,6 +334,8 @@ mod tests {
         )
         .unwrap();
         assert!(!ok.insecure);
+        assert!(err("id = \"a/b\"").contains("id = \"a/b\""));
+        assert_eq!(Config::parse(p, "id = \"web-1\"").unwrap().id.as_deref(), Some("web-1"));
         // No endpoints: the machine runs alone, nothing to secure.
         assert!(Config::parse(p, "").is_ok());
     }
