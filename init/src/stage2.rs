@@ -906,12 +906,29 @@ fn unescape(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
-/// After the services: kill the rest, sync (bounded), unmount, reboot or power off.
+/// How long the remaining processes get after SIGTERM, and after SIGKILL, to be gone.
+const TERM_WAIT: Duration = Duration::from_millis(500);
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// After the services: kill the rest, wait (bounded) until no process is left outside the init's
+/// own cgroup, so that none holds a file open on the state partition, sync (bounded), unmount,
+/// reboot or power off.
 pub fn finish(sys: &dyn Syscall, power: Power) -> ! {
     log::info!("stopping remaining processes");
+    let cgroups = Cgroups {
+        root: PathBuf::from(CGROUP2_AT),
+    };
     let _ = sys.kill(-1, Sig::Term);
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = sys.kill(-1, Sig::Kill);
+    if !wait_until_empty(&cgroups, TERM_WAIT) {
+        let _ = sys.kill(-1, Sig::Kill);
+        if !wait_until_empty(&cgroups, KILL_WAIT) {
+            log::warn!(
+                "processes are left {} s after SIGKILL; unmounting anyway (what stays busy is \
+                 remounted read-only)",
+                KILL_WAIT.as_secs()
+            );
+        }
+    }
     let config = InitConfig::load(Path::new(CONFIG_PATH));
     bounded_sync(Duration::from_secs(config.sync_timeout_s));
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -941,6 +958,27 @@ pub fn finish(sys: &dyn Syscall, power: Power) -> ! {
     }
 }
 
+/// Waits until every cgroup but the init's own is empty, for at most `within`; true when they
+/// are. Without a readable hierarchy there is nothing to wait on: the caller's pause was all.
+fn wait_until_empty(cgroups: &Cgroups, within: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        match cgroups.populated_outside_init() {
+            Ok(busy) if busy.is_empty() => return true,
+            Ok(busy) if start.elapsed() >= within => {
+                log::info!("processes left in {}", busy.join(", "));
+                return false;
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                log::warn!("{e}; not waiting for the remaining processes");
+                std::thread::sleep(within.saturating_sub(start.elapsed()));
+                return false;
+            }
+        }
+    }
+}
+
 fn bounded_sync(timeout: Duration) {
     let (tx, rx) = channel();
     let spawned = std::thread::Builder::new()
@@ -957,6 +995,29 @@ fn bounded_sync(timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_final_wait_ends_when_the_cgroups_are_empty_or_its_time_is_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cg = Cgroups {
+            root: tmp.path().to_path_buf(),
+        };
+        let set = |dir: &str, populated: u8| {
+            std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+            let events = format!("populated {populated}\n");
+            std::fs::write(tmp.path().join(dir).join("cgroup.events"), events).unwrap();
+        };
+        // The init's own leaf is never waited for.
+        set("init", 1);
+        set("system", 0);
+        let t = Instant::now();
+        assert!(wait_until_empty(&cg, Duration::from_secs(60)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        set("system", 1);
+        let t = Instant::now();
+        assert!(!wait_until_empty(&cg, Duration::from_millis(100)));
+        assert!(t.elapsed() >= Duration::from_millis(100));
+    }
 
     #[test]
     fn rss_from_proc_status() {

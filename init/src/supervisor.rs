@@ -20,8 +20,6 @@ use std::time::{Duration, Instant};
 
 /// How often readiness is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(200);
-/// How long after SIGKILL a process that has not been reaped is given up on.
-const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// What happens when a stopping service has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +41,10 @@ enum State {
     },
     /// Waiting to be restarted.
     Backoff { until: Instant },
+    /// Its processes were signalled; done once the main one (`pid`, until collected) and every
+    /// other one in its cgroup are gone (see `stop.rs`).
     Stopping {
-        pid: ChildId,
+        pid: Option<ChildId>,
         kill_at: Instant,
         killed: bool,
         then: AfterStop,
@@ -66,6 +66,9 @@ struct Svc {
     last_exit: Option<Exit>,
     ever_started: bool,
     required: bool,
+    /// Processes of its last run survived SIGKILL: not waited for again, and no automatic start
+    /// beside them (a control request tries again).
+    abandoned: bool,
 }
 
 impl Svc {
@@ -81,7 +84,8 @@ impl Svc {
 
     fn child(&self) -> Option<ChildId> {
         match self.state {
-            State::Running { pid, .. } | State::Stopping { pid, .. } => Some(pid),
+            State::Running { pid, .. } => Some(pid),
+            State::Stopping { pid, .. } => pid,
             _ => None,
         }
     }
@@ -245,6 +249,7 @@ impl Supervisor {
                     last_exit: None,
                     ever_started: false,
                     required,
+                    abandoned: false,
                 },
             );
         }
@@ -262,6 +267,7 @@ impl Supervisor {
                     last_exit: None,
                     ever_started: false,
                     required: true,
+                    abandoned: false,
                 },
             );
         }
@@ -360,13 +366,7 @@ impl Supervisor {
             None => (Restart::Never, Kind::Daemon),
         };
         match svc.state.clone() {
-            State::Stopping { then, .. } => {
-                log::info!("{name} stopped ({exit})");
-                svc.state = match then {
-                    AfterStop::Start if !shutting_down => State::Waiting,
-                    _ => State::Stopped,
-                };
-            }
+            State::Stopping { .. } => log::info!("{name}'s main process exited ({exit})"),
             State::Running { since, .. } => {
                 let wants_restart = match restart {
                     Restart::Always => !(kind == Kind::Oneshot && exit.success()),
@@ -399,6 +399,7 @@ impl Supervisor {
         if let Some(probe) = self.probe_of(name) {
             let _ = self.signal(probe, Sig::Kill);
         }
+        self.main_stopped(name);
     }
 
     fn probe_of(&self, name: &str) -> Option<ChildId> {
@@ -450,14 +451,14 @@ impl Supervisor {
         };
         match svc.state.clone() {
             State::Waiting => match self.deps_status(name) {
-                DepStatus::Ready => self.start(name, now),
+                DepStatus::Ready => self.start_clean(name, now),
                 DepStatus::Wait => {}
                 DepStatus::Failed(why) => {
                     log::error!("{name} not started: {why}");
                     self.set_state(name, State::Failed(why));
                 }
             },
-            State::Backoff { until } if now >= until => self.start(name, now),
+            State::Backoff { until } if now >= until => self.start_clean(name, now),
             State::Running {
                 pid,
                 since,
@@ -465,12 +466,7 @@ impl Supervisor {
                 probe: None,
                 next_probe,
             } if now >= next_probe => self.probe(name, pid, since, now),
-            State::Stopping {
-                pid,
-                kill_at,
-                killed,
-                ..
-            } if now >= kill_at => self.escalate(name, pid, killed, now),
+            State::Stopping { .. } => self.tick_stopping(name, now, true),
             _ => {}
         }
     }
@@ -681,87 +677,6 @@ impl Supervisor {
         }
     }
 
-    fn escalate(&mut self, name: &str, pid: ChildId, killed: bool, now: Instant) {
-        if killed {
-            log::warn!("{name} ({pid}) did not exit after SIGKILL; giving up on it");
-            self.pids.remove(&pid);
-            self.set_state(name, State::Stopped);
-            return;
-        }
-        log::warn!("{name} did not stop in time; sending SIGKILL");
-        let _ = self.signal(pid, Sig::Kill);
-        if let Some(Svc {
-            state: State::Stopping {
-                kill_at, killed, ..
-            },
-            ..
-        }) = self.services.get_mut(name)
-        {
-            *kill_at = now + KILL_GRACE;
-            *killed = true;
-        }
-    }
-
-    fn stop_one(&mut self, name: &str, then: AfterStop, now: Instant) {
-        let Some(svc) = self.services.get_mut(name) else {
-            return;
-        };
-        match svc.state.clone() {
-            State::Running { pid, .. } => {
-                let timeout = svc
-                    .spec
-                    .as_ref()
-                    .map(|s| s.stop_timeout)
-                    .unwrap_or(Duration::from_secs(10));
-                log::info!("stopping {name} ({pid})");
-                let sent = self.reaper.signal(self.sys.as_ref(), pid, Sig::Term, false);
-                if let Err(e) = sent {
-                    log::warn!("SIGTERM to {name} ({pid}) failed: {e}");
-                }
-                svc.state = State::Stopping {
-                    pid,
-                    kill_at: now + timeout,
-                    killed: false,
-                    then,
-                };
-            }
-            State::Stopping {
-                pid,
-                kill_at,
-                killed,
-                ..
-            } => {
-                svc.state = State::Stopping {
-                    pid,
-                    kill_at,
-                    killed,
-                    then,
-                };
-            }
-            _ => {
-                svc.state = match then {
-                    AfterStop::Start => State::Waiting,
-                    AfterStop::Stay => State::Stopped,
-                };
-            }
-        }
-    }
-
-    /// Begin stopping everything, dependents before their dependencies.
-    pub fn begin_shutdown(&mut self, now: Instant) {
-        if self.shutting_down {
-            return;
-        }
-        self.shutting_down = true;
-        self.commands.kill_all(self.sys.as_ref(), &self.reaper);
-        for svc in self.services.values_mut() {
-            if matches!(svc.state, State::Waiting | State::Backoff { .. }) {
-                svc.state = State::Stopped;
-            }
-        }
-        self.tick_shutdown(now);
-    }
-
     /// Runs `argv` as root for the control channel's `exec`; `reply` gets the answer when it has
     /// exited (or was killed after `timeout`). An error means nothing was started.
     pub fn run_command(
@@ -794,45 +709,13 @@ impl Supervisor {
         self.shutting_down
     }
 
-    fn tick_shutdown(&mut self, now: Instant) {
-        let specs: Vec<ServiceSpec> = self
-            .services
-            .values()
-            .filter_map(|s| s.spec.clone())
-            .collect();
-        for name in self.order.clone().iter().rev() {
-            let running = matches!(
-                self.services.get(name).map(|s| &s.state),
-                Some(State::Running { .. })
-            );
-            if running {
-                let dependents_running = deps::dependents(&specs, name)
-                    .iter()
-                    .any(|d| self.services.get(*d).is_some_and(|s| s.is_running()));
-                if !dependents_running {
-                    self.stop_one(name, AfterStop::Stay, now);
-                }
-            }
-            if let Some(State::Stopping {
-                pid,
-                kill_at,
-                killed,
-                ..
-            }) = self.services.get(name).map(|s| s.state.clone())
-            {
-                if now >= kill_at {
-                    self.escalate(name, pid, killed, now);
-                }
-            }
-        }
-    }
-
     /// `caisson-ctl start`.
     pub fn start_service(&mut self, name: &str, now: Instant) -> Result<(), ControlError> {
         self.control_check(name)?;
         if let Some(svc) = self.services.get_mut(name) {
             if !svc.is_running() {
                 svc.failures = 0;
+                svc.abandoned = false;
                 svc.state = State::Waiting;
             }
         }
@@ -852,6 +735,7 @@ impl Supervisor {
         self.control_check(name)?;
         if let Some(svc) = self.services.get_mut(name) {
             svc.failures = 0;
+            svc.abandoned = false;
         }
         self.stop_one(name, AfterStop::Start, now);
         self.tick_service(name, now);
@@ -913,5 +797,6 @@ enum DepStatus {
     Failed(String),
 }
 
+mod stop;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! The supervisor's unit tests, with the recording fake and a fake clock.
 
 use super::*;
+use crate::cgroup::Cgroups;
 use crate::deps::tests::svc;
 use crate::sys::{Call, Recording};
 
@@ -300,4 +301,168 @@ fn control_stop_start_restart() {
         s.start_service("nope", t0),
         Err(ControlError::Unknown("nope".into()))
     );
+}
+
+/// A supervisor whose services' cgroups live in a temporary directory that the test fills.
+fn sup_cg(specs: Vec<ServiceSpec>) -> (Arc<Recording>, Supervisor, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rec, mut s) = sup(specs);
+    s.config.cgroups = Some(Cgroups {
+        root: tmp.path().to_path_buf(),
+    });
+    (rec, s, tmp)
+}
+
+/// Puts `pids` in the cgroup of `name` (`populated` follows), and `cgroup.kill` if `kill`.
+fn cgroup(tmp: &tempfile::TempDir, name: &str, pids: &[Pid], kill: bool) {
+    let dir = tmp.path().join("system").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let procs: String = pids.iter().map(|p| format!("{p}\n")).collect();
+    std::fs::write(dir.join("cgroup.procs"), procs).unwrap();
+    let events = format!("populated {}\nfrozen 0\n", u8::from(!pids.is_empty()));
+    std::fs::write(dir.join("cgroup.events"), events).unwrap();
+    if kill {
+        std::fs::write(dir.join("cgroup.kill"), "").unwrap();
+    }
+}
+
+fn cgroup_killed(tmp: &tempfile::TempDir, name: &str) -> bool {
+    let path = tmp.path().join("system").join(name).join("cgroup.kill");
+    std::fs::read_to_string(path).is_ok_and(|t| t == "1")
+}
+
+fn kills(rec: &Recording) -> Vec<Call> {
+    rec.calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::Kill(..)))
+        .collect()
+}
+
+#[test]
+fn stop_terms_the_whole_cgroup_and_waits_until_it_is_empty() {
+    let (rec, mut s, tmp) = sup_cg(vec![svc("web", &[], &[])]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "web");
+    cgroup(&tmp, "web", &[main.pid, 555], true);
+    s.stop_service("web", t0).unwrap();
+    assert_eq!(
+        kills(&rec),
+        [Call::Kill(main.pid, Sig::Term), Call::Kill(555, Sig::Term)]
+    );
+    s.on_exit(main, Exit::Signal(15), t0);
+    s.tick(t0 + Duration::from_secs(1));
+    // The forked child is still there: not stopped yet.
+    assert_eq!(state_of(&s, "web"), "stopping");
+    cgroup(&tmp, "web", &[], true);
+    s.tick(t0 + Duration::from_secs(2));
+    assert_eq!(state_of(&s, "web"), "stopped");
+    assert!(!cgroup_killed(&tmp, "web"));
+}
+
+#[test]
+fn after_the_stop_timeout_the_cgroup_is_killed_and_then_given_up_on() {
+    let (rec, mut s, tmp) = sup_cg(vec![svc("web", &[], &[])]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "web");
+    cgroup(&tmp, "web", &[main.pid, 555], true);
+    s.restart_service("web", t0).unwrap();
+    s.on_exit(main, Exit::Signal(15), t0);
+    s.tick(t0 + Duration::from_secs(9));
+    assert!(!cgroup_killed(&tmp, "web"));
+    s.tick(t0 + Duration::from_secs(10));
+    assert!(cgroup_killed(&tmp, "web"));
+    // 555 is stuck in the kernel: after the grace, the restart fails rather than run beside it.
+    s.tick(t0 + Duration::from_secs(15));
+    assert_eq!(state_of(&s, "web"), "failed");
+    assert_eq!(spawned(&rec).len(), 1);
+    s.tick(t0 + Duration::from_secs(60));
+    assert_eq!(spawned(&rec).len(), 1);
+    // Once it is gone, a start request starts it.
+    cgroup(&tmp, "web", &[], true);
+    s.start_service("web", t0 + Duration::from_secs(61))
+        .unwrap();
+    assert_eq!(spawned(&rec).len(), 2);
+}
+
+#[test]
+fn without_cgroup_kill_each_process_gets_sigkill() {
+    let (rec, mut s, tmp) = sup_cg(vec![svc("web", &[], &[])]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "web");
+    cgroup(&tmp, "web", &[main.pid, 555], false);
+    s.stop_service("web", t0).unwrap();
+    s.tick(t0 + Duration::from_secs(10));
+    let k = kills(&rec);
+    assert!(k.contains(&Call::Kill(main.pid, Sig::Kill)), "{k:?}");
+    assert!(k.contains(&Call::Kill(555, Sig::Kill)), "{k:?}");
+    s.on_exit(main, Exit::Signal(9), t0 + Duration::from_secs(10));
+    cgroup(&tmp, "web", &[], false);
+    s.tick(t0 + Duration::from_secs(11));
+    assert_eq!(state_of(&s, "web"), "stopped");
+}
+
+#[test]
+fn a_restart_starts_the_new_process_only_once_the_old_cgroup_is_empty() {
+    let (rec, mut s, tmp) = sup_cg(vec![svc("web", &[], &[])]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "web");
+    cgroup(&tmp, "web", &[main.pid, 555], true);
+    s.restart_service("web", t0).unwrap();
+    s.on_exit(main, Exit::Signal(15), t0);
+    cgroup(&tmp, "web", &[555], true);
+    s.tick(t0 + Duration::from_secs(1));
+    assert_eq!(spawned(&rec).len(), 1, "started beside the old child");
+    cgroup(&tmp, "web", &[], true);
+    s.tick(t0 + Duration::from_secs(2));
+    s.tick(t0 + Duration::from_secs(2));
+    assert_eq!(spawned(&rec).len(), 2);
+    assert_eq!(state_of(&s, "web"), "running");
+}
+
+#[test]
+fn what_a_crashed_service_left_behind_is_stopped_before_it_starts_again() {
+    let (rec, mut s, tmp) = sup_cg(vec![svc("web", &[], &[])]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "web");
+    cgroup(&tmp, "web", &[555], true);
+    s.on_exit(main, Exit::Code(1), t0);
+    assert_eq!(state_of(&s, "web"), "restarting");
+    s.tick(t0 + Duration::from_secs(1));
+    assert_eq!(spawned(&rec).len(), 1);
+    assert_eq!(kills(&rec), [Call::Kill(555, Sig::Term)]);
+    assert_eq!(state_of(&s, "web"), "stopping");
+    cgroup(&tmp, "web", &[], true);
+    s.tick(t0 + Duration::from_secs(2));
+    s.tick(t0 + Duration::from_secs(2));
+    assert_eq!(spawned(&rec).len(), 2);
+}
+
+#[test]
+fn shutdown_is_done_only_when_every_cgroup_is_empty() {
+    let mut once = svc("once", &[], &[]);
+    once.kind = Kind::Oneshot;
+    let (rec, mut s, tmp) = sup_cg(vec![svc("web", &[], &[]), once]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let (web, once) = (child_of(&s, "web"), child_of(&s, "once"));
+    // The oneshot finished but left a daemon behind.
+    cgroup(&tmp, "once", &[777], true);
+    s.on_exit(once, Exit::Code(0), t0);
+    assert_eq!(state_of(&s, "once"), "exited");
+    cgroup(&tmp, "web", &[web.pid, 555], true);
+    s.begin_shutdown(t0);
+    let k = kills(&rec);
+    for pid in [web.pid, 555, 777] {
+        assert!(k.contains(&Call::Kill(pid, Sig::Term)), "{k:?}");
+    }
+    s.on_exit(web, Exit::Signal(15), t0);
+    cgroup(&tmp, "once", &[], true);
+    assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
+    cgroup(&tmp, "web", &[], true);
+    assert_eq!(s.tick(t0 + Duration::from_secs(2)), [Notice::ShutdownDone]);
 }
