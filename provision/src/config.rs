@@ -163,6 +163,9 @@ pub struct Kernel {
 #[serde(deny_unknown_fields, default)]
 pub struct Fleet {
     pub endpoints: Vec<String>,
+    /// The machine's fleet id (default: its /etc/machine-id), so that the operator can make
+    /// its etcd user, `caisson-machine-<id>`, before its first boot.
+    pub id: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub ttl_s: Option<i64>,
     pub address: Option<String>,
@@ -625,6 +628,9 @@ impl Fleet {
         if let Some(a) = &self.address {
             ipv4("fleet.address", a)?;
         }
+        if let Some(id) = &self.id {
+            check_fleet_id(id).map_err(|why| ConfigError::new("fleet.id", why))?;
+        }
         for (k, v) in &self.labels {
             let ok = |s: &str| !s.is_empty() && s.len() <= 128 && !s.contains(['\n', '/']);
             if !ok(k) || !ok(v) {
@@ -639,11 +645,28 @@ impl Fleet {
         }
         if let Some(a) = &self.auth {
             a.validate()?;
+            self.check_user_matches_id(a)?;
         }
         if self.is_insecure() {
             self.check_insecure()
         } else {
             self.check_secure()
+        }
+    }
+
+    /// With an id, the machine's etcd user is `caisson-machine-<id>` (fleet/src/access.rs):
+    /// another user's role would not let it write its own keys.
+    fn check_user_matches_id(&self, a: &FleetAuth) -> Result<(), ConfigError> {
+        match &self.id {
+            Some(id) if a.user != format!("caisson-machine-{id}") => Err(ConfigError::new(
+                "fleet.auth.user",
+                format!(
+                    "{:?} is not this machine's etcd user: with id = {id:?} it is \
+                     \"caisson-machine-{id}\" (caisson-fleet access machine {id})",
+                    a.user
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -702,6 +725,24 @@ impl Fleet {
             ));
         }
         Ok(())
+    }
+}
+
+/// A fleet machine id, as the agent checks it: it names etcd keys and a role.
+fn check_fleet_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not a machine id (1-64 characters of A-Z a-z 0-9 . _ -, not . or ..)"
+        ))
     }
 }
 

@@ -273,6 +273,8 @@ fn kernel_entries(k: &crate::config::Kernel) -> Result<Vec<Entry>, ConfigError> 
 #[derive(serde::Serialize)]
 struct FleetToml<'a> {
     endpoints: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
     labels: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ttl_s: Option<i64>,
@@ -312,6 +314,7 @@ fn fleet_text(f: &Fleet) -> Result<String, ConfigError> {
     });
     let doc = FleetToml {
         endpoints: &f.endpoints,
+        id: f.id.as_deref(),
         labels: &f.labels,
         ttl_s: f.ttl_s,
         address: f.address.as_deref(),

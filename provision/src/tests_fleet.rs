@@ -52,6 +52,7 @@ fn full() -> String {
 
 const FLEET_TOML: &str = r#"# written by caisson provisioning
 endpoints = ["https://10.0.2.2:2379"]
+id = "0123456789abcdef"
 
 [labels]
 role = "web"
@@ -275,6 +276,16 @@ fn refusals() -> Vec<(String, &'static str, &'static str)> {
             "clear",
         ),
         (
+            full().replace("[fleet.tls]", "id = \"a/b\"\n[fleet.tls]"),
+            "fleet.id",
+            "1-64",
+        ),
+        (
+            full().replace("[fleet.tls]", "id = \"web-2\"\n[fleet.tls]"),
+            "fleet.auth.user",
+            "caisson-machine-web-2",
+        ),
+        (
             format!(
                 "{}[[files]]\npath = \"/etc/caisson/fleet/ca.crt\"\n",
                 full()
@@ -342,11 +353,8 @@ fn the_example_s_key_and_password_stay_out_of_an_unrelated_error() {
 
 /// The rendered file and the files it names, as the fleet agent reads them
 /// (fleet/src/config.rs): its parser takes fleet.toml, its mode checks take the key and
-/// password files, and its TLS stack takes the example's certificate and key. Ignored until
-/// the agent's parser that knows `insecure`, `[tls]` and `[auth]` (issue 16, being written in
-/// the fleet crate) is committed: the committed one refuses them as unknown fields.
+/// password files, and its TLS stack takes the example's certificate and key.
 #[test]
-#[ignore = "needs fleet/src/config.rs with [tls] and [auth] (issue 16)"]
 fn rendered_fleet_file_and_credentials_are_taken_by_the_agent() {
     let tmp = root();
     let r = tmp.path();
@@ -359,6 +367,7 @@ fn rendered_fleet_file_and_credentials_are_taken_by_the_agent() {
     assert_eq!(f.labels["role"], "web");
     assert_eq!(f.endpoints, ["https://10.0.2.2:2379"]);
     assert!(!f.insecure);
+    assert_eq!(f.id.as_deref(), Some("0123456789abcdef"));
     // The files as the agent finds them, beneath this test's root.
     let beneath = |p: &mut Option<std::path::PathBuf>| {
         let abs = p.take().unwrap();
