@@ -63,8 +63,9 @@ pub enum Command {
         /// The unit's name.
         unit: String,
     },
-    /// List units: desired and actual state, where they run (a record that does not decode is
-    /// listed as INVALID, with its key and the error; the agents skip it).
+    /// List units: desired and actual state, where they run (a unit, assignment or status
+    /// record that does not decode is listed as INVALID, with its key and the error; the agents
+    /// skip it).
     Units {
         /// Print JSON.
         #[arg(long)]
@@ -348,10 +349,15 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
 }
 
 async fn units(store: &Store, json: bool) -> Result<()> {
-    let (units, invalid) = store.unit_records().await?;
-    let invalid = invalid_rows(&store.keys.units(), "name", &invalid);
-    let placement = store.placement().await?;
-    let statuses = store.statuses().await?;
+    let (units, bad_units) = store.unit_records().await?;
+    let (placement, bad_assigns) = store.placement_records().await?;
+    let (statuses, bad_statuses) = store.status_records().await?;
+    // Assignments and statuses that do not decode are listed too, by their whole key.
+    let invalid: Vec<_> = invalid_rows(&store.keys.units(), "name", &bad_units)
+        .into_iter()
+        .chain(invalid_rows(&store.keys.prefix, "name", &bad_assigns))
+        .chain(invalid_rows(&store.keys.prefix, "name", &bad_statuses))
+        .collect();
     let rows: Vec<_> = units
         .values()
         .map(|(rec, _)| {

@@ -239,12 +239,27 @@ impl Store {
     /// Every status, by (machine, unit); a status that does not decode is skipped and logged
     /// once.
     pub async fn statuses(&self) -> Result<BTreeMap<(String, String), UnitStatus>, StoreError> {
+        let (out, invalid) = self.status_records().await?;
+        self.skipped.note(&self.keys.statuses(), &invalid);
+        Ok(out)
+    }
+
+    /// Every status, and the status records that do not decode (or whose key names no unit).
+    pub async fn status_records(
+        &self,
+    ) -> Result<(BTreeMap<(String, String), UnitStatus>, Vec<Invalid>), StoreError> {
         let prefix = self.keys.statuses();
         let r = self.client.range(&prefix, true).await?;
         let mut out = BTreeMap::new();
         let mut invalid = Vec::new();
         for kv in r.kvs {
             let Some((machine, unit)) = kv.key[prefix.len()..].split_once('/') else {
+                invalid.push(Invalid::new(
+                    &kv.key,
+                    &kv.value,
+                    kv.mod_revision,
+                    "the key names no unit (status/<machine>/<unit>)",
+                ));
                 continue;
             };
             match decode(&kv) {
@@ -254,8 +269,7 @@ impl Store {
                 Err(bad) => invalid.push(bad),
             }
         }
-        self.skipped.note(&prefix, &invalid);
-        Ok(out)
+        Ok((out, invalid))
     }
 
     /// Reports a unit's status on a machine (under the machine's lease).

@@ -586,6 +586,7 @@ async fn records_that_do_not_decode_are_skipped_and_listed() {
     )
     .await;
     put(keys.assign("m2"), r#""not a list""#).await;
+    put(keys.status("m9", "web"), "[]").await;
     let web = UnitSpec::parse("web", "replicas = 2\n[image]\npath = \"/w.tar\"").unwrap();
     store.submit(&[web]).await.unwrap();
     for _ in 0..3 {
@@ -623,11 +624,14 @@ async fn records_that_do_not_decode_are_skipped_and_listed() {
         .filter(|r| r.get("invalid").is_some())
         .map(|r| (r["name"].as_str().unwrap(), r["invalid"].as_str().unwrap()))
         .collect();
-    assert_eq!(invalid.len(), 2, "{out}");
+    assert_eq!(invalid.len(), 3, "{out}");
     assert_eq!(invalid[0].0, "alias");
     assert!(invalid[0].1.contains("names unit \"web\""), "{out}");
     assert_eq!(invalid[1].0, "broken");
     assert!(invalid[1].1.contains("missing field"), "{out}");
+    // A status record that does not decode is listed by its key under the prefix.
+    assert_eq!(invalid[2].0, "status/m9/web");
+    assert!(invalid[2].1.contains("expected struct UnitStatus"), "{out}");
     assert_eq!(
         rows.iter().filter(|r| r["name"] == "web").count(),
         1,
