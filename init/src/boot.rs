@@ -34,6 +34,8 @@ pub fn entry() -> ! {
     // What the standard runtime would have done: a write to a closed socket or pipe is an
     // error, not a fatal signal.
     crate::sys::ignore_sigpipe();
+    // Before any thread starts: every panic is logged (see crate::guard).
+    crate::guard::install_hook();
     if rustix::process::getpid() != rustix::process::Pid::INIT {
         // Stage 2 mounts over /tmp, moves itself into a cgroup and, at shutdown, kills every
         // process: never let it loose on a running system.
@@ -52,7 +54,11 @@ pub(crate) fn stage1_main() -> ! {
     crate::console::init(false);
     let sys = Real;
     let stage = Stage1::default();
-    match stage.prepare(&sys) {
+    let prepared = crate::guard::catch("stage 1", || stage.prepare(&sys));
+    let Some(prepared) = prepared else {
+        fatal(&sys, &"stage 1 panicked")
+    };
+    match prepared {
         Ok(p) => {
             log::info!("switching to the root of {} (slot {})", p.version, p.slot);
             let err = stage.switch_root(&sys);

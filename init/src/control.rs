@@ -304,15 +304,23 @@ pub fn serve_socket(path: &Path, dispatch: Dispatch, log_dir: PathBuf) -> std::i
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let dispatch = dispatch.clone();
-                let log_dir = log_dir.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .stack_size(128 * 1024)
-                    .spawn(move || serve_connection(conn, &dispatch, &log_dir));
-            }
+            // A panic here would close the socket for good: it is caught and the loop goes on
+            // (a connection's own thread that panics just ends, see crate::guard).
+            crate::guard::restarting(
+                "the control socket",
+                std::time::Duration::from_secs(1),
+                || {
+                    for conn in listener.incoming() {
+                        let Ok(conn) = conn else { continue };
+                        let dispatch = dispatch.clone();
+                        let log_dir = log_dir.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .stack_size(128 * 1024)
+                            .spawn(move || serve_connection(conn, &dispatch, &log_dir));
+                    }
+                },
+            )
         })?;
     Ok(())
 }

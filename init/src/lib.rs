@@ -17,6 +17,7 @@ pub mod dhcp;
 pub mod dm;
 pub mod expedite;
 pub mod grow;
+pub mod guard;
 pub mod logs;
 pub mod modules;
 pub mod netdev;

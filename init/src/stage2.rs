@@ -238,9 +238,10 @@ pub(crate) fn main() -> ! {
     if let Err(e) = sys.disable_ctrl_alt_del() {
         log::warn!("ctrl-alt-del stays a hard reboot: {e}");
     }
-    match run(sys.clone()) {
-        Ok(power) => finish(sys.as_ref(), power),
-        Err(e) => crate::boot::fatal(sys.as_ref(), &e),
+    match crate::guard::catch("stage 2", || run(sys.clone())) {
+        Some(Ok(power)) => finish(sys.as_ref(), power),
+        Some(Err(e)) => crate::boot::fatal(sys.as_ref(), &e),
+        None => crate::boot::fatal(sys.as_ref(), &"stage 2 panicked while starting"),
     }
 }
 
@@ -437,7 +438,7 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
         net: &net,
         modules: &modules,
     };
-    Ok(event_loop(&mut sup, first, &rx, &tx, &env, watchdog))
+    Ok(supervise(&mut sup, first, &rx, &tx, &env, watchdog))
 }
 
 /// The network thread started before the services (for provisioning), waited on until it has
@@ -502,27 +503,36 @@ fn start_signal_thread(
     std::thread::Builder::new()
         .name("signals".into())
         .stack_size(64 * 1024)
-        .spawn(move || loop {
-            match sys::wait_signal(&SIGNALS) {
-                Ok(libc::SIGCHLD) => {
-                    let exits = reaper.reap_all(sys.as_ref());
-                    if !exits.is_empty() && tx.send(Event::Exits(exits)).is_err() {
-                        return;
-                    }
-                }
-                Ok(sig) => {
-                    if tx.send(Event::Signal(sig)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    log::error!("sigwait failed: {e}");
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-            }
+        .spawn(move || {
+            crate::guard::restarting("the signal thread", Duration::from_secs(1), || {
+                signal_loop(sys.as_ref(), &reaper, &tx)
+            })
         })
         .map(|_| ())
         .map_err(|e| Stage2Error::Thread("signal", e))
+}
+
+/// Reaps on SIGCHLD and passes the other signals on; returns once the event loop is gone.
+fn signal_loop(sys: &dyn Syscall, reaper: &Reaper, tx: &Sender<Event>) {
+    loop {
+        match sys::wait_signal(&SIGNALS) {
+            Ok(libc::SIGCHLD) => {
+                let exits = reaper.reap_all(sys);
+                if !exits.is_empty() && tx.send(Event::Exits(exits)).is_err() {
+                    return;
+                }
+            }
+            Ok(sig) => {
+                if tx.send(Event::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::error!("sigwait failed: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 fn start_control(tx: Sender<Event>, modules: &Loading) {
@@ -587,49 +597,82 @@ struct LoopEnv<'a> {
     modules: &'a Loading,
 }
 
-/// The supervisor's loop; returns what to do once every service has stopped.
-fn event_loop(
+/// What the event loop keeps across turns, outside it so that a restart after a panic (see
+/// [`crate::guard`]) goes on from it.
+struct LoopState {
+    power: Power,
+    ready: bool,
+    shutdown_deadline: Option<Instant>,
+    /// The notices of the tick before the loop, then a tick per turn: services start at once,
+    /// not after the first wait for an event.
+    pending: Vec<Notice>,
+    watchdog: Option<Instant>,
+}
+
+/// The supervisor's loop, restarted after a panic; returns what to do once every service has
+/// stopped.
+fn supervise(
     sup: &mut Supervisor,
     first: Vec<Notice>,
     rx: &Receiver<Event>,
     tx: &Sender<Event>,
     env: &LoopEnv,
-    mut watchdog: Option<Instant>,
+    watchdog: Option<Instant>,
+) -> Power {
+    let mut state = LoopState {
+        power: Power::PowerOff,
+        ready: false,
+        shutdown_deadline: None,
+        pending: first,
+        watchdog,
+    };
+    crate::guard::restarting("the event loop", Duration::from_millis(100), || {
+        event_loop(sup, &mut state, rx, tx, env)
+    })
+}
+
+fn event_loop(
+    sup: &mut Supervisor,
+    state: &mut LoopState,
+    rx: &Receiver<Event>,
+    tx: &Sender<Event>,
+    env: &LoopEnv,
 ) -> Power {
     let LoopEnv { id, net, modules } = *env;
-    let mut power = Power::PowerOff;
-    let mut ready = false;
-    let mut shutdown_deadline: Option<Instant> = None;
-    // The notices of the tick before the loop, then a tick per turn: services start at once,
-    // not after the first wait for an event.
-    let mut pending = first;
+    let LoopState {
+        power,
+        ready,
+        shutdown_deadline,
+        pending,
+        watchdog,
+    } = state;
     loop {
         let now = Instant::now();
         if sup.shutting_down() && shutdown_deadline.is_none() {
-            shutdown_deadline = Some(now + Duration::from_secs(90));
+            *shutdown_deadline = Some(now + Duration::from_secs(90));
         }
-        let mut notices = std::mem::take(&mut pending);
+        let mut notices = std::mem::take(pending);
         notices.extend(sup.tick(now));
         for notice in notices {
             match notice {
                 Notice::Ready => {
-                    ready = true;
+                    *ready = true;
                     announce_ready(id);
                 }
                 Notice::Healthy => {
-                    watchdog = None;
+                    *watchdog = None;
                     start_bless(id, tx.clone(), modules.clone());
                 }
-                Notice::ShutdownDone => return power,
+                Notice::ShutdownDone => return *power,
             }
         }
         if watchdog.is_some_and(|d| now >= d) && !sup.shutting_down() {
-            watchdog = None;
+            *watchdog = None;
             start_watchdog(id, tx.clone());
         }
         if shutdown_deadline.is_some_and(|d| now >= d) {
             log::error!("services did not stop in time; shutting down anyway");
-            return power;
+            return *power;
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Exits(exits)) => {
@@ -641,12 +684,12 @@ fn event_loop(
             Ok(Event::Signal(sig)) => match sig {
                 libc::SIGINT => {
                     log::info!("ctrl-alt-del: rebooting");
-                    power = Power::Reboot;
+                    *power = Power::Reboot;
                     sup.begin_shutdown(Instant::now());
                 }
                 libc::SIGTERM | libc::SIGPWR => {
                     log::info!("power off requested");
-                    power = Power::PowerOff;
+                    *power = Power::PowerOff;
                     sup.begin_shutdown(Instant::now());
                 }
                 other => log::debug!("ignoring signal {other}"),
@@ -669,12 +712,12 @@ fn event_loop(
                 }
             }
             Ok(Event::Control(req, reply)) => {
-                let resp = control_request(sup, req, ready, id, &mut power, net);
+                let resp = control_request(sup, req, *ready, id, power, net);
                 let _ = reply.send(resp);
             }
             Ok(Event::Unhealthy) => {
                 if !sup.shutting_down() {
-                    power = Power::Reboot;
+                    *power = Power::Reboot;
                     sup.begin_shutdown(Instant::now());
                 }
             }
