@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 use std::ffi::{OsStr, OsString};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 
@@ -49,6 +49,21 @@ pub enum ApplyError {
     /// The path is not a plain absolute path beneath the root.
     #[error("{0} is not a plain path beneath the root")]
     NotBeneath(PathBuf),
+    /// A file provisioning reads from the root (`/etc/passwd`, `/etc/group`, the record) is a
+    /// symbolic link or is reached through one: it is not followed, so nothing outside the
+    /// root is read in its place.
+    #[error("{path}: {link} is a symbolic link (to {to}); provisioning reads only the image's own file and never follows a link: make it a plain file")]
+    ReadThroughLink {
+        path: PathBuf,
+        link: PathBuf,
+        to: String,
+    },
+    /// A file read from the root is larger than provisioning reads.
+    #[error("{path} is larger than {limit} bytes, the most provisioning reads of it")]
+    TooLarge { path: PathBuf, limit: u64 },
+    /// A file read from the root is not a regular file (a FIFO, a device, a directory).
+    #[error("{0} is not a regular file")]
+    NotAFile(PathBuf),
 }
 
 /// What [`apply`] did.
@@ -69,25 +84,72 @@ fn under(root: &Path, abs: &str) -> PathBuf {
     root.join(abs.trim_start_matches('/'))
 }
 
+/// The most of the record read back.
+const RECORD_LIMIT: u64 = 64 * 1024;
+
 /// The text of `abs` beneath `root`, read without following a symbolic link anywhere on the
-/// way; `None` when it is missing, a link, or unreadable.
+/// way; `None` when it is missing, a link, too large or unreadable.
 fn read_beneath(root: &Path, abs: &str) -> Option<String> {
-    let (dir, name) = (
-        Path::new(abs).parent()?.to_str()?,
-        Path::new(abs).file_name()?,
-    );
-    let root_fd = open_root(root).ok()?;
-    let parent = walk(root, &root_fd, dir, &under(root, abs), None).ok()?;
-    let fd = rustix::fs::openat(
-        &parent,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).ok()?;
-    Some(text)
+    let bytes = read_file_beneath(root, abs, RECORD_LIMIT).ok()??;
+    String::from_utf8(bytes).ok()
+}
+
+/// The bytes of the file `abs` beneath `root`, at most `limit` of them, opened the way
+/// provisioned files are written: one component at a time from the root ([`walk`]), no
+/// symbolic link followed, the file itself included. `None` when it or a directory on its way
+/// is missing; a link is [`ApplyError::ReadThroughLink`], naming it.
+pub(crate) fn read_file_beneath(
+    root: &Path,
+    abs: &str,
+    limit: u64,
+) -> Result<Option<Vec<u8>>, ApplyError> {
+    let (dir, name, target) = split(root, abs)?;
+    let root_fd = open_root(root)?;
+    let parent = match walk(root, &root_fd, dir, &target, None) {
+        Ok(fd) => fd,
+        Err(e) if is_missing(&e) => return Ok(None),
+        Err(e) => return Err(as_read(e)),
+    };
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(&parent, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => return Err(as_read(symlink(&parent, name, &target, &target))),
+        Err(e) => return Err(sys("opening", &target)(e)),
+    };
+    read_regular(fd, &target, limit).map(Some)
+}
+
+fn is_missing(e: &ApplyError) -> bool {
+    matches!(e, ApplyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// A link met while reading is reported as such, not with a writer's advice.
+fn as_read(e: ApplyError) -> ApplyError {
+    match e {
+        ApplyError::Symlink { path, link, to } => ApplyError::ReadThroughLink { path, link, to },
+        other => other,
+    }
+}
+
+/// At most `limit` bytes of an open regular file.
+fn read_regular(fd: OwnedFd, path: &Path, limit: u64) -> Result<Vec<u8>, ApplyError> {
+    let st = rustix::fs::fstat(&fd).map_err(sys("reading", path))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(ApplyError::NotAFile(path.to_path_buf()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io("reading", path))?;
+    if bytes.len() as u64 > limit {
+        return Err(ApplyError::TooLarge {
+            path: path.to_path_buf(),
+            limit,
+        });
+    }
+    Ok(bytes)
 }
 
 /// The hash recorded under `root`, if the machine was provisioned.
@@ -221,6 +283,19 @@ fn symlink(dir: &OwnedFd, name: &OsStr, at: &Path, target: &Path) -> ApplyError 
     }
 }
 
+/// `abs` as its directory and its name, and where it is beneath the root (for messages).
+fn split<'a>(root: &Path, abs: &'a str) -> Result<(&'a str, &'a OsStr, PathBuf), ApplyError> {
+    let target = under(root, abs);
+    let parts = Path::new(abs)
+        .parent()
+        .and_then(Path::to_str)
+        .zip(Path::new(abs).file_name());
+    match parts {
+        Some((dir, name)) => Ok((dir, name, target)),
+        None => Err(ApplyError::NotBeneath(target)),
+    }
+}
+
 /// A directory made while staging, removed again if staging fails.
 struct Made {
     parent: OwnedFd,
@@ -300,13 +375,7 @@ fn stage_file(
     bytes: &[u8],
     made: &mut Vec<Made>,
 ) -> Result<Temp, ApplyError> {
-    let target = under(root, abs);
-    let (Some(dir), Some(name)) = (Path::new(abs).parent(), Path::new(abs).file_name()) else {
-        return Err(ApplyError::NotBeneath(target));
-    };
-    let dir = dir
-        .to_str()
-        .ok_or_else(|| ApplyError::NotBeneath(target.clone()))?;
+    let (dir, name, target) = split(root, abs)?;
     let parent = walk(root, root_fd, dir, &target, Some(made))?;
     match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => match FileType::from_raw_mode(st.st_mode) {

@@ -23,3 +23,7 @@ mod tests;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests_fleet;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests_owners;

@@ -95,15 +95,45 @@ pub struct Plan {
     pub entries: Vec<Entry>,
 }
 
-fn lookup(root: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string(root.join(file)).ok()?;
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 3 && f[0] == name).then(|| {
-            let id = f[2].parse().ok()?;
-            Some((id, f.get(3).and_then(|g| g.parse().ok()).unwrap_or(id)))
-        })?
-    })
+/// The most of `/etc/passwd` or `/etc/group` read to resolve a name.
+pub const ID_FILE_LIMIT: u64 = 4 << 20;
+
+/// The ids of `name` in the root's `file` (`/etc/passwd`: uid and primary gid; `/etc/group`:
+/// gid twice). The file is read beneath the root as provisioned files are written: a symbolic
+/// link on the way, or in its place, is refused with its name, never followed.
+fn lookup(root: &Path, file: &str, name: &str) -> Result<Option<(u32, u32)>, String> {
+    let bytes = crate::apply::read_file_beneath(root, file, ID_FILE_LIMIT)
+        .map_err(|e| format!("cannot look up {name:?} in {file}: {e}"))?;
+    let text = String::from_utf8_lossy(bytes.as_deref().unwrap_or_default());
+    Ok(text.lines().find_map(|l| id_line(l, name)))
+}
+
+/// The ids on a `name:x:id:gid:...` line for `name`.
+fn id_line(line: &str, name: &str) -> Option<(u32, u32)> {
+    let f: Vec<&str> = line.split(':').collect();
+    if f.len() < 3 || f[0] != name {
+        return None;
+    }
+    let id = f[2].parse().ok()?;
+    Some((id, f.get(3).and_then(|g| g.parse().ok()).unwrap_or(id)))
+}
+
+/// The ids of a name, or why not: `what` is `user` or `group`.
+fn resolve(
+    root: &Path,
+    field: String,
+    what: &str,
+    file: &str,
+    name: &str,
+) -> Result<(u32, u32), ConfigError> {
+    match lookup(root, file, name) {
+        Ok(Some(ids)) => Ok(ids),
+        Ok(None) => Err(ConfigError::new(
+            field,
+            format!("no {what} {name:?} in {file}"),
+        )),
+        Err(why) => Err(ConfigError::new(field, why)),
+    }
 }
 
 /// Owner and group of an entry: names from the root's /etc/passwd and /etc/group.
@@ -113,32 +143,21 @@ fn owners(
     owner: Option<&Id>,
     group: Option<&Id>,
 ) -> Result<(u32, u32), ConfigError> {
-    let (uid, primary) = match owner {
-        None => (0, 0),
-        Some(Id::Number(n)) => (*n, *n),
-        Some(Id::Name(_)) if root.is_none() => (0, 0),
-        Some(Id::Name(n)) => root
-            .and_then(|r| lookup(r, "etc/passwd", n))
-            .ok_or_else(|| {
-                ConfigError::new(
-                    format!("{field}.owner"),
-                    format!("no user {n:?} in /etc/passwd"),
-                )
-            })?,
+    let (uid, primary) = match (owner, root) {
+        (None, _) => (0, 0),
+        (Some(Id::Number(n)), _) => (*n, *n),
+        (Some(Id::Name(_)), None) => (0, 0),
+        (Some(Id::Name(n)), Some(r)) => {
+            resolve(r, format!("{field}.owner"), "user", "/etc/passwd", n)?
+        }
     };
-    let gid = match group {
-        None => primary,
-        Some(Id::Number(n)) => *n,
-        Some(Id::Name(_)) if root.is_none() => 0,
-        Some(Id::Name(n)) => root
-            .and_then(|r| lookup(r, "etc/group", n))
-            .map(|(g, _)| g)
-            .ok_or_else(|| {
-                ConfigError::new(
-                    format!("{field}.group"),
-                    format!("no group {n:?} in /etc/group"),
-                )
-            })?,
+    let gid = match (group, root) {
+        (None, _) => primary,
+        (Some(Id::Number(n)), _) => *n,
+        (Some(Id::Name(_)), None) => 0,
+        (Some(Id::Name(n)), Some(r)) => {
+            resolve(r, format!("{field}.group"), "group", "/etc/group", n)?.0
+        }
     };
     Ok((uid, gid))
 }
