@@ -9,6 +9,7 @@ pub mod boot;
 pub mod config;
 pub mod credentials;
 pub mod drive;
+pub mod fat;
 pub mod plan;
 pub mod source;
 
@@ -27,3 +28,7 @@ mod tests_fleet;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests_owners;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests_fat;

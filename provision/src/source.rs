@@ -7,7 +7,9 @@
 //!
 //! FAT volumes are read here, in user space, with the `fatfs` crate, never mounted: the first
 //! boot needs no FAT driver in the kernel to look for a config, and a config drive's file
-//! system, which anyone with the machine's hardware can hand it, is parsed by memory-safe code.
+//! system, which anyone with the machine's hardware can hand it, is parsed by memory-safe code,
+//! after [`crate::fat::check`] has refused the boot sectors, cluster numbers and chains
+//! `fatfs` would miscompute.
 //! 4. `caisson.config_url=http://... caisson.config_sha256=<hex>` on the kernel command line
 //!    (plain HTTP: the required sha256 is what makes it trustworthy).
 
@@ -48,6 +50,12 @@ pub enum SourceError {
         file: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("the FAT volume {dev} is damaged or hostile, and is not read: {source}")]
+    FatRefused {
+        dev: PathBuf,
+        #[source]
+        source: crate::fat::FatError,
     },
     #[error("the config drive {dev} (label {DRIVE_LABEL}) has no /{DRIVE_FILE}")]
     DriveEmpty { dev: PathBuf },
@@ -261,8 +269,13 @@ pub fn read_from_volume(dev: &Path, file: &str) -> Result<Option<Vec<u8>>, Sourc
         file: file.into(),
         source,
     };
-    let f = std::fs::File::open(dev).map_err(|source| SourceError::Read {
+    let mut f = std::fs::File::open(dev).map_err(|source| SourceError::Read {
         path: dev.into(),
+        source,
+    })?;
+    // `fatfs` trusts the volume's cluster numbers and sizes: they are checked first.
+    crate::fat::check(&mut f).map_err(|source| SourceError::FatRefused {
+        dev: dev.into(),
         source,
     })?;
     let volume = ReadOnly::new(f);
