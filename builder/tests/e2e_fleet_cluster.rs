@@ -1,8 +1,11 @@
 //! QEMU end-to-end: a fleet of three machines on etcd, then a rolling update of all three.
 //! Three VMs of `images/host.toml` (plus a busybox OCI archive baked in, no local units) are
-//! provisioned through fw_cfg with their own host name, a `node` label, the etcd on the host
-//! (`10.0.2.2`; etcd runs on host loopback) and an update channel served by `caisson serve` on
-//! the host, with strategy `etcd-lock`.
+//! provisioned through fw_cfg with their own host name, fleet id and `node` label, the etcd on
+//! the host (`10.0.2.2`; etcd runs on host loopback) and an update channel served by `caisson
+//! serve` on the host, with strategy `etcd-lock`. etcd runs as a fleet's should: TLS only, client
+//! certificates checked, authentication on, set up with `caisson_fleet::access` (the code of
+//! `caisson-fleet access`); each machine config carries the CA, its own client certificate and
+//! key and its etcd user's password, and the test reads etcd as the operator.
 //!
 //! Failover: the test submits three units through the fleet library (the CLI's code path); the
 //! leader spreads them one per machine and each reports running. Then the leader's VM is
@@ -30,14 +33,16 @@ mod common;
 #[path = "../../fleet/tests/common/mod.rs"]
 mod etcd_harness;
 
-use caisson_fleet::etcd::Client;
+use caisson_fleet::access;
+use caisson_fleet::etcd::{Access, Client, Credentials};
 use caisson_fleet::lock::{RebootLock, Semaphore};
 use caisson_fleet::registry::{self, Keys, MachineRecord};
 use caisson_fleet::scheduler::Placement;
 use caisson_fleet::store::{Store, UnitStatus};
 use caisson_fleet::unit::UnitSpec;
 use caisson_qemu::{Disk, FwCfgValue, Vm, VmOptions};
-use etcd_harness::Etcd;
+use etcd_harness::pki::Ca;
+use etcd_harness::{Etcd, ServerTls};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -83,17 +88,37 @@ fn cluster_spec(dir: &Path) -> String {
     spec
 }
 
-/// The machine config of one node: its host name, its label, the etcd on the host and the
-/// update channel, with reboots coordinated through the fleet's reboot lock.
-fn machine_config(node: &str, etcd_port: u16, channel_url: &str) -> String {
+/// What a node needs to reach the fleet's etcd: the CA, its client certificate and key (PEM),
+/// its etcd password.
+struct Creds {
+    ca: String,
+    cert: String,
+    key: String,
+    password: String,
+}
+
+/// The machine config of one node: its host name, fleet id and label, the etcd on the host with
+/// its credentials, and the update channel, with reboots coordinated through the fleet's reboot
+/// lock.
+fn machine_config(node: &str, etcd_port: u16, channel_url: &str, creds: &Creds) -> String {
     format!(
         r#"version = 1
 hostname = "{node}"
 
 [fleet]
-endpoints = ["http://{}:{etcd_port}"]
+id = "{node}"
+endpoints = ["https://{}:{etcd_port}"]
 labels = {{ node = "{node}" }}
 ttl_s = {TTL_S}
+
+[fleet.tls]
+ca = """{}"""
+cert = """{}"""
+key = """{}"""
+
+[fleet.auth]
+user = "{}"
+password = "{}"
 
 [update]
 channel_url = "{channel_url}"
@@ -101,7 +126,12 @@ strategy = "etcd-lock"
 interval_s = {UPDATE_INTERVAL_S}
 jitter_s = 0
 "#,
-        caisson_qemu::HOST_FROM_GUEST
+        caisson_qemu::HOST_FROM_GUEST,
+        creds.ca,
+        creds.cert,
+        creds.key,
+        access::machine_user(node),
+        creds.password,
     )
 }
 
@@ -191,16 +221,66 @@ impl Snapshot {
 }
 
 impl Fleet {
-    fn new(endpoint: &str) -> Fleet {
+    /// Turns authentication on in `etcd` (TLS, client certificates from `ca`), makes a user
+    /// that may lead for each node, and returns the operator's view and each node's credentials.
+    fn secure(etcd: &Etcd, ca: &Ca, dir: &Path) -> (Fleet, BTreeMap<&'static str, Creds>) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let client = Client::new(&[endpoint]).unwrap();
-        Fleet {
+        let keys = Keys::new("/caisson/fleet/");
+        let ca_pem = std::fs::read_to_string(&ca.cert).unwrap();
+        let identity = |name: &str| {
+            let pair = ca.client(dir, name, false);
+            (
+                std::fs::read_to_string(&pair.cert).unwrap(),
+                std::fs::read_to_string(&pair.key).unwrap(),
+            )
+        };
+        let endpoint = etcd.endpoint();
+        let connect = |(cert, key): &(String, String), user: Option<(&str, &str)>| {
+            let access = Access {
+                ca_pem: Some(ca_pem.clone().into_bytes()),
+                identity_pem: Some(format!("{cert}\n{key}").into_bytes()),
+                credentials: user.map(|(user, password)| Credentials {
+                    user: user.into(),
+                    password: password.into(),
+                }),
+            };
+            Client::connect(&[endpoint.as_str()], &access, Duration::from_secs(5)).unwrap()
+        };
+        let operator = identity("operator");
+        let mut creds = BTreeMap::new();
+        rt.block_on(async {
+            // Before authentication is on, etcd takes no credentials.
+            let setup = connect(&operator, None);
+            access::init(&setup, &keys, "root-pw", "caisson-operator", "op-pw")
+                .await
+                .unwrap();
+            let root = connect(&operator, Some((access::ROOT, "root-pw")));
+            for node in NODES {
+                let password = format!("pw-of-{node}");
+                access::add_machine(&root, &keys, node, &password, true)
+                    .await
+                    .unwrap();
+                let (cert, key) = identity(node);
+                creds.insert(
+                    node,
+                    Creds {
+                        ca: ca_pem.clone(),
+                        cert,
+                        key,
+                        password,
+                    },
+                );
+            }
+        });
+        let client = connect(&operator, Some(("caisson-operator", "op-pw")));
+        let fleet = Fleet {
             rt,
-            store: Store::new(client, Keys::new("/caisson/fleet/")),
-        }
+            store: Store::new(client, keys),
+        };
+        (fleet, creds)
     }
 
     fn records(&self) -> Vec<MachineRecord> {
@@ -359,8 +439,16 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
     );
 
     let _one_vm = common::vm_lock();
-    let etcd = Etcd::start();
-    let fleet = Fleet::new(&etcd.endpoint());
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca = Ca::new(&pki, "ca");
+    let served = ca.server(&pki, &["127.0.0.1", caisson_qemu::HOST_FROM_GUEST]);
+    let etcd = Etcd::start_tls(ServerTls {
+        cert: served.cert,
+        key: served.key,
+        client_ca: ca.cert.clone(),
+    });
+    let (fleet, creds) = Fleet::secure(&etcd, &ca, &pki);
 
     // Three machines, booted together, each with its own config and its own disk.
     let booting = Instant::now();
@@ -370,7 +458,7 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
             let own = dir.path().join(node);
             std::fs::create_dir_all(&own).unwrap();
             let cfg = own.join("machine.toml");
-            let text = machine_config(node, etcd.client_port, &channel_url);
+            let text = machine_config(node, etcd.client_port, &channel_url, &creds[node]);
             std::fs::write(&cfg, text).unwrap();
             (common::kept_overlay(&image, &own), cfg)
         })

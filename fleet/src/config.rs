@@ -335,7 +335,10 @@ mod tests {
         .unwrap();
         assert!(!ok.insecure);
         assert!(err("id = \"a/b\"").contains("id = \"a/b\""));
-        assert_eq!(Config::parse(p, "id = \"web-1\"").unwrap().id.as_deref(), Some("web-1"));
+        assert_eq!(
+            Config::parse(p, "id = \"web-1\"").unwrap().id.as_deref(),
+            Some("web-1")
+        );
         // No endpoints: the machine runs alone, nothing to secure.
         assert!(Config::parse(p, "").is_ok());
     }
