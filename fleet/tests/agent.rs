@@ -6,9 +6,9 @@ mod common;
 
 use caisson_fleet::agent::{Agent, FakeRuntime};
 use caisson_fleet::config::Config;
-use caisson_fleet::registry::MachineRecord;
 use caisson_fleet::store::Store;
 use caisson_fleet::unit::UnitSpec;
+use common::record;
 use common::Etcd;
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -19,17 +19,6 @@ fn config(etcd: &Etcd) -> Config {
         endpoints: vec![etcd.endpoint()],
         ttl_s: 2,
         ..Config::default()
-    }
-}
-
-fn record(id: &str) -> MachineRecord {
-    MachineRecord {
-        id: id.into(),
-        address: "127.0.0.1".into(),
-        labels: BTreeMap::new(),
-        version: None,
-        slot: None,
-        last_seen: 0,
     }
 }
 

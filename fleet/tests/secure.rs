@@ -12,10 +12,10 @@ use caisson_fleet::agent::{Agent, FakeRuntime};
 use caisson_fleet::config::{Auth, Config, Tls};
 use caisson_fleet::etcd::{Access, Client, EtcdError, Op};
 use caisson_fleet::lock::RebootLock;
-use caisson_fleet::registry::{self, Keys, MachineRecord};
+use caisson_fleet::registry::{self, Keys};
 use common::pki::{Ca, Pair};
+use common::record;
 use common::{Etcd, ServerTls};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -134,17 +134,6 @@ fn cli(config: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn record(id: &str) -> MachineRecord {
-    MachineRecord {
-        id: id.into(),
-        address: "127.0.0.1".into(),
-        labels: BTreeMap::new(),
-        version: None,
-        slot: None,
-        last_seen: 0,
-    }
 }
 
 /// An error and every cause under it.

@@ -10,6 +10,21 @@ use std::time::{Duration, Instant};
 
 pub mod pki;
 
+use caisson_fleet::registry::MachineRecord;
+use std::collections::BTreeMap;
+
+/// The record of a test machine on loopback.
+pub fn record(id: &str) -> MachineRecord {
+    MachineRecord {
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        labels: BTreeMap::new(),
+        version: None,
+        slot: None,
+        last_seen: 0,
+    }
+}
+
 pub const ETCD: &str = "/usr/bin/etcd";
 
 /// The server side of TLS: etcd's certificate and key, and the CA its clients must come from.
