@@ -137,16 +137,9 @@ pub fn machine_id(root: &Path) -> Result<String, RegistryError> {
     Ok(id)
 }
 
-/// A machine id names keys and an etcd role: 1-64 of `[A-Za-z0-9._-]`, never `/` (machine
-/// `a` may write `status/a/...`, which must not reach machine `a/b`'s keys).
+/// A machine id names keys and an etcd role (`caisson_layout::fleet_id`).
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    caisson_layout::fleet_id::check(id).is_ok()
 }
 
 /// The OS version and boot slot of the machine under `root` (either may be unknown).

@@ -63,7 +63,8 @@ impl Fleet {
             ipv4("fleet.address", a)?;
         }
         if let Some(id) = &self.id {
-            check_fleet_id(id).map_err(|why| ConfigError::new("fleet.id", why))?;
+            caisson_layout::fleet_id::check(id)
+                .map_err(|e| ConfigError::new("fleet.id", e.to_string()))?;
         }
         for (k, v) in &self.labels {
             let ok = |s: &str| !s.is_empty() && s.len() <= 128 && !s.contains(['\n', '/']);
@@ -159,24 +160,6 @@ impl Fleet {
             ));
         }
         Ok(())
-    }
-}
-
-/// A fleet machine id, as the agent checks it: it names etcd keys and a role.
-fn check_fleet_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{id:?} is not a machine id (1-64 characters of A-Z a-z 0-9 . _ -, not . or ..)"
-        ))
     }
 }
 
