@@ -52,6 +52,29 @@ pub enum Kind {
     Oneshot,
 }
 
+/// What a stop or restart signals: the whole cgroup, or only the main process (systemd's
+/// `KillMode=control-group` and `KillMode=process`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KillMode {
+    /// Every process in the service's cgroup; a start waits until the cgroup is empty.
+    #[default]
+    Cgroup,
+    /// Only the main process; what else is in the cgroup is left alone (containerd's shims and
+    /// the containers they hold outlive a restart of containerd). Everything is still killed at
+    /// shutdown.
+    Process,
+}
+
+impl KillMode {
+    fn parse(s: &str) -> Option<KillMode> {
+        match s {
+            "cgroup" => Some(KillMode::Cgroup),
+            "process" => Some(KillMode::Process),
+            _ => None,
+        }
+    }
+}
+
 /// How the init knows a started service is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadyCheck {
@@ -98,6 +121,7 @@ pub struct ServiceSpec {
     pub limits: Limits,
     pub oom_score_adj: Option<i32>,
     pub stop_timeout: Duration,
+    pub kill_mode: KillMode,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +151,7 @@ struct RawService {
     oom_score_adj: Option<i32>,
     #[serde(default = "default_stop_timeout")]
     stop_timeout_s: u64,
+    kill_mode: Option<String>,
 }
 
 fn yes() -> bool {
@@ -246,6 +271,15 @@ impl ServiceSpec {
                 ));
             }
         }
+        let kill_mode = match raw.kill_mode.as_deref() {
+            None => KillMode::default(),
+            Some(m) => KillMode::parse(m).ok_or_else(|| {
+                invalid(
+                    "kill_mode",
+                    format!("{m:?} is neither \"cgroup\" (the default) nor \"process\""),
+                )
+            })?,
+        };
         let restart = raw.restart.unwrap_or(match raw.kind {
             Kind::Daemon => Restart::OnFailure,
             Kind::Oneshot => Restart::Never,
@@ -268,6 +302,7 @@ impl ServiceSpec {
             limits,
             oom_score_adj: raw.oom_score_adj,
             stop_timeout: Duration::from_secs(raw.stop_timeout_s),
+            kill_mode,
         })
     }
 
@@ -431,6 +466,7 @@ user = "root"
 group = "root"
 oom_score_adj = -999
 stop_timeout_s = 20
+kill_mode = "process"
 
 [ready]
 unix_socket = "/run/containerd/containerd.sock"
@@ -459,6 +495,7 @@ pids_max = 4096
         assert_eq!(s.limits.pids_max, Some(4096));
         assert_eq!(s.oom_score_adj, Some(-999));
         assert_eq!(s.stop_timeout, Duration::from_secs(20));
+        assert_eq!(s.kill_mode, KillMode::Process);
         assert_eq!(s.dependencies().count(), 2);
     }
 
@@ -468,6 +505,7 @@ pids_max = 4096
         assert_eq!(s.restart, Restart::OnFailure);
         assert!(s.required);
         assert_eq!(s.ready, ReadyCheck::Started);
+        assert_eq!(s.kill_mode, KillMode::Cgroup);
         let o = ServiceSpec::parse("o", "exec = \"/bin/x\"\nkind = \"oneshot\"\n").unwrap();
         assert_eq!(o.restart, Restart::Never);
     }
@@ -502,6 +540,11 @@ pids_max = 4096
             ),
             ("exec = \"/x\"\noom_score_adj = 5000", "oom_score_adj"),
             ("exec = \"/x\"\nafter = [\"x\"]", "after"),
+            (
+                "exec = \"/x\"\nkill_mode = \"mixed\"",
+                "field `kill_mode`: \"mixed\" is neither \"cgroup\" (the default) nor \"process\"",
+            ),
+            ("exec = \"/x\"\nkill_mode = 1", "kill_mode"),
             ("args = []", "exec"),
             ("exec = 3", "exec"),
         ];

@@ -9,10 +9,15 @@
 //!
 //! A service whose main process ended on its own may leave processes behind: they are stopped
 //! the same way before it starts again, and at shutdown.
+//!
+//! A service with `kill_mode = "process"` (containerd: its shims hold the running containers) is
+//! stopped by its main process alone, as systemd's `KillMode=process`: SIGTERM and SIGKILL go to
+//! that process only, the stop is done once it is collected, and a start does not wait for what
+//! else is in the cgroup. At shutdown it is stopped as a whole cgroup like any other service.
 
 use super::{AfterStop, State, Supervisor, Svc};
 use crate::reaper::ChildId;
-use crate::service::ServiceSpec;
+use crate::service::{KillMode, ServiceSpec};
 use crate::{deps, sys::Sig};
 use std::time::{Duration, Instant};
 
@@ -34,9 +39,26 @@ impl Supervisor {
         })
     }
 
+    /// Whether a stop of `name` takes its whole cgroup: always at shutdown, and otherwise unless
+    /// its `kill_mode` is `process`.
+    fn whole_cgroup(&self, name: &str) -> bool {
+        self.shutting_down
+            || self
+                .services
+                .get(name)
+                .and_then(|s| s.spec.as_ref())
+                .is_none_or(|s| s.kill_mode == KillMode::Cgroup)
+    }
+
+    /// Whether processes that a stop or start of `name` waits for are left in its cgroup: none
+    /// for a `kill_mode = "process"` service outside shutdown.
+    fn leftovers(&self, name: &str) -> bool {
+        self.whole_cgroup(name) && self.cgroup_busy(name)
+    }
+
     /// Starts `name`, once nothing of its previous run is left in its cgroup.
     pub(super) fn start_clean(&mut self, name: &str, now: Instant) {
-        if !self.cgroup_busy(name) {
+        if !self.leftovers(name) {
             self.start(name, now);
             return;
         }
@@ -63,7 +85,7 @@ impl Supervisor {
             _ => None,
         };
         let abandoned = svc.abandoned;
-        if main.is_some() || (!abandoned && self.cgroup_busy(name)) {
+        if main.is_some() || (!abandoned && self.leftovers(name)) {
             self.begin_stop(name, main, then, now);
         } else {
             self.after_stop(name, then);
@@ -93,7 +115,7 @@ impl Supervisor {
     }
 
     /// `sig` to the main process (through the reaper: only while it is uncollected) and to every
-    /// other process in the service's cgroup.
+    /// other process in the service's cgroup (unless only the main process is to be signalled).
     fn signal_all(&self, name: &str, main: Option<ChildId>, sig: Sig) {
         let main_pid = main.and_then(|m| match self.signal(m, sig) {
             Ok(true) => Some(m.pid),
@@ -103,7 +125,12 @@ impl Supervisor {
                 None
             }
         });
-        let Some(cg) = &self.config.cgroups else {
+        let Some(cg) = self
+            .config
+            .cgroups
+            .as_ref()
+            .filter(|_| self.whole_cgroup(name))
+        else {
             return;
         };
         match cg.procs(name) {
@@ -118,9 +145,14 @@ impl Supervisor {
     }
 
     /// SIGKILL to everything in the service's cgroup: `cgroup.kill`, or one by one where the
-    /// kernel has none.
+    /// kernel has none (to the main process only, where only it is to be signalled).
     fn kill_all(&self, name: &str, main: Option<ChildId>) {
-        let Some(cg) = &self.config.cgroups else {
+        let Some(cg) = self
+            .config
+            .cgroups
+            .as_ref()
+            .filter(|_| self.whole_cgroup(name))
+        else {
             self.signal_all(name, main, Sig::Kill);
             return;
         };
@@ -143,7 +175,7 @@ impl Supervisor {
             return;
         };
         *pid = None;
-        if self.cgroup_busy(name) {
+        if self.leftovers(name) {
             log::info!("{name}'s main process exited; waiting for the rest of its cgroup");
         }
         self.tick_stopping(name, Instant::now(), false);
@@ -161,7 +193,7 @@ impl Supervisor {
         else {
             return;
         };
-        if pid.is_none() && !self.cgroup_busy(name) {
+        if pid.is_none() && !self.leftovers(name) {
             log::info!("{name} stopped");
             if let Some(svc) = self.services.get_mut(name) {
                 svc.abandoned = false;
@@ -170,7 +202,12 @@ impl Supervisor {
         } else if timers && now >= kill_at && killed {
             self.give_up(name, pid, then);
         } else if timers && now >= kill_at {
-            log::warn!("{name} did not stop in time; sending SIGKILL to its cgroup");
+            let what = if self.whole_cgroup(name) {
+                "its cgroup"
+            } else {
+                "its main process"
+            };
+            log::warn!("{name} did not stop in time; sending SIGKILL to {what}");
             self.kill_all(name, pid);
             if let Some(Svc {
                 state: State::Stopping {
@@ -224,6 +261,22 @@ impl Supervisor {
         }
         self.shutting_down = true;
         self.commands.kill_all(self.sys.as_ref(), &self.reaper);
+        // A `kill_mode = "process"` service being stopped signalled its main process only; the
+        // rest of its cgroup is now waited for too, and gets its SIGTERM here.
+        let stopping: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| matches!(s.state, State::Stopping { .. }))
+            .filter(|(_, s)| {
+                s.spec
+                    .as_ref()
+                    .is_some_and(|s| s.kill_mode == KillMode::Process)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stopping {
+            self.signal_all(&name, None, Sig::Term);
+        }
         for svc in self.services.values_mut() {
             if matches!(svc.state, State::Waiting | State::Backoff { .. }) {
                 svc.state = State::Stopped;
@@ -263,7 +316,7 @@ impl Supervisor {
                 state: State::Stopping { .. },
                 ..
             }) => false,
-            Some(svc) => !svc.abandoned && self.cgroup_busy(name),
+            Some(svc) => !svc.abandoned && self.leftovers(name),
             None => false,
         }
     }

@@ -466,3 +466,95 @@ fn shutdown_is_done_only_when_every_cgroup_is_empty() {
     cgroup(&tmp, "web", &[], true);
     assert_eq!(s.tick(t0 + Duration::from_secs(2)), [Notice::ShutdownDone]);
 }
+
+fn process_mode(name: &str) -> ServiceSpec {
+    let mut spec = svc(name, &[], &[]);
+    spec.kill_mode = crate::service::KillMode::Process;
+    spec
+}
+
+#[test]
+fn kill_mode_process_stops_the_main_process_alone() {
+    let (rec, mut s, tmp) = sup_cg(vec![process_mode("containerd")]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "containerd");
+    // 555 is a shim holding a container.
+    cgroup(&tmp, "containerd", &[main.pid, 555], true);
+    s.stop_service("containerd", t0).unwrap();
+    assert_eq!(kills(&rec), [Call::Kill(main.pid, Sig::Term)]);
+    // Past the stop timeout, SIGKILL goes to the main process only, never to the cgroup.
+    s.tick(t0 + Duration::from_secs(10));
+    assert_eq!(
+        kills(&rec),
+        [
+            Call::Kill(main.pid, Sig::Term),
+            Call::Kill(main.pid, Sig::Kill)
+        ]
+    );
+    assert!(!cgroup_killed(&tmp, "containerd"));
+    cgroup(&tmp, "containerd", &[555], true);
+    s.on_exit(main, Exit::Signal(9), t0 + Duration::from_secs(10));
+    assert_eq!(state_of(&s, "containerd"), "stopped");
+}
+
+#[test]
+fn kill_mode_process_restarts_beside_what_the_old_run_left() {
+    let (rec, mut s, tmp) = sup_cg(vec![process_mode("containerd")]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let first = child_of(&s, "containerd");
+    cgroup(&tmp, "containerd", &[first.pid, 555], true);
+    s.restart_service("containerd", t0).unwrap();
+    cgroup(&tmp, "containerd", &[555], true);
+    s.on_exit(first, Exit::Signal(15), t0);
+    s.tick(t0 + Duration::from_millis(100));
+    assert_eq!(spawned(&rec).len(), 2);
+    assert_eq!(state_of(&s, "containerd"), "running");
+    // A crash: the new run starts after the backoff, with the shim still there and untouched.
+    let main = child_of(&s, "containerd");
+    s.on_exit(main, Exit::Code(2), t0 + Duration::from_millis(200));
+    s.tick(t0 + Duration::from_secs(1));
+    assert_eq!(spawned(&rec).len(), 3);
+    assert_eq!(state_of(&s, "containerd"), "running");
+    assert_eq!(kills(&rec), [Call::Kill(first.pid, Sig::Term)]);
+}
+
+#[test]
+fn kill_mode_process_at_shutdown_kills_and_waits_for_the_whole_cgroup() {
+    let (rec, mut s, tmp) = sup_cg(vec![process_mode("containerd")]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "containerd");
+    cgroup(&tmp, "containerd", &[main.pid, 555], true);
+    s.begin_shutdown(t0);
+    let k = kills(&rec);
+    for pid in [main.pid, 555] {
+        assert!(k.contains(&Call::Kill(pid, Sig::Term)), "{k:?}");
+    }
+    s.on_exit(main, Exit::Signal(15), t0);
+    cgroup(&tmp, "containerd", &[555], true);
+    assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
+    s.tick(t0 + Duration::from_secs(10));
+    assert!(cgroup_killed(&tmp, "containerd"));
+    cgroup(&tmp, "containerd", &[], true);
+    assert_eq!(s.tick(t0 + Duration::from_secs(11)), [Notice::ShutdownDone]);
+}
+
+#[test]
+fn a_shutdown_during_a_kill_mode_process_stop_takes_the_rest_of_the_cgroup() {
+    let (rec, mut s, tmp) = sup_cg(vec![process_mode("containerd")]);
+    let t0 = Instant::now();
+    s.tick(t0);
+    let main = child_of(&s, "containerd");
+    cgroup(&tmp, "containerd", &[main.pid, 555], true);
+    s.stop_service("containerd", t0).unwrap();
+    assert!(!kills(&rec).contains(&Call::Kill(555, Sig::Term)));
+    s.begin_shutdown(t0);
+    assert!(kills(&rec).contains(&Call::Kill(555, Sig::Term)));
+    cgroup(&tmp, "containerd", &[555], true);
+    s.on_exit(main, Exit::Signal(15), t0);
+    assert!(s.tick(t0 + Duration::from_secs(1)).is_empty());
+    cgroup(&tmp, "containerd", &[], true);
+    assert_eq!(s.tick(t0 + Duration::from_secs(2)), [Notice::ShutdownDone]);
+}
