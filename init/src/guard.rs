@@ -2,8 +2,9 @@
 //! scrolled off the console. With `panic = "abort"` any panic on any of the init's threads did
 //! that. Proving that no input reaches a panic is not possible for code that parses files,
 //! network answers and control requests and indexes slices, and a proof would not survive the
-//! next change. So the workspace is built with `panic = "unwind"` (Cargo cannot set the panic
-//! strategy per package), and the init catches panics where they would end it:
+//! next change. So the `caisson-init` binary is built with `panic = "unwind"` (`ci/build` builds it
+//! on its own for that; the workspace's other binaries abort), and the init catches panics where
+//! they would end it:
 //!
 //! - the hook ([`install_hook`]) logs every panic with its thread and place, on the console and
 //!   in the journal of the boot, and counts it;
@@ -16,18 +17,14 @@
 //!   any other fatal error (see [`crate::boot::fatal`]).
 //!
 //! A panic in the middle of a supervisor tick may leave one service's state half-updated; the
-//! next turn of the loop works from it. That is far better than a kernel panic. A build with
-//! `panic = "abort"` would make all of this dead code: it does not compile (below).
+//! next turn of the loop works from it. That is far better than a kernel panic. A build of the
+//! `caisson-init` binary with `panic = "abort"` would make all of this dead code: it does not
+//! compile (`init/src/main.rs`). This library may be built with abort (`caisson` and `caisson-ctl`
+//! link it to parse service files and speak the control protocol): there a panic ends that tool.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-#[cfg(all(panic = "abort", not(test)))]
-compile_error!(
-    "caisson-init must be built with panic = \"unwind\": with abort, a panic in any of its threads \
-     ends PID 1 and panics the kernel (see init/src/guard.rs)"
-);
 
 /// Panics caught since the init started.
 static PANICS: AtomicU64 = AtomicU64::new(0);
