@@ -69,7 +69,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `images/host.toml` with its lock and files in `dir`, and the test key baked in.
+/// `images/host.toml` with its lock and files in `dir`, the test key baked in, and `exec` on the
+/// control channel.
 fn host_spec(dir: &Path) -> PathBuf {
     let ws = common::workspace();
     std::fs::create_dir_all(dir.join("host")).unwrap();
@@ -81,6 +82,7 @@ fn host_spec(dir: &Path) -> PathBuf {
     );
     std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
     let spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap()
+        + &common::debug_files(&dir.join("host/files"))
         + "\n[update]\npublic_keys = [\"keys/caisson.pub\"]\n";
     let path = dir.join("host.toml");
     std::fs::write(&path, spec).unwrap();

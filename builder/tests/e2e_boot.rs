@@ -39,6 +39,11 @@ fn minimal_boots_to_ready_powers_off_clean_and_keeps_state() {
     let status = request(&vm, r#"{"cmd":"status"}"#);
     assert_eq!(status["status"]["ready"], true, "{status}");
     assert_eq!(status["status"]["slot"], "a", "{status}");
+    // The shipped image (no caisson.debug, no debug file) refuses exec on the virtio port.
+    let r = common::exec(&vm, &["/bin/true"], 10);
+    assert!(!r.ok && r.exec.is_none(), "{r:?}");
+    let why = r.error.unwrap_or_default();
+    assert!(why.contains("caisson.debug"), "{why}");
     poweroff(&mut vm);
     drop(vm);
 
@@ -59,7 +64,7 @@ fn minimal_boots_to_ready_powers_off_clean_and_keeps_state() {
 
 #[test]
 fn host_runs_containerd_under_the_init() {
-    let image = common::image("host");
+    let image = common::vm_image("host");
     let _one_vm = common::vm_lock();
     let dir = tempfile::tempdir().unwrap();
     let disk = kept_overlay(&image, dir.path());

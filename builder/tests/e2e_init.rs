@@ -352,8 +352,8 @@ fn busybox_oci_archive(work: &Path, out: &Path) {
     tar_dir(&layout, out);
 }
 
-/// images/host.toml plus a service that fails every second and a oneshot that imports an OCI
-/// archive baked into the image and runs it with ctr.
+/// images/host.toml plus a service that fails every second, a oneshot that imports an OCI
+/// archive baked into the image and runs it with ctr, and `exec` on the control channel.
 fn host_test_spec(dir: &Path) -> PathBuf {
     let ws = common::workspace();
     let files = dir.join("host/files");
@@ -368,6 +368,7 @@ fn host_test_spec(dir: &Path) -> PathBuf {
     );
     std::fs::copy(ws.join("images/host.lock"), dir.join("host.lock")).unwrap();
     let mut spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap();
+    spec += &common::debug_files(&files);
     let sock = "/run/containerd/containerd.sock";
     spec += &format!(
         r#"

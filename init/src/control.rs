@@ -3,6 +3,10 @@
 //! line; each answer is one line, except `logs`, which sends one `{"line": ...}` per log line and
 //! then `{"ok": true}` (never, with `follow`, until the client goes away).
 
+mod gate;
+
+pub use gate::{Channel, DebugConfig, DebugConfigError, ExecGate, DEBUG_CONFIG_PATH};
+
 use crate::logs;
 use crate::supervisor::ServiceStatus;
 use serde::{Deserialize, Serialize};
@@ -184,12 +188,14 @@ fn skip_line<R: BufRead>(r: &mut R) -> std::io::Result<()> {
     }
 }
 
-/// Serve one connection (a socket client, or the virtio port) until it closes.
+/// Serve one connection (a socket client, or the virtio port) until it closes. A request that
+/// `channel` does not admit (`exec` on the virtio port, unless debugging is on) gets an error.
 pub fn serve_stream<R: std::io::Read, W: Write>(
     reader: R,
     mut writer: W,
     dispatch: &Dispatch,
     log_dir: &Path,
+    channel: &Channel,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(reader);
     loop {
@@ -216,6 +222,11 @@ pub fn serve_stream<R: std::io::Read, W: Write>(
                 continue;
             }
         };
+        if let Err(why) = channel.admit(&req) {
+            log::warn!("control: refused a request: {why}");
+            send(&mut writer, &Response::error(why))?;
+            continue;
+        }
         match req {
             Request::Logs {
                 service,
@@ -344,7 +355,7 @@ fn serve_connection(mut conn: UnixStream, dispatch: &Dispatch, log_dir: &Path) {
         }
     }
     if let Ok(reader) = conn.try_clone() {
-        let _ = serve_stream(reader, conn, dispatch, log_dir);
+        let _ = serve_stream(reader, conn, dispatch, log_dir, &Channel::Socket);
     }
 }
 
@@ -380,13 +391,20 @@ pub fn wait_for_virtio_port(
     }
 }
 
-/// Serve the protocol on the virtio port for as long as the machine runs.
+/// Serve the protocol on the virtio port for as long as the machine runs; `exec` only as `gate`
+/// allows.
 ///
 /// The port stays open between host connections: the guest kernel throws away whatever arrives
 /// on a closed port, so closing it when one host client leaves would lose the first request of
 /// the next client if it came quickly. A read returns EOF while no host is connected; we poll
 /// gently and read again on the same descriptor. Only a real error reopens the port.
-pub fn serve_virtio(port: PathBuf, dispatch: Dispatch, log_dir: PathBuf) -> std::io::Result<()> {
+pub fn serve_virtio(
+    port: PathBuf,
+    dispatch: Dispatch,
+    log_dir: PathBuf,
+    gate: ExecGate,
+) -> std::io::Result<()> {
+    let channel = Channel::Virtio(gate);
     std::thread::Builder::new()
         .name("control-virtio".into())
         .spawn(move || {
@@ -403,7 +421,7 @@ pub fn serve_virtio(port: PathBuf, dispatch: Dispatch, log_dir: PathBuf) -> std:
                     }
                 }
                 if let Some(f) = &open {
-                    if let Err(e) = serve_stream(f, f, &dispatch, &log_dir) {
+                    if let Err(e) = serve_stream(f, f, &dispatch, &log_dir, &channel) {
                         log::debug!("virtio port {}: {e}", port.display());
                         open = None;
                     }

@@ -427,7 +427,8 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     if modules_held {
         wait_for_modules(&mut sup, &tx, &modules);
     }
-    start_control(tx.clone(), &modules);
+    let debug = id.params.as_ref().is_some_and(|p| p.debug);
+    start_control(tx.clone(), &modules, control::ExecGate::new(debug));
     steps.mark("threads");
     log::info!("{}", steps.line());
     let watchdog = (config.unhealthy_reboot_s > 0).then(|| {
@@ -535,7 +536,8 @@ fn signal_loop(sys: &dyn Syscall, reaper: &Reaper, tx: &Sender<Event>) {
     }
 }
 
-fn start_control(tx: Sender<Event>, modules: &Loading) {
+/// The control socket, and the virtio port once it appears (`exec` there only as `gate` allows).
+fn start_control(tx: Sender<Event>, modules: &Loading, gate: control::ExecGate) {
     let tx = std::sync::Mutex::new(tx);
     let dispatch: Dispatch = Arc::new(move |req| {
         let within = req.answer_within();
@@ -570,7 +572,7 @@ fn start_control(tx: Sender<Event>, modules: &Loading) {
         match found {
             Some(port) => {
                 log::info!("control channel on {}", port.display());
-                if let Err(e) = control::serve_virtio(port, dispatch, log_dir) {
+                if let Err(e) = control::serve_virtio(port, dispatch, log_dir, gate) {
                     log::error!("virtio control port: {e}");
                 }
             }

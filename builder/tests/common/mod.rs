@@ -63,6 +63,56 @@ pub fn image(name: &'static str) -> PathBuf {
     raw
 }
 
+/// Where test images keep the init's debug switches (init/CONTROL.md).
+pub const DEBUG_CONFIG: &str = "/etc/caisson/debug.toml";
+
+/// Writes the init's debug file, which turns on `exec` on the virtio control port (the shipped
+/// images leave it off), under `files` (a spec's files directory) and returns the `[[files]]`
+/// table to append to the spec.
+pub fn debug_files(files: &Path) -> String {
+    let src = DEBUG_CONFIG.trim_start_matches('/');
+    let path = files.join(src);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(
+        &path,
+        "# Test image: the harness runs commands through the control channel's exec.\n\
+         virtio_exec = true\n",
+    )
+    .unwrap();
+    format!("\n[[files]]\nsrc = \"{src}\"\ndst = \"{DEBUG_CONFIG}\"\n")
+}
+
+/// The image of `images/<name>.toml` as the VM tests that use `exec` boot it: the shipped spec,
+/// lock and files plus [`debug_files`], built once per test process.
+pub fn vm_image(name: &'static str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| *n == name) {
+        return p.clone();
+    }
+    let ws = workspace();
+    let dir = ws.join("target/e2e").join(format!("{name}-vm"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec_dir = dir.join("spec");
+    std::fs::create_dir_all(spec_dir.join(name)).unwrap();
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(ws.join("images").join(name).join("files"))
+            .arg(spec_dir.join(name).join("files")),
+    );
+    let lock = format!("{name}.lock");
+    std::fs::copy(ws.join("images").join(&lock), spec_dir.join(&lock)).unwrap();
+    let spec_path = spec_dir.join(format!("{name}.toml"));
+    let spec = std::fs::read_to_string(ws.join("images").join(format!("{name}.toml"))).unwrap()
+        + &debug_files(&spec_dir.join(name).join("files"));
+    std::fs::write(&spec_path, spec).unwrap();
+    let raw = build(spec_path.to_str().unwrap(), &dir.join("out"), &[]);
+    built.push((name, raw.clone()));
+    raw
+}
+
 /// One VM at a time: the machine has two cores and TCG is slow.
 pub fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -265,7 +315,8 @@ pub fn tar(dir: &Path, dest: &Path, members: &[&str]) {
 pub const BUSYBOX_ARCHIVE: &str = "/usr/lib/caisson/images/busybox.oci.tar";
 
 /// `images/host.toml` with its lock and files copied into `dir`, the busybox OCI archive added
-/// at [`BUSYBOX_ARCHIVE`] and `extra` TOML appended; returns the spec's path. More files can
+/// at [`BUSYBOX_ARCHIVE`], `exec` on the control channel turned on ([`debug_files`]) and `extra`
+/// TOML appended; returns the spec's path. More files can
 /// go under `dir/host/files` before the build.
 pub fn host_spec_with_busybox(dir: &Path, extra: &str) -> String {
     let ws = workspace();
@@ -282,6 +333,7 @@ pub fn host_spec_with_busybox(dir: &Path, extra: &str) -> String {
     busybox_archive(dir, &files.join(archive));
     let spec = std::fs::read_to_string(ws.join("images/host.toml")).unwrap()
         + &format!("\n[[files]]\nsrc = \"{archive}\"\ndst = \"{BUSYBOX_ARCHIVE}\"\n")
+        + &debug_files(&files)
         + extra;
     let path = dir.join("host.toml");
     std::fs::write(&path, spec).unwrap();

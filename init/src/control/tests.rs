@@ -87,6 +87,7 @@ fn an_overlong_request_is_refused_and_the_next_one_served() {
         &mut out,
         &echo_dispatch(),
         Path::new("/nonexistent"),
+        &Channel::Socket,
     )
     .unwrap();
     let answers: Vec<Response> = String::from_utf8(out)
@@ -192,4 +193,72 @@ fn waits_for_a_port_announced_late_and_gives_up_on_none() {
     let found = wait_for_virtio_port(&root, name, std::time::Duration::from_secs(30));
     late.join().unwrap();
     assert_eq!(found, Some(root.join("dev/vport2p1")));
+}
+
+/// The answers to `input` served as on the virtio port with `gate`.
+fn virtio_answers(input: &str, gate: ExecGate) -> Vec<Response> {
+    let mut out = Vec::new();
+    let channel = Channel::Virtio(gate);
+    serve_stream(
+        input.as_bytes(),
+        &mut out,
+        &echo_dispatch(),
+        Path::new("/nonexistent"),
+        &channel,
+    )
+    .unwrap();
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn exec_on_the_virtio_port_is_refused_unless_debugging_is_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("debug.toml");
+    let input = "{\"cmd\":\"exec\",\"argv\":[\"/bin/id\"]}\n{\"cmd\":\"status\"}\n";
+    let off = ExecGate {
+        cmdline_debug: false,
+        config: config.clone(),
+    };
+    let answers = virtio_answers(input, off.clone());
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let why = answers[0].error.as_deref().unwrap();
+    assert!(!answers[0].ok);
+    assert!(
+        why.starts_with("exec is refused on the virtio control port"),
+        "{why}"
+    );
+    assert!(why.contains("caisson.debug"), "{why}");
+    // Status is still answered on the same connection.
+    assert_eq!(answers[1].error.as_deref(), Some("dispatched"));
+    // caisson.debug on the command line, or the debug file, lets it through to the dispatcher.
+    let on = ExecGate {
+        cmdline_debug: true,
+        ..off.clone()
+    };
+    assert_eq!(
+        virtio_answers(input, on)[0].error.as_deref(),
+        Some("dispatched")
+    );
+    std::fs::write(&config, "virtio_exec = true\n").unwrap();
+    assert_eq!(
+        virtio_answers(input, off)[0].error.as_deref(),
+        Some("dispatched")
+    );
+}
+
+#[test]
+fn exec_on_the_unix_socket_is_not_gated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("run/init.sock");
+    serve_socket(&sock, echo_dispatch(), tmp.path().to_path_buf()).unwrap();
+    let mut c = Client::connect(&sock).unwrap();
+    let exec = Request::Exec {
+        argv: vec!["/bin/id".into()],
+        timeout_s: None,
+    };
+    assert_eq!(c.call(&exec).unwrap().error.as_deref(), Some("dispatched"));
 }
