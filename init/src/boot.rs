@@ -1,32 +1,14 @@
-//! The entry points of the two stages, and the fatal path: a fatal error is logged and ends in a
-//! reboot after a pause, never in an exit of PID1 (which would panic the kernel and hide why).
+//! The entry points of the two stages. A fatal error in either ends in [`crate::fatal`].
 
+use crate::fatal::fatal;
 use crate::stage1::Stage1;
-use crate::sys::{Power, Real, Syscall};
+use crate::sys::Real;
 use caisson_layout::paths;
 use std::path::Path;
-use std::time::Duration;
-
-/// How long the reason stays on the screen before the reboot.
-pub const FATAL_PAUSE: Duration = Duration::from_secs(10);
 
 /// Which stage this process is.
 pub fn in_initramfs() -> bool {
     Path::new(paths::INITRD_MARKER).exists()
-}
-
-/// Log `err`, wait, sync and reboot. Never returns.
-pub fn fatal(sys: &dyn Syscall, err: &dyn std::fmt::Display) -> ! {
-    log::error!("{err}");
-    log::error!("rebooting in {} s", FATAL_PAUSE.as_secs());
-    std::thread::sleep(FATAL_PAUSE);
-    sys.sync();
-    if let Err(e) = sys.reboot(Power::Reboot) {
-        log::error!("reboot failed: {e}");
-    }
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
 }
 
 /// The binary's entry point: the stage this process is. Never returns.

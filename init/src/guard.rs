@@ -14,7 +14,7 @@
 //! - any other thread (one control connection, the log pump of one service, blessing) just ends:
 //!   its work is lost, the init goes on;
 //! - a panic while stage 1 or stage 2 is setting up is a fatal error: logged, then a reboot, as for
-//!   any other fatal error (see [`crate::boot::fatal`]).
+//!   any other fatal error (see [`crate::fatal::fatal`]).
 //!
 //! A panic in the middle of a supervisor tick may leave one service's state half-updated; the
 //! next turn of the loop works from it. That is far better than a kernel panic. A build of the

@@ -16,6 +16,7 @@ pub mod deps;
 pub mod dhcp;
 pub mod dm;
 pub mod expedite;
+pub mod fatal;
 pub mod grow;
 pub mod guard;
 pub mod logs;

@@ -2,12 +2,22 @@
 //! file kept as `<service>.log.1`) and to the console as `<service>| line`, rate-limited per
 //! service so that a chatty service cannot flood a slow serial console.
 
-use crate::supervisor::OutputSink;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// Receives a started service's output pipe (the log pump; the supervisor hands it each one).
+pub trait OutputSink: Send + Sync {
+    fn attach(&self, service: &str, output: File);
+}
+
+/// Discards output (tests).
+pub struct NoOutput;
+impl OutputSink for NoOutput {
+    fn attach(&self, _service: &str, _output: File) {}
+}
 
 /// The mode of a service log: output may hold what others must not read.
 pub const LOG_MODE: u32 = 0o640;

@@ -209,14 +209,6 @@ fn hostname(sys: &dyn Syscall) {
     }
 }
 
-/// When stage 2 began (its first instruction, as near as Rust allows).
-static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-/// Milliseconds since stage 2 began, once it has (`None` in stage 1 and in tests).
-pub fn elapsed_ms() -> Option<u128> {
-    STARTED.get().map(|t| t.elapsed().as_millis())
-}
-
 /// The init's resident memory, VmRSS from `/proc/self/status`, in KiB.
 pub fn rss_kib(proc_status: &str) -> Option<u64> {
     proc_status
@@ -228,7 +220,7 @@ pub fn rss_kib(proc_status: &str) -> Option<u64> {
 
 /// Stage 2. Never returns.
 pub(crate) fn main() -> ! {
-    let _ = STARTED.set(Instant::now());
+    sys::mark_stage2_start();
     crate::console::attach_console();
     crate::console::init(false);
     let sys: Arc<dyn Syscall> = Arc::new(Real);
@@ -240,8 +232,8 @@ pub(crate) fn main() -> ! {
     }
     match crate::guard::catch("stage 2", || run(sys.clone())) {
         Some(Ok(power)) => finish(sys.as_ref(), power),
-        Some(Err(e)) => crate::boot::fatal(sys.as_ref(), &e),
-        None => crate::boot::fatal(sys.as_ref(), &"stage 2 panicked while starting"),
+        Some(Err(e)) => crate::fatal::fatal(sys.as_ref(), &e),
+        None => crate::fatal::fatal(sys.as_ref(), &"stage 2 panicked while starting"),
     }
 }
 
@@ -262,7 +254,7 @@ struct Steps {
 impl Steps {
     fn mark(&mut self, step: &'static str) {
         let now = Instant::now();
-        let since = self.last.or_else(|| STARTED.get().copied()).unwrap_or(now);
+        let since = self.last.or_else(sys::stage2_started).unwrap_or(now);
         self.taken
             .push((step, now.duration_since(since).as_millis()));
         self.last = Some(now);
@@ -996,7 +988,7 @@ pub fn finish(sys: &dyn Syscall, power: Power) -> ! {
         }
     );
     if let Err(e) = sys.reboot(power) {
-        crate::boot::fatal(sys, &format!("reboot(2) failed: {e}"));
+        crate::fatal::fatal(sys, &format!("reboot(2) failed: {e}"));
     }
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -7,13 +7,13 @@ use crate::backoff::Backoff;
 use crate::cgroup::Cgroups;
 use crate::command::{Commands, Reply};
 use crate::deps;
+use crate::logs::OutputSink;
 use crate::reaper::{ChildId, Reaper};
 use crate::service::{Kind, ReadyCheck, Restart, ServiceError, ServiceSpec};
 use crate::sys::{ExecPlan, Exit, Pid, Sig, Syscall};
 use crate::users;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,17 +138,6 @@ pub enum ControlError {
     ShuttingDown,
     #[error("service {0} has no usable definition: {1}")]
     Broken(String, String),
-}
-
-/// Receives a started service's output pipe (the log pump).
-pub trait OutputSink: Send + Sync {
-    fn attach(&self, service: &str, output: File);
-}
-
-/// Discards output (tests).
-pub struct NoOutput;
-impl OutputSink for NoOutput {
-    fn attach(&self, _service: &str, _output: File) {}
 }
 
 /// Supervisor settings.
@@ -578,7 +567,7 @@ impl Supervisor {
                         next_probe: now,
                     };
                 }
-                match crate::stage2::elapsed_ms() {
+                match crate::sys::elapsed_ms() {
                     Some(ms) => log::info!(
                         "spawned {name} (pid {pid}) at +{ms} ms (set-up {plan_ms} ms, \
                          spawn {spawn_ms} ms)"

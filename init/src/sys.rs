@@ -364,6 +364,24 @@ pub fn wait_signal(signals: &[i32]) -> io::Result<i32> {
     }
 }
 
+/// When stage 2 began (its first instruction, as near as Rust allows).
+static STAGE2_STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Records that stage 2 begins now (its first call; later calls change nothing).
+pub fn mark_stage2_start() {
+    let _ = STAGE2_STARTED.set(std::time::Instant::now());
+}
+
+/// When stage 2 began, once it has (`None` in stage 1 and in tests).
+pub fn stage2_started() -> Option<std::time::Instant> {
+    STAGE2_STARTED.get().copied()
+}
+
+/// Milliseconds since stage 2 began, once it has (`None` in stage 1 and in tests).
+pub fn elapsed_ms() -> Option<u128> {
+    stage2_started().map(|t| t.elapsed().as_millis())
+}
+
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
 pub fn boot_ms() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);

@@ -3,6 +3,7 @@
 use super::*;
 use crate::cgroup::Cgroups;
 use crate::deps::tests::svc;
+use crate::logs::NoOutput;
 use crate::sys::{Call, Recording};
 
 fn sup(specs: Vec<ServiceSpec>) -> (Arc<Recording>, Supervisor) {
