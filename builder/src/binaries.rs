@@ -48,8 +48,8 @@ pub fn wanted(extra: &[String]) -> Vec<String> {
     all
 }
 
-/// The script that owns the one release build of every Caisson binary (flags, target, feature
-/// set, path remapping), relative to the workspace. `ci/demo` runs it for the `caisson` tool, and
+/// The script that owns the release build of every Caisson binary (flags, target, feature set,
+/// path remapping, and the init's own panic strategy), relative to the workspace. `ci/demo` runs it for the `caisson` tool, and
 /// this runs it for an image's binaries, so both share one compile of the dependency tree.
 pub const BUILD_SCRIPT: &str = "ci/build";
 
@@ -61,7 +61,7 @@ pub fn build(workspace: &Path, bins: &[String]) -> Result<Vec<PathBuf>, Binaries
         return Err(BinariesError::NoScript(script));
     }
     log::info!(
-        "building {} with {BUILD_SCRIPT} (one static release build shared with the caisson tool; \
+        "building {} with {BUILD_SCRIPT} (the static release build shared with the caisson tool; \
          seconds when it is up to date)",
         bins.join(", ")
     );
