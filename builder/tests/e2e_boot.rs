@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{boot, kept_overlay, poweroff, request};
+use common::{boot, kept_overlay, poweroff, request, Request};
 
 use std::path::Path;
 use std::time::Duration;
@@ -36,7 +36,7 @@ fn minimal_boots_to_ready_powers_off_clean_and_keeps_state() {
         .wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("first boot reaches ready");
     assert!(ready.contains("version=1.0.0 slot=a boot_ms="), "{ready}");
-    let status = request(&vm, r#"{"cmd":"status"}"#);
+    let status = request(&vm, &Request::Status);
     assert_eq!(status["status"]["ready"], true, "{status}");
     assert_eq!(status["status"]["slot"], "a", "{status}");
     // The shipped image (no caisson.debug, no debug file) refuses exec on the virtio port.
@@ -71,7 +71,7 @@ fn host_runs_containerd_under_the_init() {
     let mut vm = boot(&disk);
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("host reaches ready");
-    let status = request(&vm, r#"{"cmd":"status"}"#);
+    let status = request(&vm, &Request::Status);
     let services = status["status"]["services"].as_array().expect("services");
     let containerd = services
         .iter()
@@ -81,12 +81,17 @@ fn host_runs_containerd_under_the_init() {
     assert_eq!(containerd["ready"], true, "{containerd}");
 
     // Restarting containerd through the control channel brings it back ready.
-    let answer = request(&vm, r#"{"cmd":"restart","service":"containerd"}"#);
+    let answer = request(
+        &vm,
+        &Request::Restart {
+            service: "containerd".into(),
+        },
+    );
     assert_eq!(answer["ok"], true, "{answer}");
     let mut back = false;
     for _ in 0..60 {
         std::thread::sleep(Duration::from_secs(1));
-        let status = request(&vm, r#"{"cmd":"status"}"#);
+        let status = request(&vm, &Request::Status);
         let c = status["status"]["services"]
             .as_array()
             .and_then(|s| s.iter().find(|s| s["name"] == "containerd").cloned());

@@ -87,7 +87,7 @@ fn the_agent_runs_local_units_without_etcd() {
         vm.wait_for("unit web: running", TIMEOUT)
             .expect("the agent runs web");
     }
-    let answer = request(&vm, r#"{"cmd":"poweroff"}"#);
+    let answer = request(&vm, &common::Request::Poweroff);
     assert_eq!(answer["ok"], true, "{answer}");
     let status = vm.wait_exit(Duration::from_secs(120)).expect("powers off");
     assert!(status.success(), "QEMU exited with {status}");

@@ -467,7 +467,7 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
     for (vm, node) in vms.iter_mut().zip(NODES) {
         vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{node} does not reach ready: {e}"));
-        let st = common::request(vm, r#"{"cmd":"status"}"#);
+        let st = common::request(vm, &common::Request::Status);
         assert_eq!(st["status"]["hostname"], node, "{st}");
     }
     let ids: BTreeMap<String, String> = fleet.until("three machines register", BOOT_TIMEOUT, |s| {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn status(vm: &Vm) -> serde_json::Value {
-    request(vm, r#"{"cmd":"status"}"#)["status"].clone()
+    request(vm, &common::Request::Status)["status"].clone()
 }
 
 fn service(status: &serde_json::Value, name: &str) -> serde_json::Value {

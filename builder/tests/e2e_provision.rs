@@ -76,12 +76,7 @@ fn boot(disk: &Path, config: Option<&Path>, drive: Option<&Path>) -> Vm {
 }
 
 fn status(vm: &Vm) -> serde_json::Value {
-    let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(r#"{"cmd":"status"}"#, Duration::from_secs(30))
-        .expect("the init answers");
-    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
-    v["status"].clone()
+    common::request(vm, &common::Request::Status)["status"].clone()
 }
 
 /// Checks a provisioned machine: host name, the extra service, the secret never on the console.

@@ -245,7 +245,7 @@ jitter_s = 0
 fn wait_oneshot(vm: &Vm, name: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s = request(vm, r#"{"cmd":"status"}"#);
+        let s = request(vm, &common::Request::Status);
         let svc = s["status"]["services"]
             .as_array()
             .and_then(|v| v.iter().find(|s| s["name"] == name).cloned())
@@ -261,7 +261,12 @@ fn wait_oneshot(vm: &Vm, name: &str) -> Value {
 /// Runs the `status` oneshot (`caisson-update status --json`) now and returns what it printed.
 fn update_status(vm: &Vm) -> Value {
     wait_oneshot(vm, "status");
-    let answer = request(vm, r#"{"cmd":"start","service":"status"}"#);
+    let answer = request(
+        vm,
+        &common::Request::Start {
+            service: "status".into(),
+        },
+    );
     assert_eq!(answer["ok"], true, "{answer}");
     std::thread::sleep(Duration::from_millis(500));
     let svc = wait_oneshot(vm, "status");
@@ -271,14 +276,18 @@ fn update_status(vm: &Vm) -> Value {
     );
     // The log holds every run since the first boot: the last JSON document is this one.
     let mut ctl = vm.control().unwrap();
-    ctl.send(r#"{"cmd":"logs","service":"status","lines":400}"#)
-        .unwrap();
+    ctl.send_request(&common::Request::Logs {
+        service: "status".into(),
+        follow: false,
+        lines: Some(400),
+    })
+    .unwrap();
     let mut lines = Vec::new();
     loop {
-        let l = ctl.read_line(Duration::from_secs(30)).unwrap();
-        let v: Value = serde_json::from_str(&l).unwrap();
-        match v["line"].as_str() {
-            Some(t) => lines.push(t.to_string()),
+        let r = ctl.recv(Duration::from_secs(30)).unwrap();
+        assert!(r.ok, "{r:?}");
+        match r.line {
+            Some(t) => lines.push(t),
             None => break,
         }
     }

@@ -4,9 +4,9 @@
 //! answers once the process has exited. A command past its timeout, or still running at
 //! shutdown, has its process group killed.
 
-use crate::control::{ExecResult, Response};
 use crate::reaper::{ChildId, Reaper};
 use crate::sys::{ExecPlan, Exit, Sig, Syscall};
+use caisson_layout::control::{ExecResult, Response};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;

@@ -6,141 +6,21 @@
 mod gate;
 
 pub use gate::{Channel, DebugConfig, DebugConfigError, ExecGate, DEBUG_CONFIG_PATH};
+// The protocol's messages live with its client in `caisson_layout::control`; stage 2's
+// dispatcher reaches the ones it answers with through here.
+pub use caisson_layout::control::{
+    Request, Response, Status, EXEC_TIMEOUT_DEFAULT_S, EXEC_TIMEOUT_MAX_S,
+};
 
 use crate::logs;
-use crate::supervisor::ServiceStatus;
-use serde::{Deserialize, Serialize};
+use caisson_layout::control::MAX_REQUEST_LINE;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    Status,
-    Start {
-        service: String,
-    },
-    Stop {
-        service: String,
-    },
-    Restart {
-        service: String,
-    },
-    Logs {
-        service: String,
-        #[serde(default)]
-        follow: bool,
-        #[serde(default)]
-        lines: Option<usize>,
-    },
-    Reboot,
-    Poweroff,
-    /// Run one command as root and answer with its exit and output (see [`ExecResult`]).
-    Exec {
-        argv: Vec<String>,
-        /// Seconds before its process group is killed; [`EXEC_TIMEOUT_DEFAULT_S`] when absent.
-        #[serde(default)]
-        timeout_s: Option<u64>,
-    },
-}
-
-/// An `exec` without `timeout_s` is killed after this many seconds.
-pub const EXEC_TIMEOUT_DEFAULT_S: u64 = 60;
-/// The longest `timeout_s` an `exec` may ask for.
-pub const EXEC_TIMEOUT_MAX_S: u64 = 3600;
-
-/// How an `exec` ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecResult {
-    /// Its exit code, when it exited.
-    pub code: Option<i32>,
-    /// The signal that killed it, when one did.
-    pub signal: Option<i32>,
-    /// stdout and stderr as they came (one pipe), lossily UTF-8, at most 1 MiB.
-    pub output: String,
-    /// The output was longer than what `output` holds.
-    pub truncated: bool,
-    /// It ran past `timeout_s` and was killed.
-    pub timed_out: bool,
-}
-
-impl Request {
-    /// How long a client may have to wait for this request's answer.
-    pub fn answer_within(&self) -> std::time::Duration {
-        let s = match self {
-            Request::Exec { timeout_s, .. } => {
-                timeout_s
-                    .unwrap_or(EXEC_TIMEOUT_DEFAULT_S)
-                    .min(EXEC_TIMEOUT_MAX_S)
-                    + 30
-            }
-            _ => 30,
-        };
-        std::time::Duration::from_secs(s)
-    }
-}
-
-/// The machine as `status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub version: String,
-    pub slot: String,
-    pub ready: bool,
-    pub shutting_down: bool,
-    pub services: Vec<ServiceStatus>,
-    /// The network (interface, address, state); absent from older inits.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<crate::network::NetStatus>,
-    /// The init's resident memory (VmRSS) in KiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_rss_kib: Option<u64>,
-    /// The kernel's host name (provisioned or `caisson`); absent from older inits.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-}
-
-/// An answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
-    /// One log line (`logs` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub line: Option<String>,
-    /// How the command ended (`exec` only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exec: Option<ExecResult>,
-}
-
-impl Response {
-    pub fn ok() -> Self {
-        Response {
-            ok: true,
-            ..Default::default()
-        }
-    }
-
-    pub fn error(e: impl ToString) -> Self {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Default::default()
-        }
-    }
-}
-
 /// Answers the requests that need the supervisor (everything but `logs`).
 pub type Dispatch = Arc<dyn Fn(Request) -> Response + Send + Sync>;
-
-/// The longest request line the init reads. A longer one is refused and skipped without being
-/// kept in memory (an `exec` with its arguments fits many times over).
-pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 
 /// One request line read from a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -264,7 +144,7 @@ fn serve_logs<W: Write>(
         Err(e) => return send(w, &Response::error(format!("no log for {service}: {e}"))),
     };
     for l in tail {
-        send(w, &line(l))?;
+        send(w, &Response::line(l))?;
     }
     if follow {
         let mut failed = None;
@@ -274,7 +154,7 @@ fn serve_logs<W: Write>(
             let r = if l.is_empty() {
                 w.write_all(b"\n").and_then(|_| w.flush())
             } else {
-                send(w, &line(l.to_string()))
+                send(w, &Response::line(l))
             };
             match r {
                 Ok(()) => true,
@@ -287,14 +167,6 @@ fn serve_logs<W: Write>(
         return failed.map_or(Ok(()), Err);
     }
     send(w, &Response::ok())
-}
-
-fn line(l: String) -> Response {
-    Response {
-        ok: true,
-        line: Some(l),
-        ..Default::default()
-    }
 }
 
 /// Accept connections on `path` forever, one thread per connection. The socket is root's alone:
@@ -430,71 +302,6 @@ pub fn serve_virtio(
             }
         })?;
     Ok(())
-}
-
-/// A client of the control socket (used by `caisson-ctl`).
-pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-/// A control client failure.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "connecting to {path} failed (is this a Caisson machine, and are you root?): {source}"
-    )]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("talking to the init failed: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the init sent something that is not a response: {0}")]
-    Protocol(#[from] serde_json::Error),
-    #[error("the init closed the connection")]
-    Closed,
-}
-
-impl Client {
-    pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Client {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        })
-    }
-
-    /// Send a request.
-    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
-        let mut text = serde_json::to_string(req)?;
-        text.push('\n');
-        self.writer.write_all(text.as_bytes())?;
-        Ok(())
-    }
-
-    /// Read the next response (skipping heartbeats).
-    pub fn recv(&mut self) -> Result<Response, ClientError> {
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                return Err(ClientError::Closed);
-            }
-            if !line.trim().is_empty() {
-                return Ok(serde_json::from_str(&line)?);
-            }
-        }
-    }
-
-    /// Send a request and read its one response.
-    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
-        self.send(req)?;
-        self.recv()
-    }
 }
 
 #[cfg(test)]

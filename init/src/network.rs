@@ -5,7 +5,10 @@
 
 use crate::dhcp::{self, DhcpError, Lease, Transport};
 use crate::netdev::{self, NetdevError};
-use serde::{Deserialize, Serialize};
+/// How the interface gets its address, and what `caisson-ctl status` shows of the network: part
+/// of the control protocol, so they live in `caisson_layout::control`.
+pub use caisson_layout::control::{NetStatus, NetworkMode as Mode};
+use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,16 +20,6 @@ pub const CONFIG_PATH: &str = "/etc/caisson/network.toml";
 pub const RESOLV_PATH: &str = "/run/caisson/resolv.conf";
 /// The pseudo-service name services put in `after` to wait for the network.
 pub const PSEUDO_SERVICE: &str = "network";
-
-/// How the interface gets its address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Dhcp,
-    Static,
-    Off,
-}
 
 /// `/etc/caisson/network.toml` (every field optional).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -128,21 +121,6 @@ impl NetworkConfig {
             }),
         }
     }
-}
-
-/// The network as `caisson-ctl status` shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetStatus {
-    /// `configuring`, `up`, `failed` or `off`.
-    pub state: String,
-    pub interface: Option<String>,
-    pub mode: Option<Mode>,
-    /// `a.b.c.d/prefix`.
-    pub address: Option<String>,
-    pub gateway: Option<String>,
-    #[serde(default)]
-    pub dns: Vec<String>,
-    pub error: Option<String>,
 }
 
 /// Physical Ethernet interfaces under `<root>/sys/class/net`, by name: type 1 (ARPHRD_ETHER)

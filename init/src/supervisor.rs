@@ -12,7 +12,7 @@ use crate::reaper::{ChildId, Reaper};
 use crate::service::{Kind, ReadyCheck, Restart, ServiceError, ServiceSpec};
 use crate::sys::{ExecPlan, Exit, Pid, Sig, Syscall};
 use crate::users;
-use serde::Serialize;
+use caisson_layout::control::ServiceStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -114,19 +114,6 @@ pub enum Notice {
     Healthy,
     /// Shutdown requested and every service has stopped.
     ShutdownDone,
-}
-
-/// One service as `status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ServiceStatus {
-    pub name: String,
-    pub state: String,
-    pub pid: Option<Pid>,
-    pub ready: bool,
-    pub required: bool,
-    pub restarts: u32,
-    pub last_exit: Option<String>,
-    pub error: Option<String>,
 }
 
 /// A control request on a service that cannot be done.

@@ -2,8 +2,9 @@
 //!
 //! Builder, init and updater import these facts and never restate them: partition types and labels,
 //! slot names, boot entry names and their boot counters, the kernel command line keys, the paths on
-//! the ESP and in the root, how a partition is found by PARTUUID, the os-release fields, the dm-verity hash tree format, and the one
-//! control request other parts send the init (a reboot).
+//! the ESP and in the root, how a partition is found by PARTUUID, the os-release fields, the
+//! dm-verity hash tree format, and the init's control protocol with its one client
+//! ([`control::Client`]).
 
 pub mod blockdev;
 pub mod cmdline;

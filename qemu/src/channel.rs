@@ -1,7 +1,8 @@
 //! The guest channel: a virtio-serial port whose host end is a unix socket.
 //!
 //! The init listens on the port named [`caisson_layout::paths::VIRTIO_CONTROL_PORT`] and speaks
-//! JSON lines; this module only moves lines, the init defines the messages.
+//! its control protocol, JSON lines whose messages and client are `caisson_layout::control`'s.
+//! `LineConn` moves lines for QMP.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::QemuError;
+use caisson_layout::control::{Client, ClientError, Request, Response};
 
 /// How long [`Control::request`] waits for an answer.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,11 +81,12 @@ impl LineConn {
     }
 }
 
-/// A connection to the guest's control port.
+/// A connection to the guest's control port: the init's control protocol
+/// ([`caisson_layout::control`]) through its one client.
 #[derive(Debug)]
 pub struct Control {
     path: PathBuf,
-    conn: LineConn,
+    client: Client,
     timeout: Duration,
 }
 
@@ -93,7 +96,7 @@ impl Control {
         let stream = UnixStream::connect(path).map_err(QemuError::io("connect to", path))?;
         Ok(Control {
             path: path.to_path_buf(),
-            conn: LineConn::new(stream),
+            client: Client::over(stream, path.display().to_string()),
             timeout: DEFAULT_REQUEST_TIMEOUT,
         })
     }
@@ -103,7 +106,30 @@ impl Control {
         self.timeout = timeout;
     }
 
-    /// Sends one line and returns the next line the guest sends back.
+    /// Sends `req` and returns the init's answer, waiting as long as the request may take
+    /// ([`Request::answer_within`]).
+    pub fn call(&mut self, req: &Request) -> Result<Response, QemuError> {
+        self.call_within(req, req.answer_within())
+    }
+
+    /// [`Control::call`] with its own timeout.
+    pub fn call_within(&mut self, req: &Request, timeout: Duration) -> Result<Response, QemuError> {
+        self.send_request(req)?;
+        self.recv(timeout)
+    }
+
+    /// Sends `req` without waiting for an answer (`logs`: read its lines with [`Control::recv`]).
+    pub fn send_request(&mut self, req: &Request) -> Result<(), QemuError> {
+        self.client.send(req).map_err(|e| self.error(e))
+    }
+
+    /// Reads the init's next answer (heartbeats skipped), waiting at most `timeout` for it.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Response, QemuError> {
+        self.client.recv(timeout).map_err(|e| self.error(e))
+    }
+
+    /// Sends one line as it is and returns the next line the guest sends back. For probes that
+    /// are not requests; requests go through [`Control::call`].
     pub fn request(&mut self, line: &str) -> Result<String, QemuError> {
         self.request_timeout(line, self.timeout)
     }
@@ -114,29 +140,27 @@ impl Control {
         self.read_line(timeout)
     }
 
-    /// Sends one line without waiting for an answer.
+    /// Sends one line as it is, without waiting for an answer.
     pub fn send(&mut self, line: &str) -> Result<(), QemuError> {
-        self.conn
-            .write_line(line)
-            .map_err(QemuError::io("write to", &self.path))
+        self.client.send_line(line).map_err(|e| self.error(e))
     }
 
-    /// Reads the next line the guest sends.
+    /// Reads the next line the guest sends, as it is.
     pub fn read_line(&mut self, timeout: Duration) -> Result<String, QemuError> {
-        let deadline = Instant::now() + timeout;
-        match self
-            .conn
-            .read_line(deadline)
-            .map_err(QemuError::io("read from", &self.path))?
-        {
-            Line::Text(t) => Ok(t),
-            Line::Eof => Err(QemuError::ChannelClosed {
-                path: self.path.clone(),
-            }),
-            Line::TimedOut => Err(QemuError::ChannelTimeout {
+        self.client.read_line(timeout).map_err(|e| self.error(e))
+    }
+
+    /// The harness's error for a client error: a timeout or a close names the channel.
+    fn error(&self, e: ClientError) -> QemuError {
+        match e {
+            ClientError::TimedOut { timeout, .. } => QemuError::ChannelTimeout {
                 path: self.path.clone(),
                 timeout,
-            }),
+            },
+            ClientError::Closed { .. } => QemuError::ChannelClosed {
+                path: self.path.clone(),
+            },
+            other => QemuError::Control(other),
         }
     }
 }
@@ -172,5 +196,41 @@ mod tests {
         server.join().unwrap();
         let err = c.read_line(Duration::from_secs(2)).unwrap_err();
         assert!(matches!(err, QemuError::ChannelClosed { .. }), "{err}");
+    }
+
+    #[test]
+    fn call_sends_a_typed_request_and_reads_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(&s));
+            let first = lines.next().unwrap().unwrap();
+            (&s).write_all(b"\n{\"ok\":false,\"error\":\"no\"}\n")
+                .unwrap();
+            let second = lines.next().unwrap().unwrap();
+            (&s).write_all(b"not json\n").unwrap();
+            // Wait for the client to go.
+            let _ = lines.next();
+            (first, second)
+        });
+        let mut c = Control::connect(&path).unwrap();
+        let r = c.call(&Request::Poweroff).unwrap();
+        assert_eq!(r, Response::error("no"));
+        let err = c
+            .call_within(
+                &Request::Start {
+                    service: "x".into(),
+                },
+                Duration::from_secs(5),
+            )
+            .unwrap_err();
+        assert!(matches!(err, QemuError::Control(_)), "{err}");
+        assert!(err.to_string().contains("not json"), "{err}");
+        drop(c);
+        let (first, second) = server.join().unwrap();
+        assert_eq!(first, r#"{"cmd":"poweroff"}"#);
+        assert_eq!(second, r#"{"cmd":"start","service":"x"}"#);
     }
 }

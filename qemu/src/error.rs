@@ -74,6 +74,9 @@ pub enum QemuError {
     /// The guest closed the control channel.
     #[error("the control channel {path} closed before an answer")]
     ChannelClosed { path: PathBuf },
+    /// The control channel carried something the init's protocol does not allow.
+    #[error(transparent)]
+    Control(caisson_layout::control::ClientError),
     /// A bad option.
     #[error("invalid option: {0}")]
     Invalid(String),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub use caisson_layout::control::{Request, Response};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -184,38 +185,34 @@ pub fn boot(disk: &Path) -> caisson_qemu::Vm {
     caisson_qemu::Vm::launch(opts).expect("launching QEMU")
 }
 
-/// One request on the init's control channel, its answer parsed.
-pub fn request(vm: &caisson_qemu::Vm, line: &str) -> serde_json::Value {
+/// One request on the init's control channel, its answer as JSON for the tests to pick at.
+pub fn request(vm: &caisson_qemu::Vm, req: &Request) -> serde_json::Value {
+    let answer = call(vm, req);
+    serde_json::to_value(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+/// One request on the init's control channel, its answer as the init sent it.
+pub fn call(vm: &caisson_qemu::Vm, req: &Request) -> Response {
     let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(line, std::time::Duration::from_secs(30))
-        .expect("the init answers on the control channel");
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    ctl.call(req)
+        .unwrap_or_else(|e| panic!("the init answers {req:?} on the control channel: {e}"))
 }
 
 /// Runs `argv` in the guest through the control channel's `exec` and returns the init's answer.
-pub fn exec(
-    vm: &caisson_qemu::Vm,
-    argv: &[&str],
-    timeout_s: u64,
-) -> caisson_init::control::Response {
-    use caisson_init::control::{Request, Response};
-    let req = Request::Exec {
-        argv: argv.iter().map(|a| a.to_string()).collect(),
-        timeout_s: Some(timeout_s),
-    };
-    let line = serde_json::to_string(&req).unwrap();
-    let mut ctl = vm.control().expect("connecting to the guest channel");
-    let answer = ctl
-        .request_timeout(&line, req.answer_within())
-        .expect("the init answers an exec");
-    serde_json::from_str::<Response>(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+pub fn exec(vm: &caisson_qemu::Vm, argv: &[&str], timeout_s: u64) -> Response {
+    call(
+        vm,
+        &Request::Exec {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            timeout_s: Some(timeout_s),
+        },
+    )
 }
 
 /// Asks the init to power off and waits for a clean exit.
 pub fn poweroff(vm: &mut caisson_qemu::Vm) {
-    let answer = request(vm, r#"{"cmd":"poweroff"}"#);
-    assert_eq!(answer["ok"], true, "{answer}");
+    let answer = call(vm, &Request::Poweroff);
+    assert!(answer.ok, "{answer:?}");
     match vm.wait_exit(std::time::Duration::from_secs(90)) {
         Ok(status) => assert!(status.success(), "QEMU exited with {status}"),
         Err(e) => {

@@ -1,7 +1,7 @@
 //! caisson-ctl: talk to the init over its control socket.
 
 use anyhow::{bail, Context, Result};
-use caisson_init::control::{Client, Request, Response};
+use caisson_layout::control::{Client, Request, Response, ANSWER_TIMEOUT, EXEC_TIMEOUT_DEFAULT_S};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -60,7 +60,7 @@ enum Command {
     /// exit with its code; its stdout and stderr come back together.
     Exec {
         /// Seconds before its process group is killed.
-        #[arg(long, default_value_t = caisson_init::control::EXEC_TIMEOUT_DEFAULT_S)]
+        #[arg(long, default_value_t = EXEC_TIMEOUT_DEFAULT_S)]
         timeout: u64,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -188,7 +188,8 @@ fn status(client: &mut Client, json: bool) -> Result<()> {
 fn logs(client: &mut Client, req: Request) -> Result<()> {
     client.send(&req)?;
     loop {
-        let r = check(client.recv()?)?;
+        // While following, the init sends a heartbeat (a blank line) when the log is quiet.
+        let r = check(client.recv(ANSWER_TIMEOUT)?)?;
         match r.line {
             Some(l) => println!("{l}"),
             None => return Ok(()),

@@ -1,6 +1,7 @@
 //! The control protocol's unit tests.
 
 use super::*;
+use caisson_layout::control::Client;
 
 #[test]
 fn wire_format() {
@@ -66,11 +67,12 @@ fn socket_round_trip_with_logs() {
         lines: Some(2),
     })
     .unwrap();
-    assert_eq!(c.recv().unwrap().line.as_deref(), Some("b"));
-    assert_eq!(c.recv().unwrap().line.as_deref(), Some("c"));
-    assert_eq!(c.recv().unwrap(), Response::ok());
-    c.writer.write_all(b"garbage\n").unwrap();
-    assert!(c.recv().unwrap().error.unwrap().contains("bad request"));
+    let recv = |c: &mut Client| c.recv(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(recv(&mut c).line.as_deref(), Some("b"));
+    assert_eq!(recv(&mut c).line.as_deref(), Some("c"));
+    assert_eq!(recv(&mut c), Response::ok());
+    c.send_line("garbage").unwrap();
+    assert!(recv(&mut c).error.unwrap().contains("bad request"));
 }
 
 fn echo_dispatch() -> Dispatch {
