@@ -155,7 +155,12 @@ pub fn run_until_ready(
     // listener the image does not have. A machine that does not answer is switched off hard.
     let asked = vm
         .control()
-        .and_then(|mut c| c.request_timeout(r#"{"cmd":"poweroff"}"#, Duration::from_secs(10)))
+        .and_then(|mut c| {
+            c.call_within(
+                &caisson_layout::control::Request::Poweroff,
+                Duration::from_secs(10),
+            )
+        })
         .is_ok();
     if !asked || vm.wait_exit(Duration::from_secs(60)).is_err() {
         vm.kill()?;
