@@ -4,6 +4,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use regex::Regex;
 
@@ -114,7 +115,14 @@ pub(crate) struct Console {
     raw: Vec<u8>,
     /// Offset in `raw` where the next search starts.
     cursor: usize,
+    /// An unfinished last line that matched: where it starts, how long `raw` was, and since
+    /// when it has not grown.
+    unfinished: Option<(usize, usize, Instant)>,
 }
+
+/// How long an unfinished last line (a prompt) must stay as it is before it counts as a match:
+/// a line QEMU is still writing (a ready line cut in two by a busy host) must not.
+const SETTLED: Duration = Duration::from_millis(500);
 
 impl Console {
     pub(crate) fn new(path: &Path) -> Console {
@@ -122,6 +130,7 @@ impl Console {
             path: path.to_path_buf(),
             raw: Vec::new(),
             cursor: 0,
+            unfinished: None,
         }
     }
 
@@ -152,24 +161,43 @@ impl Console {
             .join("\n")
     }
 
-    /// Finds the first line after the cursor that matches, including an unfinished last line
-    /// (a prompt), and moves the cursor past it.
+    /// Finds the first line after the cursor that matches, and moves the cursor past it. An
+    /// unfinished last line (a prompt) matches only once it has not grown for [`SETTLED`], so
+    /// that half of a line QEMU is still writing is never taken for the whole.
     pub(crate) fn find(&mut self, pattern: &Pattern) -> Option<String> {
         let mut start = self.cursor;
         while start < self.raw.len() {
             let rest = &self.raw[start..];
-            let (line, next) = match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => (&rest[..i], start + i + 1),
-                None => (rest, self.raw.len()),
+            let (line, next, finished) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => (&rest[..i], start + i + 1, true),
+                None => (rest, self.raw.len(), false),
             };
             let line = clean_line(&String::from_utf8_lossy(line));
             if pattern.is_match(&line) {
+                if !finished && !self.settled(start) {
+                    return None;
+                }
                 self.cursor = next;
+                self.unfinished = None;
                 return Some(line);
             }
             start = next;
         }
         None
+    }
+
+    /// Whether the unfinished line at `start` has stayed as it is for [`SETTLED`].
+    fn settled(&mut self, start: usize) -> bool {
+        let now = Instant::now();
+        match self.unfinished {
+            Some((s, len, since)) if s == start && len == self.raw.len() => {
+                now.duration_since(since) >= SETTLED
+            }
+            _ => {
+                self.unfinished = Some((start, self.raw.len(), now));
+                false
+            }
+        }
     }
 
     /// The last `n` non-empty cleaned lines, for error messages.
@@ -206,10 +234,31 @@ mod tests {
         assert_eq!(c.find(&"ready".into()).as_deref(), Some("ready"));
         assert_eq!(c.find(&"ready".into()).as_deref(), Some("ready again"));
         assert_eq!(c.find(&"ready".into()), None);
+        // The prompt is an unfinished line: it counts once it has stayed as it is.
+        assert_eq!(c.find(&"Shell>".into()), None);
+        std::thread::sleep(SETTLED);
         assert_eq!(c.find(&"Shell>".into()).as_deref(), Some("Shell> "));
         let re = Pattern::regex("^bo+t$").unwrap();
         assert_eq!(c.find(&re), None, "the cursor is past it");
         assert!(c.tail(2).starts_with("ready again\n"), "{}", c.tail(2));
+    }
+
+    #[test]
+    fn half_a_line_is_not_the_line() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(b"caisson: ready ").unwrap();
+        let mut c = Console::new(&path);
+        c.refresh().unwrap();
+        assert_eq!(c.find(&"caisson: ready ".into()), None);
+        f.write_all(b"version=2.0.0 slot=a\n").unwrap();
+        c.refresh().unwrap();
+        assert_eq!(
+            c.find(&"caisson: ready ".into()).as_deref(),
+            Some("caisson: ready version=2.0.0 slot=a")
+        );
     }
 
     #[test]
