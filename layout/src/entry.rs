@@ -64,6 +64,18 @@ impl EntryName {
         }
     }
 
+    /// The name that marks the entry bad, as the Boot Loader Specification does for a used-up
+    /// entry (`+0-N`): systemd-boot sorts it after every entry with tries left or none counted,
+    /// and boots it only when nothing else is left. Tries already made are kept; a blessed
+    /// entry counts one.
+    pub fn marked_bad(&self) -> EntryName {
+        let done = self.counter.map_or(1, |c| c.done.max(1));
+        EntryName {
+            counter: Some(BootCounter { left: 0, done }),
+            ..self.clone()
+        }
+    }
+
     /// The entry id systemd-boot shows (the file name without counter and suffix).
     pub fn id(&self) -> String {
         format!("{PREFIX}{}-{}", self.version, self.slot)
@@ -173,6 +185,15 @@ mod tests {
             EntryName::new_tried("1.2.0", Slot::B).to_string(),
             "caisson-1.2.0-b+3-0.conf"
         );
+    }
+
+    #[test]
+    fn marked_bad_sorts_last() {
+        let blessed = EntryName::new_blessed("1.0.0", Slot::A);
+        assert_eq!(blessed.marked_bad().to_string(), "caisson-1.0.0-a+0-1.conf");
+        assert!(blessed.marked_bad().is_exhausted());
+        let tried = EntryName::parse("caisson-2.0.0-b+1-2.conf").unwrap();
+        assert_eq!(tried.marked_bad().to_string(), "caisson-2.0.0-b+0-2.conf");
     }
 
     #[test]

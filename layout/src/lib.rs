@@ -9,6 +9,7 @@
 pub mod blockdev;
 pub mod cmdline;
 pub mod control;
+pub mod corruption;
 pub mod entry;
 pub mod fleet_id;
 pub mod osrelease;

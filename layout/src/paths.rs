@@ -21,6 +21,9 @@ pub const REBOOT_NEEDED: &str = "/run/caisson/reboot-needed";
 /// slot of the fleet's reboot lock it took before the reboot only once this file exists; /run
 /// is empty again after each reboot.
 pub const BOOT_SETTLED: &str = "/run/caisson/boot-settled";
+/// Written by the init when the running root fails dm-verity verification
+/// ([`crate::corruption::VerityFailure`]): the updater copies no chunk from that slot.
+pub const VERITY_FAILED: &str = "/run/caisson/verity-failed";
 /// Per-service log files.
 pub const LOG_DIR: &str = "/var/log/caisson";
 /// The software bill of materials in the root.
