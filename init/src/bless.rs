@@ -65,6 +65,43 @@ pub fn is_counting(esp: &Path, version: &str, slot: Slot) -> Result<bool, BlessE
     }))
 }
 
+/// Every Caisson entry on the ESP mounted at `esp` (other files are skipped).
+pub fn entries(esp: &Path) -> Result<Vec<EntryName>, BlessError> {
+    let dir = esp.join(paths::ESP_ENTRIES_DIR);
+    let rd = std::fs::read_dir(&dir).map_err(|source| BlessError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| EntryName::parse(&e.file_name().to_string_lossy()).ok())
+        .collect())
+}
+
+/// Marks the entry of `version` in `slot` bad (`+0-N`, see [`EntryName::marked_bad`]), so that
+/// systemd-boot boots the other slot first. Returns the new name when something was renamed;
+/// an entry already marked needs nothing.
+pub fn mark_bad(esp: &Path, version: &str, slot: Slot) -> Result<Option<String>, BlessError> {
+    let dir = esp.join(paths::ESP_ENTRIES_DIR);
+    let Some(entry) = entries(esp)?
+        .into_iter()
+        .find(|e| e.version == version && e.slot == slot)
+    else {
+        return Ok(None);
+    };
+    let bad = entry.marked_bad();
+    if bad == entry {
+        return Ok(None);
+    }
+    let (from, to) = (dir.join(entry.to_string()), dir.join(bad.to_string()));
+    std::fs::rename(&from, &to).map_err(|source| BlessError::Rename {
+        from: from.clone(),
+        to: to.clone(),
+        source,
+    })?;
+    Ok(Some(bad.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +139,28 @@ mod tests {
         assert!(is_counting(tmp.path(), "3.0.0", Slot::B).unwrap());
         assert!(!is_counting(tmp.path(), "2.0.0", Slot::A).unwrap());
         assert!(!is_counting(tmp.path(), "3.0.0", Slot::A).unwrap());
+    }
+
+    #[test]
+    fn marking_bad_renames_our_entry_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("loader/entries");
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in ["caisson-1.0.0-a.conf", "caisson-2.0.0-b.conf", "other.conf"] {
+            std::fs::write(dir.join(n), "title x\n").unwrap();
+        }
+        let got = mark_bad(tmp.path(), "2.0.0", Slot::B).unwrap();
+        assert_eq!(got.as_deref(), Some("caisson-2.0.0-b+0-1.conf"));
+        assert!(dir.join("caisson-2.0.0-b+0-1.conf").exists());
+        assert!(dir.join("caisson-1.0.0-a.conf").exists());
+        assert_eq!(mark_bad(tmp.path(), "2.0.0", Slot::B).unwrap(), None);
+        assert_eq!(mark_bad(tmp.path(), "9.0.0", Slot::A).unwrap(), None);
+        let mut names: Vec<String> = entries(tmp.path())
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+0-1.conf"]);
     }
 }

@@ -1,6 +1,7 @@
 //! Device-mapper ioctls (`<linux/dm-ioctl.h>`, interface version 4), just enough to create a
 //! read-only `verity` device: `DM_VERSION`, `DM_DEV_CREATE`, `DM_TABLE_LOAD`, `DM_DEV_SUSPEND`
-//! (without the suspend flag: resume, which activates the loaded table).
+//! (without the suspend flag: resume, which activates the loaded table), and `DM_TABLE_STATUS`
+//! to read a target's status (the verity watch, [`crate::verity`]).
 //!
 //! The ioctl buffer is built as bytes by [`Buffer`], whose layout is unit-tested against the C
 //! struct offsets; the only unsafe code is the `ioctl(2)` call itself.
@@ -32,6 +33,9 @@ const OFF_UUID: usize = OFF_NAME + NAME_LEN;
 /// `DM_READONLY_FLAG`.
 pub const READONLY_FLAG: u32 = 1 << 0;
 
+/// `DM_BUFFER_FULL_FLAG`: the answer did not fit.
+pub const BUFFER_FULL_FLAG: u32 = 1 << 8;
+
 /// The interface version we speak (any 4.x kernel accepts 4.0.0).
 const VERSION: [u32; 3] = [4, 0, 0];
 
@@ -44,6 +48,7 @@ pub enum Cmd {
     DevRemove = 4,
     DevSuspend = 6,
     TableLoad = 9,
+    TableStatus = 12,
 }
 
 impl Cmd {
@@ -70,6 +75,15 @@ pub enum DmError {
     BadName(String),
     #[error("the verity table for {0:?} is too large")]
     TooLarge(String),
+    #[error("the status of {0:?} does not fit in the ioctl buffer")]
+    StatusTooLarge(String),
+}
+
+/// One target's line in a `DM_TABLE_STATUS` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetStatus {
+    pub target_type: String,
+    pub status: String,
 }
 
 /// An ioctl buffer: a `struct dm_ioctl` followed by its payload.
@@ -116,12 +130,61 @@ impl Buffer {
         ((dev & 0xff) | ((dev >> 12) & 0x000f_ff00)) as u32
     }
 
+    /// The targets of a `DM_TABLE_STATUS` answer: `target_count` specs from `data_start`, each
+    /// followed by its zero-terminated status; the kernel sets each `next` to the offset of the
+    /// following spec from `data_start`. What lies outside the buffer ends the list.
+    pub fn target_statuses(&self) -> Vec<TargetStatus> {
+        let b = &self.0;
+        let start = u32_at(b, OFF_DATA_START) as usize;
+        let count = u32_at(b, OFF_TARGET_COUNT);
+        let mut out = Vec::new();
+        let mut pos = 0usize;
+        for _ in 0..count {
+            let Some(spec) = start.checked_add(pos) else {
+                break;
+            };
+            let Some(text_at) = spec.checked_add(TARGET_SPEC_SIZE) else {
+                break;
+            };
+            if text_at > b.len() {
+                break;
+            }
+            out.push(TargetStatus {
+                target_type: c_str(&b[spec + 24..spec + 24 + TYPE_NAME_LEN]),
+                status: c_str(&b[text_at..]),
+            });
+            let next = u32_at(b, spec + 20) as usize;
+            if next <= pos {
+                break;
+            }
+            pos = next;
+        }
+        out
+    }
+
+    /// The flags the kernel answered with.
+    pub fn flags(&self) -> u32 {
+        u32_at(&self.0, OFF_FLAGS)
+    }
+
     /// The uuid field (zero-terminated); unused, but kept zeroed as the kernel requires.
     pub fn uuid_is_empty(&self) -> bool {
         self.0[OFF_UUID..OFF_UUID + UUID_LEN]
             .iter()
             .all(|&c| c == 0)
     }
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    b.get(off..off + 4)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u32::from_ne_bytes)
+}
+
+/// The text before the first zero byte.
+fn c_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 fn put_u32(b: &mut [u8], off: usize, v: u32) {
@@ -205,13 +268,33 @@ pub fn create_verity(name: &str, device: &Path, params: &VerityParams) -> Result
     Ok(resume.minor().max(create.minor()))
 }
 
+/// The control node, open: for a thread that asks for a device's status again and again.
+pub struct Control(File);
+
+impl Control {
+    pub fn open() -> Result<Control, DmError> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CONTROL)
+            .map(Control)
+            .map_err(DmError::Control)
+    }
+
+    /// The status of every target of the live table of `name` (`DM_TABLE_STATUS`, `STATUSTYPE_INFO`).
+    pub fn status(&self, name: &str) -> Result<Vec<TargetStatus>, DmError> {
+        let mut buf = Buffer::new(name, 0, &[])?;
+        ioctl(&self.0, Cmd::TableStatus, name, &mut buf)?;
+        if buf.flags() & BUFFER_FULL_FLAG != 0 {
+            return Err(DmError::StatusTooLarge(name.to_string()));
+        }
+        Ok(buf.target_statuses())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn u32_at(b: &[u8], off: usize) -> u32 {
-        u32::from_ne_bytes(b[off..off + 4].try_into().unwrap())
-    }
 
     #[test]
     fn ioctl_numbers_match_the_header() {
@@ -267,6 +350,43 @@ mod tests {
             )
         );
         assert_eq!(params[params.len() - 1], 0);
+    }
+
+    #[test]
+    fn table_status_answers_are_read_by_next_from_data_start() {
+        assert_eq!(Cmd::TableStatus.request(), 0xc138_fd0c);
+        let mut b = Buffer::new("caisson-root", 0, &[]).unwrap();
+        // What the kernel writes: two specs, each followed by its status, padded to 8 bytes.
+        let mut put_spec = |at: usize, ty: &str, status: &str, next: u32| {
+            let spec = DM_IOCTL_SIZE + at;
+            b.0[spec + 20..spec + 24].copy_from_slice(&next.to_ne_bytes());
+            b.0[spec + 24..spec + 24 + ty.len()].copy_from_slice(ty.as_bytes());
+            let text = spec + TARGET_SPEC_SIZE;
+            b.0[text..text + status.len()].copy_from_slice(status.as_bytes());
+        };
+        put_spec(0, "verity", "V", 48);
+        put_spec(48, "linear", "", 96);
+        put_u32(&mut b.0, OFF_TARGET_COUNT, 2);
+        let got = b.target_statuses();
+        assert_eq!(
+            got,
+            [
+                TargetStatus {
+                    target_type: "verity".into(),
+                    status: "V".into()
+                },
+                TargetStatus {
+                    target_type: "linear".into(),
+                    status: String::new()
+                }
+            ]
+        );
+        // A count beyond what the buffer holds stops at its end, never past it.
+        put_u32(&mut b.0, OFF_TARGET_COUNT, 1000);
+        let n = b.target_statuses().len();
+        assert!((2..1000).contains(&n), "{n}");
+        let empty = Buffer::new("x", 0, &[]).unwrap();
+        assert!(empty.target_statuses().is_empty());
     }
 
     #[test]

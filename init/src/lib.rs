@@ -15,6 +15,7 @@ pub mod control;
 pub mod deps;
 pub mod dhcp;
 pub mod dm;
+pub mod esp;
 pub mod expedite;
 pub mod fatal;
 pub mod grow;
@@ -32,6 +33,7 @@ pub mod stage2;
 pub mod supervisor;
 pub mod sys;
 pub mod users;
+pub mod verity;
 
 /// The init's name and version, for logs.
 pub const VERSION_LINE: &str = concat!("caisson-init ", env!("CARGO_PKG_VERSION"));
