@@ -72,7 +72,7 @@ pub enum Event {
     Signal(i32),
     Control(Request, Sender<Response>),
     Blessed,
-    /// A tried boot did not become healthy in time: reboot.
+    /// A tried boot did not become healthy in time, or the root failed verification: reboot.
     Unhealthy,
     /// The network is configured or gave up waiting (see [`crate::network`]).
     NetworkSettled,
@@ -421,6 +421,12 @@ fn run(sys: Arc<dyn Syscall>) -> Result<Power, Stage2Error> {
     }
     let debug = id.params.as_ref().is_some_and(|p| p.debug);
     start_control(tx.clone(), &modules, control::ExecGate::new(debug));
+    let reboot = tx.clone();
+    crate::verity::start(
+        id.params.clone(),
+        modules.clone(),
+        Box::new(move || drop(reboot.send(Event::Unhealthy))),
+    );
     steps.mark("threads");
     log::info!("{}", steps.line());
     let watchdog = (config.unhealthy_reboot_s > 0).then(|| {
@@ -749,6 +755,7 @@ fn control_request(
                     hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                         .ok()
                         .map(|h| h.trim().to_string()),
+                    degraded: crate::verity::degraded(),
                 }),
                 ..Default::default()
             }

@@ -162,6 +162,9 @@ fn status(client: &mut Client, json: bool) -> Result<()> {
                 .unwrap_or_default()
         );
     }
+    if let Some(why) = &st.degraded {
+        println!("DEGRADED: {why}");
+    }
     if let Some(kib) = st.init_rss_kib {
         println!("init memory {kib} KiB");
     }

@@ -48,6 +48,7 @@ fn socket_round_trip_with_logs() {
                 network: None,
                 init_rss_kib: None,
                 hostname: Some("web-1".into()),
+                degraded: None,
             }),
             ..Default::default()
         },

@@ -131,6 +131,10 @@ pub struct Status {
     /// The kernel's host name (provisioned or `caisson`); absent from older inits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Why the machine runs degraded (its root failed verification and no other slot can be
+    /// booted, init/VERITY.md); absent while it is not, and from older inits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 /// One service as `status` reports it.
