@@ -827,6 +827,7 @@ fn time_apply_core(w: &Work, dir: &Path, rel: &Release, bundle_url: &str) -> Res
         esp: &esp,
         booted: &booted,
         chunk_cache: None,
+        running_slot_failed: false,
     };
     let t = Instant::now();
     let (_, stats) = apply::apply(

@@ -144,6 +144,9 @@ pub struct Target<'a> {
     /// Where the chunk indexes of installed slots are kept ([`chunk_cache`]); `None`: none are
     /// read or written.
     pub chunk_cache: Option<&'a Path>,
+    /// The running slot failed dm-verity verification in this boot (the init's record,
+    /// [`crate::failed_slot`]): no chunk is copied from it, every chunk is fetched.
+    pub running_slot_failed: bool,
 }
 
 /// Test hooks: stop after a step, as a power cut would.
@@ -444,6 +447,13 @@ fn local_chunks(
     index: &ChunkIndex,
 ) -> (Local, bool) {
     let mut local = HashMap::new();
+    if t.running_slot_failed {
+        log::warn!(
+            "slot {} failed verification in this boot: no chunk is copied from it, every chunk is fetched",
+            t.booted.slot
+        );
+        return (local, false);
+    }
     let Some(v) = t.booted.verity else {
         return (local, false);
     };

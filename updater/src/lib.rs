@@ -10,6 +10,7 @@ pub mod channel;
 pub mod chunk_cache;
 pub mod config;
 pub mod download;
+pub mod failed_slot;
 pub mod machine;
 pub mod reboot;
 pub mod record;

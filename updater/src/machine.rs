@@ -33,6 +33,9 @@ pub struct Machine {
     pub machine_id: String,
     /// Caps and deadlines of every network read.
     pub net: Limits,
+    /// The init's record of a root that failed verification in this boot
+    /// ([`paths::VERITY_FAILED`]): no chunk is copied from the slot it names.
+    pub verity_failed: PathBuf,
     /// Keeps the ESP mounted while the machine is in use.
     _esp_mount: Option<EspMount>,
 }
@@ -114,6 +117,7 @@ impl Machine {
             records: Records::new(Path::new(record::STATE_DIR)),
             machine_id: std::fs::read_to_string("/etc/machine-id").unwrap_or_default(),
             net: Limits::default(),
+            verity_failed: PathBuf::from(paths::VERITY_FAILED),
             _esp_mount: Some(mount),
         })
     }
@@ -137,6 +141,7 @@ impl Machine {
             records: Records::new(state_dir),
             machine_id: machine_id.to_string(),
             net: Limits::default(),
+            verity_failed: PathBuf::from(paths::VERITY_FAILED),
             _esp_mount: None,
         }
     }
@@ -302,6 +307,7 @@ impl Machine {
             esp: &self.esp,
             booted: &self.booted,
             chunk_cache: Some(&chunk_cache),
+            running_slot_failed: crate::failed_slot::failed(&self.verity_failed, self.booted.slot),
         };
         let mut recorder = Recorder {
             inner: progress,

@@ -655,6 +655,42 @@ fn one_block_inserted_fetches_a_few_chunks_and_the_running_kernel_is_reused() {
 }
 
 #[test]
+fn a_running_slot_that_failed_verification_gives_no_chunk() {
+    let f = fixture();
+    let mut seeds: Vec<String> = (0..600).map(|b| format!("{b}")).collect();
+    seeds.insert(300, "new".into());
+    let (root, v) = payload_of(f.dir.path(), "2.0.0", &seeds);
+    release_root(&f, "2.0.0", &root, v);
+    let url = serve(&f);
+    let mut m = machine(&f, "1.0.0", Slot::A, f.v1);
+    // The init's record (init/VERITY.md): slot A, the running one, read a corrupted block.
+    m.verity_failed = f.dir.path().join("verity-failed");
+    std::fs::write(&m.verity_failed, "slot=a block=17\n").unwrap();
+    let offer = m.check(&url).unwrap().unwrap();
+    let stats = m.apply_offer(&offer, &mut Seen::default()).unwrap();
+    assert_eq!(stats.copied, 0, "{stats:?}");
+    assert!(stats.fetched > 0 && !stats.local_index_cached, "{stats:?}");
+    let want = std::fs::read(&root).unwrap();
+    assert_eq!(slot_bytes(&f, Part::RootB, want.len()), want);
+}
+
+#[test]
+fn a_failure_record_of_the_other_slot_still_copies_from_the_running_one() {
+    let f = fixture();
+    let mut seeds: Vec<String> = (0..600).map(|b| format!("{b}")).collect();
+    seeds.insert(300, "new".into());
+    let (root, v) = payload_of(f.dir.path(), "2.0.0", &seeds);
+    release_root(&f, "2.0.0", &root, v);
+    let url = serve(&f);
+    let mut m = machine(&f, "1.0.0", Slot::A, f.v1);
+    m.verity_failed = f.dir.path().join("verity-failed");
+    std::fs::write(&m.verity_failed, "slot=b block=unknown\n").unwrap();
+    let offer = m.check(&url).unwrap().unwrap();
+    let stats = m.apply_offer(&offer, &mut Seen::default()).unwrap();
+    assert!(stats.copied > stats.fetched * 10, "{stats:?}");
+}
+
+#[test]
 fn scattered_changed_blocks_fetch_a_chunk_each() {
     let f = fixture();
     // Six blocks of 600 (1 %), far apart.
