@@ -2,7 +2,9 @@
 //! - over HTTP: `caisson serve` on the host serves a channel holding a signed v2; a machine running
 //!   v1 is provisioned (fw_cfg) with the channel URL and the update agent, which finds v2, writes
 //!   slot B and reboots; the init blesses v2 and `caisson-update status --json` reports the
-//!   success (the guest reaches the host at 10.0.2.2 through QEMU's user network);
+//!   success (the guest reaches the host at 10.0.2.2 through QEMU's user network); then a block
+//!   of slot B changes on disk and is read through the verity device: the init reports it, marks
+//!   2.0.0's blessed entry bad and reboots into 1.0.0 in slot A (init/VERITY.md);
 //! - from a file in the state partition (the guest has no network):
 //! - a machine running v2 applies a v3 that never becomes healthy: the init reboots each try,
 //!   systemd-boot tries v3 three times, then boots v2 again, which says "rolled back from
@@ -31,15 +33,25 @@ use std::time::{Duration, Instant};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// Where the test puts the bundle to apply, under `/var`.
 const INBOX: &str = "lib/caisson/inbox";
+/// Where the test images carry the build host's static busybox (Debian's busybox-static, which
+/// ci/deps installs), for `exec` on the control channel.
+const BUSYBOX: &str = "/usr/bin/busybox";
 /// Seconds a tried boot may stay unhealthy before the init reboots it (the default is 300).
 const UNHEALTHY_REBOOT_S: u64 = 10;
 
 /// images/minimal.toml plus caisson-update, the test's public key, a oneshot service that applies
-/// whatever bundle waits in the state partition's inbox and reboots, and a oneshot `status`
-/// (`caisson-update status --json`) the test starts through the control channel.
+/// whatever bundle waits in the state partition's inbox and reboots, a oneshot `status`
+/// (`caisson-update status --json`) the test starts through the control channel, and for
+/// `exec` on that channel: the debug file that turns it on and the build host's static busybox
+/// at [`BUSYBOX`] (minimal has no shell).
 fn test_spec(dir: &Path, keys: &Path, extra: &str) -> PathBuf {
     let ws = common::workspace();
-    std::fs::create_dir_all(dir.join("minimal/files/etc/caisson")).unwrap();
+    // The spec's `[[files]]` sources are relative to `<spec dir>/minimal/files`.
+    let files = dir.join("minimal/files");
+    std::fs::create_dir_all(files.join("etc/caisson")).unwrap();
+    let busybox = BUSYBOX.trim_start_matches('/');
+    std::fs::create_dir_all(files.join(busybox).parent().unwrap()).unwrap();
+    std::fs::copy("/bin/busybox", files.join(busybox)).unwrap();
     let mut init =
         std::fs::read_to_string(ws.join("images/minimal/files/etc/caisson/init.toml")).unwrap();
     init += &format!("unhealthy_reboot_s = {UNHEALTHY_REBOOT_S}\n");
@@ -54,6 +66,8 @@ fn test_spec(dir: &Path, keys: &Path, extra: &str) -> PathBuf {
         "version = \"1.0.0\"\n",
         "version = \"1.0.0\"\nbinaries = [\"caisson-update\"]\n",
     );
+    spec += &common::debug_files(&files);
+    spec += &format!("\n[[files]]\nsrc = \"{busybox}\"\ndst = \"{BUSYBOX}\"\nmode = \"0755\"\n");
     spec += &format!(
         r#"
 [update]
@@ -379,21 +393,111 @@ fn v1_finds_a_signed_v2_over_http_and_runs_it_blessed_from_slot_b() {
     assert_eq!(status["record"]["last"]["version"], "2.0.0", "{status}");
     assert_eq!(status["record"]["pending"], Value::Null, "{status}");
     assert_eq!(status["rolled_back_from"], Value::Null, "{status}");
+    let to_v2 = t0.elapsed();
+
+    // Then a block of the running slot's root changes on disk and is read through the verity
+    // device: the init's watch sees the target turn corrupted, marks the blessed entry of 2.0.0
+    // bad and reboots into 1.0.0 in slot A (init/VERITY.md).
+    let t1 = Instant::now();
+    let ordinary = vm.console_text().unwrap();
+    assert!(
+        !ordinary.contains("failed verification") && !ordinary.contains("is corrupted"),
+        "no false alarm on the ordinary boots of v1 and v2"
+    );
+    let out = corrupt_and_read_root_block(&vm, CORRUPTED_BLOCK);
+    assert!(out.contains("data=vda3\n"), "root-b is partition 3: {out}");
+    assert!(
+        out.contains("read failed"),
+        "the block fails verification: {out}"
+    );
+    // dm-verity numbers data blocks from the start of the data device, the partition.
+    vm.wait_for(
+        format!("root slot b failed verification at block {CORRUPTED_BLOCK}").as_str(),
+        BOOT_TIMEOUT,
+    )
+    .unwrap();
+    vm.wait_for(
+        "boot entry of 2.0.0 in slot b now caisson-2.0.0-b+0-1.conf; rebooting into 1.0.0 in slot a",
+        BOOT_TIMEOUT,
+    )
+    .unwrap();
+    let ready = vm.wait_for("caisson: ready ", BOOT_TIMEOUT).unwrap();
+    assert!(ready.contains("version=1.0.0 slot=a"), "{ready}");
+    // The updater cannot tell a slot marked bad from a version that never became healthy (the
+    // failure record in /run is gone with the boot): it counts the fallback as a rollback and
+    // never offers 2.0.0 again.
+    vm.wait_for("rolled back from 2.0.0", BOOT_TIMEOUT).unwrap();
+    let s = request(&vm, r#"{"cmd":"status"}"#);
+    assert_eq!(s["status"]["degraded"], Value::Null, "{s}");
+    let console = vm.console_text().unwrap();
+    // From the last line seen before the corruption (it may have been unfinished then).
+    let since = ordinary.lines().count().saturating_sub(1);
+    let reports: Vec<&str> = console
+        .lines()
+        .skip(since)
+        .filter(|l| l.contains("failed verification"))
+        .collect();
+    assert_eq!(
+        reports.len(),
+        2,
+        "one report of the corruption, one line saying what was done, none on v1's boot: {reports:?}"
+    );
+    assert!(
+        !console.contains("not watching"),
+        "every boot watched its root's verity target"
+    );
     poweroff(&mut vm);
     drop(vm);
     drop(server);
     eprintln!(
-        "v1 -> v2 over HTTP: {:.1} s in QEMU",
-        t0.elapsed().as_secs_f64()
+        "v1 -> v2 over HTTP: {:.1} s in QEMU; slot B corrupted -> v1 in slot A: {:.1} s more",
+        to_v2.as_secs_f64(),
+        t1.elapsed().as_secs_f64()
     );
 
     let rec = record_on_disk(&disk, &dir);
-    assert_eq!(rec["last"]["result"], "succeeded", "{rec}");
-    assert_eq!(rec["last"]["version"], "2.0.0", "{rec}");
+    assert_eq!(rec["last"]["result"], "rolled-back", "{rec}");
+    assert_eq!(rec["last"]["from"], "2.0.0", "{rec}");
+    assert_eq!(rec["rejected"][0], "2.0.0", "{rec}");
     assert_eq!(
         entries(&disk, &dir),
-        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b.conf"]
+        ["caisson-1.0.0-a.conf", "caisson-2.0.0-b+0-1.conf"]
     );
+}
+
+/// The block of the running root [`corrupt_and_read_root_block`] changes.
+const CORRUPTED_BLOCK: u64 = 100;
+
+/// Through `exec`: overwrites 4 KiB block `block` of the partition under the root's verity
+/// device with random bytes, then reads that block through the verity device (direct I/O:
+/// nothing cached answers). Returns the output: `data=<partition>` and `read failed` or
+/// `read ok`.
+fn corrupt_and_read_root_block(vm: &Vm, block: u64) -> String {
+    let script = format!(
+        r#"set -e
+bb={BUSYBOX}
+dm=
+for d in /sys/block/dm-*; do
+  if [ "$($bb cat $d/dm/name)" = caisson-root ]; then dm=${{d##*/}}; fi
+done
+[ -n "$dm" ]
+data=$($bb ls /sys/block/$dm/slaves)
+echo "data=$data"
+$bb dd if=/dev/urandom of=/dev/$data bs=4096 seek={block} count=1 conv=notrunc,fsync oflag=direct
+echo 3 > /proc/sys/vm/drop_caches
+if $bb dd if=/dev/$dm of=/dev/null bs=4096 skip={block} count=1 iflag=direct; then
+  echo "read ok"
+else
+  echo "read failed"
+fi
+"#
+    );
+    let r = common::exec(vm, &[BUSYBOX, "sh", "-c", &script], 60);
+    let e = r
+        .exec
+        .unwrap_or_else(|| panic!("no exec result: {:?}", r.error));
+    assert_eq!((e.code, e.timed_out), (Some(0), false), "{e:?}");
+    e.output
 }
 
 /// Puts `version` (which fails on every try) in the inbox of a v2 machine: v2 applies it and
