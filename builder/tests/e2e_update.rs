@@ -21,6 +21,7 @@ mod common;
 
 use common::{poweroff, request, Server};
 
+use caisson_layout::control::Request;
 use caisson_layout::partition::Part;
 use caisson_qemu::{Disk, Vm, VmOptions};
 use serde_json::Value;
@@ -427,7 +428,7 @@ fn v1_finds_a_signed_v2_over_http_and_runs_it_blessed_from_slot_b() {
     // failure record in /run is gone with the boot): it counts the fallback as a rollback and
     // never offers 2.0.0 again.
     vm.wait_for("rolled back from 2.0.0", BOOT_TIMEOUT).unwrap();
-    let s = request(&vm, r#"{"cmd":"status"}"#);
+    let s = request(&vm, &Request::Status);
     assert_eq!(s["status"]["degraded"], Value::Null, "{s}");
     let console = vm.console_text().unwrap();
     // From the last line seen before the corruption (it may have been unfinished then).

@@ -136,6 +136,7 @@ fn status() -> Status {
         }),
         init_rss_kib: Some(2100),
         hostname: Some("web-1".into()),
+        degraded: None,
     }
 }
 
