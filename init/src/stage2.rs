@@ -852,20 +852,8 @@ fn start_watchdog(id: &Identity, tx: Sender<Event>) {
     }
 }
 
-/// A failure while blessing.
-#[derive(Debug, thiserror::Error)]
-pub enum BlessStepError {
-    #[error(transparent)]
-    Block(#[from] crate::blockdev::BlockError),
-    #[error("mounting the ESP {dev} at {}: {source}", paths::ESP_MOUNT)]
-    Mount {
-        dev: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Bless(#[from] crate::bless::BlessError),
-}
+/// A failure while blessing: the ESP could not be reached, or the entry not renamed.
+pub type BlessStepError = crate::esp::EspError;
 
 /// Mount the ESP, bless this boot's entry, unmount it.
 pub fn bless_now(sys: &dyn Syscall, params: &BootParams) -> Result<(), BlessStepError> {
@@ -884,32 +872,7 @@ fn with_esp<T>(
     params: &BootParams,
     f: impl FnOnce(&Path) -> Result<T, crate::bless::BlessError>,
 ) -> Result<T, BlessStepError> {
-    let dev = crate::blockdev::wait_for_partuuid(
-        Path::new("/"),
-        params.esp,
-        "ESP",
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-    )?;
-    let esp = Path::new(paths::ESP_MOUNT);
-    let _ = std::fs::create_dir_all(esp);
-    sys.mount(
-        &dev.to_string_lossy(),
-        esp,
-        "vfat",
-        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-        "umask=0077",
-    )
-    .map_err(|source| BlessStepError::Mount {
-        dev: dev.clone(),
-        source,
-    })?;
-    let result = f(esp);
-    sys.sync();
-    if let Err(e) = sys.unmount(esp, false) {
-        log::warn!("unmounting {}: {e}", paths::ESP_MOUNT);
-    }
-    Ok(result?)
+    crate::esp::with_esp(sys, params, Path::new(paths::ESP_MOUNT), f)
 }
 
 /// Disk filesystems from `/proc/self/mountinfo`, deepest first.
