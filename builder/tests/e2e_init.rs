@@ -249,12 +249,14 @@ fn host_services_exec_without_reading_the_loader() {
     vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
         .expect("host reaches ready");
     let console = vm.console_text().unwrap();
+    // containerd's pid from the kernel's own trace of its exec: a trace record is printed
+    // whole, while the init's "spawned containerd (pid N)" line can be cut by one.
     let pid: u32 = console
         .lines()
-        .find_map(|l| l.split("spawned containerd (pid ").nth(1))
-        .and_then(|r| r.split(')').next())
+        .find_map(|l| l.split("filename=/usr/bin/containerd pid=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no spawn line for containerd:\n{console}"));
+        .unwrap_or_else(|| panic!("no trace of containerd's exec:\n{console}"));
     let lines: Vec<&str> = console.lines().collect();
     let fork = lines
         .iter()
