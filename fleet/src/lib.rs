@@ -8,7 +8,7 @@
 //! - [`records`]: records in etcd this version cannot use: skipped, logged once, listed.
 //! - [`store`]: units, assignments, statuses, and the leader's scheduling pass.
 //! - [`lock`]: the reboot semaphore the updater's `etcd-lock` strategy uses.
-//! - [`agent`]: the agent loop and reconciliation against a [`agent::Runtime`].
+//! - [`agent`]: the agent loop, and reconciliation against an [`agent::Runtime`] (`agent::reconcile`).
 //! - [`containerd`]: the containerd runtime.
 //! - [`config`]: the agent configuration file, /etc/caisson/fleet.toml.
 //! - [`cli`]: the `caisson-fleet` command line.

@@ -1,0 +1,343 @@
+//! Reconciliation: what the containers on this machine should be, what they are, and the
+//! actions between; the [`Runtime`] trait the agent drives (containerd, or the in-memory
+//! [`super::FakeRuntime`] in tests); and the loop that runs the local units without etcd.
+
+use crate::config::Config;
+use crate::registry;
+use crate::store::UnitStatus;
+use crate::unit::{Restart, UnitError, UnitSpec};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// What went wrong running containers.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime cannot be reached.
+    #[error("container runtime at {endpoint}: {message}")]
+    Unavailable { endpoint: String, message: String },
+    /// An operation on one unit's container failed.
+    #[error("unit {unit}: {message}")]
+    Unit { unit: String, message: String },
+    /// The unit cannot start yet (its image is downloading); a later tick tries again.
+    #[error("unit {unit}: {message}")]
+    Pending { unit: String, message: String },
+}
+
+/// A container the agent manages, as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub unit: String,
+    /// The hash of the unit spec it was created from ([`spec_hash`]).
+    pub spec_hash: String,
+    pub state: ContainerState,
+    pub restarts: u32,
+}
+
+/// A container's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    Running,
+    Exited(u32),
+}
+
+/// The container runtime, behind a trait so reconciliation runs in plain tests.
+#[allow(async_fn_in_trait)]
+pub trait Runtime {
+    /// Every container the agent manages.
+    async fn list(&self) -> Result<Vec<Container>, RuntimeError>;
+    /// Gets what the unit needs before its container can be (re)created, without blocking the
+    /// tick: [`RuntimeError::Pending`] while that is under way (an image downloading).
+    async fn prepare(&self, _spec: &UnitSpec) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    /// Fetches the unit's image if needed, creates its container and starts it.
+    async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError>;
+    /// Starts an exited container again.
+    async fn restart(&self, unit: &str) -> Result<(), RuntimeError>;
+    /// Stops (SIGTERM, then SIGKILL) and deletes a unit's container.
+    async fn remove(&self, unit: &str) -> Result<(), RuntimeError>;
+    /// The last `lines` lines of a unit's output.
+    async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError>;
+}
+
+/// The hash that tells whether a container still matches its unit.
+pub fn spec_hash(spec: &UnitSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(&Sha256::digest(&json)[..8])
+}
+
+/// One step of reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create and start the unit's container.
+    Start(String),
+    /// Start the unit's exited container again (its restart policy says so).
+    Restart(String),
+    /// Remove the container and create it again (the unit changed).
+    Replace(String),
+    /// Remove the container (the unit is no longer this machine's).
+    Remove(String),
+}
+
+/// What to do to make `actual` match `desired`. Pure.
+pub fn actions(desired: &BTreeMap<String, UnitSpec>, actual: &[Container]) -> Vec<Action> {
+    let mut out = Vec::new();
+    let by_unit: BTreeMap<&str, &Container> = actual.iter().map(|c| (c.unit.as_str(), c)).collect();
+    for c in actual {
+        if !desired.contains_key(&c.unit) {
+            out.push(Action::Remove(c.unit.clone()));
+        }
+    }
+    for (name, spec) in desired {
+        match by_unit.get(name.as_str()) {
+            None => out.push(Action::Start(name.clone())),
+            Some(c) if c.spec_hash != spec_hash(spec) => out.push(Action::Replace(name.clone())),
+            Some(c) => {
+                if let ContainerState::Exited(code) = c.state {
+                    let again = match spec.restart {
+                        Restart::Always => true,
+                        Restart::OnFailure => code != 0,
+                        Restart::Never => false,
+                    };
+                    if again {
+                        out.push(Action::Restart(name.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Applies the actions; returns the error of each unit that failed or has to wait (others still
+/// proceed). A unit is started or replaced only once [`Runtime::prepare`] says its image is
+/// there, so a replaced container keeps running while the new image downloads.
+pub async fn apply<R: Runtime>(
+    rt: &R,
+    desired: &BTreeMap<String, UnitSpec>,
+    actions: &[Action],
+) -> BTreeMap<String, RuntimeError> {
+    let mut errors = BTreeMap::new();
+    for a in actions {
+        let (unit, r) = match a {
+            Action::Remove(u) => (u, rt.remove(u).await),
+            Action::Restart(u) => (u, rt.restart(u).await),
+            Action::Start(u) | Action::Replace(u) => {
+                let Some(spec) = desired.get(u) else { continue };
+                (u, start(rt, spec, matches!(a, Action::Replace(_))).await)
+            }
+        };
+        match r {
+            Ok(()) => {}
+            Err(e @ RuntimeError::Pending { .. }) => {
+                log::debug!("{e}");
+                errors.insert(unit.clone(), e);
+            }
+            Err(e) => {
+                log::warn!("{e}");
+                errors.insert(unit.clone(), e);
+            }
+        }
+    }
+    errors
+}
+
+/// Prepares, removes the old container when `replace`, and starts the unit's container.
+async fn start<R: Runtime>(rt: &R, spec: &UnitSpec, replace: bool) -> Result<(), RuntimeError> {
+    rt.prepare(spec).await?;
+    if replace {
+        rt.remove(&spec.name).await?;
+    }
+    rt.start(spec, &spec_hash(spec)).await
+}
+
+/// Reads every `*.toml` in `dir` (none when the directory does not exist).
+pub fn local_units(dir: &Path) -> Result<BTreeMap<String, UnitSpec>, UnitError> {
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(UnitError::Read {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let spec = UnitSpec::load(&p)?;
+        out.insert(spec.name.clone(), spec);
+    }
+    Ok(out)
+}
+
+/// One reconciliation against the runtime; returns the statuses to report.
+pub async fn reconcile<R: Runtime>(
+    rt: &R,
+    desired: &BTreeMap<String, UnitSpec>,
+) -> Result<BTreeMap<String, UnitStatus>, RuntimeError> {
+    let before = rt.list().await?;
+    let todo = actions(desired, &before);
+    let errors = apply(rt, desired, &todo).await;
+    let after = rt.list().await?;
+    let now = registry::now_s();
+    let mut out = BTreeMap::new();
+    for name in desired.keys() {
+        let c = after.iter().find(|c| &c.unit == name);
+        let pending = matches!(errors.get(name), Some(RuntimeError::Pending { .. }));
+        let (state, exit_code) = match c.map(|c| c.state) {
+            Some(ContainerState::Running) => ("running", None),
+            Some(ContainerState::Exited(code)) => ("exited", Some(code)),
+            None if pending => ("starting", None),
+            None => ("failed", None),
+        };
+        out.insert(
+            name.clone(),
+            UnitStatus {
+                state: state.to_string(),
+                exit_code,
+                error: errors.get(name).filter(|_| !pending).map(|e| e.to_string()),
+                restarts: c.map_or(0, |c| c.restarts),
+                since: now,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Without etcd: runs the local units until `stop` resolves.
+pub async fn run_local<R: Runtime>(
+    config: &Config,
+    runtime: &R,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    log::info!(
+        "no etcd endpoints configured: running the units in {} on this machine alone",
+        config.units_dir.display()
+    );
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        match local_units(&config.units_dir) {
+            Ok(desired) => match reconcile(runtime, &desired).await {
+                Ok(st) => {
+                    for (u, s) in st.iter().filter(|(_, s)| s.error.is_some()) {
+                        log::warn!("unit {u}: {}", s.error.as_deref().unwrap_or(""));
+                    }
+                    log_changes(&mut shown, &st);
+                }
+                Err(e) => log::warn!("{e}"),
+            },
+            Err(e) => log::warn!("{e}"),
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+    }
+}
+
+/// One line per unit whose state changed since the last call (`unit web: running`,
+/// `unit job: exited 3 (restarts 0)`), so the console shows what the agent does.
+fn log_changes(shown: &mut BTreeMap<String, String>, statuses: &BTreeMap<String, UnitStatus>) {
+    shown.retain(|u, _| statuses.contains_key(u));
+    for (u, s) in statuses {
+        let line = match s.exit_code {
+            Some(code) => format!("{} {code} (restarts {})", s.state, s.restarts),
+            None => format!("{} (restarts {})", s.state, s.restarts),
+        };
+        if shown.get(u) != Some(&line) {
+            log::info!("unit {u}: {line}");
+            shown.insert(u.clone(), line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::FakeRuntime;
+
+    fn spec(name: &str, restart: &str) -> UnitSpec {
+        UnitSpec::parse(
+            name,
+            &format!("restart = \"{restart}\"\n[image]\npath = \"/i.tar\""),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reconciles_starts_restarts_replaces_removes() {
+        let rt = FakeRuntime::default();
+        let mut desired = BTreeMap::new();
+        desired.insert("a".to_string(), spec("a", "always"));
+        desired.insert("b".to_string(), spec("b", "on-failure"));
+        desired.insert("c".to_string(), spec("c", "never"));
+        let st = reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(rt.units(), ["a", "b", "c"]);
+        assert!(st.values().all(|s| s.state == "running"));
+        rt.exit("a", 0);
+        rt.exit("b", 0);
+        rt.exit("c", 3);
+        assert_eq!(
+            actions(&desired, &rt.list().await.unwrap()),
+            [Action::Restart("a".into())]
+        );
+        let st = reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(st["a"].state, "running");
+        assert_eq!(st["a"].restarts, 1);
+        assert_eq!(
+            (st["b"].state.as_str(), st["b"].exit_code),
+            ("exited", Some(0))
+        );
+        assert_eq!(st["c"].exit_code, Some(3));
+        // A changed unit is replaced; a unit no longer wanted is removed.
+        desired.insert(
+            "a".to_string(),
+            UnitSpec {
+                command: vec!["/x".into()],
+                ..spec("a", "always")
+            },
+        );
+        desired.remove("c");
+        let todo = actions(&desired, &rt.list().await.unwrap());
+        assert!(todo.contains(&Action::Replace("a".into())));
+        assert!(todo.contains(&Action::Remove("c".into())));
+        reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(rt.units(), ["a", "b"]);
+        // A failed start is reported, the others proceed.
+        rt.failing.lock().unwrap().push("d".into());
+        desired.insert("d".to_string(), spec("d", "always"));
+        let st = reconcile(&rt, &desired).await.unwrap();
+        assert_eq!(st["d"].state, "failed");
+        assert!(st["d"]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("image import failed"));
+    }
+
+    #[test]
+    fn local_units_from_a_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(local_units(&dir.path().join("none")).unwrap().is_empty());
+        std::fs::write(dir.path().join("web.toml"), "[image]\npath = \"/w.tar\"").unwrap();
+        std::fs::write(dir.path().join("README"), "not a unit").unwrap();
+        assert_eq!(
+            local_units(dir.path()).unwrap().keys().collect::<Vec<_>>(),
+            ["web"]
+        );
+        std::fs::write(dir.path().join("bad.toml"), "[image]\npath = \"w.tar\"").unwrap();
+        assert!(local_units(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("image.path"));
+    }
+}
