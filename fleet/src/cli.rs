@@ -457,6 +457,8 @@ async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     let config = cli.config()?;
     let mut runtime = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
     runtime.fetch_limits = config.fetch_limits();
+    runtime.registries = std::sync::Arc::new(config.registries()?);
+    runtime.image_poll = std::time::Duration::from_secs(config.image_poll_s);
     let stop = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -13,6 +13,8 @@
 //! namespace = "caisson"                  # containerd namespace of the agent's containers
 //! image_timeout_s = 1800                 # an image URL's whole download, request to last byte
 //! image_max_bytes = 4294967296           # the largest image archive a URL may send (4 GiB)
+//!                                        # (both also bound a registry pull, all layers together)
+//! image_poll_s = 300                     # how often a registry image's tag is looked up again
 //!
 //! [tls]
 //! ca = "/etc/caisson/fleet/ca.crt"        # the only CA trusted for etcd's server certificate
@@ -22,6 +24,13 @@
 //! [auth]
 //! user = "caisson-machine-<id>"                 # see `caisson-fleet access machine`
 //! password_file = "/etc/caisson/fleet/password" # mode 0600 or stricter
+//!
+//! [registries."registry.local:5000"]     # how to reach one registry (any other: HTTPS, anonymous)
+//! insecure = false                       # true: plain HTTP, for a registry on a trusted network
+//! mirrors = ["mirror.lan:5000"]          # tried first, in order (each may have its own table)
+//! ca = "/etc/caisson/fleet/registry-ca.crt"  # a CA for its certificate besides the system's
+//! username = "puller"                    # basic auth, or the credentials for a bearer token
+//! password_file = "/etc/caisson/fleet/registries/registry.local_5000.password"  # mode 0600
 //! ```
 //!
 //! Unless `insecure = true`, a clustered configuration must use `https://` endpoints, name the
@@ -73,6 +82,19 @@ pub struct Auth {
     pub password_file: PathBuf,
 }
 
+/// `[registries."host:port"]`: how the machine reaches one registry.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
 /// The agent's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -88,6 +110,8 @@ pub struct Config {
     pub namespace: String,
     pub image_timeout_s: u64,
     pub image_max_bytes: u64,
+    pub image_poll_s: u64,
+    pub registries: BTreeMap<String, Registry>,
     pub insecure: bool,
     pub tls: Option<Tls>,
     pub auth: Option<Auth>,
@@ -107,6 +131,8 @@ impl Default for Config {
             namespace: "caisson".into(),
             image_timeout_s: crate::containerd::fetch::DEFAULT_DEADLINE.as_secs(),
             image_max_bytes: crate::containerd::fetch::DEFAULT_MAX_BYTES,
+            image_poll_s: crate::containerd::pull::DEFAULT_POLL.as_secs(),
+            registries: BTreeMap::new(),
             insecure: false,
             tls: None,
             auth: None,
@@ -140,10 +166,24 @@ impl Config {
                 c.ttl_s
             )));
         }
-        if c.image_timeout_s == 0 || c.image_max_bytes == 0 {
+        if c.image_timeout_s == 0 || c.image_max_bytes == 0 || c.image_poll_s == 0 {
             return Err(bad(
-                "image_timeout_s and image_max_bytes must be at least 1".into(),
+                "image_timeout_s, image_max_bytes and image_poll_s must be at least 1".into(),
             ));
+        }
+        for (host, r) in &c.registries {
+            let at = |m: String| bad(format!("[registries.\"{host}\"]: {m}"));
+            if !valid_host(host) {
+                return Err(at("the key is not a registry host[:port]".into()));
+            }
+            if let Some(m) = r.mirrors.iter().find(|m| !valid_host(m)) {
+                return Err(at(format!(
+                    "mirror {m:?} is not a host[:port] (no scheme, no path)"
+                )));
+            }
+            if r.username.is_some() != r.password_file.is_some() {
+                return Err(at("username and password_file go together".into()));
+            }
         }
         if !c.prefix.ends_with('/') {
             c.prefix.push('/');
@@ -204,21 +244,9 @@ impl Config {
             }
         }
         if let Some(a) = &self.auth {
-            let bytes = read_secret(&a.password_file)?;
-            let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
-                path: a.password_file.clone(),
-                message: "the password is not UTF-8 text".into(),
-            })?;
-            let password = text.trim_end_matches(['\n', '\r']).to_string();
-            if password.is_empty() {
-                return Err(ConfigError::Parse {
-                    path: a.password_file.clone(),
-                    message: "the password file is empty".into(),
-                });
-            }
             access.credentials = Some(Credentials {
                 user: a.user.clone(),
-                password,
+                password: read_password(&a.password_file)?,
             });
         }
         Ok(access)
@@ -242,6 +270,31 @@ impl Config {
         }
     }
 
+    /// The registry settings, their CA and password files read (passwords must be 0600).
+    pub fn registries(&self) -> Result<crate::distribution::Registries, ConfigError> {
+        let mut out = crate::distribution::Registries::default();
+        for (host, r) in &self.registries {
+            let credentials = match (&r.username, &r.password_file) {
+                (Some(user), Some(file)) => Some(Credentials {
+                    user: user.clone(),
+                    password: read_password(file)?,
+                }),
+                _ => None,
+            };
+            let ca_pem = r.ca.as_deref().map(read).transpose()?;
+            out.hosts.insert(
+                host.clone(),
+                crate::distribution::HostSettings {
+                    insecure: r.insecure,
+                    mirrors: r.mirrors.clone(),
+                    credentials,
+                    ca_pem,
+                },
+            );
+        }
+        Ok(out)
+    }
+
     /// Whether the agent is part of a cluster (otherwise it runs its local units alone).
     pub fn clustered(&self) -> bool {
         !self.endpoints.is_empty()
@@ -253,6 +306,31 @@ fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
         path: path.into(),
         source,
     })
+}
+
+/// Whether `s` is a `host[:port]` (a registry or mirror), no scheme and no path.
+fn valid_host(s: &str) -> bool {
+    let (host, port) = s.rsplit_once(':').unwrap_or((s, "80"));
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.parse::<u16>().is_ok()
+}
+
+/// A password file's text without its line end: private (0600), UTF-8, not empty.
+fn read_password(path: &Path) -> Result<String, ConfigError> {
+    let bytes = read_secret(path)?;
+    let bad = |message: &str| ConfigError::Parse {
+        path: path.into(),
+        message: message.into(),
+    };
+    let text = String::from_utf8(bytes).map_err(|_| bad("the password is not UTF-8 text"))?;
+    let password = text.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        return Err(bad("the password file is empty"));
+    }
+    Ok(password)
 }
 
 /// Reads a file that holds a secret, refusing one that group or others may read (as ssh does
@@ -341,6 +419,50 @@ mod tests {
         );
         // No endpoints: the machine runs alone, nothing to secure.
         assert!(Config::parse(p, "").is_ok());
+    }
+
+    #[test]
+    fn registries() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = Path::new("fleet.toml");
+        let err = |text: &str| Config::parse(p, text).unwrap_err().to_string();
+        let e = err("[registries.\"http://r\"]\ninsecure = true");
+        assert!(
+            e.contains("[registries.\"http://r\"]") && e.contains("host[:port]"),
+            "{e}"
+        );
+        let e = err("[registries.\"r:5000\"]\nmirrors = [\"m/x\"]");
+        assert!(e.contains("mirror \"m/x\""), "{e}");
+        let e = err("[registries.\"r:5000\"]\nusername = \"u\"");
+        assert!(e.contains("username and password_file go together"), "{e}");
+        assert!(err("[registries.\"r\"]\nnope = 1").contains("nope"));
+        assert!(err("image_poll_s = 0").contains("image_poll_s"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let c = Config::parse(
+            p,
+            &format!(
+                "[registries.\"r.lan:5000\"]\ninsecure = true\nmirrors = [\"m.lan\"]\n\
+                 username = \"u\"\npassword_file = \"{}\"",
+                pw.display()
+            ),
+        )
+        .unwrap();
+        let e = c.registries().unwrap_err().to_string();
+        assert!(e.contains("0640") && !e.contains("hunter2"), "{e}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let r = c.registries().unwrap();
+        let h = &r.hosts["r.lan:5000"];
+        assert!(h.insecure);
+        assert_eq!(h.mirrors, ["m.lan"]);
+        assert_eq!(h.credentials.as_ref().unwrap().password, "hunter2");
+        assert!(
+            !format!("{r:?}").contains("hunter2"),
+            "never in Debug output"
+        );
     }
 
     #[test]

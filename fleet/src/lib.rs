@@ -10,6 +10,7 @@
 //! - [`lock`]: the reboot semaphore the updater's `etcd-lock` strategy uses.
 //! - [`agent`]: the agent loop, and reconciliation against an [`agent::Runtime`] (`agent::reconcile`).
 //! - [`containerd`]: the containerd runtime.
+//! - [`distribution`]: images from OCI registries (manifests, blobs, auth, mirrors).
 //! - [`config`]: the agent configuration file, /etc/caisson/fleet.toml.
 //! - [`cli`]: the `caisson-fleet` command line.
 
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod containerd;
+pub mod distribution;
 pub mod etcd;
 pub mod lock;
 pub mod records;

@@ -9,11 +9,13 @@
 //! replicas = 2                      # default 1; or `global = true`: one on every matching machine
 //! restart = "always"                # "always" (default) | "on-failure" | "never"
 //!
-//! [image]                           # exactly one of path or url
-//! path = "/usr/lib/caisson/images/web.oci.tar"   # an OCI archive on the machine
+//! [image]                           # exactly one of ref, path or url
+//! ref = "registry.local:5000/team/web:1.2"      # from a registry (see fleet.toml [registries]);
+//!                                               # `...@sha256:<hex>` pins it: nothing else runs
+//! # path = "/usr/lib/caisson/images/web.oci.tar" # or an OCI archive on the machine
 //! # url = "http://10.0.2.2:8000/web.oci.tar"     # or fetched over HTTP ...
 //! # sha256 = "<64 hex digits>"                   # ... and then verified (required with url)
-//! # name = "docker.io/library/web:1"             # the image in the archive (default: its only one)
+//! # name = "registry.local/team/web:1"          # the image in the archive (default: its only one)
 //!
 //! [constraints]
 //! labels = { zone = "a" }           # only machines with all these labels
@@ -78,6 +80,15 @@ pub enum Image {
         sha256: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+    },
+    /// An image in an OCI registry, by tag or digest.
+    Ref {
+        #[serde(rename = "ref")]
+        reference: String,
+        /// The digest the reference resolved to on the machine running it (set by the agent,
+        /// never by a unit file: it makes a moved tag replace the container).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resolved: Option<String>,
     },
 }
 
@@ -149,6 +160,8 @@ struct UnitFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImageFile {
+    #[serde(rename = "ref")]
+    reference: Option<String>,
     path: Option<String>,
     url: Option<String>,
     sha256: Option<String>,
@@ -323,13 +336,33 @@ impl UnitSpec {
             return Err(field("name", format!("{:?} is not a unit name", self.name)));
         }
         let image = match self.image.clone() {
+            Image::Ref {
+                reference,
+                resolved,
+            } => {
+                if let Some(r) = resolved.filter(|r| !crate::distribution::valid_digest(r)) {
+                    return Err(field(
+                        "image.resolved",
+                        format!("{r:?} is not a sha256 digest"),
+                    ));
+                }
+                ImageFile {
+                    reference: Some(reference),
+                    path: None,
+                    url: None,
+                    sha256: None,
+                    name: None,
+                }
+            }
             Image::Path { path, name } => ImageFile {
+                reference: None,
                 path: Some(path),
                 url: None,
                 sha256: None,
                 name,
             },
             Image::Url { url, sha256, name } => ImageFile {
+                reference: None,
                 path: None,
                 url: Some(url),
                 sha256: Some(sha256),
@@ -353,11 +386,36 @@ fn check_image(f: ImageFile) -> Result<Image, (&'static str, String)> {
             return Err(("image.name", format!("{n:?} is not an image reference")));
         }
     }
+    if let Some(reference) = f.reference {
+        if f.path.is_some() || f.url.is_some() {
+            return Err(("image", "give one of ref, path or url".into()));
+        }
+        if f.sha256.is_some() || f.name.is_some() {
+            return Err((
+                "image.ref",
+                "sha256 and name go with path or url; pin a registry image with ref = \"...@sha256:<hex>\"".into(),
+            ));
+        }
+        let parsed = crate::distribution::parse_reference(&reference)
+            .map_err(|e| ("image.ref", e.to_string()))?;
+        if let Some(d) = parsed.digest() {
+            if !crate::distribution::valid_digest(d) {
+                return Err((
+                    "image.ref",
+                    format!("digest {d:?}: only sha256 digests are accepted"),
+                ));
+            }
+        }
+        return Ok(Image::Ref {
+            reference,
+            resolved: None,
+        });
+    }
     match (f.path, f.url) {
-        (Some(_), Some(_)) => Err(("image", "give either path or url, not both".into())),
+        (Some(_), Some(_)) => Err(("image", "give one of ref, path or url".into())),
         (None, None) => Err((
             "image",
-            "give path (an OCI archive on the machine) or url and sha256".into(),
+            "give ref (an image in a registry), path (an OCI archive on the machine) or url and sha256".into(),
         )),
         (Some(path), None) => {
             if f.sha256.is_some() {

@@ -47,6 +47,14 @@ pub enum ContainerState {
 pub trait Runtime {
     /// Every container the agent manages.
     async fn list(&self) -> Result<Vec<Container>, RuntimeError>;
+    /// The unit as this machine runs it: its registry image pinned to the digest pulled for it
+    /// (so a container made from another digest no longer matches).
+    fn pin(&self, spec: &UnitSpec) -> UnitSpec {
+        spec.clone()
+    }
+    /// Called for every wanted unit each reconciliation, before [`Runtime::pin`]: looks again,
+    /// in the background, at what may have moved (a registry tag).
+    async fn refresh(&self, _spec: &UnitSpec) {}
     /// Gets what the unit needs before its container can be (re)created, without blocking the
     /// tick: [`RuntimeError::Pending`] while that is under way (an image downloading).
     async fn prepare(&self, _spec: &UnitSpec) -> Result<(), RuntimeError> {
@@ -183,6 +191,14 @@ pub async fn reconcile<R: Runtime>(
     rt: &R,
     desired: &BTreeMap<String, UnitSpec>,
 ) -> Result<BTreeMap<String, UnitStatus>, RuntimeError> {
+    for spec in desired.values() {
+        rt.refresh(spec).await;
+    }
+    let desired: BTreeMap<String, UnitSpec> = desired
+        .iter()
+        .map(|(name, spec)| (name.clone(), rt.pin(spec)))
+        .collect();
+    let desired = &desired;
     let before = rt.list().await?;
     let todo = actions(desired, &before);
     let errors = apply(rt, desired, &todo).await;

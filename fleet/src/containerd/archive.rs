@@ -66,9 +66,10 @@ pub struct Platform {
     pub os: String,
 }
 
+/// An image index (or Docker manifest list).
 #[derive(Debug, Deserialize)]
-struct Index {
-    manifests: Vec<Descriptor>,
+pub struct Index {
+    pub manifests: Vec<Descriptor>,
 }
 
 /// An image manifest.
@@ -109,10 +110,7 @@ pub struct RootFs {
 }
 
 /// The media types of an image index (OCI and Docker).
-const INDEX_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+use crate::distribution::INDEX_TYPES;
 const NAME_ANNOTATIONS: [&str; 2] = [
     "io.containerd.image.name",
     "org.opencontainers.image.ref.name",
@@ -314,7 +312,8 @@ impl Archive {
     }
 }
 
-fn pick_platform(ds: &[Descriptor]) -> Option<&Descriptor> {
+/// The linux/amd64 manifest of an index, or its only one.
+pub fn pick_platform(ds: &[Descriptor]) -> Option<&Descriptor> {
     let amd64 = ds.iter().find(|d| {
         d.platform
             .as_ref()
@@ -326,11 +325,7 @@ fn pick_platform(ds: &[Descriptor]) -> Option<&Descriptor> {
     })
 }
 
-/// `sha256:<hex>` of some bytes.
-pub fn sha256_digest(b: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
+pub use crate::distribution::sha256_digest;
 
 /// The chain IDs of a layer stack (OCI image spec): the snapshot names, bottom first.
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {

@@ -79,6 +79,10 @@ impl Containerd {
         match &spec.image {
             Image::Path { path, name } => Ok((PathBuf::from(path), name.clone())),
             Image::Url { url, sha256, name } => Ok((self.fetch(url, sha256).await?, name.clone())),
+            Image::Ref { reference, .. } => Err(ContainerdError::Pull {
+                reference: reference.clone(),
+                message: "a registry image has no archive".into(),
+            }),
         }
     }
 
@@ -87,8 +91,13 @@ impl Containerd {
     /// background (once) and returns [`ContainerdError::Downloading`], or the error of the last
     /// attempt for [`FETCH_RETRY`] after it failed.
     pub async fn prepare_image(&self, spec: &UnitSpec) -> Result<(), ContainerdError> {
-        let Image::Url { url, sha256, .. } = &spec.image else {
-            return Ok(());
+        let (url, sha256) = match &spec.image {
+            Image::Url { url, sha256, .. } => (url, sha256),
+            Image::Ref {
+                reference,
+                resolved,
+            } => return self.prepare_ref(reference, resolved.as_deref()).await,
+            Image::Path { .. } => return Ok(()),
         };
         if self.cache_path(url, sha256)?.exists() {
             return Ok(());

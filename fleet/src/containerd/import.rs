@@ -6,17 +6,39 @@
 //! `rootfs.diff_ids`, and each layer must unpack to its diff_id (containerd's Diff.Apply
 //! computes it) before its snapshot is committed under the chain ID, as containerd's own
 //! unpacker checks. Otherwise an archive could plant its content under another image's chain ID.
+//!
+//! The same steps store an image pulled from a registry ([`super::pull`]): only where the
+//! blobs' bytes come from differs ([`Blobs`]).
 
 use super::archive::{self, Archive, ArchiveError, Chosen};
-use super::{
-    archive_path, call, descriptor, found, nanos, Conn, Containerd, ContainerdError, Imported,
-};
+use super::{call, descriptor, found, nanos, Conn, Containerd, ContainerdError, Imported};
+use crate::distribution::Repository;
 use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::Code;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+
+/// Where the bytes of an image's blobs come from.
+pub(super) enum Blobs<'a> {
+    Archive(&'a Archive),
+    /// A registry repository; the manifest and config, already fetched, by digest.
+    Registry {
+        repo: &'a Repository,
+        fetched: &'a HashMap<String, Vec<u8>>,
+    },
+}
+
+impl Blobs<'_> {
+    /// The archive's path or the image reference, for messages.
+    pub(super) fn source(&self) -> String {
+        match self {
+            Blobs::Archive(a) => a.path().display().to_string(),
+            Blobs::Registry { repo, .. } => repo.reference.whole(),
+        }
+    }
+}
 
 impl Containerd {
     /// Imports the image of an OCI archive (idempotent). `name` picks the image in the
@@ -42,12 +64,38 @@ impl Containerd {
     ) -> Result<Imported, ContainerdError> {
         let archive = Archive::open(path)?;
         let chosen = archive.choose(name)?;
+        let image_name = chosen
+            .name
+            .clone()
+            // A bare tag ("1.0") is no image name.
+            .filter(|n| (n.contains('/') || n.contains(':')) && !n.starts_with(':'))
+            .unwrap_or_else(|| format!("caisson.local/{fallback}:latest"));
+        self.store_image(
+            conn,
+            &Blobs::Archive(&archive),
+            chosen,
+            &image_name,
+            HashMap::new(),
+        )
+        .await
+    }
+
+    /// Writes an image's blobs to the content store (with containerd's garbage-collection
+    /// labels), unpacks its layers and points the image record `image_name` at it.
+    pub(super) async fn store_image(
+        &self,
+        conn: &Conn,
+        blobs: &Blobs<'_>,
+        chosen: Chosen,
+        image_name: &str,
+        image_labels: HashMap<String, String>,
+    ) -> Result<Imported, ContainerdError> {
         let chains = archive::chain_ids(&chosen.config.rootfs.diff_ids);
         let top = chains.last().cloned().unwrap_or_default();
         let m = &chosen.manifest;
         // Layers are labelled with their uncompressed digest only once unpacking proved it.
         for layer in &m.layers {
-            self.write_blob(conn, &archive, layer, &[]).await?;
+            self.write_blob(conn, blobs, layer, &[]).await?;
         }
         let mut config_labels = Vec::new();
         if !top.is_empty() {
@@ -56,7 +104,7 @@ impl Containerd {
                 top.clone(),
             ));
         }
-        self.write_blob(conn, &archive, &m.config, &config_labels)
+        self.write_blob(conn, blobs, &m.config, &config_labels)
             .await?;
         let mut manifest_labels = vec![(
             "containerd.io/gc.ref.content.config".to_string(),
@@ -68,18 +116,13 @@ impl Containerd {
                 l.digest.clone(),
             ));
         }
-        self.write_blob(conn, &archive, &chosen.target, &manifest_labels)
+        self.write_blob(conn, blobs, &chosen.target, &manifest_labels)
             .await?;
-        self.unpack(conn, &archive, &chosen, &chains).await?;
-        let image_name = chosen
-            .name
-            .clone()
-            // A bare tag ("1.0") is no image name.
-            .filter(|n| (n.contains('/') || n.contains(':')) && !n.starts_with(':'))
-            .unwrap_or_else(|| format!("caisson.local/{fallback}:latest"));
-        self.put_image(conn, &image_name, &chosen.target).await?;
+        self.unpack(conn, blobs, &chosen, &chains).await?;
+        self.put_image(conn, image_name, &chosen.target, image_labels)
+            .await?;
         Ok(Imported {
-            name: image_name,
+            name: image_name.to_string(),
             digest: chosen.target.digest.clone(),
             top,
             chosen,
@@ -91,10 +134,14 @@ impl Containerd {
         conn: &Conn,
         name: &str,
         target: &archive::Descriptor,
+        labels: HashMap<String, String>,
     ) -> Result<(), ContainerdError> {
+        let mut paths = vec!["target".to_string()];
+        paths.extend(labels.keys().map(|k| format!("labels.{k}")));
         let image = api::Image {
             name: name.to_string(),
             target: Some(descriptor(target)),
+            labels,
             ..Default::default()
         };
         let mut images = api::images_client::ImagesClient::new(conn.channel.clone());
@@ -109,9 +156,7 @@ impl Containerd {
             Err(s) if s.code() == Code::AlreadyExists => images
                 .update(conn.req(api::UpdateImageRequest {
                     image: Some(image),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["target".into()],
-                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
                     ..Default::default()
                 }))
                 .await
@@ -125,7 +170,7 @@ impl Containerd {
     async fn write_blob(
         &self,
         conn: &Conn,
-        archive: &Archive,
+        blobs: &Blobs<'_>,
         desc: &archive::Descriptor,
         labels: &[(String, String)],
     ) -> Result<(), ContainerdError> {
@@ -157,6 +202,25 @@ impl Containerd {
                 .map_err(call("content update", &desc.digest))?;
             return Ok(());
         }
+        match blobs {
+            Blobs::Archive(archive) => self.write_from_archive(conn, archive, desc, labels).await,
+            Blobs::Registry { repo, fetched } => match fetched.get(&desc.digest) {
+                Some(bytes) => self.write_bytes(conn, desc, bytes, labels).await,
+                None => self.write_from_registry(conn, repo, desc, labels).await,
+            },
+        }
+    }
+
+    /// Streams a blob from an archive into the content store.
+    async fn write_from_archive(
+        &self,
+        conn: &Conn,
+        archive: &Archive,
+        desc: &archive::Descriptor,
+        labels: HashMap<String, String>,
+    ) -> Result<(), ContainerdError> {
+        let archive_path = |a: &Archive| a.path().display().to_string();
+        let mut content = conn.content();
         let (mut reader, size) = archive.blob(&desc.digest)?;
         if i64::try_from(size).ok() != Some(desc.size) {
             return Err(ContainerdError::Archive(ArchiveError::Digest {
@@ -237,7 +301,7 @@ impl Containerd {
     async fn unpack(
         &self,
         conn: &Conn,
-        archive: &Archive,
+        blobs: &Blobs<'_>,
         chosen: &Chosen,
         chains: &[String],
     ) -> Result<(), ContainerdError> {
@@ -245,7 +309,7 @@ impl Containerd {
         let mut parent = String::new();
         for ((layer, chain), diff_id) in chosen.manifest.layers.iter().zip(chains).zip(diff_ids) {
             if !self.has_snapshot(conn, chain).await? {
-                self.apply_layer(conn, archive, layer, diff_id, &parent, chain)
+                self.apply_layer(conn, blobs, layer, diff_id, &parent, chain)
                     .await?;
             }
             parent = chain.clone();
@@ -253,7 +317,11 @@ impl Containerd {
         Ok(())
     }
 
-    async fn has_snapshot(&self, conn: &Conn, key: &str) -> Result<bool, ContainerdError> {
+    pub(super) async fn has_snapshot(
+        &self,
+        conn: &Conn,
+        key: &str,
+    ) -> Result<bool, ContainerdError> {
         let mut snapshots = conn.snapshots();
         let stat = snapshots.stat(conn.req(snap::StatSnapshotRequest {
             snapshotter: self.snapshotter.clone(),
@@ -269,7 +337,7 @@ impl Containerd {
     async fn apply_layer(
         &self,
         conn: &Conn,
-        archive: &Archive,
+        blobs: &Blobs<'_>,
         layer: &archive::Descriptor,
         diff_id: &str,
         parent: &str,
@@ -303,7 +371,7 @@ impl Containerd {
                 .unwrap_or_default();
             if applied != diff_id {
                 return Err(ContainerdError::Archive(ArchiveError::DiffId {
-                    path: archive_path(archive),
+                    path: blobs.source(),
                     layer: layer.digest.clone(),
                     expected: diff_id.to_string(),
                     got: applied,
@@ -331,6 +399,6 @@ impl Containerd {
             "containerd.io/uncompressed".to_string(),
             diff_id.to_string(),
         )];
-        self.write_blob(conn, archive, layer, &labels).await
+        self.write_blob(conn, blobs, layer, &labels).await
     }
 }

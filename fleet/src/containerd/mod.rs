@@ -18,11 +18,12 @@
 pub mod archive;
 pub mod fetch;
 mod import;
+pub mod pull;
 pub mod spec;
 
 use crate::agent::{Container, ContainerState, Runtime, RuntimeError};
 use crate::unit::UnitSpec;
-use archive::{Archive, ArchiveError, Chosen};
+use archive::{ArchiveError, Chosen};
 use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::{self, metadata::MetadataValue, transport::Channel, Code, Request};
@@ -60,6 +61,13 @@ pub enum ContainerdError {
     /// The image is being downloaded in the background.
     #[error("downloading image {url}")]
     Downloading { url: String },
+    /// A registry image could not be pulled (unreachable, unauthorised, cut off).
+    #[error("pulling image {reference}: {message}")]
+    Pull { reference: String, message: String },
+    /// A registry sent content that does not match its digest, passes a cap or contradicts
+    /// itself: nothing of it is run.
+    #[error("pulling image {reference}: {message}")]
+    Refused { reference: String, message: String },
     /// The namespace is not a valid gRPC metadata value.
     #[error("containerd namespace {namespace:?} is not valid")]
     Namespace { namespace: String },
@@ -126,10 +134,16 @@ pub struct Containerd {
     pub cache_dir: PathBuf,
     /// How long a container has to exit after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
-    /// The deadline and size cap of each image download.
+    /// The deadline and size cap of each image download or pull.
     pub fetch_limits: FetchLimits,
     /// Downloads running in the background (see [`fetch`]).
     downloads: fetch::Downloads,
+    /// How the machine reaches registries (see [`pull`]).
+    pub registries: std::sync::Arc<crate::distribution::Registries>,
+    /// How often a registry image's tag is looked up again.
+    pub image_poll: Duration,
+    /// Registry pulls: what each reference resolved to, and those under way.
+    pulls: pull::Pulls,
 }
 
 /// An imported image.
@@ -216,6 +230,9 @@ impl Containerd {
             stop_timeout: Duration::from_secs(10),
             fetch_limits: FetchLimits::default(),
             downloads: fetch::Downloads::default(),
+            registries: Default::default(),
+            image_poll: pull::DEFAULT_POLL,
+            pulls: pull::Pulls::default(),
         }
     }
 
@@ -306,12 +323,20 @@ impl Containerd {
         spec: &UnitSpec,
         spec_hash: &str,
     ) -> Result<(), ContainerdError> {
-        let (path, name) = self.archive_of(spec).await?;
+        // A registry image was pulled by `prepare`; an archive is imported here.
+        let pulled = match pull::reference_of(spec) {
+            Some((reference, resolved)) => Ok(self.pulled(reference, resolved)?),
+            None => Err(self.archive_of(spec).await?),
+        };
         let (conn, lease) = self.leased("start").await?;
         let r = async {
-            let image = self
-                .import_with(&conn, &path, name.as_deref(), &spec.name)
-                .await?;
+            let image = match pulled {
+                Ok(image) => image,
+                Err((path, name)) => {
+                    self.import_with(&conn, &path, name.as_deref(), &spec.name)
+                        .await?
+                }
+            };
             self.create_container(&conn, spec, spec_hash, &image).await
         }
         .await;
@@ -645,10 +670,6 @@ impl Containerd {
     }
 }
 
-fn archive_path(a: &Archive) -> String {
-    a.path().display().to_string()
-}
-
 fn descriptor(d: &archive::Descriptor) -> Descriptor {
     Descriptor {
         media_type: d.media_type.clone(),
@@ -670,6 +691,15 @@ impl Runtime for Containerd {
                 message: other.to_string(),
             },
         })
+    }
+    fn pin(&self, spec: &UnitSpec) -> UnitSpec {
+        Containerd::pin(self, spec)
+    }
+    async fn refresh(&self, spec: &UnitSpec) {
+        if let Some((reference, resolved)) = pull::reference_of(spec) {
+            // Errors are reported when the unit is started from it.
+            let _ = self.prepare_ref(reference, resolved).await;
+        }
     }
     async fn prepare(&self, spec: &UnitSpec) -> Result<(), RuntimeError> {
         self.prepare_image(spec)

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod containerd;
 pub mod pki;
 
 use caisson_fleet::registry::MachineRecord;
