@@ -440,6 +440,8 @@ fn record(id: String) -> MachineRecord {
         version: None,
         slot: None,
         last_seen: 0,
+        memory_bytes: None,
+        cpus: None,
     }
 }
 

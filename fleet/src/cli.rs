@@ -443,6 +443,7 @@ fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
                 .and_then(|e| registry::local_address(e))
         })
         .unwrap_or_else(|| "unknown".into());
+    let (memory_bytes, cpus) = registry::capacity(root);
     Ok(MachineRecord {
         id,
         address,
@@ -450,6 +451,8 @@ fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
         version,
         slot,
         last_seen: 0,
+        memory_bytes,
+        cpus,
     })
 }
 

@@ -59,6 +59,13 @@ pub struct MachineRecord {
     /// Seconds since the epoch at the last heartbeat that rewrote the record.
     #[serde(default)]
     pub last_seen: u64,
+    /// The machine's memory in bytes (`MemTotal`), if it reported it: the scheduler places
+    /// units' memory requests against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// The machine's CPUs, if it reported them: the scheduler places units' `cpus` against them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
 }
 
 /// Keys of the fleet keyspace.
@@ -154,6 +161,29 @@ pub fn os_facts(root: &Path) -> (Option<String>, Option<String>) {
         .and_then(|t| BootParams::parse(&t).ok())
         .map(|b| b.slot.to_string());
     (version, slot)
+}
+
+/// The memory (`MemTotal` of `/proc/meminfo` under `root`, in bytes) and the CPUs this process
+/// may use, each `None` when unknown.
+pub fn capacity(root: &Path) -> (Option<u64>, Option<u32>) {
+    let memory = std::fs::read_to_string(root.join("proc/meminfo"))
+        .ok()
+        .and_then(|t| mem_total(&t));
+    let cpus = std::thread::available_parallelism()
+        .ok()
+        .and_then(|n| u32::try_from(n.get()).ok());
+    (memory, cpus)
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut words = line["MemTotal:".len()..].split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => kib.checked_mul(1024),
+        Some(_) => None,
+    }
 }
 
 /// The address other machines reach this one at: the source address of the route to `endpoint`
@@ -392,5 +422,24 @@ mod tests {
             local_address("http://127.0.0.1:2379").as_deref(),
             Some("127.0.0.1")
         );
+        assert_eq!(capacity(root.path()).0, None);
+        std::fs::write(
+            root.path().join("proc/meminfo"),
+            "MemTotal:        2014244 kB\nMemFree:          123 kB\n",
+        )
+        .unwrap();
+        let (memory, cpus) = capacity(root.path());
+        assert_eq!(memory, Some(2014244 * 1024));
+        assert!(cpus.is_some_and(|n| n >= 1));
+        assert_eq!(mem_total("MemTotal: 12 MB\n"), None);
+    }
+
+    #[test]
+    fn records_without_capacity_still_decode() {
+        let old = r#"{"id":"m1","address":"10.0.0.1","labels":{},"last_seen":5}"#;
+        let r: MachineRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.memory_bytes, r.cpus), (None, None));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("memory_bytes"), "{json}");
     }
 }

@@ -21,6 +21,8 @@ fn record(id: &str, zone: &str) -> MachineRecord {
         version: Some("1.0.0".into()),
         slot: Some("a".into()),
         last_seen: 0,
+        memory_bytes: None,
+        cpus: None,
     }
 }
 

@@ -23,6 +23,8 @@ pub fn record(id: &str) -> MachineRecord {
         version: None,
         slot: None,
         last_seen: 0,
+        memory_bytes: None,
+        cpus: None,
     }
 }
 
