@@ -2,7 +2,8 @@
 //!
 //! - [`access`]: the etcd roles and users: who may write which keys.
 //! - [`etcd`]: the etcd v3 client over the JSON gateway (failover, leases, resumable watches).
-//! - [`unit`]: unit files (what to run, how many, where) and their validation.
+//! - [`unit`]: unit files (what to run, how many, where, limits, privileges) and their validation.
+//! - [`capability`]: Linux capabilities by name, and the set a container gets by default.
 //! - [`scheduler`]: the pure placement function.
 //! - [`registry`]: machine records under leases, leader election, the keyspace.
 //! - [`records`]: records in etcd this version cannot use: skipped, logged once, listed.
@@ -16,6 +17,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod capability;
 pub mod cli;
 pub mod config;
 pub mod containerd;

@@ -1,4 +1,5 @@
-//! Unit files: what to run (an OCI archive and a command), how many and where.
+//! Unit files: what to run (an OCI archive and a command), how many, where, with what limits
+//! and privileges. The file format and its parsing are in [`file`]; the validated types here.
 //!
 //! ```toml
 //! name = "web"                      # optional: the file name without .toml
@@ -8,6 +9,8 @@
 //! ports = ["8080", "5353/udp"]      # host ports (host network): two units sharing one never meet
 //! replicas = 2                      # default 1; or `global = true`: one on every matching machine
 //! restart = "always"                # "always" (default) | "on-failure" | "never"
+//! capabilities = ["NET_RAW"]        # added to the default set (Docker's minus NET_RAW)
+//! privileged = false                # true: every capability and device, no seccomp filter
 //!
 //! [image]                           # exactly one of ref, path or url
 //! ref = "registry.local:5000/team/web:1.2"      # from a registry (see fleet.toml [registries]);
@@ -20,6 +23,11 @@
 //! [constraints]
 //! labels = { zone = "a" }           # only machines with all these labels
 //! conflicts = ["db", "cache-*"]     # never on a machine running one of these units
+//!
+//! [resources]                       # cgroup limits; memory and cpus are also the scheduler's
+//! memory = "512M"                   # requests. Bytes, or K/M/G/T (powers of 1024); no limit if absent
+//! cpus = 1.5                        # CPU time per wall second (cpu.max); no limit if absent
+//! pids = 512                        # processes and threads (pids.max); default DEFAULT_PIDS
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -61,6 +69,14 @@ pub struct UnitSpec {
     pub restart: Restart,
     #[serde(default)]
     pub constraints: Constraints,
+    #[serde(default)]
+    pub resources: Resources,
+    /// Capabilities added to the default set ([`crate::capability::DEFAULT`]), kernel names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Every capability and device, no seccomp filter, no masked paths (Docker's `--privileged`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
 }
 
 /// Where the OCI archive comes from.
@@ -136,8 +152,102 @@ pub struct Constraints {
     pub conflicts: Vec<String>,
 }
 
-mod file;
+pub mod file;
 use file::{check_image, ImageFile};
+
+/// The pids limit of a unit that sets none: enough for a busy server's threads and workers,
+/// few enough that a fork bomb stops long before the host's limit (`pid_max`, 4M at most).
+pub const DEFAULT_PIDS: u32 = 1024;
+/// The most pids a unit may ask for (the kernel's `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u32 = 4_194_304;
+/// The least memory limit: below it runc and the kernel's own accounting fail to start anything.
+pub const MIN_MEMORY: u64 = 6 << 20;
+/// The least CPU limit, in thousandths of a CPU: 1 ms per 100 ms period, the kernel's minimum.
+pub const MIN_MILLICPUS: u32 = 10;
+/// The most CPUs a unit may ask for, in thousandths.
+pub const MAX_MILLICPUS: u32 = 1024 * 1000;
+
+/// The cgroup limits of a unit's container. `memory` and `millicpus` are also what the
+/// scheduler counts against a machine's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// `memory.max`, in bytes (`None`: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// `cpu.max`, in thousandths of a CPU (`None`: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millicpus: Option<u32>,
+    /// `pids.max`.
+    #[serde(default = "default_pids")]
+    pub pids: u32,
+}
+
+fn default_pids() -> u32 {
+    DEFAULT_PIDS
+}
+
+impl Default for Resources {
+    fn default() -> Resources {
+        Resources {
+            memory: None,
+            millicpus: None,
+            pids: DEFAULT_PIDS,
+        }
+    }
+}
+
+impl Resources {
+    /// Whether the limits are in range: the field that is not and why.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Some(m) = self.memory {
+            if m < MIN_MEMORY {
+                return Err((
+                    "resources.memory",
+                    format!("{m} bytes is less than the least limit, 6M"),
+                ));
+            }
+        }
+        if let Some(c) = self.millicpus {
+            if !(MIN_MILLICPUS..=MAX_MILLICPUS).contains(&c) {
+                return Err((
+                    "resources.cpus",
+                    format!(
+                        "{} is not between 0.01 and {}",
+                        f64::from(c) / 1000.0,
+                        MAX_MILLICPUS / 1000
+                    ),
+                ));
+            }
+        }
+        if self.pids == 0 || self.pids > MAX_PIDS {
+            return Err((
+                "resources.pids",
+                format!("{} is not between 1 and {MAX_PIDS}", self.pids),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The kernel names of `names` (given with or without `CAP_`), each at most once; the field
+/// (`capabilities[i]`) and why when one is unknown or repeated.
+pub fn check_capabilities(names: &[String]) -> Result<Vec<String>, (String, String)> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let field = format!("capabilities[{i}]");
+        let Some(cap) = crate::capability::canonical(n) else {
+            return Err((
+                field,
+                format!("{n:?} is not a Linux capability (e.g. NET_ADMIN or CAP_NET_ADMIN)"),
+            ));
+        };
+        if out.iter().any(|c| c == cap) {
+            return Err((field, format!("{cap} is listed twice")));
+        }
+        out.push(cap.to_string());
+    }
+    Ok(out)
+}
 
 /// The most replicas a unit may ask for.
 pub const MAX_REPLICAS: u32 = 10_000;
@@ -220,6 +330,14 @@ impl UnitSpec {
             },
         };
         check_image(image).map_err(|(f, m)| field(f, m))?;
+        self.resources.check().map_err(|(f, m)| field(f, m))?;
+        let caps = check_capabilities(&self.capabilities).map_err(|(f, m)| field(&f, m))?;
+        if caps != self.capabilities {
+            return Err(field(
+                "capabilities",
+                "not in the kernel's spelling (CAP_...)".into(),
+            ));
+        }
         match self.replicas {
             Replicas::Count(n) if n == 0 || n > MAX_REPLICAS => Err(field(
                 "replicas",
@@ -262,6 +380,51 @@ mod tests {
             ..u
         };
         assert!(many.check().unwrap_err().to_string().contains("`replicas`"));
+    }
+
+    #[test]
+    fn stored_limits_and_capabilities_are_checked_again() {
+        let u = UnitSpec::parse("web", WEB).unwrap();
+        let no_pids = UnitSpec {
+            resources: Resources {
+                pids: 0,
+                ..u.resources
+            },
+            ..u.clone()
+        };
+        assert!(no_pids
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("resources.pids"));
+        let tiny = UnitSpec {
+            resources: Resources {
+                memory: Some(1),
+                ..u.resources
+            },
+            ..u.clone()
+        };
+        assert!(tiny
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("resources.memory"));
+        let odd = UnitSpec {
+            capabilities: vec!["net_admin".into()],
+            ..u.clone()
+        };
+        assert!(odd
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("`capabilities`"));
+        // A record written before limits existed decodes with the default pids limit.
+        let mut json = serde_json::to_value(&u).unwrap();
+        json.as_object_mut().unwrap().remove("resources");
+        let old: UnitSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(old.resources, Resources::default());
+        assert_eq!(old.resources.pids, DEFAULT_PIDS);
+        assert!(!old.privileged && old.capabilities.is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The unit file format (TOML) and its parsing into a validated [`UnitSpec`].
 
 use super::{
-    valid_name, Constraints, Image, Port, Replicas, Restart, UnitError, UnitSpec, MAX_REPLICAS,
+    check_capabilities, valid_name, Constraints, Image, Port, Replicas, Resources, Restart,
+    UnitError, UnitSpec, DEFAULT_PIDS, MAX_REPLICAS,
 };
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -25,6 +26,27 @@ struct UnitFile {
     restart: Restart,
     #[serde(default)]
     constraints: Constraints,
+    #[serde(default)]
+    resources: ResourcesFile,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    privileged: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResourcesFile {
+    memory: Option<SizeFile>,
+    cpus: Option<f64>,
+    pids: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeFile {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -145,6 +167,8 @@ impl UnitSpec {
                 ));
             }
         }
+        let resources = parse_resources(&file.resources).map_err(|(f, m)| field(f, m))?;
+        let capabilities = check_capabilities(&file.capabilities).map_err(|(f, m)| field(&f, m))?;
         Ok(UnitSpec {
             name,
             description: file.description,
@@ -155,6 +179,9 @@ impl UnitSpec {
             replicas,
             restart: file.restart,
             constraints: file.constraints,
+            resources,
+            capabilities,
+            privileged: file.privileged,
         })
     }
 }
@@ -227,6 +254,67 @@ pub(super) fn check_image(f: ImageFile) -> Result<Image, (&'static str, String)>
                 sha256,
                 name: f.name,
             })
+        }
+    }
+}
+
+fn parse_resources(f: &ResourcesFile) -> Result<Resources, (&'static str, String)> {
+    let memory = match &f.memory {
+        None => None,
+        Some(m) => Some(parse_size(m).map_err(|e| ("resources.memory", e))?),
+    };
+    let millicpus = match f.cpus {
+        None => None,
+        Some(c) if c.is_finite() && c > 0.0 && c <= f64::from(super::MAX_MILLICPUS) / 1000.0 => {
+            // In range: the product fits a u32.
+            Some((c * 1000.0).round() as u32)
+        }
+        Some(c) => {
+            return Err((
+                "resources.cpus",
+                format!("{c} is not a number of CPUs above 0 (e.g. 0.5 or 2)"),
+            ))
+        }
+    };
+    let pids = match f.pids {
+        None => DEFAULT_PIDS,
+        Some(p) => u32::try_from(p).map_err(|_| {
+            (
+                "resources.pids",
+                format!("{p} is not between 1 and {}", super::MAX_PIDS),
+            )
+        })?,
+    };
+    let r = Resources {
+        memory,
+        millicpus,
+        pids,
+    };
+    r.check()?;
+    Ok(r)
+}
+
+/// Bytes from a number, or a number with a K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &SizeFile) -> Result<u64, String> {
+    let bad = |t: &str| {
+        format!("{t:?} is not a size: bytes, or a number with K, M, G or T (powers of 1024)")
+    };
+    match s {
+        SizeFile::Bytes(n) => u64::try_from(*n).map_err(|_| bad(&n.to_string())),
+        SizeFile::Text(t) => {
+            let trimmed = t.trim();
+            let (digits, shift) = match trimmed.chars().last().map(|c| c.to_ascii_uppercase()) {
+                Some('K') => (&trimmed[..trimmed.len() - 1], 10),
+                Some('M') => (&trimmed[..trimmed.len() - 1], 20),
+                Some('G') => (&trimmed[..trimmed.len() - 1], 30),
+                Some('T') => (&trimmed[..trimmed.len() - 1], 40),
+                _ => (trimmed, 0),
+            };
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad(t));
+            }
+            let n: u64 = digits.parse().map_err(|_| bad(t))?;
+            n.checked_mul(1u64 << shift).ok_or_else(|| bad(t))
         }
     }
 }
@@ -328,5 +416,81 @@ pub(super) mod tests {
         assert!(unknown.contains("replica"), "{unknown}");
         let typed = err(&format!("replicas = \"two\"\n{img}"));
         assert!(typed.contains("replicas"), "{typed}");
+    }
+
+    #[test]
+    fn limits_and_capabilities() {
+        let img = "[image]\npath = \"/a.tar\"\n";
+        let u = UnitSpec::parse(
+            "db",
+            &format!("capabilities = [\"net_admin\", \"CAP_SYS_PTRACE\"]\n{img}[resources]\nmemory = \"512M\"\ncpus = 1.5\npids = 64\n"),
+        )
+        .unwrap();
+        assert_eq!(u.capabilities, ["CAP_NET_ADMIN", "CAP_SYS_PTRACE"]);
+        assert!(!u.privileged);
+        assert_eq!(
+            u.resources,
+            Resources {
+                memory: Some(512 << 20),
+                millicpus: Some(1500),
+                pids: 64
+            }
+        );
+        let json = serde_json::to_string(&u).unwrap();
+        assert_eq!(serde_json::from_str::<UnitSpec>(&json).unwrap(), u);
+        let plain = UnitSpec::parse("x", img).unwrap();
+        assert_eq!(plain.resources, Resources::default());
+        assert_eq!(plain.resources.pids, DEFAULT_PIDS);
+        let whole = UnitSpec::parse(
+            "x",
+            &format!("privileged = true\n{img}[resources]\nmemory = 8388608\ncpus = 2\n"),
+        )
+        .unwrap();
+        assert!(whole.privileged);
+        assert_eq!(
+            (whole.resources.memory, whole.resources.millicpus),
+            (Some(8 << 20), Some(2000))
+        );
+        assert_eq!(
+            UnitSpec::parse("x", &format!("{img}[resources]\nmemory = \"2g\""))
+                .unwrap()
+                .resources
+                .memory,
+            Some(2 << 30)
+        );
+        for (body, field) in [
+            ("memory = \"12X\"", "`resources.memory`"),
+            ("memory = \"M\"", "`resources.memory`"),
+            ("memory = -5", "`resources.memory`"),
+            ("memory = \"1K\"", "`resources.memory`"),
+            ("memory = \"99999999999T\"", "`resources.memory`"),
+            ("cpus = 0", "`resources.cpus`"),
+            ("cpus = -1.5", "`resources.cpus`"),
+            ("cpus = 0.001", "`resources.cpus`"),
+            ("cpus = nan", "`resources.cpus`"),
+            ("cpus = 5000", "`resources.cpus`"),
+            ("pids = 0", "`resources.pids`"),
+            ("pids = -1", "`resources.pids`"),
+            ("pids = 99999999", "`resources.pids`"),
+        ] {
+            let e = err(&format!("{img}[resources]\n{body}"));
+            assert!(e.contains(field) && e.starts_with("unit t:"), "{body}: {e}");
+        }
+        let e = err(&format!("{img}[resources]\nswap = 1"));
+        assert!(e.contains("swap"), "{e}");
+        let e = err(&format!("capabilities = [\"NET_WIZARD\"]\n{img}"));
+        assert!(
+            e.contains("`capabilities[0]`") && e.contains("NET_WIZARD"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "capabilities = [\"NET_RAW\", \"cap_net_raw\"]\n{img}"
+        ));
+        assert!(
+            e.contains("`capabilities[1]`") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err(&format!("privileged = \"yes\"\n{img}"));
+        assert!(e.contains("privileged"), "{e}");
     }
 }
