@@ -1,9 +1,16 @@
 //! The OCI runtime spec of a unit's container: the image's process (or the unit's command),
 //! the unit's environment on top of the image's, the host's network, containerd's default
-//! mounts, capabilities and masked paths.
+//! mounts and masked paths, and confinement by default: Docker's capability set minus
+//! `CAP_NET_RAW` (plus what the unit adds), `no_new_privs`, our [`seccomp`] profile, no device
+//! but the standard few, and the unit's cgroup limits (`memory.max`, `cpu.max`, `pids.max`).
+//! A privileged unit gets what Docker's `--privileged` gives: every capability and device, no
+//! seccomp filter, no masked or read-only paths.
+
+pub mod seccomp;
 
 use super::archive::RunConfig;
-use crate::unit::UnitSpec;
+use crate::capability;
+use crate::unit::{Resources, UnitSpec};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -24,23 +31,59 @@ pub enum SpecError {
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// containerd's default capability set (the same as Docker's).
-const CAPABILITIES: [&str; 14] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
+/// The CFS period of `cpu.max`, in microseconds (the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// The device nodes a container may use (`type`, major, minor; `None`: any minor), as
+/// containerd allows: null, zero, full, random, urandom, tty, console, ptmx, and its own ptys.
+const DEVICES: [(&str, i64, Option<i64>); 9] = [
+    ("c", 1, Some(3)),
+    ("c", 1, Some(5)),
+    ("c", 1, Some(7)),
+    ("c", 1, Some(8)),
+    ("c", 1, Some(9)),
+    ("c", 5, Some(0)),
+    ("c", 5, Some(1)),
+    ("c", 5, Some(2)),
+    ("c", 136, None),
 ];
+
+/// The capabilities of the unit's container, kernel names: a privileged one gets every one
+/// the agent holds.
+pub fn capabilities(spec: &UnitSpec) -> Vec<&'static str> {
+    if spec.privileged {
+        capability::held()
+    } else {
+        capability::with(&spec.capabilities)
+    }
+}
+
+/// `linux.resources`: the device cgroup and the unit's limits.
+fn resources(r: &Resources, privileged: bool) -> Value {
+    let devices: Vec<Value> = if privileged {
+        vec![json!({"allow": true, "access": "rwm"})]
+    } else {
+        std::iter::once(json!({"allow": false, "access": "rwm"}))
+            .chain(DEVICES.iter().map(|(kind, major, minor)| {
+                let mut d = json!({"allow": true, "type": kind, "major": major, "access": "rwm"});
+                if let Some(minor) = minor {
+                    d["minor"] = json!(minor);
+                }
+                d
+            }))
+            .collect()
+    };
+    let mut v = json!({"devices": devices, "pids": {"limit": r.pids}});
+    if let Some(bytes) = r.memory {
+        v["memory"] = json!({"limit": bytes});
+    }
+    if let Some(m) = r.millicpus {
+        // millicpus / 1000 of each period.
+        let quota = u64::from(m) * CPU_PERIOD_US / 1000;
+        v["cpu"] = json!({"quota": quota, "period": CPU_PERIOD_US});
+    }
+    v
+}
 
 /// The process arguments: the unit's command, else the image's entrypoint + cmd.
 pub fn args(spec: &UnitSpec, image: &RunConfig) -> Result<Vec<String>, SpecError> {
@@ -102,6 +145,29 @@ pub fn user(spec: &UnitSpec, image: &RunConfig) -> Result<(u32, u32), SpecError>
     Ok((uid, gid))
 }
 
+/// Paths under /proc and /sys a container sees empty (containerd's list).
+const MASKED: [&str; 10] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
+];
+
+/// Paths under /proc a container may read and not write (containerd's list).
+const READONLY: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
 fn mount(dest: &str, kind: &str, source: &str, options: &[&str]) -> Value {
     json!({"destination": dest, "type": kind, "source": source, "options": options})
 }
@@ -115,6 +181,20 @@ pub fn runtime_spec(
     host_files: &[&str],
 ) -> Result<Value, SpecError> {
     let (uid, gid) = user(spec, image)?;
+    let privileged = spec.privileged;
+    if privileged {
+        log::warn!(
+            "unit {}: privileged: every capability and device, no seccomp filter, no masked paths",
+            spec.name
+        );
+    }
+    let caps = capabilities(spec);
+    // Docker's --privileged mounts /sys and the cgroup tree writable.
+    let sys = if privileged {
+        ["nosuid", "noexec", "nodev", "rw"]
+    } else {
+        ["nosuid", "noexec", "nodev", "ro"]
+    };
     let cwd = image
         .working_dir
         .clone()
@@ -153,17 +233,12 @@ pub fn runtime_spec(
             "mqueue",
             &["nosuid", "noexec", "nodev"],
         ),
-        mount(
-            "/sys",
-            "sysfs",
-            "sysfs",
-            &["nosuid", "noexec", "nodev", "ro"],
-        ),
+        mount("/sys", "sysfs", "sysfs", &sys),
         mount(
             "/sys/fs/cgroup",
             "cgroup",
             "cgroup",
-            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+            &[&sys[..], &["relatime"]].concat(),
         ),
         mount(
             "/run",
@@ -175,6 +250,22 @@ pub fn runtime_spec(
     for f in host_files {
         mounts.push(mount(f, "bind", f, &["rbind", "ro", "nosuid", "nodev"]));
     }
+    let (masked, readonly): (&[&str], &[&str]) = if privileged {
+        (&[], &[])
+    } else {
+        (&MASKED, &READONLY)
+    };
+    let mut linux = json!({
+        "resources": resources(&spec.resources, privileged),
+        "cgroupsPath": format!("/{namespace}/{}", spec.name),
+        // No network namespace: the host's network (units declare their host ports).
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+        "maskedPaths": masked,
+        "readonlyPaths": readonly,
+    });
+    if !privileged {
+        linux["seccomp"] = seccomp::profile(&caps);
+    }
     Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -184,30 +275,18 @@ pub fn runtime_spec(
             "env": env(spec, image),
             "cwd": cwd,
             "capabilities": {
-                "bounding": CAPABILITIES,
-                "effective": CAPABILITIES,
-                "permitted": CAPABILITIES,
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true,
+            // As Docker's --privileged: setuid programs (sudo) keep working there.
+            "noNewPrivileges": !privileged,
         },
         "root": {"path": "rootfs", "readonly": false},
         "hostname": "",
         "mounts": mounts,
-        "linux": {
-            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
-            "cgroupsPath": format!("/{namespace}/{}", spec.name),
-            // No network namespace: the host's network (units declare their host ports).
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-                "/proc/scsi",
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
-            ],
-        },
+        "linux": linux,
     }))
 }
 
@@ -261,6 +340,118 @@ mod tests {
         assert_eq!(s["process"]["args"], json!(["/bin/sh", "-c", "true"]));
         assert_eq!(s["process"]["env"][0], DEFAULT_PATH);
         assert_eq!(s["process"]["cwd"], "/");
+    }
+
+    fn cmd() -> RunConfig {
+        RunConfig {
+            cmd: Some(vec!["/bin/sh".into()]),
+            ..RunConfig::default()
+        }
+    }
+
+    #[test]
+    fn limits_map_to_linux_resources() {
+        let s = runtime_spec(
+            &unit("[resources]\nmemory = \"512M\"\ncpus = 1.5\npids = 20"),
+            &cmd(),
+            "n",
+            &[],
+        )
+        .unwrap();
+        let r = &s["linux"]["resources"];
+        assert_eq!(r["memory"], json!({"limit": 512u64 << 20}));
+        assert_eq!(r["cpu"], json!({"quota": 150_000, "period": 100_000}));
+        assert_eq!(r["pids"], json!({"limit": 20}));
+        // No limit asked: none set but the default pids limit.
+        let s = runtime_spec(&unit(""), &cmd(), "n", &[]).unwrap();
+        let r = &s["linux"]["resources"];
+        assert!(r.get("memory").is_none() && r.get("cpu").is_none());
+        assert_eq!(r["pids"]["limit"], crate::unit::DEFAULT_PIDS);
+    }
+
+    #[test]
+    fn confined_by_default() {
+        let s = runtime_spec(&unit(""), &cmd(), "n", &[]).unwrap();
+        let caps = &s["process"]["capabilities"];
+        for set in ["bounding", "effective", "permitted"] {
+            let list = caps[set].as_array().unwrap();
+            assert!(!list.contains(&json!("CAP_NET_RAW")), "{set}: {list:?}");
+            assert!(!list.contains(&json!("CAP_SYS_ADMIN")), "{set}: {list:?}");
+            assert!(
+                list.contains(&json!("CAP_NET_BIND_SERVICE")),
+                "{set}: {list:?}"
+            );
+        }
+        assert_eq!(s["process"]["noNewPrivileges"], true);
+        let linux = &s["linux"];
+        assert_eq!(linux["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(
+            linux["seccomp"]["architectures"],
+            json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"])
+        );
+        let devices = linux["resources"]["devices"].as_array().unwrap();
+        assert_eq!(devices[0], json!({"allow": false, "access": "rwm"}));
+        assert!(devices[1..]
+            .iter()
+            .all(|d| d["allow"] == true && d["type"] == "c"));
+        assert!(devices.contains(
+            &json!({"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"})
+        ));
+        assert!(!devices.iter().any(|d| d["major"] == 8), "no disks");
+        assert!(linux["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("/proc/kcore")));
+        assert!(linux["readonlyPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("/proc/sys")));
+        let sys = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .unwrap();
+        assert!(sys["options"].as_array().unwrap().contains(&json!("ro")));
+
+        // Added capabilities join the set, and the calls they need come back.
+        let s = runtime_spec(
+            &unit("capabilities = [\"NET_RAW\", \"SYS_ADMIN\"]"),
+            &cmd(),
+            "n",
+            &[],
+        )
+        .unwrap();
+        let bounding = s["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(
+            bounding.contains(&json!("CAP_NET_RAW")) && bounding.contains(&json!("CAP_SYS_ADMIN"))
+        );
+        let allowed = seccomp::allowed(&s["linux"]["seccomp"]);
+        assert!(allowed.iter().any(|c| c == "mount"));
+    }
+
+    #[test]
+    fn privileged_lifts_confinement() {
+        let s = runtime_spec(&unit("privileged = true"), &cmd(), "n", &[]).unwrap();
+        let bounding = s["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert_eq!(bounding.len(), capability::held().len());
+        assert!(
+            bounding.contains(&json!("CAP_SYS_ADMIN")) && bounding.contains(&json!("CAP_NET_RAW"))
+        );
+        assert_eq!(s["process"]["noNewPrivileges"], false);
+        let linux = &s["linux"];
+        assert!(linux.get("seccomp").is_none());
+        assert_eq!(
+            linux["resources"]["devices"],
+            json!([{"allow": true, "access": "rwm"}])
+        );
+        assert_eq!(linux["maskedPaths"], json!([]));
+        assert_eq!(linux["readonlyPaths"], json!([]));
+        // Limits still hold.
+        assert_eq!(
+            linux["resources"]["pids"]["limit"],
+            crate::unit::DEFAULT_PIDS
+        );
     }
 
     #[test]
