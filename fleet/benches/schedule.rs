@@ -20,6 +20,7 @@ fn machines(n: usize) -> Vec<Machine> {
             Machine {
                 id: format!("machine-{i:05}"),
                 labels,
+                capacity: None,
             }
         })
         .collect()
@@ -58,6 +59,7 @@ fn units(n: usize) -> Vec<Unit> {
                 labels,
                 conflicts,
                 ports,
+                requests: Default::default(),
             }
         })
         .collect()

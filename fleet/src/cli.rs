@@ -8,6 +8,7 @@ use crate::etcd::{Client, Credentials, EtcdError};
 use crate::lock::RebootLock;
 use crate::records::Invalid;
 use crate::registry::{self, Keys, MachineRecord};
+use crate::scheduler::{self, Capacity};
 use crate::store::{self, Store, Target};
 use crate::unit::UnitSpec;
 use anyhow::{bail, Context, Result};
@@ -35,8 +36,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// List the machines: id, address, labels, version, slot, units, last seen (a record that
-    /// does not decode is listed as INVALID, with its key and the error).
+    /// List the machines: id, address, labels, version, slot, units, memory and CPUs the units
+    /// there request / the machine has, last seen (a record that does not decode is listed as
+    /// INVALID, with its key and the error).
     Machines {
         /// Print JSON.
         #[arg(long)]
@@ -214,6 +216,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             cli.store()?.submit(&specs).await?;
             for s in &specs {
                 println!("submitted {}", s.name);
+                if s.privileged {
+                    eprintln!(
+                        "warning: unit {} is privileged: every capability and device, no seccomp filter",
+                        s.name
+                    );
+                }
             }
         }
         Command::Start { unit } => cli.store()?.set_target(unit, Target::Running).await?,
@@ -302,6 +310,17 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
     let (ms, invalid) = registry::machine_records(&store.client, &store.keys).await?;
     let invalid = invalid_rows(&store.keys.machines(), "id", &invalid);
     let placed = store::by_machine(&store.placement().await?);
+    let units = store.units().await?;
+    let used = |id: &str| -> Capacity {
+        placed
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|u| units.get(u))
+            .fold(Capacity::default(), |a, (r, _)| {
+                a.plus(scheduler::requests(&r.spec))
+            })
+    };
     let leader = registry::leader(&store.client, &store.keys).await?;
     if json {
         let v: Vec<_> = ms
@@ -310,6 +329,9 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
                 let mut v = serde_json::to_value(m).unwrap_or_default();
                 v["units"] = json!(placed.get(&m.id).cloned().unwrap_or_default());
                 v["leader"] = json!(leader.as_deref() == Some(m.id.as_str()));
+                let u = used(&m.id);
+                v["memory_used_bytes"] = json!(u.memory_bytes);
+                v["cpus_used"] = json!(u.millicpus as f64 / 1000.0);
                 v
             })
             .chain(invalid)
@@ -318,8 +340,8 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<34} {:<15} {:<8} {:<4} {:<20} {:<6} LAST-SEEN",
-        "MACHINE", "ADDRESS", "VERSION", "SLOT", "LABELS", "UNITS"
+        "{:<34} {:<15} {:<8} {:<4} {:<20} {:<6} {:<15} {:<11} LAST-SEEN",
+        "MACHINE", "ADDRESS", "VERSION", "SLOT", "LABELS", "UNITS", "MEMORY", "CPUS"
     );
     let now = registry::now_s();
     for m in &ms {
@@ -329,8 +351,9 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
         } else {
             ""
         };
+        let u = used(&m.id);
         println!(
-            "{:<34} {:<15} {:<8} {:<4} {:<20} {:<6} {}s ago",
+            "{:<34} {:<15} {:<8} {:<4} {:<20} {:<6} {:<15} {:<11} {}s ago",
             format!("{}{star}", m.id),
             m.address,
             m.version.as_deref().unwrap_or("-"),
@@ -341,6 +364,16 @@ async fn machines(store: &Store, json: bool) -> Result<()> {
                 labels.join(",")
             },
             placed.get(&m.id).map_or(0, |u| u.len()),
+            format!(
+                "{}/{}",
+                size(u.memory_bytes),
+                m.memory_bytes.map_or("-".into(), size)
+            ),
+            format!(
+                "{}/{}",
+                u.millicpus as f64 / 1000.0,
+                m.cpus.map_or("-".into(), |c| c.to_string())
+            ),
             now.saturating_sub(m.last_seen),
         );
     }
@@ -425,6 +458,18 @@ async fn logs(store: &Store, unit: &str, machine: Option<&str>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Bytes in the largest unit of 1024 that keeps one decimal: `512M`, `1.5G`.
+fn size(bytes: u64) -> String {
+    let mut v = bytes as f64;
+    for unit in ["", "K", "M", "G"] {
+        if v < 1024.0 {
+            return format!("{}{unit}", (v * 10.0).round() / 10.0);
+        }
+        v /= 1024.0;
+    }
+    format!("{}T", (v * 10.0).round() / 10.0)
 }
 
 fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {

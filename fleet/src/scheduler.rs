@@ -3,6 +3,10 @@
 //! - Constraints hold: a unit runs only on machines carrying its labels, never beside a unit it
 //!   conflicts with (by name or pattern, either way round, or because both use a host port), and
 //!   at most once per machine (so replicas spread).
+//! - Capacity: the memory and CPU requests (a unit's `[resources]` memory and cpus) of the units
+//!   on a machine never add up to more than the machine reported. A unit without requests counts
+//!   zero; a machine that reported no capacity takes anything. When a machine reports less than
+//!   its current units request, the units kept first (global ones, then by name) stay.
 //! - A unit with `replicas = n` runs at most n times; a global unit on every machine that fits.
 //! - Minimal movement: every instance of the current placement that still fits stays where it is;
 //!   only missing instances are placed, each on the least-loaded machine that fits (ties: the
@@ -18,6 +22,43 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 pub struct Machine {
     pub id: String,
     pub labels: BTreeMap<String, String>,
+    /// What units may request on it (`None`: unknown, anything fits).
+    pub capacity: Option<Capacity>,
+}
+
+/// Memory and CPU: what a machine has, or what a unit requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub memory_bytes: u64,
+    /// Thousandths of a CPU.
+    pub millicpus: u64,
+}
+
+impl Capacity {
+    /// `self + other`, saturating.
+    pub fn plus(self, other: Capacity) -> Capacity {
+        Capacity {
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            millicpus: self.millicpus.saturating_add(other.millicpus),
+        }
+    }
+
+    /// Whether `self` is within `limit` on both counts.
+    pub fn within(self, limit: Capacity) -> bool {
+        self.memory_bytes <= limit.memory_bytes && self.millicpus <= limit.millicpus
+    }
+
+    /// A machine's capacity from what it reported: an unreported count is unlimited; `None`
+    /// when it reported neither.
+    pub fn reported(memory_bytes: Option<u64>, cpus: Option<u32>) -> Option<Capacity> {
+        if memory_bytes.is_none() && cpus.is_none() {
+            return None;
+        }
+        Some(Capacity {
+            memory_bytes: memory_bytes.unwrap_or(u64::MAX),
+            millicpus: cpus.map_or(u64::MAX, |c| u64::from(c) * 1000),
+        })
+    }
 }
 
 /// A unit to run, as the scheduler sees it.
@@ -31,6 +72,16 @@ pub struct Unit {
     pub conflicts: Vec<String>,
     /// Host ports it uses: two units using one port conflict.
     pub ports: Vec<Port>,
+    /// What each instance takes of its machine's capacity.
+    pub requests: Capacity,
+}
+
+/// What one instance of the unit requests: its memory and CPU limits (zero when unlimited).
+pub fn requests(u: &UnitSpec) -> Capacity {
+    Capacity {
+        memory_bytes: u.resources.memory.unwrap_or(0),
+        millicpus: u.resources.millicpus.map_or(0, u64::from),
+    }
 }
 
 impl From<&UnitSpec> for Unit {
@@ -41,6 +92,7 @@ impl From<&UnitSpec> for Unit {
             labels: u.constraints.labels.clone(),
             conflicts: u.constraints.conflicts.clone(),
             ports: u.ports.clone(),
+            requests: requests(u),
         }
     }
 }
@@ -96,6 +148,8 @@ struct State<'a> {
     /// Machines ordered by (load, index).
     by_load: BTreeSet<(u32, u32)>,
     load: Vec<u32>,
+    /// For each machine, the requests of the units on it.
+    used: Vec<Capacity>,
 }
 
 impl<'a> State<'a> {
@@ -142,6 +196,7 @@ impl<'a> State<'a> {
             placed: vec![Vec::new(); units.len()],
             by_load: (0..n as u32).map(|m| (0, m)).collect(),
             load: vec![0; n],
+            used: vec![Capacity::default(); n],
             machines,
             units,
         }
@@ -157,6 +212,14 @@ impl<'a> State<'a> {
         self.is_eligible(u, m)
             && !hosted.contains(&(u as u32))
             && !self.conflicts[u].iter().any(|c| hosted.contains(c))
+            && self.has_room(u, m)
+    }
+
+    /// Whether machine `m` has room left for unit `u`'s requests.
+    fn has_room(&self, u: usize, m: u32) -> bool {
+        self.machines[m as usize]
+            .capacity
+            .is_none_or(|c| self.used[m as usize].plus(self.units[u].requests).within(c))
     }
 
     fn add(&mut self, u: usize, m: u32) {
@@ -166,6 +229,7 @@ impl<'a> State<'a> {
         self.load[m as usize] = l + 1;
         self.hosted[m as usize].insert(u as u32);
         self.placed[u].push(m);
+        self.used[m as usize] = self.used[m as usize].plus(self.units[u].requests);
     }
 
     /// Keeps the instances of the current placement that still fit.
@@ -301,6 +365,26 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            capacity: None,
+        }
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    fn sized(id: &str, gib: u64, cpus: u32) -> Machine {
+        Machine {
+            capacity: Capacity::reported(Some(gib * GIB), Some(cpus)),
+            ..machine(id, &[])
+        }
+    }
+
+    fn asking(name: &str, replicas: u32, gib: u64, millicpus: u64) -> Unit {
+        Unit {
+            requests: Capacity {
+                memory_bytes: gib * GIB,
+                millicpus,
+            },
+            ..unit(name, Replicas::Count(replicas))
         }
     }
 
@@ -311,6 +395,7 @@ mod tests {
             labels: BTreeMap::new(),
             conflicts: vec![],
             ports: vec![],
+            requests: Capacity::default(),
         }
     }
 
@@ -397,31 +482,85 @@ mod tests {
         assert_eq!(on(&s, "a"), ["m0"]);
     }
 
+    #[test]
+    fn requests_count_against_what_machines_report() {
+        let ms = vec![sized("m0", 4, 2), sized("m1", 2, 8), machine("m2", &[])];
+        // 3 GiB and 1 CPU fit m0 only (m1 has 2 GiB); m2 reported nothing and takes anything.
+        let big = asking("big", 3, 3, 1000);
+        // 1.5 CPUs: m0 has 2, m1 8.
+        let cpu = asking("cpu", 3, 0, 1500);
+        let free = unit("free", Replicas::Count(3));
+        let s = schedule(
+            &ms,
+            &[big.clone(), cpu.clone(), free.clone()],
+            &Placement::new(),
+        );
+        assert_eq!(on(&s, "big"), ["m0", "m2"]);
+        assert_eq!(s.unplaced["big"], 1);
+        assert_eq!(on(&s, "cpu"), ["m1", "m2"], "m0 has 1 CPU left after big");
+        assert_eq!(
+            on(&s, "free"),
+            ["m0", "m1", "m2"],
+            "no requests: fits anywhere"
+        );
+
+        // A machine that reports less than its units ask keeps the first ones (by name).
+        let small = vec![sized("m0", 4, 1)];
+        let cur: Placement = [
+            ("big".to_string(), ["m0".to_string()].into()),
+            ("cpu".to_string(), ["m0".to_string()].into()),
+        ]
+        .into();
+        let s = schedule(
+            &small,
+            &[asking("big", 1, 3, 0), asking("cpu", 1, 0, 1500)],
+            &cur,
+        );
+        assert_eq!(on(&s, "big"), ["m0"]);
+        assert!(on(&s, "cpu").is_empty());
+
+        // Only memory reported: CPUs are unlimited there.
+        let mem_only = vec![Machine {
+            capacity: Capacity::reported(Some(GIB), None),
+            ..machine("m0", &[])
+        }];
+        let s = schedule(&mem_only, &[asking("cpu", 1, 0, 64_000)], &Placement::new());
+        assert_eq!(on(&s, "cpu"), ["m0"]);
+        assert_eq!(Capacity::reported(None, None), None);
+    }
+
     fn arb_input() -> impl Strategy<Value = (Vec<Machine>, Vec<Unit>, Placement)> {
         let zones = prop::sample::select(vec!["a", "b", "c"]);
-        let machines = prop::collection::vec((zones.clone(), any::<bool>()), 0..12).prop_map(|v| {
-            v.into_iter()
-                .enumerate()
-                .map(|(i, (z, ssd))| {
-                    let mut l = vec![("zone", z)];
-                    if ssd {
-                        l.push(("disk", "ssd"));
-                    }
-                    machine(&format!("m{i:02}"), &l)
-                })
-                .collect::<Vec<_>>()
-        });
+        let capacity = prop::option::of((1u64..8, 1u32..4));
+        let machines = prop::collection::vec((zones.clone(), any::<bool>(), capacity), 0..12)
+            .prop_map(|v| {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (z, ssd, cap))| {
+                        let mut l = vec![("zone", z)];
+                        if ssd {
+                            l.push(("disk", "ssd"));
+                        }
+                        Machine {
+                            capacity: cap
+                                .and_then(|(g, c)| Capacity::reported(Some(g * GIB), Some(c))),
+                            ..machine(&format!("m{i:02}"), &l)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
         let unit_s = (
             0u32..6,
             prop::option::of(zones),
             any::<bool>(),
             prop::collection::vec(0usize..10, 0..3),
             prop::option::of(prop::sample::select(vec![80u16, 443])),
+            (0u64..3, prop::sample::select(vec![0u64, 500, 1000, 2500])),
         );
         let units = prop::collection::vec(unit_s, 0..10).prop_map(|v| {
             v.into_iter()
                 .enumerate()
-                .map(|(i, (r, zone, ssd, conflicts, port))| {
+                .map(|(i, (r, zone, ssd, conflicts, port, (gib, millicpus)))| {
                     let mut u = unit(
                         &format!("u{i}"),
                         if r == 0 {
@@ -447,6 +586,10 @@ mod tests {
                         })
                         .into_iter()
                         .collect();
+                    u.requests = Capacity {
+                        memory_bytes: gib * GIB,
+                        millicpus,
+                    };
                     u
                 })
                 .collect::<Vec<_>>()
@@ -481,6 +624,14 @@ mod tests {
             prop_assert!(us.iter().any(|u| &u.name == p), "unknown unit {p} placed");
         }
         for (m, here) in by_machine {
+            let cap = ms.iter().find(|x| x.id == m).and_then(|x| x.capacity);
+            let used = here
+                .iter()
+                .fold(Capacity::default(), |a, u| a.plus(u.requests));
+            prop_assert!(
+                cap.is_none_or(|c| used.within(c)),
+                "{m} over capacity: {used:?} > {cap:?}"
+            );
             for a in &here {
                 for b in &here {
                     if a.name == b.name {

@@ -351,6 +351,7 @@ pub fn plan(machines: &[MachineRecord], units: &Units, current: &Placement) -> S
         .map(|m| scheduler::Machine {
             id: m.id.clone(),
             labels: m.labels.clone(),
+            capacity: scheduler::Capacity::reported(m.memory_bytes, m.cpus),
         })
         .collect();
     let us: Vec<scheduler::Unit> = units
