@@ -209,7 +209,7 @@ async fn pulls_once_follows_a_moving_tag_and_runs_offline() {
     push(&image(work.path(), "one"), &reference);
 
     let daemon = Daemon::start();
-    let mut rt = daemon.runtime();
+    let mut rt = daemon.runtime("registry");
     rt.registries = insecure(&registry.host(), None);
     rt.image_poll = Duration::from_secs(1);
     // Two units, one image: pulled once.
@@ -243,7 +243,7 @@ async fn pulls_once_follows_a_moving_tag_and_runs_offline() {
     // The agent restarts while the registry is down: it runs what it pulled before.
     drop(registry);
     rt.remove("a").await.unwrap();
-    let mut again = daemon.runtime();
+    let mut again = daemon.runtime("registry");
     again.registries = rt.registries.clone();
     let one: BTreeMap<String, UnitSpec> = [("a".to_string(), desired["a"].clone())].into();
     reconcile_until(&again, &one, |rt| logged(rt, "a", "version two")).await;
@@ -268,7 +268,7 @@ async fn a_blob_that_does_not_match_its_digest_is_refused() {
     std::fs::write(&data, bytes).unwrap();
 
     let daemon = Daemon::start();
-    let mut rt = daemon.runtime();
+    let mut rt = daemon.runtime("registry");
     rt.registries = insecure(&registry.host(), None);
     let e = rt.pull(&reference).await.unwrap_err().to_string();
     assert!(
@@ -414,7 +414,7 @@ async fn a_registry_that_needs_a_token() {
             password: password.into(),
         })
     };
-    let mut rt = daemon.runtime();
+    let mut rt = daemon.runtime("registry");
     rt.registries = insecure(&registry.host(), None);
     let e = rt.pull(&reference).await.unwrap_err().to_string();
     assert!(e.contains("anonymous"), "{e}");
@@ -517,7 +517,7 @@ async fn a_cut_connection_resumes_where_it_broke() {
     let (port, seen) = cutting_proxy(registry.port, 300_000).await;
     let host = format!("127.0.0.1:{port}");
     let daemon = Daemon::start();
-    let mut rt = daemon.runtime();
+    let mut rt = daemon.runtime("registry");
     rt.registries = insecure(&host, None);
     rt.pull(&format!("{host}/team/app:1"))
         .await

@@ -1,9 +1,10 @@
 //! A real containerd for integration tests (Debian's 1.6, CRI disabled) with its own root,
 //! state and socket in a temporary directory, killed when dropped; and tiny OCI images made
-//! from the host's busybox-static.
+//! from the host's busybox-static, with the applets and files a test names.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use caisson_fleet::agent::{ContainerState, Runtime};
 use caisson_fleet::containerd::Containerd;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -89,11 +90,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
-    /// A runtime on this containerd, in a namespace of the test process's own.
-    pub fn runtime(&self) -> Containerd {
+    /// The runtime on this daemon, in a namespace named after `test` and the process.
+    pub fn runtime(&self, test: &str) -> Containerd {
         let mut c = Containerd::new(
             self.socket(),
-            format!("caisson-test-{}", std::process::id()),
+            format!("caisson-{test}-{}", std::process::id()),
         );
         c.log_dir = self.dir.path().join("logs");
         c.cache_dir = self.dir.path().join("cache");
@@ -118,12 +119,18 @@ impl Drop for Daemon {
     }
 }
 
-pub fn add(t: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) {
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
+    h.set_entry_type(kind);
     h.set_mode(mode);
+    h.set_size(size);
     h.set_mtime(0);
     h.set_cksum();
+    h
+}
+
+pub fn add(t: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) {
+    let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
     t.append_data(&mut h, name, data).unwrap();
 }
 
@@ -135,13 +142,10 @@ pub fn digest(b: &[u8]) -> String {
 /// (path, content).
 pub fn busybox_layer_with(applets: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut layer = tar::Builder::new(Vec::new());
-    for d in ["bin/", "etc/", "tmp/"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        h.set_mtime(0);
-        h.set_cksum();
+    for d in [
+        "bin/", "etc/", "tmp/", "mnt/", "proc/", "sys/", "dev/", "run/",
+    ] {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
         layer.append_data(&mut h, d, std::io::empty()).unwrap();
     }
     add(
@@ -151,12 +155,7 @@ pub fn busybox_layer_with(applets: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> 
         0o755,
     );
     for l in applets {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        h.set_mtime(0);
-        h.set_cksum();
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         layer
             .append_link(&mut h, format!("bin/{l}"), "busybox")
             .unwrap();
@@ -165,6 +164,14 @@ pub fn busybox_layer_with(applets: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> 
         add(&mut layer, path, data, 0o644);
     }
     layer.into_inner().unwrap()
+}
+
+/// An OCI archive (`caisson.test/busybox:1`) of one layer: /bin/busybox, a link to it per
+/// applet, and the directories a container needs.
+pub fn busybox_archive(path: &Path, applets: &[&str]) {
+    let layer = busybox_layer_with(applets, &[]);
+    let d = digest(&layer);
+    oci_archive(path, &[layer], &[d]);
 }
 
 /// An OCI archive of one image (`caisson.test/busybox:1`) with these layers (uncompressed
@@ -217,4 +224,39 @@ pub fn oci_archive(path: &Path, layers: &[Vec<u8>], diff_ids: &[String]) -> Vec<
     let bytes = t.into_inner().unwrap();
     std::fs::write(path, &bytes).unwrap();
     bytes
+}
+
+/// Waits until the unit's container is in a state `want` accepts.
+pub async fn wait_for(
+    rt: &Containerd,
+    unit: &str,
+    want: impl Fn(ContainerState) -> bool,
+) -> ContainerState {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = rt.list().await.unwrap();
+        if let Some(c) = list.iter().find(|c| c.unit == unit) {
+            if want(c.state) {
+                return c.state;
+            }
+        }
+        assert!(Instant::now() < deadline, "unit {unit}: {list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the unit's log has a line `last`; returns the whole log.
+pub async fn log_until(rt: &Containerd, unit: &str, last: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = rt.logs(unit, 200).await.unwrap_or_default();
+        if lines.iter().any(|l| l == last) {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unit {unit} never printed {last:?}: {lines:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
