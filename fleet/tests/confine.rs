@@ -1,7 +1,7 @@
 //! Confinement and limits of a unit's container against a real containerd and runc: inside a
 //! default unit, what must fail fails (a user namespace, a raw socket, a mount, a write to
-//! /proc/sys, forks beyond `pids`), the unit's limits are in its cgroup, and the host stays
-//! fine; a unit that adds `NET_RAW` can ping, and a privileged one can mount.
+//! /proc/sys, forks beyond `pids`), the unit's limits are in its cgroup, and the host and
+//! another unit stay fine; a unit that adds `NET_RAW` can ping, and a privileged one can mount.
 //!
 //! Needs root, `containerd`, `runc` and `busybox-static`; without them the test says why and
 //! passes. The cgroup files are checked on cgroup v2 (`memory.max`, `cpu.max`, `pids.max`)
@@ -77,6 +77,15 @@ fn status(log: &[String], key: &str) -> i32 {
         .unwrap_or_else(|| panic!("no {key}= in {log:#?}"))
 }
 
+/// The neighbour's last count.
+async fn last_tick(rt: &Containerd) -> u64 {
+    let log = rt.logs("neighbour", 5).await.unwrap();
+    log.iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick=")?.parse().ok())
+        .unwrap_or_else(|| panic!("the neighbour has not counted: {log:?}"))
+}
+
 /// The test's steps, each printing `name=<exit status>` after its own output; then a fork bomb
 /// in a subshell (ash gives up a script on a failed fork) that leaves its sleeps running.
 const ESCAPES: &str = r#"
@@ -110,6 +119,17 @@ async fn a_default_unit_is_confined_and_limited() {
     let rt = daemon.runtime("confine");
     let archive = daemon.dir.path().join("busybox.oci.tar");
     busybox_archive(&archive, &APPLETS);
+
+    // A neighbour that forks a sleep every 0.2 s and counts: it must keep counting.
+    let neighbour = unit(
+        "neighbour",
+        &archive,
+        "command = [\"/bin/sh\", \"-c\", \"i=0; while true; do i=$((i+1)); echo tick=$i; sleep 0.2; done\"]",
+    );
+    rt.start(&neighbour, "n1")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    log_until(&rt, "neighbour", "tick=1").await;
 
     let script = ESCAPES.replace('"', "\\\"").replace('\n', "\\n");
     let jail = unit(
@@ -194,11 +214,17 @@ async fn a_default_unit_is_confined_and_limited() {
         let events = file("pids", "pids.events");
         assert!(!events.ends_with(" 0"), "no fork was refused: {events}");
     }
-    // The host stays fine: it forks, and containerd answers.
+    // The host stays fine: it forks, containerd answers, and the neighbour keeps counting.
     assert!(std::process::Command::new("true")
         .status()
         .unwrap()
         .success());
+    let ticks = last_tick(&rt).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        last_tick(&rt).await > ticks,
+        "the neighbour stopped at {ticks}"
+    );
     assert_eq!(
         wait_for(&rt, "jail", |_| true).await,
         ContainerState::Running
@@ -232,7 +258,7 @@ async fn a_default_unit_is_confined_and_limited() {
     let log = log_until(&rt, "root", "mount=0").await;
     eprintln!("{log:#?}");
 
-    for u in ["jail", "pinger", "root"] {
+    for u in ["jail", "pinger", "root", "neighbour"] {
         rt.remove(u).await.unwrap();
     }
     assert!(rt.list().await.unwrap().is_empty());
