@@ -531,3 +531,17 @@ async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     a.run(stop).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(size(0), "0");
+        assert_eq!(size(512 << 20), "512M");
+        assert_eq!(size(3 << 29), "1.5G");
+        assert_eq!(size(2_062_585_856), "1.9G");
+        assert_eq!(size(5 << 40), "5T");
+    }
+}
