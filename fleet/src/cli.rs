@@ -65,9 +65,10 @@ pub enum Command {
         /// The unit's name.
         unit: String,
     },
-    /// List units: desired and actual state, where they run (a unit, assignment or status
-    /// record that does not decode is listed as INVALID, with its key and the error; the agents
-    /// skip it).
+    /// List units: desired and actual state (starting, running, healthy, unhealthy, exited,
+    /// failed, with why a health check failed under the row), where they run (a unit,
+    /// assignment or status record that does not decode is listed as INVALID, with its key and
+    /// the error; the agents skip it).
     Units {
         /// Print JSON.
         #[arg(long)]
@@ -430,6 +431,12 @@ async fn units(store: &Store, json: bool) -> Result<()> {
                 actual.join(" ")
             }
         );
+        // Why an instance is not healthy, under its row.
+        for (m, s) in r["actual"].as_object().into_iter().flatten() {
+            if let Some(why) = s["health_error"].as_str() {
+                println!("{:<24} {m}: {why}", "");
+            }
+        }
     }
     print_invalid(&invalid, "name", 24);
     Ok(())

@@ -49,7 +49,10 @@ pub struct UnitRecord {
 /// What an agent reports about one of its units.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnitStatus {
-    /// `running`, `exited`, `starting`, `failed`.
+    /// `starting` (the image is on its way, or no health check has passed yet), `running` (a
+    /// unit without a health check), `healthy`, `unhealthy` (its last `retries` checks failed),
+    /// `exited` (see `exit_code`) or `failed` (see `error`). The agent's health monitor
+    /// (`crate::agent::health`) decides the health states.
     pub state: String,
     #[serde(default)]
     pub exit_code: Option<u32>,
@@ -59,6 +62,9 @@ pub struct UnitStatus {
     pub restarts: u32,
     #[serde(default)]
     pub since: u64,
+    /// Why the last health check failed, while the unit is not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
 }
 
 /// Decodes a record that needs no check against its key.

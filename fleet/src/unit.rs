@@ -1,5 +1,5 @@
 //! Unit files: what to run (an OCI archive and a command), how many, where, with what limits
-//! and privileges. The file format and its parsing are in [`file`]; the validated types here.
+//! and privileges, and how to check it. The file format and its parsing are in [`file`]; the validated types here.
 //!
 //! ```toml
 //! name = "web"                      # optional: the file name without .toml
@@ -28,10 +28,26 @@
 //! memory = "512M"                   # requests. Bytes, or K/M/G/T (powers of 1024); no limit if absent
 //! cpus = 1.5                        # CPU time per wall second (cpu.max); no limit if absent
 //! pids = 512                        # processes and threads (pids.max); default DEFAULT_PIDS
+//!
+//! [health]                          # optional; exactly one of exec, http or tcp
+//! exec = ["test", "-f", "/tmp/ok"]  # run in the container: exit 0 is healthy
+//! # http = "http://127.0.0.1:8080/healthz"   # GET to the container: 2xx or 3xx is healthy
+//! # tcp = 8080                               # the container accepts a TCP connection
+//! interval = "10s"                  # default 10s; durations: "500ms", "10s", "2m", "1m30s"
+//! timeout = "5s"                    # default 5s, each check's deadline
+//! retries = 3                       # default 3 consecutive failures make it unhealthy
+//! start_period = "30s"              # default 0s (as Docker): failures before the first
+//!                                   # success within this time after a start do not count
 //! ```
+//!
+//! An unhealthy instance is restarted when `restart` is `always` or `on-failure`; with `never`
+//! it is left running and shown unhealthy (see `crate::agent::health`).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+mod health;
+pub use health::{parse_duration, Health, Probe};
 
 /// Why a unit file is not valid.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +93,9 @@ pub struct UnitSpec {
     /// Every capability and device, no seccomp filter, no masked paths (Docker's `--privileged`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub privileged: bool,
+    /// How the agent checks that an instance works (none: running is enough).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
 }
 
 /// Where the OCI archive comes from.
@@ -337,6 +356,9 @@ impl UnitSpec {
                 "capabilities",
                 "not in the kernel's spelling (CAP_...)".into(),
             ));
+        }
+        if let Some(h) = &self.health {
+            h.check().map_err(|(f, m)| field(&f, m))?;
         }
         match self.replicas {
             Replicas::Count(n) if n == 0 || n > MAX_REPLICAS => Err(field(

@@ -3,21 +3,41 @@
 use super::{Container, ContainerState, Runtime, RuntimeError};
 use crate::unit::UnitSpec;
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// An exec the fake ran: the unit and the command.
+pub type Exec = (String, Vec<String>);
+
+/// The exit code of a task stopped by [`Runtime::stop_task`] (SIGKILL).
+pub const KILLED: u32 = 137;
+
 /// An in-memory runtime: containers "run" until told otherwise. For tests and simulations.
-#[derive(Debug, Default)]
+/// Clones share their state.
+#[derive(Debug, Default, Clone)]
 pub struct FakeRuntime {
-    pub containers: std::sync::Mutex<BTreeMap<String, Container>>,
+    pub containers: Arc<Mutex<BTreeMap<String, Container>>>,
     /// Units whose start fails.
-    pub failing: std::sync::Mutex<Vec<String>>,
+    pub failing: Arc<Mutex<Vec<String>>>,
     /// How long a start takes (an image import under load, say).
-    pub start_delay: std::sync::Mutex<Duration>,
+    pub start_delay: Arc<Mutex<Duration>>,
+    /// The exit code of each unit's exec health check (none set: the exec fails).
+    pub exec_codes: Arc<Mutex<BTreeMap<String, i32>>>,
+    /// Every exec run, as (unit, argv).
+    pub execs: Arc<Mutex<Vec<Exec>>>,
 }
 
 impl FakeRuntime {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Container>> {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the unit's exec health checks exit with `code`.
+    pub fn set_exec(&self, unit: &str, code: i32) {
+        self.exec_codes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(unit.to_string(), code);
     }
 
     /// Makes a unit's container exit with `code`.
@@ -75,5 +95,41 @@ impl Runtime for FakeRuntime {
     }
     async fn logs(&self, unit: &str, _lines: usize) -> Result<Vec<String>, RuntimeError> {
         Ok(vec![format!("{unit}: fake output")])
+    }
+    async fn exec(
+        &self,
+        unit: &str,
+        argv: &[String],
+        _timeout: Duration,
+    ) -> Result<i32, RuntimeError> {
+        self.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((unit.to_string(), argv.to_vec()));
+        let running = self
+            .lock()
+            .get(unit)
+            .is_some_and(|c| c.state == ContainerState::Running);
+        let code = self
+            .exec_codes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(unit)
+            .copied();
+        match code.filter(|_| running) {
+            Some(code) => Ok(code),
+            None => Err(RuntimeError::Unit {
+                unit: unit.to_string(),
+                message: "no running task to exec in".into(),
+            }),
+        }
+    }
+    async fn stop_task(&self, unit: &str) -> Result<(), RuntimeError> {
+        if let Some(c) = self.lock().get_mut(unit) {
+            if c.state == ContainerState::Running {
+                c.state = ContainerState::Exited(KILLED);
+            }
+        }
+        Ok(())
     }
 }

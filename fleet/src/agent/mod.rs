@@ -27,12 +27,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 mod fake;
+pub mod health;
 mod reconcile;
 
 pub use fake::FakeRuntime;
 pub use reconcile::{
-    actions, apply, local_units, reconcile, run_local, spec_hash, Action, Container,
-    ContainerState, Runtime, RuntimeError,
+    actions, actions_with_health, apply, local_units, reconcile, reconcile_checked, run_local,
+    spec_hash, Action, Container, ContainerState, Runtime, RuntimeError,
 };
 
 /// How many lines of each unit's output the agent publishes for `caisson-fleet logs`.
@@ -62,6 +63,8 @@ pub struct Agent<R: Runtime> {
     unsettled_warned: bool,
     /// Whether the last tick found this machine leading.
     pub leading: bool,
+    /// The health of the instances on this machine (its changes wake the loop).
+    pub health: health::Monitor,
     /// The watches' and the keepalive's wake-ups: a tick is due.
     wake: mpsc::Sender<()>,
     woken: mpsc::Receiver<()>,
@@ -254,6 +257,7 @@ impl<R: Runtime> Agent<R> {
             unsettled_since: None,
             unsettled_warned: false,
             leading: false,
+            health: health::Monitor::new(Some(wake.clone())),
             wake,
             woken,
             machines_watch: None,
@@ -421,7 +425,7 @@ impl<R: Runtime> Agent<R> {
             .filter(|(r, _)| r.target == Target::Running)
             .map(|(r, _)| (r.spec.name.clone(), r.spec.clone()))
             .collect();
-        let statuses = reconcile(&self.runtime, &desired)
+        let statuses = reconcile_checked(&self.runtime, &desired, &self.health)
             .await
             .map_err(|e| e.to_string())?;
         for (u, st) in &statuses {

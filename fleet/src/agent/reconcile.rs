@@ -2,12 +2,13 @@
 //! actions between; the [`Runtime`] trait the agent drives (containerd, or the in-memory
 //! [`super::FakeRuntime`] in tests); and the loop that runs the local units without etcd.
 
+use super::health::{Monitor, State};
 use crate::config::Config;
 use crate::registry;
 use crate::store::UnitStatus;
 use crate::unit::{Restart, UnitError, UnitSpec};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -42,9 +43,10 @@ pub enum ContainerState {
     Exited(u32),
 }
 
-/// The container runtime, behind a trait so reconciliation runs in plain tests.
+/// The container runtime, behind a trait so reconciliation runs in plain tests. A runtime is a
+/// cheap handle (cloned into each health check's task).
 #[allow(async_fn_in_trait)]
-pub trait Runtime {
+pub trait Runtime: Clone + Send + Sync + 'static {
     /// Every container the agent manages.
     async fn list(&self) -> Result<Vec<Container>, RuntimeError>;
     /// The unit as this machine runs it: its registry image pinned to the digest pulled for it
@@ -68,6 +70,36 @@ pub trait Runtime {
     async fn remove(&self, unit: &str) -> Result<(), RuntimeError>;
     /// The last `lines` lines of a unit's output.
     async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError>;
+    /// Runs `argv` in the unit's running container (a health check) and waits up to `timeout`
+    /// for it to exit (then kills it): its exit code.
+    fn exec(
+        &self,
+        unit: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<i32, RuntimeError>> + Send {
+        let _ = (argv, timeout);
+        let unit = unit.to_string();
+        async move {
+            Err(RuntimeError::Unit {
+                unit,
+                message: "this container runtime cannot run exec health checks".into(),
+            })
+        }
+    }
+    /// Stops the unit's running task (SIGTERM, then SIGKILL) and keeps the container, to be
+    /// started again by [`Runtime::restart`] (an unhealthy instance).
+    async fn stop_task(&self, unit: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unit {
+            unit: unit.to_string(),
+            message: "this container runtime cannot stop a task alone".into(),
+        })
+    }
+    /// The address the unit's container listens on, where its health checks go: loopback
+    /// while units share the host's network.
+    fn address(&self, _unit: &str) -> std::net::IpAddr {
+        super::health::loopback()
+    }
 }
 
 /// The hash that tells whether a container still matches its unit.
@@ -87,10 +119,23 @@ pub enum Action {
     Replace(String),
     /// Remove the container (the unit is no longer this machine's).
     Remove(String),
+    /// Stop the unit's unhealthy container and start it again (its restart policy says so).
+    Recover(String),
 }
 
 /// What to do to make `actual` match `desired`. Pure.
 pub fn actions(desired: &BTreeMap<String, UnitSpec>, actual: &[Container]) -> Vec<Action> {
+    actions_with_health(desired, actual, &BTreeSet::new())
+}
+
+/// What to do to make `actual` match `desired` when the running containers of `unhealthy`
+/// failed their health checks: they count as failed, so `always` and `on-failure` restart them
+/// and `never` leaves them running. Pure.
+pub fn actions_with_health(
+    desired: &BTreeMap<String, UnitSpec>,
+    actual: &[Container],
+    unhealthy: &BTreeSet<String>,
+) -> Vec<Action> {
     let mut out = Vec::new();
     let by_unit: BTreeMap<&str, &Container> = actual.iter().map(|c| (c.unit.as_str(), c)).collect();
     for c in actual {
@@ -102,6 +147,11 @@ pub fn actions(desired: &BTreeMap<String, UnitSpec>, actual: &[Container]) -> Ve
         match by_unit.get(name.as_str()) {
             None => out.push(Action::Start(name.clone())),
             Some(c) if c.spec_hash != spec_hash(spec) => out.push(Action::Replace(name.clone())),
+            Some(c) if c.state == ContainerState::Running => {
+                if unhealthy.contains(name) && spec.restart != Restart::Never {
+                    out.push(Action::Recover(name.clone()));
+                }
+            }
             Some(c) => {
                 if let ContainerState::Exited(code) = c.state {
                     let again = match spec.restart {
@@ -132,6 +182,14 @@ pub async fn apply<R: Runtime>(
         let (unit, r) = match a {
             Action::Remove(u) => (u, rt.remove(u).await),
             Action::Restart(u) => (u, rt.restart(u).await),
+            Action::Recover(u) => {
+                log::warn!("unit {u}: unhealthy; restarting it");
+                let r = match rt.stop_task(u).await {
+                    Ok(()) => rt.restart(u).await,
+                    Err(e) => Err(e),
+                };
+                (u, r)
+            }
             Action::Start(u) | Action::Replace(u) => {
                 let Some(spec) = desired.get(u) else { continue };
                 (u, start(rt, spec, matches!(a, Action::Replace(_))).await)
@@ -186,10 +244,30 @@ pub fn local_units(dir: &Path) -> Result<BTreeMap<String, UnitSpec>, UnitError> 
     Ok(out)
 }
 
-/// One reconciliation against the runtime; returns the statuses to report.
+/// One reconciliation against the runtime, without health checks (a unit with one is
+/// reported `running` while it runs); returns the statuses to report.
 pub async fn reconcile<R: Runtime>(
     rt: &R,
     desired: &BTreeMap<String, UnitSpec>,
+) -> Result<BTreeMap<String, UnitStatus>, RuntimeError> {
+    reconcile_inner(rt, desired, None).await
+}
+
+/// One reconciliation with the health checks of `health`: unhealthy instances are restarted as
+/// their restart policy says, checks follow the containers, and a checked unit that runs is
+/// reported `starting`, `healthy` or `unhealthy` (with the last failed check's message).
+pub async fn reconcile_checked<R: Runtime>(
+    rt: &R,
+    desired: &BTreeMap<String, UnitSpec>,
+    health: &Monitor,
+) -> Result<BTreeMap<String, UnitStatus>, RuntimeError> {
+    reconcile_inner(rt, desired, Some(health)).await
+}
+
+async fn reconcile_inner<R: Runtime>(
+    rt: &R,
+    desired: &BTreeMap<String, UnitSpec>,
+    health: Option<&Monitor>,
 ) -> Result<BTreeMap<String, UnitStatus>, RuntimeError> {
     for spec in desired.values() {
         rt.refresh(spec).await;
@@ -200,16 +278,30 @@ pub async fn reconcile<R: Runtime>(
         .collect();
     let desired = &desired;
     let before = rt.list().await?;
-    let todo = actions(desired, &before);
+    let unhealthy = match health {
+        Some(m) => {
+            m.sync(rt, desired, &before);
+            m.unhealthy(&before)
+        }
+        None => BTreeSet::new(),
+    };
+    let todo = actions_with_health(desired, &before, &unhealthy);
     let errors = apply(rt, desired, &todo).await;
     let after = rt.list().await?;
+    if let Some(m) = health {
+        m.sync(rt, desired, &after);
+    }
     let now = registry::now_s();
     let mut out = BTreeMap::new();
     for name in desired.keys() {
         let c = after.iter().find(|c| &c.unit == name);
         let pending = matches!(errors.get(name), Some(RuntimeError::Pending { .. }));
+        let checked = c.and_then(|c| health.and_then(|m| m.status(c)));
         let (state, exit_code) = match c.map(|c| c.state) {
-            Some(ContainerState::Running) => ("running", None),
+            Some(ContainerState::Running) => match &checked {
+                Some(h) => (h.state.as_str(), None),
+                None => ("running", None),
+            },
             Some(ContainerState::Exited(code)) => ("exited", Some(code)),
             None if pending => ("starting", None),
             None => ("failed", None),
@@ -222,6 +314,9 @@ pub async fn reconcile<R: Runtime>(
                 error: errors.get(name).filter(|_| !pending).map(|e| e.to_string()),
                 restarts: c.map_or(0, |c| c.restarts),
                 since: now,
+                health_error: checked
+                    .filter(|h| h.state != State::Healthy)
+                    .and_then(|h| h.last_failure),
             },
         );
     }
@@ -240,9 +335,12 @@ pub async fn run_local<R: Runtime>(
         config.units_dir.display()
     );
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    // A change of an instance's health wakes the loop at once.
+    let (wake, mut woken) = tokio::sync::mpsc::channel(1);
+    let health = Monitor::new(Some(wake));
     loop {
         match local_units(&config.units_dir) {
-            Ok(desired) => match reconcile(runtime, &desired).await {
+            Ok(desired) => match reconcile_checked(runtime, &desired, &health).await {
                 Ok(st) => {
                     for (u, s) in st.iter().filter(|(_, s)| s.error.is_some()) {
                         log::warn!("unit {u}: {}", s.error.as_deref().unwrap_or(""));
@@ -255,20 +353,25 @@ pub async fn run_local<R: Runtime>(
         }
         tokio::select! {
             _ = &mut stop => break,
+            _ = woken.recv() => {}
             _ = tokio::time::sleep(Duration::from_secs(3)) => {}
         }
     }
 }
 
 /// One line per unit whose state changed since the last call (`unit web: running`,
-/// `unit job: exited 3 (restarts 0)`), so the console shows what the agent does.
+/// `unit job: exited 3 (restarts 0)`, `unit api: unhealthy (restarts 1): <why>`), so the
+/// console shows what the agent does, health changes included.
 fn log_changes(shown: &mut BTreeMap<String, String>, statuses: &BTreeMap<String, UnitStatus>) {
     shown.retain(|u, _| statuses.contains_key(u));
     for (u, s) in statuses {
-        let line = match s.exit_code {
+        let mut line = match s.exit_code {
             Some(code) => format!("{} {code} (restarts {})", s.state, s.restarts),
             None => format!("{} (restarts {})", s.state, s.restarts),
         };
+        if let Some(why) = &s.health_error {
+            line = format!("{line}: {why}");
+        }
         if shown.get(u) != Some(&line) {
             log::info!("unit {u}: {line}");
             shown.insert(u.clone(), line);

@@ -16,6 +16,7 @@
 //! collector never takes a half-imported image.
 
 pub mod archive;
+mod exec;
 pub mod fetch;
 mod import;
 pub mod pull;
@@ -68,6 +69,9 @@ pub enum ContainerdError {
     /// itself: nothing of it is run.
     #[error("pulling image {reference}: {message}")]
     Refused { reference: String, message: String },
+    /// A command run in a container (a health check) could not run or did not finish.
+    #[error("unit {unit}: health check: {message}")]
+    Exec { unit: String, message: String },
     /// The namespace is not a valid gRPC metadata value.
     #[error("containerd namespace {namespace:?} is not valid")]
     Namespace { namespace: String },
@@ -725,6 +729,22 @@ impl Runtime for Containerd {
     }
     async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
         self.tail(unit, lines)
+            .map_err(|e| self.runtime_error(unit, e))
+    }
+    async fn exec(
+        &self,
+        unit: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<i32, RuntimeError> {
+        self.exec_in(unit, argv, timeout)
+            .await
+            .map_err(|e| self.runtime_error(unit, e))
+    }
+    async fn stop_task(&self, unit: &str) -> Result<(), RuntimeError> {
+        self.stop(unit)
+            .await
+            .map(drop)
             .map_err(|e| self.runtime_error(unit, e))
     }
 }

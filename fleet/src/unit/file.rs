@@ -32,6 +32,7 @@ struct UnitFile {
     capabilities: Vec<String>,
     #[serde(default)]
     privileged: bool,
+    health: Option<super::health::HealthFile>,
 }
 
 #[derive(Deserialize, Default)]
@@ -169,6 +170,10 @@ impl UnitSpec {
         }
         let resources = parse_resources(&file.resources).map_err(|(f, m)| field(f, m))?;
         let capabilities = check_capabilities(&file.capabilities).map_err(|(f, m)| field(&f, m))?;
+        let health = match file.health {
+            Some(h) => Some(h.check().map_err(|(f, m)| field(&f, m))?),
+            None => None,
+        };
         Ok(UnitSpec {
             name,
             description: file.description,
@@ -182,6 +187,7 @@ impl UnitSpec {
             resources,
             capabilities,
             privileged: file.privileged,
+            health,
         })
     }
 }
