@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 pub const BUSYBOX: &str = "/bin/busybox";
+/// The busybox applets the health checks' image links into its /bin.
+pub const APPLETS: [&str; 10] = [
+    "sh", "sleep", "echo", "test", "[", "touch", "mkdir", "httpd", "cat", "rm",
+];
 
 /// Why containerd tests cannot run here (not root, a package missing), or `None`.
 pub fn missing() -> Option<String> {
