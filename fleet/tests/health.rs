@@ -111,6 +111,19 @@ path = "{}""#,
     .await;
     assert_eq!(st["probe"].restarts, 1, "{st:?}");
     assert_eq!(st["probe"].health_error, None);
+    // An exec reports its exit code; one that outlives its timeout is killed and fails.
+    let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let exit7 = argv(&["sh", "-c", "exit 7"]);
+    let code = rt.exec("probe", &exit7, Duration::from_secs(10)).await;
+    assert_eq!(code.unwrap(), 7);
+    let t = Instant::now();
+    let e = rt
+        .exec("probe", &argv(&["sleep", "100"]), Duration::from_secs(1))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did not exit within 1s; killed"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     // The exec processes were deleted: only the container's own process is left in its task.
     let ps = std::process::Command::new("ctr")
         .arg("--address")

@@ -322,6 +322,8 @@ pub async fn probe<R: Runtime>(
                 Err(_) => Err(late()),
                 Ok(Ok(0)) => Ok(()),
                 Ok(Ok(code)) => Err(format!("{argv:?} exited with {code}")),
+                // The status is the unit's: its name need not be said again.
+                Ok(Err(super::RuntimeError::Unit { message, .. })) => Err(message),
                 Ok(Err(e)) => Err(e.to_string()),
             }
         }

@@ -11,7 +11,8 @@
 //! expires: schedule at once). The timer stays as the fallback: an etcd outage is logged and
 //! retried each tick, running containers are left alone until etcd answers again, and a watch
 //! whose stream drops resumes from its revision (or, when that was compacted, wakes the loop for
-//! a full read).
+//! a full read). The health monitor ([`health`]) wakes the loop too, when an instance's health
+//! changes, so an unhealthy one is restarted and reported at once.
 
 use crate::config::Config;
 use crate::etcd::{Client, Event};

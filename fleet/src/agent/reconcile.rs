@@ -1,5 +1,6 @@
 //! Reconciliation: what the containers on this machine should be, what they are, and the
-//! actions between; the [`Runtime`] trait the agent drives (containerd, or the in-memory
+//! actions between (an unhealthy instance, as [`super::health`] judges it, counts as failed);
+//! the [`Runtime`] trait the agent drives (containerd, or the in-memory
 //! [`super::FakeRuntime`] in tests); and the loop that runs the local units without etcd.
 
 use super::health::{Monitor, State};

@@ -70,7 +70,7 @@ pub enum ContainerdError {
     #[error("pulling image {reference}: {message}")]
     Refused { reference: String, message: String },
     /// A command run in a container (a health check) could not run or did not finish.
-    #[error("unit {unit}: health check: {message}")]
+    #[error("health check in unit {unit}'s container: {message}")]
     Exec { unit: String, message: String },
     /// The namespace is not a valid gRPC metadata value.
     #[error("containerd namespace {namespace:?} is not valid")]
