@@ -514,6 +514,7 @@ async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     runtime.fetch_limits = config.fetch_limits();
     runtime.registries = std::sync::Arc::new(config.registries()?);
     runtime.image_poll = std::time::Duration::from_secs(config.image_poll_s);
+    runtime.gc_keep = config.image_keep;
     let stop = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

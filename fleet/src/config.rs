@@ -15,6 +15,7 @@
 //! image_max_bytes = 4294967296           # the largest image archive a URL may send (4 GiB)
 //!                                        # (both also bound a registry pull, all layers together)
 //! image_poll_s = 300                     # how often a registry image's tag is looked up again
+//! image_keep = 3                         # unused images kept (the rest removed every 10 minutes)
 //!
 //! [tls]
 //! ca = "/etc/caisson/fleet/ca.crt"        # the only CA trusted for etcd's server certificate
@@ -111,6 +112,7 @@ pub struct Config {
     pub image_timeout_s: u64,
     pub image_max_bytes: u64,
     pub image_poll_s: u64,
+    pub image_keep: usize,
     pub registries: BTreeMap<String, Registry>,
     pub insecure: bool,
     pub tls: Option<Tls>,
@@ -132,6 +134,7 @@ impl Default for Config {
             image_timeout_s: crate::containerd::fetch::DEFAULT_DEADLINE.as_secs(),
             image_max_bytes: crate::containerd::fetch::DEFAULT_MAX_BYTES,
             image_poll_s: crate::containerd::pull::DEFAULT_POLL.as_secs(),
+            image_keep: crate::containerd::gc::DEFAULT_KEEP,
             registries: BTreeMap::new(),
             insecure: false,
             tls: None,

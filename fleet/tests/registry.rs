@@ -535,3 +535,89 @@ async fn a_cut_connection_resumes_where_it_broke() {
         "resumed from byte {from} of {size}"
     );
 }
+
+/// The bytes of the files under `dir`.
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_images_are_collected_and_the_space_comes_back() {
+    if skip() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&work.path().join("storage"), "");
+    let (one, two) = (
+        format!("{}/team/app:one", registry.host()),
+        format!("{}/team/app:two", registry.host()),
+    );
+    push(&image(work.path(), "one"), &one);
+    push(&image(work.path(), "two"), &two);
+    let daemon = Daemon::start();
+    let mut rt = daemon.runtime("gc");
+    rt.registries = insecure(&registry.host(), None);
+    let root = daemon.dir.path().join("root");
+    let mut desired: BTreeMap<String, UnitSpec> = [("u".to_string(), unit("u", &one))].into();
+    reconcile_until(&rt, &desired, |rt| logged(rt, "u", "version one")).await;
+    let old_layer = rt
+        .local_image(&one)
+        .await
+        .unwrap()
+        .unwrap()
+        .image
+        .chosen
+        .manifest
+        .layers[0]
+        .digest
+        .clone();
+    desired.insert("u".into(), unit("u", &two));
+    reconcile_until(&rt, &desired, |rt| logged(rt, "u", "version two")).await;
+    let before = du(&root);
+
+    // The one unused image is among the last few kept.
+    let kept = rt.collect_garbage(&desired, 1).await.unwrap();
+    assert!(kept.images.is_empty(), "{kept:?}");
+    assert!(rt.local_image(&one).await.unwrap().is_some());
+
+    let gone = rt.collect_garbage(&desired, 0).await.unwrap();
+    assert_eq!(gone.images, std::slice::from_ref(&one));
+    assert!(rt.local_image(&one).await.unwrap().is_none());
+    let blob = root.join(format!(
+        "io.containerd.content.v1.content/blobs/sha256/{}",
+        &old_layer[7..]
+    ));
+    assert!(
+        !blob.exists(),
+        "the old layer's blob is gone: {}",
+        blob.display()
+    );
+    let after = du(&root);
+    let busybox = std::fs::metadata(common::containerd::BUSYBOX)
+        .unwrap()
+        .len();
+    assert!(
+        after + busybox < before,
+        "at least the unpacked busybox of the old image came back: {before} -> {after}"
+    );
+    // The image in use stays, and the unit runs on.
+    assert!(rt.local_image(&two).await.unwrap().is_some());
+    assert_eq!(rt.list().await.unwrap()[0].state, ContainerState::Running);
+}

@@ -58,6 +58,9 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     /// Called for every wanted unit each reconciliation, before [`Runtime::pin`]: looks again,
     /// in the background, at what may have moved (a registry tag).
     async fn refresh(&self, _spec: &UnitSpec) {}
+    /// Called after each reconciliation with the wanted units: removes what none of them needs
+    /// any more (unused images), when it is time to.
+    async fn tidy(&self, _desired: &BTreeMap<String, UnitSpec>) {}
     /// Gets what the unit needs before its container can be (re)created, without blocking the
     /// tick: [`RuntimeError::Pending`] while that is under way (an image downloading).
     async fn prepare(&self, _spec: &UnitSpec) -> Result<(), RuntimeError> {
@@ -292,6 +295,7 @@ async fn reconcile_inner<R: Runtime>(
     if let Some(m) = health {
         m.sync(rt, desired, &after);
     }
+    rt.tidy(desired).await;
     let now = registry::now_s();
     let mut out = BTreeMap::new();
     for name in desired.keys() {

@@ -153,7 +153,7 @@ impl Containerd {
 
     /// Where the archive of `sha256` is cached; refuses anything but 64 hex digits, which
     /// would make another path.
-    fn cache_path(&self, url: &str, sha256: &str) -> Result<PathBuf, ContainerdError> {
+    pub(super) fn cache_path(&self, url: &str, sha256: &str) -> Result<PathBuf, ContainerdError> {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ContainerdError::Fetch {
                 url: url.to_string(),

@@ -18,6 +18,7 @@
 pub mod archive;
 mod exec;
 pub mod fetch;
+pub mod gc;
 mod import;
 pub mod pull;
 pub mod spec;
@@ -148,6 +149,11 @@ pub struct Containerd {
     pub image_poll: Duration,
     /// Registry pulls: what each reference resolved to, and those under way.
     pulls: pull::Pulls,
+    /// How many unused images garbage collection keeps ([`gc`]).
+    pub gc_keep: usize,
+    /// How often garbage collection runs.
+    pub gc_interval: Duration,
+    gc_last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// An imported image.
@@ -237,6 +243,9 @@ impl Containerd {
             registries: Default::default(),
             image_poll: pull::DEFAULT_POLL,
             pulls: pull::Pulls::default(),
+            gc_keep: gc::DEFAULT_KEEP,
+            gc_interval: gc::DEFAULT_INTERVAL,
+            gc_last: Default::default(),
         }
     }
 
@@ -698,6 +707,9 @@ impl Runtime for Containerd {
     }
     fn pin(&self, spec: &UnitSpec) -> UnitSpec {
         Containerd::pin(self, spec)
+    }
+    async fn tidy(&self, desired: &std::collections::BTreeMap<String, UnitSpec>) {
+        self.collect_if_due(desired).await
     }
     async fn refresh(&self, spec: &UnitSpec) {
         if let Some((reference, resolved)) = pull::reference_of(spec) {

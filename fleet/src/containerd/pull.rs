@@ -97,6 +97,14 @@ impl Containerd {
         spec
     }
 
+    /// Forgets what deleted image records were pulled for.
+    pub(super) fn forget_pulls(&self, references: &[String]) {
+        let mut known = lock(&self.pulls.known);
+        for r in references {
+            known.remove(r);
+        }
+    }
+
     fn known(&self, reference: &str) -> Option<Pulled> {
         lock(&self.pulls.known)
             .get(reference)
