@@ -7,244 +7,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use caisson_fleet::agent::{ContainerState, Runtime};
 use caisson_fleet::containerd::Containerd;
 use caisson_fleet::unit::UnitSpec;
+use common::containerd::{
+    add, busybox_archive, busybox_layer_with, digest, missing, oci_archive, wait_for, Daemon,
+};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const CONTAINERD: &str = "/usr/bin/containerd";
-const BUSYBOX: &str = "/bin/busybox";
-
-fn missing() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root".into());
-    }
-    for (paths, pkg) in [
-        (&[CONTAINERD][..], "containerd"),
-        (&["/usr/bin/containerd-shim-runc-v2"][..], "containerd"),
-        (&["/usr/sbin/runc", "/usr/bin/runc"][..], "runc"),
-        (&[BUSYBOX][..], "busybox-static"),
-    ] {
-        if !paths.iter().any(|p| Path::new(p).exists()) {
-            return Some(format!(
-                "{} is missing (apt-get install -y {pkg})",
-                paths[0]
-            ));
-        }
-    }
-    None
-}
-
-/// A containerd of the test's own, killed when dropped.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = d.join("containerd.sock").display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new(CONTAINERD)
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let daemon = Daemon { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !daemon.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        daemon
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn runtime(&self) -> Containerd {
-        let mut c = Containerd::new(
-            self.socket(),
-            format!("caisson-test-{}", std::process::id()),
-        );
-        c.log_dir = self.dir.path().join("logs");
-        c.cache_dir = self.dir.path().join("cache");
-        c.stop_timeout = Duration::from_secs(2);
-        c
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Snapshots are overlay mounts; the temp dir cannot go while they are mounted.
-        let root = self.dir.path().display().to_string();
-        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
-            for line in mounts.lines() {
-                if let Some(mp) = line.split(' ').nth(4).filter(|m| m.starts_with(&root)) {
-                    let _ = Command::new("umount").arg("-l").arg(mp).status();
-                }
-            }
-        }
-    }
-}
-
-fn add(t: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8], mode: u32) {
-    let mut h = tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
-    h.set_mode(mode);
-    h.set_mtime(0);
-    h.set_cksum();
-    t.append_data(&mut h, name, data).unwrap();
-}
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-/// An OCI archive with one layer: /bin/busybox and links to it.
-fn busybox_archive(path: &Path) -> Vec<u8> {
-    let layer = busybox_layer();
-    let l = digest(&layer);
-    oci_archive(path, &[layer], &[l])
-}
-
-/// A layer (an uncompressed tar): /bin/busybox and links to it.
-fn busybox_layer() -> Vec<u8> {
-    let mut layer = tar::Builder::new(Vec::new());
-    for d in ["bin/", "etc/", "tmp/"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        layer.append_data(&mut h, d, std::io::empty()).unwrap();
-    }
-    add(
-        &mut layer,
-        "bin/busybox",
-        &std::fs::read(BUSYBOX).unwrap(),
-        0o755,
-    );
-    for l in ["sh", "sleep", "echo"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        layer
-            .append_link(&mut h, format!("bin/{l}"), "busybox")
-            .unwrap();
-    }
-    layer.into_inner().unwrap()
-}
-
-/// An OCI archive of one image (`caisson.test/busybox:1`) with these layers (uncompressed
-/// tars) and these `rootfs.diff_ids` in its config, which a test may get wrong on purpose.
-fn oci_archive(path: &Path, layers: &[Vec<u8>], diff_ids: &[String]) -> Vec<u8> {
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    })
-    .to_string();
-    let c = digest(config.as_bytes());
-    let layer_descs: Vec<_> = layers
-        .iter()
-        .map(|l| {
-            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                               "digest": digest(l), "size": l.len()})
-        })
-        .collect();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c,
-                   "size": config.len()},
-        "layers": layer_descs,
-    })
-    .to_string();
-    let m = digest(manifest.as_bytes());
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"caisson.test/busybox:1"}}}}]}}"#,
-        manifest.len()
-    );
-    let mut t = tar::Builder::new(Vec::new());
-    add(
-        &mut t,
-        "oci-layout",
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-        0o644,
-    );
-    add(&mut t, "index.json", index.as_bytes(), 0o644);
-    let mut blobs: Vec<&[u8]> = layers.iter().map(|l| l.as_slice()).collect();
-    blobs.extend([config.as_bytes(), manifest.as_bytes()]);
-    for b in blobs {
-        add(
-            &mut t,
-            &format!("blobs/sha256/{}", &digest(b)[7..]),
-            b,
-            0o644,
-        );
-    }
-    let bytes = t.into_inner().unwrap();
-    std::fs::write(path, &bytes).unwrap();
-    bytes
-}
+/// The applets the tests' image links.
+const APPLETS: [&str; 3] = ["sh", "sleep", "echo"];
 
 fn unit(name: &str, body: &str) -> UnitSpec {
     UnitSpec::parse(name, body).unwrap()
-}
-
-async fn wait_for(
-    rt: &Containerd,
-    unit: &str,
-    want: impl Fn(ContainerState) -> bool,
-) -> ContainerState {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = rt.list().await.unwrap();
-        if let Some(c) = list.iter().find(|c| c.unit == unit) {
-            if want(c.state) {
-                return c.state;
-            }
-        }
-        assert!(Instant::now() < deadline, "unit {unit}: {list:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Serves one file over HTTP on loopback, forever (the test ends first).
@@ -280,9 +59,9 @@ async fn runs_stops_and_deletes_containers_in_a_real_containerd() {
         return;
     }
     let daemon = Daemon::start();
-    let rt = daemon.runtime();
+    let rt = daemon.runtime("containerd");
     let archive = daemon.dir.path().join("busybox.oci.tar");
-    let bytes = busybox_archive(&archive);
+    let bytes = busybox_archive(&archive, &APPLETS);
 
     // Import, twice: the second finds everything in place.
     let first = rt
@@ -450,9 +229,9 @@ async fn archives_whose_layers_do_not_match_their_diff_ids_are_refused() {
         return;
     }
     let daemon = Daemon::start();
-    let rt = daemon.runtime();
+    let rt = daemon.runtime("containerd");
     let dir = daemon.dir.path();
-    let real = busybox_layer();
+    let real = busybox_layer_with(&APPLETS, &[]);
     let real_id = digest(&real);
     let mut evil = tar::Builder::new(Vec::new());
     add(&mut evil, "bin/sh", b"#!/bin/evil\n", 0o755);
@@ -510,7 +289,7 @@ async fn archives_whose_layers_do_not_match_their_diff_ids_are_refused() {
 
     // The real image still imports, into its own snapshot.
     let good = dir.join("good.oci.tar");
-    busybox_archive(&good);
+    busybox_archive(&good, &APPLETS);
     let imported = rt.import(&good, None, "x").await.unwrap();
     assert_eq!(imported.top, real_id);
 }
@@ -550,13 +329,13 @@ async fn a_stalled_image_download_holds_up_no_other_unit() {
         return;
     }
     let daemon = Daemon::start();
-    let mut rt = daemon.runtime();
+    let mut rt = daemon.runtime("containerd");
     // runc keeps its state per namespace outside the daemon's directory: a name of its own,
     // so this test's "web" never meets the other test's.
     rt.namespace.push_str("-stalled");
     rt.fetch_limits.deadline = Duration::from_secs(10);
     let archive = daemon.dir.path().join("busybox.oci.tar");
-    busybox_archive(&archive);
+    busybox_archive(&archive, &APPLETS);
     let port = serve_slowly().await;
     let mut desired = std::collections::BTreeMap::new();
     let slow = unit(

@@ -172,10 +172,10 @@ pub fn busybox_layer_with(applets: &[&str], files: &[(&str, &[u8])]) -> Vec<u8> 
 
 /// An OCI archive (`caisson.test/busybox:1`) of one layer: /bin/busybox, a link to it per
 /// applet, and the directories a container needs.
-pub fn busybox_archive(path: &Path, applets: &[&str]) {
+pub fn busybox_archive(path: &Path, applets: &[&str]) -> Vec<u8> {
     let layer = busybox_layer_with(applets, &[]);
     let d = digest(&layer);
-    oci_archive(path, &[layer], &[d]);
+    oci_archive(path, &[layer], &[d])
 }
 
 /// An OCI archive of one image (`caisson.test/busybox:1`) with these layers (uncompressed
