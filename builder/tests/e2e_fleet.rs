@@ -1,13 +1,17 @@
 //! QEMU end-to-end: the fleet agent on one machine without etcd. A spec made from
 //! `images/host.toml` bakes in an OCI archive (busybox from the build host) and two units in
 //! `/etc/caisson/units/`; the agent imports the image into containerd and runs them: `hello`
-//! prints a line and exits 3, `web` keeps running. The console shows the agent's state lines;
-//! the line `hello` printed is in its log on the state partition.
+//! prints a line and exits 3, `web` keeps running. A third unit, `pulled`, names its image by
+//! reference in a registry on the host (Debian's docker-registry on loopback, reached from the
+//! guest at 10.0.2.2, the image pushed there with skopeo): the agent pulls it over the user
+//! network and runs it. The console shows the agent's state lines; what `hello` and `pulled`
+//! printed is in their logs on the state partition.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use common::registry::Registry;
 use common::request;
 
 use caisson_layout::partition::Part;
@@ -37,17 +41,45 @@ src = "etc/caisson/units/hello.toml"
 dst = "/etc/caisson/units/hello.toml"
 
 [[files]]
+src = "etc/caisson/units/pulled.toml"
+dst = "/etc/caisson/units/pulled.toml"
+
+[[files]]
+src = "etc/caisson/fleet.toml"
+dst = "/etc/caisson/fleet.toml"
+
+[[files]]
 src = "etc/caisson/units/web.toml"
 dst = "/etc/caisson/units/web.toml"
 "#;
 
-/// `images/host.toml` plus the archive and the units, in `dir` (with host's lock and files).
-fn fleet_spec(dir: &Path) -> String {
+/// `images/host.toml` plus the archive and the units, in `dir` (with host's lock and files);
+/// the archive is pushed to `registry` too, for the unit that pulls it.
+fn fleet_spec(dir: &Path, registry: &Registry) -> String {
     let spec = common::host_spec_with_busybox(dir, EXTRA);
-    let units = dir.join("host/files/etc/caisson/units");
+    let files = dir.join("host/files");
+    let archive = files.join(common::BUSYBOX_ARCHIVE.trim_start_matches('/'));
+    let reference = registry.push(&archive, "team/busybox:1");
+    let units = files.join("etc/caisson/units");
     std::fs::create_dir_all(&units).unwrap();
     std::fs::write(units.join("hello.toml"), HELLO).unwrap();
     std::fs::write(units.join("web.toml"), WEB).unwrap();
+    std::fs::write(
+        units.join("pulled.toml"),
+        format!(
+            "command = [\"/bin/sh\", \"-c\", \"echo pulled from a registry; exit 0\"]\n\
+             restart = \"never\"\n[image]\nref = \"{reference}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        files.join("etc/caisson/fleet.toml"),
+        format!(
+            "[registries.\"{}\"]\ninsecure = true\n",
+            registry.guest_host()
+        ),
+    )
+    .unwrap();
     spec
 }
 
@@ -64,7 +96,8 @@ fn the_agent_runs_local_units_without_etcd() {
         .prefix("fleet-")
         .tempdir_in(&e2e)
         .unwrap();
-    let spec = fleet_spec(dir.path());
+    let registry = Registry::start();
+    let spec = fleet_spec(dir.path(), &registry);
     let image = common::build(&spec, &dir.path().join("out"), &[]);
     let _one_vm = common::vm_lock();
     let disk = dir.path().join("disk.qcow2");
@@ -83,9 +116,15 @@ fn the_agent_runs_local_units_without_etcd() {
         .expect("the agent runs hello to its exit code");
     assert!(line.contains("restarts 0"), "{line}");
     // web may report running before or after hello's exit: look back, then wait.
-    if !vm.console_text().unwrap().contains("unit web: running") {
-        vm.wait_for("unit web: running", TIMEOUT)
-            .expect("the agent runs web");
+    for line in ["unit web: running", "unit pulled: exited 0"] {
+        if !vm.console_text().unwrap().contains(line) {
+            vm.wait_for(line, TIMEOUT).unwrap_or_else(|e| {
+                panic!(
+                    "{e}: waiting for {line:?}\nregistry log:\n{}",
+                    registry.log()
+                )
+            });
+        }
     }
     let answer = request(&vm, &common::Request::Poweroff);
     assert_eq!(answer["ok"], true, "{answer}");
@@ -110,4 +149,13 @@ fn the_agent_runs_local_units_without_etcd() {
         ],
     );
     assert!(log.contains("hello from a caisson container"), "{log}");
+    let pulled = common::check(
+        "debugfs",
+        &[
+            "-R",
+            "cat /log/caisson/fleet/pulled.log",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(pulled.contains("pulled from a registry"), "{pulled}");
 }

@@ -10,13 +10,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The test's containerd and images (fleet/tests/common/containerd.rs).
+#[path = "common/containerd.rs"]
+mod testbed;
 
 use caisson_fleet::agent::{ContainerState, Runtime};
 use caisson_fleet::containerd::Containerd;
 use caisson_fleet::unit::{UnitSpec, DEFAULT_PIDS};
-use common::containerd::{busybox_archive, log_until, missing, wait_for, Daemon};
 use std::path::{Path, PathBuf};
+use testbed::{busybox_archive, log_until, missing, wait_for, Daemon};
 
 const APPLETS: [&str; 10] = [
     "sh", "sleep", "echo", "cat", "true", "unshare", "ping", "mount", "seq", "hostname",

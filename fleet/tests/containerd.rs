@@ -7,17 +7,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The test's containerd and images (fleet/tests/common/containerd.rs).
+#[path = "common/containerd.rs"]
+mod testbed;
 
 use caisson_fleet::agent::{ContainerState, Runtime};
 use caisson_fleet::containerd::Containerd;
 use caisson_fleet::unit::UnitSpec;
-use common::containerd::{
-    add, busybox_archive, busybox_layer_with, digest, missing, oci_archive, wait_for, Daemon,
-};
 use sha2::{Digest, Sha256};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use testbed::{
+    add, busybox_archive, busybox_layer_with, digest, missing, oci_archive, wait_for, Daemon,
+};
 
 /// The applets the tests' image links.
 const APPLETS: [&str; 3] = ["sh", "sleep", "echo"];

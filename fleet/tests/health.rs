@@ -1,4 +1,4 @@
-//! Health checks against a real containerd (started by the test, see `common::containerd`): an `exec`
+//! Health checks against a real containerd (started by the test, see `testbed`): an `exec`
 //! check runs in the container through Tasks.Exec, an unhealthy instance is restarted by its
 //! policy and its successor checked afresh; an `http` check reaches busybox httpd in the
 //! container (on the host's network: a free loopback port) and tells 200 from 404.
@@ -8,16 +8,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The test's containerd and images (fleet/tests/common/containerd.rs).
+#[path = "common/containerd.rs"]
+mod testbed;
 
 use caisson_fleet::agent::health::{Monitor, State, Status};
 use caisson_fleet::agent::{reconcile_checked, Runtime};
 use caisson_fleet::containerd::Containerd;
 use caisson_fleet::store::UnitStatus;
 use caisson_fleet::unit::UnitSpec;
-use common::containerd::{busybox_archive, missing, Daemon, APPLETS};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use testbed::{busybox_archive, missing, Daemon, APPLETS};
 
 /// Long enough for anything here on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(60);

@@ -6,7 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The test's containerd and images (fleet/tests/common/containerd.rs).
+#[path = "common/containerd.rs"]
+mod testbed;
 
 use base64::Engine;
 use caisson_fleet::agent::{reconcile, ContainerState, Runtime};
@@ -14,12 +16,12 @@ use caisson_fleet::containerd::Containerd;
 use caisson_fleet::distribution::{HostSettings, Registries};
 use caisson_fleet::etcd::Credentials;
 use caisson_fleet::unit::UnitSpec;
-use common::containerd::{busybox_layer_with, digest, missing, oci_archive, Daemon};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use testbed::{busybox_layer_with, digest, missing, oci_archive, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
@@ -610,9 +612,7 @@ async fn unused_images_are_collected_and_the_space_comes_back() {
         blob.display()
     );
     let after = du(&root);
-    let busybox = std::fs::metadata(common::containerd::BUSYBOX)
-        .unwrap()
-        .len();
+    let busybox = std::fs::metadata(testbed::BUSYBOX).unwrap().len();
     assert!(
         after + busybox < before,
         "at least the unpacked busybox of the old image came back: {before} -> {after}"

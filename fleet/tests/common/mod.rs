@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub mod containerd;
 pub mod pki;
 
 use caisson_fleet::registry::MachineRecord;
