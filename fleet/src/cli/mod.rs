@@ -1,20 +1,24 @@
-//! The `caisson-fleet` command line: clap types and what each command does.
+//! The `caisson-fleet` command line: clap types and what each command does; the agent's
+//! start in [`agent`], unit file checks in [`validate`].
+
+mod agent;
+mod validate;
+
+pub use validate::validate;
 
 use crate::access;
-use crate::agent::{self, Agent};
 use crate::config::{self, Config};
-use crate::containerd::Containerd;
 use crate::etcd::{Client, Credentials, EtcdError};
 use crate::lock::RebootLock;
 use crate::records::Invalid;
-use crate::registry::{self, Keys, MachineRecord};
+use crate::registry::{self, Keys};
 use crate::scheduler::{self, Capacity};
 use crate::store::{self, Store, Target};
 use crate::unit::UnitSpec;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Caisson's fleet: machines, units and the reboot lock on etcd.
 #[derive(Debug, Parser)]
@@ -43,6 +47,13 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Check unit files without etcd: every error names the unit, the field and why. Exits
+    /// non-zero when any file is not valid (`submit` runs the same checks).
+    Validate {
+        /// Unit files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Validate unit files and submit them all in one transaction (or none).
     Submit {
@@ -207,13 +218,16 @@ impl Cli {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Agent { root } => return run_agent(&cli, root).await,
+        Command::Agent { root } => return agent::run_agent(&cli, root).await,
+        Command::Validate { files } => {
+            let specs = validate(files)?;
+            for s in &specs {
+                println!("{}: unit {} is valid", s.0.display(), s.1.name);
+            }
+        }
         Command::Submit { files } => {
             // Validate everything before touching etcd.
-            let specs = files
-                .iter()
-                .map(|f| UnitSpec::load(f))
-                .collect::<Result<Vec<_>, _>>()?;
+            let specs: Vec<UnitSpec> = validate(files)?.into_iter().map(|(_, s)| s).collect();
             cli.store()?.submit(&specs).await?;
             for s in &specs {
                 println!("submitted {}", s.name);
@@ -477,67 +491,6 @@ fn size(bytes: u64) -> String {
         v /= 1024.0;
     }
     format!("{}T", (v * 10.0).round() / 10.0)
-}
-
-fn local_record(config: &Config, root: &Path) -> Result<MachineRecord> {
-    let id = match &config.id {
-        Some(id) => id.clone(),
-        None => registry::machine_id(root)?,
-    };
-    let (version, slot) = registry::os_facts(root);
-    let address = config
-        .address
-        .clone()
-        .or_else(|| {
-            config
-                .endpoints
-                .first()
-                .and_then(|e| registry::local_address(e))
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let (memory_bytes, cpus) = registry::capacity(root);
-    Ok(MachineRecord {
-        id,
-        address,
-        labels: config.labels.clone(),
-        version,
-        slot,
-        last_seen: 0,
-        memory_bytes,
-        cpus,
-    })
-}
-
-async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
-    let config = cli.config()?;
-    let mut runtime = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
-    runtime.fetch_limits = config.fetch_limits();
-    runtime.registries = std::sync::Arc::new(config.registries()?);
-    runtime.image_poll = std::time::Duration::from_secs(config.image_poll_s);
-    runtime.gc_keep = config.image_keep;
-    let stop = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    log::warn!("cannot watch SIGTERM: {e}");
-                    return std::future::pending().await;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        log::info!("stopping");
-    };
-    if !config.clustered() {
-        agent::run_local(&config, &runtime, stop).await;
-        return Ok(());
-    }
-    let record = local_record(&config, root).context("describing this machine")?;
-    let a = Agent::join(&config, record, runtime).await?;
-    a.run(stop).await;
-    Ok(())
 }
 
 #[cfg(test)]
