@@ -31,4 +31,8 @@ mod tests_owners;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
+mod tests_registries;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests_fat;

@@ -3,6 +3,8 @@
 
 mod fleet;
 
+pub use fleet::registry_file;
+
 use crate::config::{parse_mode, sysctl_value, Config, ConfigError, Id, NetMode};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,6 +21,9 @@ pub const FLEET_CA: &str = "/etc/caisson/fleet/ca.crt";
 pub const FLEET_CERT: &str = "/etc/caisson/fleet/client.crt";
 pub const FLEET_KEY: &str = "/etc/caisson/fleet/client.key";
 pub const FLEET_PASSWORD: &str = "/etc/caisson/fleet/password";
+/// The CA and password of each of `[fleet.registries]`, named by its host with `:` made `_`
+/// ([`registry_file`]): a directory only root can enter, the CA 0644, the password 0600.
+pub const FLEET_REGISTRIES_DIR: &str = "/etc/caisson/fleet/registries";
 /// The update agent's settings.
 pub const UPDATE_PATH: &str = "/etc/caisson/update.toml";
 /// Kernel modules the init loads on every boot, one name a line.
@@ -341,8 +346,8 @@ pub fn plan(
     }
     let mut entries = Vec::new();
     if let Some(f) = &config.fleet {
-        let (dir, written) = fleet::fleet_entries(f)?;
-        entries.extend(dir);
+        let (dirs, written) = fleet::fleet_entries(f)?;
+        entries.extend(dirs);
         files.extend(written);
     }
     if let Some(u) = &config.update {

@@ -1,7 +1,8 @@
 //! `[fleet]`: the fleet agent's settings, and the TLS files and etcd credentials that
-//! `[fleet.tls]` and `[fleet.auth]` provision (checked here, written by [`crate::plan`]).
+//! `[fleet.tls]` and `[fleet.auth]` provision (checked here, written by [`crate::plan`]), with
+//! the registries of `[fleet.registries]` ([`super::registry`]).
 
-use super::{check_url, ipv4, ConfigError};
+use super::{check_url, ipv4, ConfigError, FleetRegistry};
 use crate::credentials::{check_password, check_pem, check_user, PemKind, Secret};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -24,6 +25,11 @@ pub struct Fleet {
     pub insecure: Option<bool>,
     pub tls: Option<FleetTls>,
     pub auth: Option<FleetAuth>,
+    /// How often a registry image's tag is looked up again. Passed through as given.
+    pub image_poll_s: Option<u64>,
+    /// `[fleet.registries."host[:port]"]`: how the machine reaches each registry (any other:
+    /// HTTPS, anonymous), the CA and password written to files of their own.
+    pub registries: BTreeMap<String, FleetRegistry>,
 }
 
 /// `[fleet.tls]`: PEM texts, written to `/etc/caisson/fleet/`.
@@ -61,6 +67,15 @@ impl Fleet {
         }
         if let Some(a) = &self.address {
             ipv4("fleet.address", a)?;
+        }
+        if self.image_poll_s == Some(0) {
+            return Err(ConfigError::new(
+                "fleet.image_poll_s",
+                "must be at least 1 second",
+            ));
+        }
+        for (host, r) in &self.registries {
+            r.validate(host)?;
         }
         if let Some(id) = &self.id {
             caisson_layout::fleet_id::check(id)

@@ -4,9 +4,11 @@
 //! (user and group names, whether the image has an SSH server) is checked by [`crate::plan`].
 
 mod fleet;
+mod registry;
 mod update;
 
 pub use fleet::{Fleet, FleetAuth, FleetTls};
+pub use registry::{registry_field, valid_registry_host, FleetRegistry};
 pub use update::{Update, Window};
 
 use serde::Deserialize;
@@ -402,7 +404,8 @@ pub fn check_path(p: &str) -> Result<(), String> {
     }
     if path.starts_with("/etc/caisson/fleet") {
         return Err(format!(
-            "{p:?} is reserved for the fleet agent's credentials: give them in [fleet.tls] and [fleet.auth]"
+            "{p:?} is reserved for the fleet agent's credentials: give them in [fleet.tls], \
+             [fleet.auth] and [fleet.registries]"
         ));
     }
     Ok(())

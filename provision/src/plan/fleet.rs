@@ -1,11 +1,11 @@
 //! `[fleet]` rendered: `/etc/caisson/fleet.toml` naming its credentials by path, and the
-//! directory and files of `[fleet.tls]` and `[fleet.auth]` beside it.
+//! directories and files of `[fleet.tls]`, `[fleet.auth]` and `[fleet.registries]` beside it.
 
 use super::{
     generated, toml_text, Entry, Kind, FLEET_CA, FLEET_CERT, FLEET_DIR, FLEET_KEY, FLEET_PASSWORD,
-    FLEET_PATH,
+    FLEET_PATH, FLEET_REGISTRIES_DIR,
 };
-use crate::config::{ConfigError, Fleet, FleetAuth, FleetTls};
+use crate::config::{registry_field, ConfigError, Fleet, FleetAuth, FleetRegistry, FleetTls};
 use std::collections::BTreeMap;
 
 /// `/etc/caisson/fleet.toml` as the agent reads it: the credentials by path, never inline.
@@ -27,6 +27,42 @@ struct FleetToml<'a> {
     tls: Option<TlsPaths>,
     #[serde(skip_serializing_if = "Option::is_none")]
     auth: Option<AuthPaths<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_poll_s: Option<u64>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    registries: BTreeMap<&'a str, RegistryPaths<'a>>,
+}
+
+/// `[registries."host[:port]"]`: the CA and the password by path.
+#[derive(serde::Serialize)]
+struct RegistryPaths<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    insecure: Option<bool>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    mirrors: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password_file: Option<String>,
+}
+
+/// The file of registry `host` with `suffix` (`password`, `ca.crt`) in
+/// [`FLEET_REGISTRIES_DIR`]: `registry.local:5000` -> `registry.local_5000.password`. A valid
+/// host has no `_`, so two registries never share a file.
+pub fn registry_file(host: &str, suffix: &str) -> String {
+    format!("{FLEET_REGISTRIES_DIR}/{}.{suffix}", host.replace(':', "_"))
+}
+
+fn registry_paths<'a>(host: &str, r: &'a FleetRegistry) -> RegistryPaths<'a> {
+    RegistryPaths {
+        insecure: r.insecure,
+        mirrors: &r.mirrors,
+        ca: r.ca.as_ref().map(|_| registry_file(host, "ca.crt")),
+        username: r.username.as_deref(),
+        password_file: r.password.as_ref().map(|_| registry_file(host, "password")),
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -64,6 +100,12 @@ fn fleet_text(f: &Fleet) -> Result<String, ConfigError> {
             user: &a.user,
             password_file: FLEET_PASSWORD,
         }),
+        image_poll_s: f.image_poll_s,
+        registries: f
+            .registries
+            .iter()
+            .map(|(host, r)| (host.as_str(), registry_paths(host, r)))
+            .collect(),
     };
     Ok(format!(
         "# written by caisson provisioning\n{}",
@@ -109,19 +151,56 @@ fn password_file(a: &FleetAuth) -> Entry {
     e
 }
 
-/// `[fleet]`: the directory of its credentials (when it has any) and its files, fleet.toml last.
-pub(super) fn fleet_entries(f: &Fleet) -> Result<(Option<Entry>, Vec<Entry>), ConfigError> {
-    let mut files = f.tls.as_ref().map(tls_files).unwrap_or_default();
-    files.extend(f.auth.as_ref().map(password_file));
-    let dir = (!files.is_empty()).then(|| Entry {
-        path: FLEET_DIR.to_string(),
+/// Each registry's CA (0644) and password (exactly as given, without a newline, 0600).
+fn registry_files(f: &Fleet) -> Vec<Entry> {
+    let mut out = Vec::new();
+    for (host, r) in &f.registries {
+        let field = registry_field(host);
+        if let Some(ca) = &r.ca {
+            let path = registry_file(host, "ca.crt");
+            out.push(pem_file(&path, &format!("{field}.ca"), ca, false));
+        }
+        if let Some(p) = &r.password {
+            let path = registry_file(host, "password");
+            let mut e = generated(
+                &path,
+                &format!("{field}.password"),
+                p.expose().to_string(),
+                0o600,
+            );
+            e.secret = true;
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// A directory only root can enter.
+fn private_dir(path: &str, origin: &str) -> Entry {
+    Entry {
+        path: path.to_string(),
         kind: Kind::Dir,
         mode: 0o700,
         uid: 0,
         gid: 0,
         secret: false,
-        origin: "fleet".to_string(),
-    });
+        origin: origin.to_string(),
+    }
+}
+
+/// `[fleet]`: the directories of its credentials (those it has) and its files, fleet.toml last.
+pub(super) fn fleet_entries(f: &Fleet) -> Result<(Vec<Entry>, Vec<Entry>), ConfigError> {
+    let mut files = f.tls.as_ref().map(tls_files).unwrap_or_default();
+    files.extend(f.auth.as_ref().map(password_file));
+    let registries = registry_files(f);
+    let mut dirs = Vec::new();
+    if !files.is_empty() || !registries.is_empty() {
+        dirs.push(private_dir(FLEET_DIR, "fleet"));
+    }
+    if !registries.is_empty() {
+        dirs.push(private_dir(FLEET_REGISTRIES_DIR, "fleet.registries"));
+    }
+    files.extend(registries);
     files.push(generated(FLEET_PATH, "fleet", fleet_text(f)?, 0o644));
-    Ok((dir, files))
+    Ok((dirs, files))
 }
