@@ -11,6 +11,7 @@
 //! units_dir = "/etc/caisson/units"       # local units (used without etcd)
 //! containerd_socket = "/run/containerd/containerd.sock"
 //! namespace = "caisson"                  # containerd namespace of the agent's containers
+//! log_dir = "/var/log/caisson/fleet"     # each unit's output, <unit>.log
 //! image_timeout_s = 1800                 # an image URL's whole download, request to last byte
 //! image_max_bytes = 4294967296           # the largest image archive a URL may send (4 GiB)
 //!                                        # (both also bound a registry pull, all layers together)
@@ -109,6 +110,7 @@ pub struct Config {
     pub units_dir: PathBuf,
     pub containerd_socket: PathBuf,
     pub namespace: String,
+    pub log_dir: PathBuf,
     pub image_timeout_s: u64,
     pub image_max_bytes: u64,
     pub image_poll_s: u64,
@@ -131,6 +133,7 @@ impl Default for Config {
             units_dir: UNITS_DIR.into(),
             containerd_socket: "/run/containerd/containerd.sock".into(),
             namespace: "caisson".into(),
+            log_dir: "/var/log/caisson/fleet".into(),
             image_timeout_s: crate::containerd::fetch::DEFAULT_DEADLINE.as_secs(),
             image_max_bytes: crate::containerd::fetch::DEFAULT_MAX_BYTES,
             image_poll_s: crate::containerd::pull::DEFAULT_POLL.as_secs(),

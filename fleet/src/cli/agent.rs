@@ -42,6 +42,7 @@ pub(super) async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     let config = cli.config()?;
     let mut runtime = Containerd::new(config.containerd_socket.clone(), config.namespace.clone());
     runtime.fetch_limits = config.fetch_limits();
+    runtime.log_dir = config.log_dir.clone();
     runtime.registries = std::sync::Arc::new(config.registries()?);
     runtime.image_poll = std::time::Duration::from_secs(config.image_poll_s);
     runtime.gc_keep = config.image_keep;
