@@ -11,6 +11,12 @@
 //! restart = "always"                # "always" (default) | "on-failure" | "never"
 //! capabilities = ["NET_RAW"]        # added to the default set (Docker's minus NET_RAW)
 //! privileged = false                # true: every capability and device, no seccomp filter
+//! volumes = [{ name = "pgdata", path = "/var/lib/postgresql/data" }]  # kept on the machine
+//!                                   # (<volume_root>/<unit>/<name>) until `destroy --volumes`
+//! binds = [{ source = "/etc/caisson/units/web/nginx.conf", path = "/etc/nginx/nginx.conf" }]
+//!                                   # read-only; sources only under /etc/caisson/ (see volumes)
+//! volumes_follow = "machine"        # default: a unit with volumes stays on the machine(s)
+//!                                   # holding them; "none": it may move and starts empty
 //!
 //! [image]                           # exactly one of ref, path or url
 //! ref = "registry.local:5000/team/web:1.2"      # from a registry (see fleet.toml [registries]);
@@ -42,12 +48,18 @@
 //!
 //! An unhealthy instance is restarted when `restart` is `always` or `on-failure`; with `never`
 //! it is left running and shown unhealthy (see `crate::agent::health`).
+//!
+//! Volumes ([`volumes`]) survive container restarts, replacement (a changed spec), `stop`, a
+//! plain `destroy`, reboots and OS updates; only `caisson-fleet destroy UNIT --volumes` has the
+//! machines delete them. Where they pin a unit: `crate::scheduler::pins`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod health;
+pub mod volumes;
 pub use health::{parse_duration, Health, Probe};
+pub use volumes::{Bind, Volume, VolumesFollow};
 
 /// Why a unit file is not valid.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -96,6 +108,15 @@ pub struct UnitSpec {
     /// How the agent checks that an instance works (none: running is enough).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    /// Named volumes, kept on the machine across restarts, updates and `stop`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Provisioned files under `/etc/caisson/`, bound read-only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<Bind>,
+    /// Whether a unit with volumes is held to the machines that hold them.
+    #[serde(default, skip_serializing_if = "VolumesFollow::is_default")]
+    pub volumes_follow: VolumesFollow,
 }
 
 /// Where the OCI archive comes from.
@@ -359,6 +380,14 @@ impl UnitSpec {
         }
         if let Some(h) = &self.health {
             h.check().map_err(|(f, m)| field(&f, m))?;
+        }
+        let (volumes, binds) =
+            volumes::check(&self.volumes, &self.binds).map_err(|(f, m)| field(&f, m))?;
+        if volumes != self.volumes || binds != self.binds {
+            return Err(field(
+                "volumes",
+                "a volume's or bind's path is not normalised (written without submit?)".into(),
+            ));
         }
         match self.replicas {
             Replicas::Count(n) if n == 0 || n > MAX_REPLICAS => Err(field(

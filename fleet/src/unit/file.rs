@@ -33,6 +33,12 @@ struct UnitFile {
     #[serde(default)]
     privileged: bool,
     health: Option<super::health::HealthFile>,
+    #[serde(default)]
+    volumes: Vec<super::Volume>,
+    #[serde(default)]
+    binds: Vec<super::Bind>,
+    #[serde(default)]
+    volumes_follow: super::VolumesFollow,
 }
 
 #[derive(Deserialize, Default)]
@@ -174,6 +180,8 @@ impl UnitSpec {
             Some(h) => Some(h.check().map_err(|(f, m)| field(&f, m))?),
             None => None,
         };
+        let (volumes, binds) =
+            super::volumes::check(&file.volumes, &file.binds).map_err(|(f, m)| field(&f, m))?;
         Ok(UnitSpec {
             name,
             description: file.description,
@@ -188,6 +196,9 @@ impl UnitSpec {
             capabilities,
             privileged: file.privileged,
             health,
+            volumes,
+            binds,
+            volumes_follow: file.volumes_follow,
         })
     }
 }
