@@ -25,6 +25,8 @@ pub struct FakeRuntime {
     pub exec_codes: Arc<Mutex<BTreeMap<String, i32>>>,
     /// Every exec run, as (unit, argv).
     pub execs: Arc<Mutex<Vec<Exec>>>,
+    /// The units whose volumes exist on this "machine" (made by a start, kept by a remove).
+    pub volumes: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl FakeRuntime {
@@ -71,6 +73,12 @@ impl Runtime for FakeRuntime {
                 message: "image import failed".into(),
             });
         }
+        if !spec.volumes.is_empty() {
+            self.volumes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(spec.name.clone());
+        }
         self.lock().insert(
             spec.name.clone(),
             Container {
@@ -92,6 +100,13 @@ impl Runtime for FakeRuntime {
     async fn remove(&self, unit: &str) -> Result<(), RuntimeError> {
         self.lock().remove(unit);
         Ok(())
+    }
+    async fn delete_volumes(&self, unit: &str) -> Result<bool, RuntimeError> {
+        Ok(self
+            .volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(unit))
     }
     async fn logs(&self, unit: &str, _lines: usize) -> Result<Vec<String>, RuntimeError> {
         Ok(vec![format!("{unit}: fake output")])

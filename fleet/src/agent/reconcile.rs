@@ -70,8 +70,13 @@ pub trait Runtime: Clone + Send + Sync + 'static {
     async fn start(&self, spec: &UnitSpec, spec_hash: &str) -> Result<(), RuntimeError>;
     /// Starts an exited container again.
     async fn restart(&self, unit: &str) -> Result<(), RuntimeError>;
-    /// Stops (SIGTERM, then SIGKILL) and deletes a unit's container.
+    /// Stops (SIGTERM, then SIGKILL) and deletes a unit's container (never its volumes).
     async fn remove(&self, unit: &str) -> Result<(), RuntimeError>;
+    /// Deletes every volume of a unit that is gone (`destroy --volumes`, see
+    /// [`crate::volumes`]); true when there were some. A runtime without volumes has none.
+    async fn delete_volumes(&self, _unit: &str) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
     /// The last `lines` lines of a unit's output.
     async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError>;
     /// Runs `argv` in the unit's running container (a health check) and waits up to `timeout`

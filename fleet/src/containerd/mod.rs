@@ -22,6 +22,7 @@ pub mod gc;
 mod import;
 pub mod pull;
 pub mod spec;
+pub mod volumes;
 
 use crate::agent::{Container, ContainerState, Runtime, RuntimeError};
 use crate::unit::UnitSpec;
@@ -137,6 +138,8 @@ pub struct Containerd {
     pub log_dir: PathBuf,
     /// Where images fetched over HTTP are kept (`<sha256>.oci.tar`).
     pub cache_dir: PathBuf,
+    /// Where units' volumes live (`<unit>/<name>`, see [`volumes`]).
+    pub volume_root: PathBuf,
     /// How long a container has to exit after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
     /// The deadline and size cap of each image download or pull.
@@ -237,6 +240,7 @@ impl Containerd {
             snapshotter: "overlayfs".into(),
             log_dir: "/var/log/caisson/fleet".into(),
             cache_dir: "/var/lib/caisson/fleet/images".into(),
+            volume_root: volumes::DEFAULT_ROOT.into(),
             stop_timeout: Duration::from_secs(10),
             fetch_limits: FetchLimits::default(),
             downloads: fetch::Downloads::default(),
@@ -377,11 +381,13 @@ impl Containerd {
             .copied()
             .filter(|f| Path::new(f).exists())
             .collect();
+        volumes::prepare(&self.volume_root, spec, &image.chosen.config.config)?;
         let runtime_spec = spec::runtime_spec(
             spec,
             &image.chosen.config.config,
             &self.namespace,
             &host_files,
+            &self.volume_root,
         )?;
         // A snapshot left by an earlier failed attempt would make Prepare fail.
         self.remove_snapshot(conn, &id).await?;
@@ -731,6 +737,9 @@ impl Runtime for Containerd {
         self.restart_unit(unit)
             .await
             .map_err(|e| self.runtime_error(unit, e))
+    }
+    async fn delete_volumes(&self, unit: &str) -> Result<bool, RuntimeError> {
+        volumes::delete(&self.volume_root, unit).map_err(|e| self.runtime_error(unit, e))
     }
     async fn remove(&self, unit: &str) -> Result<(), RuntimeError> {
         let r = async {

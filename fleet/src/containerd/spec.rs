@@ -5,6 +5,11 @@
 //! but the standard few, and the unit's cgroup limits (`memory.max`, `cpu.max`, `pids.max`).
 //! A privileged unit gets what Docker's `--privileged` gives: every capability and device, no
 //! seccomp filter, no masked or read-only paths.
+//!
+//! A unit's volumes are bind mounts of `<volume_root>/<unit>/<name>` (`rbind`, `rw`, `nosuid`,
+//! `nodev`; made by `containerd::volumes` before the container is created), its binds are
+//! read-only bind mounts of provisioned files; both after the runtime's own mounts, parents
+//! before what is mounted inside them.
 
 pub mod seccomp;
 
@@ -13,6 +18,7 @@ use crate::capability;
 use crate::unit::{Resources, UnitSpec};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// Why a runtime spec cannot be made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -172,13 +178,51 @@ fn mount(dest: &str, kind: &str, source: &str, options: &[&str]) -> Value {
     json!({"destination": dest, "type": kind, "source": source, "options": options})
 }
 
+/// The host directory of a unit's volume: `<volume_root>/<unit>/<name>`.
+pub fn volume_dir(volume_root: &Path, unit: &str, volume: &str) -> std::path::PathBuf {
+    volume_root.join(unit).join(volume)
+}
+
+/// The mounts of the unit's volumes (read-write) and binds (read-only), parents first.
+pub fn storage_mounts(spec: &UnitSpec, volume_root: &Path) -> Vec<Value> {
+    let volumes = spec.volumes.iter().map(|v| {
+        let dir = volume_dir(volume_root, &spec.name, &v.name);
+        (
+            v.path.as_str(),
+            mount(
+                &v.path,
+                "bind",
+                &dir.display().to_string(),
+                &["rbind", "rw", "nosuid", "nodev"],
+            ),
+        )
+    });
+    let binds = spec.binds.iter().map(|b| {
+        (
+            b.path.as_str(),
+            mount(
+                &b.path,
+                "bind",
+                &b.source,
+                &["rbind", "ro", "nosuid", "nodev"],
+            ),
+        )
+    });
+    let mut all: Vec<(&str, Value)> = volumes.chain(binds).collect();
+    // Stable: equal depths keep the unit's order.
+    all.sort_by_key(|(path, _)| path.matches('/').count());
+    all.into_iter().map(|(_, m)| m).collect()
+}
+
 /// The runtime spec (config.json) for a unit's container in `namespace`.
-/// `host_files` are host files bound read-only at the same path (resolv.conf, hosts).
+/// `host_files` are host files bound read-only at the same path (resolv.conf, hosts); the
+/// unit's volumes are under `volume_root`.
 pub fn runtime_spec(
     spec: &UnitSpec,
     image: &RunConfig,
     namespace: &str,
     host_files: &[&str],
+    volume_root: &Path,
 ) -> Result<Value, SpecError> {
     let (uid, gid) = user(spec, image)?;
     let privileged = spec.privileged;
@@ -250,6 +294,7 @@ pub fn runtime_spec(
     for f in host_files {
         mounts.push(mount(f, "bind", f, &["rbind", "ro", "nosuid", "nodev"]));
     }
+    mounts.extend(storage_mounts(spec, volume_root));
     let (masked, readonly): (&[&str], &[&str]) = if privileged {
         (&[], &[])
     } else {
@@ -315,6 +360,7 @@ mod tests {
             &image(),
             "caisson",
             &["/etc/hosts"],
+            Path::new("/v"),
         )
         .unwrap();
         let p = &s["process"];
@@ -335,6 +381,7 @@ mod tests {
             &RunConfig::default(),
             "n",
             &[],
+            Path::new("/v"),
         )
         .unwrap();
         assert_eq!(s["process"]["args"], json!(["/bin/sh", "-c", "true"]));
@@ -356,6 +403,7 @@ mod tests {
             &cmd(),
             "n",
             &[],
+            Path::new("/v"),
         )
         .unwrap();
         let r = &s["linux"]["resources"];
@@ -363,7 +411,7 @@ mod tests {
         assert_eq!(r["cpu"], json!({"quota": 150_000, "period": 100_000}));
         assert_eq!(r["pids"], json!({"limit": 20}));
         // No limit asked: none set but the default pids limit.
-        let s = runtime_spec(&unit(""), &cmd(), "n", &[]).unwrap();
+        let s = runtime_spec(&unit(""), &cmd(), "n", &[], Path::new("/v")).unwrap();
         let r = &s["linux"]["resources"];
         assert!(r.get("memory").is_none() && r.get("cpu").is_none());
         assert_eq!(r["pids"]["limit"], crate::unit::DEFAULT_PIDS);
@@ -371,7 +419,7 @@ mod tests {
 
     #[test]
     fn confined_by_default() {
-        let s = runtime_spec(&unit(""), &cmd(), "n", &[]).unwrap();
+        let s = runtime_spec(&unit(""), &cmd(), "n", &[], Path::new("/v")).unwrap();
         let caps = &s["process"]["capabilities"];
         for set in ["bounding", "effective", "permitted"] {
             let list = caps[set].as_array().unwrap();
@@ -420,6 +468,7 @@ mod tests {
             &cmd(),
             "n",
             &[],
+            Path::new("/v"),
         )
         .unwrap();
         let bounding = s["process"]["capabilities"]["bounding"].as_array().unwrap();
@@ -432,7 +481,14 @@ mod tests {
 
     #[test]
     fn privileged_lifts_confinement() {
-        let s = runtime_spec(&unit("privileged = true"), &cmd(), "n", &[]).unwrap();
+        let s = runtime_spec(
+            &unit("privileged = true"),
+            &cmd(),
+            "n",
+            &[],
+            Path::new("/v"),
+        )
+        .unwrap();
         let bounding = s["process"]["capabilities"]["bounding"].as_array().unwrap();
         assert_eq!(bounding.len(), capability::held().len());
         assert!(
@@ -455,14 +511,58 @@ mod tests {
     }
 
     #[test]
+    fn volumes_and_binds_are_mounted() {
+        let u = unit(
+            "volumes = [{ name = \"data\", path = \"/srv/data\" }, { name = \"cache\", path = \"/srv/data/cache\" }, { name = \"top\", path = \"/srv\" }]\n\
+             binds = [{ source = \"/etc/caisson/units/web/nginx.conf\", path = \"/etc/nginx/nginx.conf\" }]",
+        );
+        let s = runtime_spec(
+            &u,
+            &cmd(),
+            "n",
+            &["/etc/hosts"],
+            Path::new("/var/lib/caisson/volumes"),
+        )
+        .unwrap();
+        let mounts = s["mounts"].as_array().unwrap();
+        let storage: Vec<&Value> = mounts
+            .iter()
+            .skip_while(|m| m["destination"] != "/etc/hosts")
+            .skip(1)
+            .collect();
+        assert_eq!(
+            storage,
+            [
+                &json!({"destination": "/srv", "type": "bind",
+                        "source": "/var/lib/caisson/volumes/web/top",
+                        "options": ["rbind", "rw", "nosuid", "nodev"]}),
+                &json!({"destination": "/srv/data", "type": "bind",
+                        "source": "/var/lib/caisson/volumes/web/data",
+                        "options": ["rbind", "rw", "nosuid", "nodev"]}),
+                &json!({"destination": "/srv/data/cache", "type": "bind",
+                        "source": "/var/lib/caisson/volumes/web/cache",
+                        "options": ["rbind", "rw", "nosuid", "nodev"]}),
+                &json!({"destination": "/etc/nginx/nginx.conf", "type": "bind",
+                        "source": "/etc/caisson/units/web/nginx.conf",
+                        "options": ["rbind", "ro", "nosuid", "nodev"]}),
+            ],
+            "after the runtime's mounts, parents first"
+        );
+        // No storage: no extra mounts.
+        let plain = runtime_spec(&unit(""), &cmd(), "n", &[], Path::new("/v")).unwrap();
+        assert_eq!(plain["mounts"].as_array().unwrap().len(), 8);
+    }
+
+    #[test]
     fn clear_errors() {
-        let e = runtime_spec(&unit(""), &RunConfig::default(), "n", &[]).unwrap_err();
+        let e =
+            runtime_spec(&unit(""), &RunConfig::default(), "n", &[], Path::new("/v")).unwrap_err();
         assert_eq!(e, SpecError::NoCommand { unit: "web".into() });
         let named = RunConfig {
             user: Some("www-data".into()),
             ..image()
         };
-        assert!(runtime_spec(&unit(""), &named, "n", &[])
+        assert!(runtime_spec(&unit(""), &named, "n", &[], Path::new("/v"))
             .unwrap_err()
             .to_string()
             .contains("www-data"));
