@@ -60,6 +60,8 @@ fn units(n: usize) -> Vec<Unit> {
                 conflicts,
                 ports,
                 requests: Default::default(),
+                sticky: false,
+                pinned: Default::default(),
             }
         })
         .collect()

@@ -5,8 +5,8 @@
 //! | role | may |
 //! |---|---|
 //! | `caisson-operator` | read and write everything under the prefix (the `caisson-fleet` CLI) |
-//! | `caisson-leader` | write the leader key and every assignment; read machines and statuses |
-//! | `caisson-machine-<id>` | write its own record, statuses, logs and reboot-lock slot; read the units, its own assignment, the leader key, the machines and the reboot lock |
+//! | `caisson-leader` | write the leader key, every assignment and the volumes' pins (`volumes/`); read machines and statuses |
+//! | `caisson-machine-<id>` | write its own record, statuses, logs and reboot-lock slot; read the units, its own assignment, the leader key, the machines, the reboot lock and the volume purges (`purge/`) |
 //!
 //! A machine's user is `caisson-machine-<id>` with its own role, and `caisson-leader` too when
 //! it may schedule (a machine without it never campaigns). Only the operator writes units;
@@ -60,6 +60,7 @@ pub fn leader_permissions(keys: &Keys) -> Vec<Permission> {
     sorted(vec![
         Permission::new(Perm::ReadWrite, keys.leader(), false),
         Permission::new(Perm::ReadWrite, keys.assigns(), true),
+        Permission::new(Perm::ReadWrite, keys.pins(), true),
         Permission::new(Perm::Read, keys.machines(), true),
         Permission::new(Perm::Read, keys.units(), true),
         Permission::new(Perm::Read, keys.statuses(), true),
@@ -79,6 +80,7 @@ pub fn machine_permissions(keys: &Keys, id: &str) -> Vec<Permission> {
         Permission::new(Perm::Read, keys.units(), true),
         Permission::new(Perm::Read, keys.leader(), false),
         Permission::new(Perm::Read, keys.machines(), true),
+        Permission::new(Perm::Read, keys.purges(), true),
     ])
 }
 
@@ -225,12 +227,18 @@ mod tests {
             k.unit("web"),
             k.assign("m1"),
             k.leader(),
+            k.pin("web"),
+            k.purge("web"),
             crate::lock::holder_key(&k.lock(), "m2"),
             crate::lock::max_key(&k.lock()),
         ] {
             assert!(!allows(&m, &other, true), "{other}");
         }
         assert!(allows(&m, &k.unit("web"), false));
+        assert!(
+            allows(&m, &k.purge("web"), false),
+            "a machine reads the purges"
+        );
         assert!(allows(&m, &k.assign("m1"), false));
         assert!(!allows(&m, &k.assign("m2"), false));
         assert!(
@@ -240,6 +248,15 @@ mod tests {
         let l = leader_permissions(&k);
         assert!(allows(&l, &k.assign("m2"), true) && allows(&l, &k.leader(), true));
         assert!(!allows(&l, &k.unit("web"), true));
+        assert!(
+            allows(&l, &k.pin("web"), true),
+            "the leader records the pins"
+        );
+        assert!(
+            !allows(&l, &k.purge("web"), true),
+            "only the operator asks for a purge"
+        );
+        assert!(allows(&operator_permissions(&k), &k.purge("web"), true));
         assert!(allows(&operator_permissions(&k), &k.unit("web"), true));
     }
 

@@ -17,6 +17,7 @@
 //!                                        # (both also bound a registry pull, all layers together)
 //! image_poll_s = 300                     # how often a registry image's tag is looked up again
 //! image_keep = 3                         # unused images kept (the rest removed every 10 minutes)
+//! volume_root = "/var/lib/caisson/volumes"  # units' volumes (<unit>/<name>), on the state partition
 //!
 //! [tls]
 //! ca = "/etc/caisson/fleet/ca.crt"        # the only CA trusted for etcd's server certificate
@@ -115,6 +116,7 @@ pub struct Config {
     pub image_max_bytes: u64,
     pub image_poll_s: u64,
     pub image_keep: usize,
+    pub volume_root: PathBuf,
     pub registries: BTreeMap<String, Registry>,
     pub insecure: bool,
     pub tls: Option<Tls>,
@@ -138,6 +140,7 @@ impl Default for Config {
             image_max_bytes: crate::containerd::fetch::DEFAULT_MAX_BYTES,
             image_poll_s: crate::containerd::pull::DEFAULT_POLL.as_secs(),
             image_keep: crate::containerd::gc::DEFAULT_KEEP,
+            volume_root: crate::containerd::volumes::DEFAULT_ROOT.into(),
             registries: BTreeMap::new(),
             insecure: false,
             tls: None,
@@ -176,6 +179,12 @@ impl Config {
             return Err(bad(
                 "image_timeout_s, image_max_bytes and image_poll_s must be at least 1".into(),
             ));
+        }
+        if !c.volume_root.is_absolute() {
+            return Err(bad(format!(
+                "volume_root = {:?}: must be an absolute path",
+                c.volume_root
+            )));
         }
         for (host, r) in &c.registries {
             let at = |m: String| bad(format!("[registries.\"{host}\"]: {m}"));
@@ -443,6 +452,7 @@ mod tests {
         assert!(e.contains("username and password_file go together"), "{e}");
         assert!(err("[registries.\"r\"]\nnope = 1").contains("nope"));
         assert!(err("image_poll_s = 0").contains("image_poll_s"));
+        assert!(err("volume_root = \"vols\"").contains("volume_root"));
 
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");

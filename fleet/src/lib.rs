@@ -29,3 +29,4 @@ pub mod registry;
 pub mod scheduler;
 pub mod store;
 pub mod unit;
+pub mod volumes;

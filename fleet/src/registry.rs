@@ -10,6 +10,8 @@
 //! | `assign/<id>` | JSON list of the unit names the machine runs | none (written by the leader) |
 //! | `status/<id>/<unit>` | [`crate::store::UnitStatus`] JSON | the machine's |
 //! | `logs/<id>/<unit>` | the unit's last output lines on that machine | the machine's |
+//! | `volumes/<unit>` | JSON list of the machines holding the unit's volumes (it is pinned there) | none (written by the leader) |
+//! | `purge/<unit>` | [`crate::volumes::Purge`] JSON: machines delete the volumes of this unit, which is gone | none (written by `destroy --volumes`, deleted by `submit`) |
 //! | `lock/reboot/max` | how many machines may hold the reboot lock (absent: 1) | none |
 //! | `lock/reboot/holders/<id>` | when the machine took its slot (unix seconds) | none |
 
@@ -117,6 +119,18 @@ impl Keys {
     }
     pub fn lock(&self) -> String {
         crate::lock::key(&self.prefix)
+    }
+    pub fn pins(&self) -> String {
+        format!("{}volumes/", self.prefix)
+    }
+    pub fn pin(&self, unit: &str) -> String {
+        format!("{}volumes/{unit}", self.prefix)
+    }
+    pub fn purges(&self) -> String {
+        format!("{}purge/", self.prefix)
+    }
+    pub fn purge(&self, unit: &str) -> String {
+        format!("{}purge/{unit}", self.prefix)
     }
 }
 

@@ -12,6 +12,15 @@
 //!   only missing instances are placed, each on the least-loaded machine that fits (ties: the
 //!   machine id). Scheduling a placement the scheduler made changes nothing.
 //!
+//! - Volumes pin: a unit whose volumes stay on their machine (`sticky`: it has volumes and does
+//!   not say `volumes_follow = "none"`; never a global unit) runs only on the machines that
+//!   hold its data (`pinned`), each of which keeps one of its replica slots whether it is up or
+//!   not; only the replicas beyond those (`replicas - pinned`) may go to other machines, where
+//!   they start empty. A pinned machine that is gone, or cannot take the unit now, leaves its
+//!   slot empty: the unit is listed in [`Schedule::waiting`] with that machine, never moved.
+//!   [`Schedule::pins`] is the new pinning of every sticky unit: the old one plus where it is
+//!   placed now (a pin is never dropped here; `caisson-fleet destroy --volumes` drops it).
+//!
 //! Global units are kept and placed first, then the others in name order.
 
 use crate::unit::{matches_pattern, Port, Replicas, UnitSpec};
@@ -74,6 +83,10 @@ pub struct Unit {
     pub ports: Vec<Port>,
     /// What each instance takes of its machine's capacity.
     pub requests: Capacity,
+    /// Whether its volumes stay on the machines that hold them (see the module documentation).
+    pub sticky: bool,
+    /// The machines that hold its volumes (a sticky unit is held to them).
+    pub pinned: BTreeSet<String>,
 }
 
 /// What one instance of the unit requests: its memory and CPU limits (zero when unlimited).
@@ -93,8 +106,19 @@ impl From<&UnitSpec> for Unit {
             conflicts: u.constraints.conflicts.clone(),
             ports: u.ports.clone(),
             requests: requests(u),
+            sticky: sticky(u),
+            pinned: BTreeSet::new(),
         }
     }
+}
+
+/// Whether a unit's volumes hold it to their machines: it has volumes, does not say
+/// `volumes_follow = "none"`, and is not global (a global unit runs on every machine anyway,
+/// each with its own volumes).
+pub fn sticky(u: &UnitSpec) -> bool {
+    !u.volumes.is_empty()
+        && u.volumes_follow == crate::unit::VolumesFollow::Machine
+        && u.replicas != Replicas::Global
 }
 
 /// Unit name to the machines it runs on.
@@ -107,6 +131,11 @@ pub struct Schedule {
     pub placement: Placement,
     /// Units with fewer instances than asked for, and how many are missing.
     pub unplaced: BTreeMap<String, u32>,
+    /// Sticky units missing instances because machines holding their volumes are gone or cannot
+    /// take them now: the unit and those machines.
+    pub waiting: BTreeMap<String, BTreeSet<String>>,
+    /// Every sticky unit's machines holding its volumes: its pins plus where it runs now.
+    pub pins: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// Computes the placement. See the module documentation for the rules.
@@ -116,15 +145,33 @@ pub fn schedule(machines: &[Machine], units: &[Unit], current: &Placement) -> Sc
         s.keep(u, current);
     }
     let mut unplaced = BTreeMap::new();
+    let mut waiting = BTreeMap::new();
     for u in 0..s.units.len() {
         let missing = s.place(u);
         if missing > 0 {
             unplaced.insert(s.units[u].name.clone(), missing);
+            let away = s.pins_away(u);
+            if !away.is_empty() {
+                waiting.insert(s.units[u].name.clone(), away);
+            }
         }
     }
+    let placement = s.placement();
+    let pins = s
+        .units
+        .iter()
+        .filter(|u| u.sticky)
+        .filter_map(|u| {
+            let mut p = u.pinned.clone();
+            p.extend(placement.get(&u.name).into_iter().flatten().cloned());
+            (!p.is_empty()).then(|| (u.name.clone(), p))
+        })
+        .collect();
     Schedule {
-        placement: s.placement(),
+        placement,
         unplaced,
+        waiting,
+        pins,
     }
 }
 
@@ -213,6 +260,56 @@ impl<'a> State<'a> {
             && !hosted.contains(&(u as u32))
             && !self.conflicts[u].iter().any(|c| hosted.contains(c))
             && self.has_room(u, m)
+            && self.pin_allows(u, m)
+    }
+
+    fn is_pinned(&self, u: usize, m: u32) -> bool {
+        self.units[u].pinned.contains(&self.machines[m as usize].id)
+    }
+
+    /// A sticky unit goes on a machine that does not hold its volumes only while it has fewer
+    /// instances there than the replicas its pinned machines leave free.
+    fn pin_allows(&self, u: usize, m: u32) -> bool {
+        let unit = self.units[u];
+        if !unit.sticky || self.is_pinned(u, m) {
+            return true;
+        }
+        let Replicas::Count(n) = unit.replicas else {
+            return true;
+        };
+        let free = (n as usize).saturating_sub(unit.pinned.len());
+        let elsewhere = self.placed[u]
+            .iter()
+            .filter(|&&p| !self.is_pinned(u, p))
+            .count();
+        elsewhere < free
+    }
+
+    /// The least-loaded machine holding `u`'s volumes that fits it now.
+    fn pinned_fit(&self, u: usize) -> Option<u32> {
+        self.units[u]
+            .pinned
+            .iter()
+            .filter_map(|id| self.machine_index.get(id.as_str()).copied())
+            .filter(|&m| self.fits(u, m))
+            .min_by_key(|&m| (self.load[m as usize], m))
+    }
+
+    /// The machines holding a sticky unit's volumes that it is not on (gone, or full now).
+    fn pins_away(&self, u: usize) -> BTreeSet<String> {
+        let unit = self.units[u];
+        if !unit.sticky {
+            return BTreeSet::new();
+        }
+        unit.pinned
+            .iter()
+            .filter(|id| {
+                self.machine_index
+                    .get(id.as_str())
+                    .is_none_or(|m| !self.placed[u].contains(m))
+            })
+            .cloned()
+            .collect()
     }
 
     /// Whether machine `m` has room left for unit `u`'s requests.
@@ -241,6 +338,9 @@ impl<'a> State<'a> {
             Replicas::Count(n) => n as usize,
             Replicas::Global => usize::MAX,
         };
+        // Machines holding its volumes first: those are where a sticky unit belongs.
+        let mut on: Vec<&String> = on.iter().collect();
+        on.sort_by_key(|id| !self.units[u].pinned.contains(*id));
         for id in on {
             if self.placed[u].len() >= limit {
                 break;
@@ -267,7 +367,7 @@ impl<'a> State<'a> {
             Replicas::Count(n) => {
                 let mut missing = (n as usize).saturating_sub(self.placed[u].len());
                 while missing > 0 {
-                    let Some(m) = self.least_loaded_fit(u) else {
+                    let Some(m) = self.pinned_fit(u).or_else(|| self.least_loaded_fit(u)) else {
                         break;
                     };
                     self.add(u, m);
@@ -354,341 +454,4 @@ fn conflict_sets(units: &[&Unit]) -> Vec<Vec<u32>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn machine(id: &str, labels: &[(&str, &str)]) -> Machine {
-        Machine {
-            id: id.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            capacity: None,
-        }
-    }
-
-    const GIB: u64 = 1 << 30;
-
-    fn sized(id: &str, gib: u64, cpus: u32) -> Machine {
-        Machine {
-            capacity: Capacity::reported(Some(gib * GIB), Some(cpus)),
-            ..machine(id, &[])
-        }
-    }
-
-    fn asking(name: &str, replicas: u32, gib: u64, millicpus: u64) -> Unit {
-        Unit {
-            requests: Capacity {
-                memory_bytes: gib * GIB,
-                millicpus,
-            },
-            ..unit(name, Replicas::Count(replicas))
-        }
-    }
-
-    fn unit(name: &str, replicas: Replicas) -> Unit {
-        Unit {
-            name: name.into(),
-            replicas,
-            labels: BTreeMap::new(),
-            conflicts: vec![],
-            ports: vec![],
-            requests: Capacity::default(),
-        }
-    }
-
-    fn on(s: &Schedule, u: &str) -> Vec<String> {
-        s.placement
-            .get(u)
-            .map(|m| m.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    #[test]
-    fn spreads_replicas_and_balances() {
-        let ms: Vec<_> = (0..3).map(|i| machine(&format!("m{i}"), &[])).collect();
-        let us = vec![
-            unit("a", Replicas::Count(3)),
-            unit("b", Replicas::Count(2)),
-            unit("c", Replicas::Count(1)),
-        ];
-        let s = schedule(&ms, &us, &Placement::new());
-        assert_eq!(on(&s, "a"), ["m0", "m1", "m2"]);
-        assert_eq!(s.placement["b"].len(), 2);
-        let mut load = BTreeMap::new();
-        for m in s.placement.values().flatten() {
-            *load.entry(m.clone()).or_insert(0) += 1;
-        }
-        assert_eq!(load.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
-        assert!(s.unplaced.is_empty());
-    }
-
-    #[test]
-    fn too_few_machines_is_reported() {
-        let ms = vec![machine("m0", &[])];
-        let s = schedule(&ms, &[unit("a", Replicas::Count(2))], &Placement::new());
-        assert_eq!(on(&s, "a"), ["m0"]);
-        assert_eq!(s.unplaced["a"], 1);
-    }
-
-    #[test]
-    fn labels_conflicts_ports_and_global() {
-        let ms = vec![
-            machine("m0", &[("zone", "a")]),
-            machine("m1", &[("zone", "b")]),
-            machine("m2", &[("zone", "a"), ("disk", "ssd")]),
-        ];
-        let mut db = unit("db", Replicas::Count(1));
-        db.labels.insert("disk".into(), "ssd".into());
-        let mut web = unit("web", Replicas::Count(2));
-        web.conflicts = vec!["d*".into()];
-        web.labels.insert("zone".into(), "a".into());
-        let mut mon = unit("mon", Replicas::Global);
-        mon.labels.insert("zone".into(), "a".into());
-        let mut p1 = unit("p1", Replicas::Count(3));
-        p1.ports = vec![Port {
-            port: 80,
-            udp: false,
-        }];
-        let mut p2 = unit("p2", Replicas::Count(3));
-        p2.ports = vec![Port {
-            port: 80,
-            udp: false,
-        }];
-        let s = schedule(&ms, &[db, web, mon, p1, p2], &Placement::new());
-        assert_eq!(on(&s, "db"), ["m2"]);
-        assert_eq!(on(&s, "web"), ["m0"], "zone a but not beside db");
-        assert_eq!(s.unplaced["web"], 1);
-        assert_eq!(on(&s, "mon"), ["m0", "m2"]);
-        assert_eq!(on(&s, "p1"), ["m0", "m1", "m2"]);
-        assert!(on(&s, "p2").is_empty(), "port 80 taken everywhere");
-    }
-
-    #[test]
-    fn keeps_current_and_moves_lost_units() {
-        let ms = vec![machine("m0", &[]), machine("m1", &[]), machine("m2", &[])];
-        let us = vec![unit("a", Replicas::Count(1)), unit("b", Replicas::Count(1))];
-        let mut cur = Placement::new();
-        cur.insert("a".into(), ["m2".to_string()].into());
-        cur.insert("b".into(), ["m9".to_string()].into());
-        let s = schedule(&ms, &us, &cur);
-        assert_eq!(on(&s, "a"), ["m2"], "kept");
-        assert_eq!(on(&s, "b"), ["m0"], "machine gone: placed again");
-        // Fewer replicas: trimmed, not moved.
-        cur.insert("a".into(), ["m0".to_string(), "m1".to_string()].into());
-        let s = schedule(&ms, &us, &cur);
-        assert_eq!(on(&s, "a"), ["m0"]);
-    }
-
-    #[test]
-    fn requests_count_against_what_machines_report() {
-        let ms = vec![sized("m0", 4, 2), sized("m1", 2, 8), machine("m2", &[])];
-        // 3 GiB and 1 CPU fit m0 only (m1 has 2 GiB); m2 reported nothing and takes anything.
-        let big = asking("big", 3, 3, 1000);
-        // 1.5 CPUs: m0 has 2, m1 8.
-        let cpu = asking("cpu", 3, 0, 1500);
-        let free = unit("free", Replicas::Count(3));
-        let s = schedule(
-            &ms,
-            &[big.clone(), cpu.clone(), free.clone()],
-            &Placement::new(),
-        );
-        assert_eq!(on(&s, "big"), ["m0", "m2"]);
-        assert_eq!(s.unplaced["big"], 1);
-        assert_eq!(on(&s, "cpu"), ["m1", "m2"], "m0 has 1 CPU left after big");
-        assert_eq!(
-            on(&s, "free"),
-            ["m0", "m1", "m2"],
-            "no requests: fits anywhere"
-        );
-
-        // A machine that reports less than its units ask keeps the first ones (by name).
-        let small = vec![sized("m0", 4, 1)];
-        let cur: Placement = [
-            ("big".to_string(), ["m0".to_string()].into()),
-            ("cpu".to_string(), ["m0".to_string()].into()),
-        ]
-        .into();
-        let s = schedule(
-            &small,
-            &[asking("big", 1, 3, 0), asking("cpu", 1, 0, 1500)],
-            &cur,
-        );
-        assert_eq!(on(&s, "big"), ["m0"]);
-        assert!(on(&s, "cpu").is_empty());
-
-        // Only memory reported: CPUs are unlimited there.
-        let mem_only = vec![Machine {
-            capacity: Capacity::reported(Some(GIB), None),
-            ..machine("m0", &[])
-        }];
-        let s = schedule(&mem_only, &[asking("cpu", 1, 0, 64_000)], &Placement::new());
-        assert_eq!(on(&s, "cpu"), ["m0"]);
-        assert_eq!(Capacity::reported(None, None), None);
-    }
-
-    fn arb_input() -> impl Strategy<Value = (Vec<Machine>, Vec<Unit>, Placement)> {
-        let zones = prop::sample::select(vec!["a", "b", "c"]);
-        let capacity = prop::option::of((1u64..8, 1u32..4));
-        let machines = prop::collection::vec((zones.clone(), any::<bool>(), capacity), 0..12)
-            .prop_map(|v| {
-                v.into_iter()
-                    .enumerate()
-                    .map(|(i, (z, ssd, cap))| {
-                        let mut l = vec![("zone", z)];
-                        if ssd {
-                            l.push(("disk", "ssd"));
-                        }
-                        Machine {
-                            capacity: cap
-                                .and_then(|(g, c)| Capacity::reported(Some(g * GIB), Some(c))),
-                            ..machine(&format!("m{i:02}"), &l)
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            });
-        let unit_s = (
-            0u32..6,
-            prop::option::of(zones),
-            any::<bool>(),
-            prop::collection::vec(0usize..10, 0..3),
-            prop::option::of(prop::sample::select(vec![80u16, 443])),
-            (0u64..3, prop::sample::select(vec![0u64, 500, 1000, 2500])),
-        );
-        let units = prop::collection::vec(unit_s, 0..10).prop_map(|v| {
-            v.into_iter()
-                .enumerate()
-                .map(|(i, (r, zone, ssd, conflicts, port, (gib, millicpus)))| {
-                    let mut u = unit(
-                        &format!("u{i}"),
-                        if r == 0 {
-                            Replicas::Global
-                        } else {
-                            Replicas::Count(r)
-                        },
-                    );
-                    if let Some(z) = zone {
-                        u.labels.insert("zone".into(), z.into());
-                    }
-                    if ssd {
-                        u.labels.insert("disk".into(), "ssd".into());
-                    }
-                    u.conflicts = conflicts.iter().map(|c| format!("u{c}")).collect();
-                    if i % 3 == 0 {
-                        u.conflicts.push("u1*".into());
-                    }
-                    u.ports = port
-                        .map(|p| Port {
-                            port: p,
-                            udp: false,
-                        })
-                        .into_iter()
-                        .collect();
-                    u.requests = Capacity {
-                        memory_bytes: gib * GIB,
-                        millicpus,
-                    };
-                    u
-                })
-                .collect::<Vec<_>>()
-        });
-        let current = prop::collection::btree_map(
-            (0usize..12).prop_map(|i| format!("u{i}")),
-            prop::collection::btree_set((0usize..14).prop_map(|i| format!("m{i:02}")), 0..6),
-            0..12,
-        );
-        (machines, units, current)
-    }
-
-    fn check_constraints(ms: &[Machine], us: &[Unit], s: &Schedule) -> Result<(), TestCaseError> {
-        let mut by_machine: BTreeMap<String, Vec<&Unit>> = BTreeMap::new();
-        for u in us {
-            let empty = BTreeSet::new();
-            let on = s.placement.get(&u.name).unwrap_or(&empty);
-            if let Replicas::Count(n) = u.replicas {
-                prop_assert!(on.len() <= n as usize, "{} exceeds {n} replicas", u.name);
-            }
-            for m in on {
-                let machine = ms.iter().find(|x| &x.id == m);
-                prop_assert!(machine.is_some(), "{} placed on unknown {m}", u.name);
-                prop_assert!(labels_match(
-                    &machine.map(|x| x.labels.clone()).unwrap_or_default(),
-                    &u.labels
-                ));
-                by_machine.entry(m.clone()).or_default().push(u);
-            }
-        }
-        for p in s.placement.keys() {
-            prop_assert!(us.iter().any(|u| &u.name == p), "unknown unit {p} placed");
-        }
-        for (m, here) in by_machine {
-            let cap = ms.iter().find(|x| x.id == m).and_then(|x| x.capacity);
-            let used = here
-                .iter()
-                .fold(Capacity::default(), |a, u| a.plus(u.requests));
-            prop_assert!(
-                cap.is_none_or(|c| used.within(c)),
-                "{m} over capacity: {used:?} > {cap:?}"
-            );
-            for a in &here {
-                for b in &here {
-                    if a.name == b.name {
-                        continue;
-                    }
-                    let named = a.conflicts.iter().any(|c| matches_pattern(c, &b.name));
-                    let port = a.ports.iter().any(|p| b.ports.contains(p));
-                    prop_assert!(!named && !port, "{} and {} conflict on {m}", a.name, b.name);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
-
-        #[test]
-        fn constraints_always_hold((ms, us, cur) in arb_input()) {
-            let s = schedule(&ms, &us, &cur);
-            check_constraints(&ms, &us, &s)?;
-        }
-
-        #[test]
-        fn no_op_keeps_placement((ms, us, cur) in arb_input()) {
-            let first = schedule(&ms, &us, &cur);
-            let second = schedule(&ms, &us, &first.placement);
-            prop_assert_eq!(&first, &second);
-        }
-
-        #[test]
-        fn a_new_machine_moves_nothing((ms, us, cur) in arb_input()) {
-            let first = schedule(&ms, &us, &cur);
-            let mut more = ms.clone();
-            more.push(machine("new", &[("zone", "a"), ("disk", "ssd")]));
-            let second = schedule(&more, &us, &first.placement);
-            for (u, on) in &first.placement {
-                let now = second.placement.get(u).cloned().unwrap_or_default();
-                prop_assert!(on.is_subset(&now), "{u} moved: {on:?} -> {now:?}");
-            }
-        }
-
-        #[test]
-        fn unconstrained_units_fill_and_balance(n_machines in 1usize..20, replicas in prop::collection::vec(1u32..5, 0..30)) {
-            let ms: Vec<_> = (0..n_machines).map(|i| machine(&format!("m{i:02}"), &[])).collect();
-            let us: Vec<_> = replicas.iter().enumerate().map(|(i, &r)| unit(&format!("u{i}"), Replicas::Count(r))).collect();
-            let s = schedule(&ms, &us, &Placement::new());
-            for u in &us {
-                let Replicas::Count(r) = u.replicas else { continue };
-                prop_assert_eq!(s.placement.get(&u.name).map_or(0, |m| m.len()), (r as usize).min(n_machines));
-            }
-            let mut load = vec![0usize; n_machines];
-            for m in s.placement.values().flatten() {
-                load[m[1..].parse::<usize>().unwrap_or(0)] += 1;
-            }
-            let (lo, hi) = (load.iter().min().copied().unwrap_or(0), load.iter().max().copied().unwrap_or(0));
-            prop_assert!(hi - lo <= 1, "unbalanced: {load:?}");
-        }
-    }
-}
+mod tests;

@@ -68,7 +68,7 @@ pub struct UnitStatus {
 }
 
 /// Decodes a record that needs no check against its key.
-fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, Invalid> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T, Invalid> {
     records::decode(&kv.key, &kv.value, kv.mod_revision, |_| Ok(()))
 }
 
@@ -83,7 +83,7 @@ fn decode_unit(keys: &Keys, kv: &KeyValue) -> Result<UnitRecord, Invalid> {
     })
 }
 
-fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
         key: key.to_string(),
         source,
@@ -159,6 +159,9 @@ impl Store {
                 target,
             };
             ops.push(Op::put(&key, encode(&key, &rec)?));
+            // A unit submitted again cancels a purge of its old volumes that machines have not
+            // done yet: its data is never deleted while it exists (see crate::volumes).
+            ops.push(Op::delete(self.keys.purge(&spec.name)));
         }
         let r = self.client.txn(&compares, &ops, &[]).await?;
         if r.succeeded {
@@ -195,7 +198,9 @@ impl Store {
         Err(StoreError::Conflict)
     }
 
-    /// Removes a unit; the leader unassigns it and agents remove its containers.
+    /// Removes a unit; the leader unassigns it and agents remove its containers. Its volumes
+    /// stay on their machines, and it stays pinned there should it come back (see
+    /// [`Store::destroy_with_volumes`]).
     pub async fn destroy(&self, name: &str) -> Result<(), StoreError> {
         if self.client.delete(&self.keys.unit(name), false).await? == 0 {
             return Err(StoreError::NoSuchUnit(name.to_string()));
@@ -311,7 +316,8 @@ impl Store {
         let units = self.units().await?;
         let (current, bad_assigns) = self.placement_records().await?;
         self.skipped.note(&self.keys.assigns(), &bad_assigns);
-        let s = plan(&machines, &units, &current);
+        let pins = self.pins().await?;
+        let s = plan(&machines, &units, &current, &pins);
         let before = by_machine(&current);
         let after = by_machine(&s.placement);
         let mut ops = Vec::new();
@@ -323,6 +329,12 @@ impl Store {
         }
         for m in before.keys().filter(|m| !after.contains_key(*m)) {
             ops.push(Op::delete(self.keys.assign(m)));
+        }
+        for (u, machines) in &s.pins {
+            if pins.get(u) != Some(machines) {
+                let key = self.keys.pin(u);
+                ops.push(Op::put(&key, encode(&key, machines)?));
+            }
         }
         for bad in &bad_assigns {
             let machine = &bad.key[self.keys.assigns().len()..];
@@ -350,8 +362,14 @@ impl Store {
     }
 }
 
-/// The scheduler's view of the stored state: running units only.
-pub fn plan(machines: &[MachineRecord], units: &Units, current: &Placement) -> Schedule {
+/// The scheduler's view of the stored state: running units only, each held to the machines
+/// `pins` says hold its volumes.
+pub fn plan(
+    machines: &[MachineRecord],
+    units: &Units,
+    current: &Placement,
+    pins: &crate::volumes::Pins,
+) -> Schedule {
     let ms: Vec<scheduler::Machine> = machines
         .iter()
         .map(|m| scheduler::Machine {
@@ -363,7 +381,10 @@ pub fn plan(machines: &[MachineRecord], units: &Units, current: &Placement) -> S
     let us: Vec<scheduler::Unit> = units
         .values()
         .filter(|(r, _)| r.target == Target::Running)
-        .map(|(r, _)| scheduler::Unit::from(&r.spec))
+        .map(|(r, _)| scheduler::Unit {
+            pinned: pins.get(&r.spec.name).cloned().unwrap_or_default(),
+            ..scheduler::Unit::from(&r.spec)
+        })
         .collect();
     scheduler::schedule(&ms, &us, current)
 }

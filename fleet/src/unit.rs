@@ -51,7 +51,7 @@
 //!
 //! Volumes ([`volumes`]) survive container restarts, replacement (a changed spec), `stop`, a
 //! plain `destroy`, reboots and OS updates; only `caisson-fleet destroy UNIT --volumes` has the
-//! machines delete them. Where they pin a unit: `crate::scheduler::pins`.
+//! machines delete them. How they pin a unit: `crate::scheduler` and `crate::volumes`.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

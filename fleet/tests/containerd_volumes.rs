@@ -10,12 +10,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+/// The test's containerd and images (fleet/tests/common/containerd.rs).
+#[path = "common/containerd.rs"]
+mod testbed;
 
 use caisson_fleet::agent::{ContainerState, Runtime};
 use caisson_fleet::unit::UnitSpec;
-use common::containerd::{busybox_archive, log_until, missing, wait_for, Daemon};
 use std::path::{Path, PathBuf};
+use testbed::{busybox_archive, log_until, missing, wait_for, Daemon};
 
 const APPLETS: [&str; 6] = ["sh", "echo", "cat", "test", "[", "sleep"];
 

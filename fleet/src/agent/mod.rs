@@ -429,6 +429,9 @@ impl<R: Runtime> Agent<R> {
         let statuses = reconcile_checked(&self.runtime, &desired, &self.health)
             .await
             .map_err(|e| e.to_string())?;
+        crate::volumes::purge(&self.store, &self.runtime, &units)
+            .await
+            .map_err(|e| e.to_string())?;
         for (u, st) in &statuses {
             let same = self.reported.get(u).is_some_and(|old| {
                 UnitStatus {

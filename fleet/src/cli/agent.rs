@@ -46,6 +46,7 @@ pub(super) async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     runtime.registries = std::sync::Arc::new(config.registries()?);
     runtime.image_poll = std::time::Duration::from_secs(config.image_poll_s);
     runtime.gc_keep = config.image_keep;
+    runtime.volume_root = config.volume_root.clone();
     let stop = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

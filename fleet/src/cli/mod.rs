@@ -15,6 +15,7 @@ use crate::registry::{self, Keys};
 use crate::scheduler::{self, Capacity};
 use crate::store::{self, Store, Target};
 use crate::unit::UnitSpec;
+use crate::volumes;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -71,13 +72,20 @@ pub enum Command {
         /// The unit's name.
         unit: String,
     },
-    /// Remove a unit and its containers.
+    /// Remove a unit and its containers. Its volumes stay on their machines (and the unit
+    /// stays pinned there should it be submitted again) unless `--volumes` is given.
     Destroy {
         /// The unit's name.
         unit: String,
+        /// Also delete the unit's volumes on every machine (each does it when it next ticks,
+        /// or when it comes back); works for a unit already destroyed without it.
+        #[arg(long)]
+        volumes: bool,
     },
     /// List units: desired and actual state (starting, running, healthy, unhealthy, exited,
-    /// failed, with why a health check failed under the row), where they run (a unit,
+    /// failed, with why a health check failed under the row), where they run, which machines
+    /// hold their volumes and, for a unit held to a machine that is gone or full, that it waits
+    /// for that machine (a unit,
     /// assignment or status record that does not decode is listed as INVALID, with its key and
     /// the error; the agents skip it).
     Units {
@@ -241,7 +249,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Start { unit } => cli.store()?.set_target(unit, Target::Running).await?,
         Command::Stop { unit } => cli.store()?.set_target(unit, Target::Stopped).await?,
-        Command::Destroy { unit } => cli.store()?.destroy(unit).await?,
+        Command::Destroy { unit, volumes } => destroy(&cli.store()?, unit, *volumes).await?,
         Command::Machines { json } => machines(&cli.store()?, *json).await?,
         Command::Units { json } => units(&cli.store()?, *json).await?,
         Command::Logs { unit, machine } => logs(&cli.store()?, unit, machine.as_deref()).await?,
@@ -400,6 +408,12 @@ async fn units(store: &Store, json: bool) -> Result<()> {
     let (units, bad_units) = store.unit_records().await?;
     let (placement, bad_assigns) = store.placement_records().await?;
     let (statuses, bad_statuses) = store.status_records().await?;
+    let pins = store.pins().await?;
+    let live: std::collections::BTreeSet<String> = registry::machines(&store.client, &store.keys)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
     // Assignments and statuses that do not decode are listed too, by their whole key.
     let invalid: Vec<_> = invalid_rows(&store.keys.units(), "name", &bad_units)
         .into_iter()
@@ -415,8 +429,11 @@ async fn units(store: &Store, json: bool) -> Result<()> {
                 .filter(|((_, u), _)| u == &rec.spec.name)
                 .map(|((m, _), s)| (m.clone(), serde_json::to_value(s).unwrap_or_default()))
                 .collect();
+            let running = rec.target == Target::Running;
+            let waiting = volumes::waiting_for(&rec.spec, running, pins.get(&rec.spec.name), &on);
             json!({ "name": rec.spec.name, "target": rec.target, "replicas": rec.spec.replicas,
-                    "machines": on, "actual": actual, "spec": rec.spec })
+                    "machines": on, "actual": actual, "spec": rec.spec,
+                    "volumes_on": pins.get(&rec.spec.name), "waiting_for": waiting })
         })
         .collect();
     if json {
@@ -445,6 +462,9 @@ async fn units(store: &Store, json: bool) -> Result<()> {
                 actual.join(" ")
             }
         );
+        for line in volumes::notes(&r["volumes_on"], &r["waiting_for"], &live) {
+            println!("{:<24} {line}", "");
+        }
         // Why an instance is not healthy, under its row.
         for (m, s) in r["actual"].as_object().into_iter().flatten() {
             if let Some(why) = s["health_error"].as_str() {
@@ -453,6 +473,22 @@ async fn units(store: &Store, json: bool) -> Result<()> {
         }
     }
     print_invalid(&invalid, "name", 24);
+    Ok(())
+}
+
+async fn destroy(store: &Store, unit: &str, with_volumes: bool) -> Result<()> {
+    if !with_volumes {
+        store.destroy(unit).await?;
+        return Ok(());
+    }
+    match store.destroy_with_volumes(unit).await? {
+        volumes::Destroyed::Unit => {
+            println!("destroyed {unit}; each machine deletes its volumes when it next ticks")
+        }
+        volumes::Destroyed::VolumesOnly => println!(
+            "no unit {unit}: the volumes it left on any machine are deleted when it next ticks"
+        ),
+    }
     Ok(())
 }
 
