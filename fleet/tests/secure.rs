@@ -304,7 +304,19 @@ async fn certificates_that_do_not_belong_are_refused() {
     let refused = |what: &str, r: Result<_, EtcdError>, expect: &str| match r {
         Err(e @ EtcdError::Unreachable { .. }) => {
             let text = chain(&e).to_lowercase();
-            assert!(text.contains(expect), "{what}: {text}");
+            // In TLS 1.3 the server checks the client's certificate after the client has
+            // finished its side of the handshake: its alert may lose the race with the
+            // connection closing, and then the client sees only the close.
+            let closed = expect == "alert: badcertificate"
+                && [
+                    "connection reset",
+                    "broken pipe",
+                    "unexpected eof",
+                    "connection closed",
+                ]
+                .iter()
+                .any(|c| text.contains(c));
+            assert!(text.contains(expect) || closed, "{what}: {text}");
         }
         other => panic!("{what}: expected a refusal, got {other:?}"),
     };
