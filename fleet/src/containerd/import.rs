@@ -176,6 +176,8 @@ impl Containerd {
     ) -> Result<(), ContainerdError> {
         let labels: HashMap<String, String> = labels.iter().cloned().collect();
         let mut content = conn.content();
+        // Held by the lease before it is looked at: then it cannot go in between.
+        self.protect(conn, "content", &desc.digest).await?;
         let info = found(
             content
                 .info(conn.req(api::InfoRequest {
@@ -308,6 +310,8 @@ impl Containerd {
         let diff_ids = &chosen.config.rootfs.diff_ids;
         let mut parent = String::new();
         for ((layer, chain), diff_id) in chosen.manifest.layers.iter().zip(chains).zip(diff_ids) {
+            self.protect(conn, &format!("snapshots/{}", self.snapshotter), chain)
+                .await?;
             if !self.has_snapshot(conn, chain).await? {
                 self.apply_layer(conn, blobs, layer, diff_id, &parent, chain)
                     .await?;

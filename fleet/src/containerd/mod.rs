@@ -176,6 +176,8 @@ struct Conn {
     channel: Channel,
     namespace: MetadataValue<tonic::metadata::Ascii>,
     lease: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// The lease's id, to add what is already there to it ([`Containerd::protect`]).
+    lease_id: Option<String>,
 }
 
 impl Conn {
@@ -282,6 +284,7 @@ impl Containerd {
             channel,
             namespace,
             lease: None,
+            lease_id: None,
         })
     }
 
@@ -302,7 +305,29 @@ impl Containerd {
             .await
             .map_err(call("lease create", &id))?;
         conn.lease = id.parse().ok();
+        conn.lease_id = Some(id.clone());
         Ok((conn, id))
+    }
+
+    /// Adds a blob or snapshot that is already there to the connection's lease, so that
+    /// containerd's garbage collector (which may be running after another import let go of it)
+    /// keeps it until the image that will reference it is recorded. `kind`: `content` or
+    /// `snapshots/<snapshotter>`.
+    async fn protect(&self, conn: &Conn, kind: &str, id: &str) -> Result<(), ContainerdError> {
+        let Some(lease) = &conn.lease_id else {
+            return Ok(());
+        };
+        api::leases_client::LeasesClient::new(conn.channel.clone())
+            .add_resource(conn.req(api::AddResourceRequest {
+                id: lease.clone(),
+                resource: Some(api::Resource {
+                    id: id.to_string(),
+                    r#type: kind.to_string(),
+                }),
+            }))
+            .await
+            .map_err(call("lease add", id))?;
+        Ok(())
     }
 
     async fn release(&self, conn: &Conn, id: &str) {
