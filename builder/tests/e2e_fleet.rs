@@ -4,8 +4,10 @@
 //! prints a line and exits 3, `web` keeps running. A third unit, `pulled`, names its image by
 //! reference in a registry on the host (Debian's docker-registry on loopback, reached from the
 //! guest at 10.0.2.2, the image pushed there with skopeo): the agent pulls it over the user
-//! network and runs it. The console shows the agent's state lines; what `hello` and `pulled`
-//! printed is in their logs on the state partition.
+//! network and runs it. A fourth, `keeper`, has a volume: its first run writes a token there
+//! and exits 1, its restart finds the token; the machine reboots and the unit, started again,
+//! finds it once more. The console shows the agent's state lines; what the units printed is in
+//! their logs on the state partition, and the token in the volume's directory there.
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,21 +51,38 @@ src = "etc/caisson/fleet.toml"
 dst = "/etc/caisson/fleet.toml"
 
 [[files]]
+src = "etc/caisson/units/keeper.toml"
+dst = "/etc/caisson/units/keeper.toml"
+
+[[files]]
 src = "etc/caisson/units/web.toml"
 dst = "/etc/caisson/units/web.toml"
 "#;
 
+/// A unit whose first run writes `token` into its volume and fails; every later run finds it.
+fn keeper(token: &str) -> String {
+    format!(
+        r#"command = ["/bin/sh", "-c", "if read m < /data/mark; then echo found $m; exec sleep 100000; fi; echo {token} > /data/mark; echo created {token}; exit 1"]
+volumes = [{{ name = "data", path = "/data" }}]
+[image]
+path = "/usr/lib/caisson/images/busybox.oci.tar"
+"#
+    )
+}
+
 /// `images/host.toml` plus the archive and the units, in `dir` (with host's lock and files);
 /// the archive is pushed to `registry` too, for the unit that pulls it.
-fn fleet_spec(dir: &Path, registry: &Registry) -> String {
+fn fleet_spec(dir: &Path, registry: &Registry, token: &str) -> String {
     let spec = common::host_spec_with_busybox(dir, EXTRA);
     let files = dir.join("host/files");
     let archive = files.join(common::BUSYBOX_ARCHIVE.trim_start_matches('/'));
-    let reference = registry.push(&archive, "team/busybox:1");
+    registry.push(&archive, "team/busybox:1");
+    let reference = format!("{}/team/busybox:1", registry.guest_host());
     let units = files.join("etc/caisson/units");
     std::fs::create_dir_all(&units).unwrap();
     std::fs::write(units.join("hello.toml"), HELLO).unwrap();
     std::fs::write(units.join("web.toml"), WEB).unwrap();
+    std::fs::write(units.join("keeper.toml"), keeper(token)).unwrap();
     std::fs::write(
         units.join("pulled.toml"),
         format!(
@@ -96,8 +115,19 @@ fn the_agent_runs_local_units_without_etcd() {
         .prefix("fleet-")
         .tempdir_in(&e2e)
         .unwrap();
-    let registry = Registry::start();
-    let spec = fleet_spec(dir.path(), &registry);
+    if let Some(why) = common::registry::missing() {
+        panic!("{why}");
+    }
+    let registry = Registry::start(&dir.path().join("registry"), "");
+    let token = format!(
+        "token-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let spec = fleet_spec(dir.path(), &registry, &token);
     let image = common::build(&spec, &dir.path().join("out"), &[]);
     let _one_vm = common::vm_lock();
     let disk = dir.path().join("disk.qcow2");
@@ -126,6 +156,39 @@ fn the_agent_runs_local_units_without_etcd() {
             });
         }
     }
+    // keeper: written, failed, restarted, found.
+    if !vm
+        .console_text()
+        .unwrap()
+        .contains("unit keeper: running (restarts 1)")
+    {
+        vm.wait_for("unit keeper: running (restarts 1)", TIMEOUT)
+            .expect("keeper is restarted after its first run");
+    }
+    // A reboot: the task is gone, the agent starts it again on the same volume.
+    let readies = |vm: &mut Vm| {
+        vm.console_text()
+            .unwrap()
+            .matches("caisson: ready ")
+            .count()
+    };
+    if readies(&mut vm) == 0 {
+        vm.wait_for("caisson: ready ", TIMEOUT)
+            .expect("the first boot is ready");
+    }
+    let before = readies(&mut vm);
+    let _ = request(&vm, &common::Request::Reboot);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while readies(&mut vm) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the machine does not come back: {}",
+            vm.console_tail(30).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    vm.wait_for("unit keeper: running (restarts 2)", TIMEOUT)
+        .expect("keeper runs again after the reboot");
     let answer = request(&vm, &common::Request::Poweroff);
     assert_eq!(answer["ok"], true, "{answer}");
     let status = vm.wait_exit(Duration::from_secs(120)).expect("powers off");
@@ -158,4 +221,23 @@ fn the_agent_runs_local_units_without_etcd() {
         ],
     );
     assert!(pulled.contains("pulled from a registry"), "{pulled}");
+    let cat = |path: &str| {
+        common::check(
+            "debugfs",
+            &["-R", &format!("cat {path}"), state.to_str().unwrap()],
+        )
+    };
+    let kept = cat("/lib/caisson/volumes/keeper/data/mark");
+    assert_eq!(kept.trim(), token, "the volume on the state partition");
+    let log = cat("/log/caisson/fleet/keeper.log");
+    assert_eq!(
+        log.matches(&format!("created {token}")).count(),
+        1,
+        "written once: {log}"
+    );
+    assert_eq!(
+        log.matches(&format!("found {token}")).count(),
+        2,
+        "found after the restart and after the reboot: {log}"
+    );
 }

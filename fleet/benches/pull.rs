@@ -17,6 +17,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/registry.rs"]
+mod registry;
 #[path = "../tests/common/containerd.rs"]
 mod testbed;
 
@@ -26,8 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed::{busybox_archive, busybox_layer_with, digest, missing, oci_archive, Daemon};
 
-const REGISTRY: &str = "/usr/bin/docker-registry";
-const SKOPEO: &str = "/usr/bin/skopeo";
+use registry::{Registry, SKOPEO};
 
 fn env_u64(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -58,14 +59,6 @@ fn noise(len: usize) -> Vec<u8> {
     out
 }
 
-fn blob_gets(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
-        .count()
-}
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -77,12 +70,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let why = missing().or_else(|| {
-        [REGISTRY, SKOPEO]
-            .iter()
-            .find(|p| !Path::new(p).exists())
-            .map(|p| format!("{p} is missing"))
-    });
+    let why = missing().or_else(registry::missing);
     if let Some(why) = why {
         println!("BENCH skipped={why:?}");
         return;
@@ -92,34 +80,8 @@ async fn main() {
     let work = tempfile::tempdir_in("/var/tmp").unwrap();
     let w = work.path();
 
-    // The registry.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    std::fs::write(
-        w.join("registry.yml"),
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            w.join("storage").display()
-        ),
-    )
-    .unwrap();
-    let log = w.join("registry.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let _registry = Killed(
-        Command::new(REGISTRY)
-            .arg("serve")
-            .arg(w.join("registry.yml"))
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    );
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let host = format!("127.0.0.1:{port}");
+    let registry = Registry::start(&w.join("storage"), "");
+    let host = registry.host();
     let reference = format!("{host}/bench/big:1");
 
     // The image: busybox and `mb` MiB of noise, pushed (skopeo gzips it on the way).
@@ -127,13 +89,7 @@ async fn main() {
     let layer = busybox_layer_with(&["sh", "sleep"], &[("data/noise", &data)]);
     let archive = w.join("big.tar");
     oci_archive(&archive, std::slice::from_ref(&layer), &[digest(&layer)]);
-    let pushed = Command::new(SKOPEO)
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci-archive:{}", archive.display()))
-        .arg(format!("docker://{reference}"))
-        .status()
-        .unwrap();
-    assert!(pushed.success(), "skopeo push");
+    registry.push(&archive, "bench/big:1");
     let stored: u64 = walk(&w.join("storage"));
     println!("BENCH image_mib={:.1}", layer.len() as f64 / 1048576.0);
     println!(
@@ -153,17 +109,17 @@ async fn main() {
         },
     );
     rt.registries = std::sync::Arc::new(registries);
-    let gets0 = blob_gets(&log);
+    let gets0 = registry.blob_gets();
     let t = Instant::now();
     rt.pull(&reference).await.expect("pull");
     let first = t.elapsed().as_secs_f64();
-    let gets1 = blob_gets(&log);
+    let gets1 = registry.blob_gets();
     let mut second_rt = daemon.runtime("bench");
     second_rt.registries = rt.registries.clone();
     let t = Instant::now();
     second_rt.pull(&reference).await.expect("second pull");
     let second = t.elapsed().as_secs_f64();
-    let gets2 = blob_gets(&log);
+    let gets2 = registry.blob_gets();
     let t = Instant::now();
     let copied = Command::new(SKOPEO)
         .args(["copy", "--quiet", "--src-tls-verify=false"])

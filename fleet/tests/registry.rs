@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// The test's registry (fleet/tests/common/registry.rs).
+#[path = "common/registry.rs"]
+mod registry;
 /// The test's containerd and images (fleet/tests/common/containerd.rs).
 #[path = "common/containerd.rs"]
 mod testbed;
@@ -16,96 +19,20 @@ use caisson_fleet::containerd::Containerd;
 use caisson_fleet::distribution::{HostSettings, Registries};
 use caisson_fleet::etcd::Credentials;
 use caisson_fleet::unit::UnitSpec;
+use registry::{push, Registry};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use testbed::{busybox_layer_with, digest, missing, oci_archive, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const REGISTRY: &str = "/usr/bin/docker-registry";
-const SKOPEO: &str = "/usr/bin/skopeo";
-
 fn skip() -> bool {
-    let why = missing().or_else(|| {
-        [(REGISTRY, "docker-registry"), (SKOPEO, "skopeo")]
-            .iter()
-            .find(|(p, _)| !Path::new(p).exists())
-            .map(|(p, pkg)| format!("{p} is missing (apt-get install -y {pkg})"))
-    });
+    let why = missing().or_else(registry::missing);
     if let Some(why) = &why {
         eprintln!("skipping: {why}");
     }
     why.is_some()
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// A docker-registry serving `storage` on a loopback port, killed when dropped.
-struct Registry {
-    dir: tempfile::TempDir,
-    child: Child,
-    port: u16,
-}
-
-impl Registry {
-    /// `auth`: YAML lines for the `auth:` section (empty: none).
-    fn start(storage: &Path, auth: &str) -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
-            storage.display()
-        );
-        std::fs::write(dir.path().join("config.yml"), config).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(REGISTRY)
-            .arg("serve")
-            .arg(dir.path().join("config.yml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let r = Registry { dir, child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the registry did not start: {}",
-                r.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        r
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// How many GETs of blobs the registry answered (its access log lines).
-    fn blob_gets(&self) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
-            .count()
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The largest blob in a registry's storage (the layer, which skopeo compressed on the way):
@@ -126,22 +53,6 @@ fn largest_blob(storage: &Path) -> (String, PathBuf) {
     }
     let (_, digest, data) = best.unwrap();
     (digest, data)
-}
-
-/// Pushes an OCI archive to `dest` (`host/repo:tag`) over plain HTTP.
-fn push(archive: &Path, dest: &str) {
-    let out = Command::new(SKOPEO)
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci-archive:{}", archive.display()))
-        .arg(format!("docker://{dest}"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo copy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// An image whose /etc/version holds `version`, with sh and sleep.

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+/// A real OCI registry on loopback (the fleet's test helper).
+#[path = "../../../fleet/tests/common/registry.rs"]
 pub mod registry;
 
 pub use caisson_layout::control::{Request, Response};
