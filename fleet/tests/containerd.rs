@@ -162,6 +162,12 @@ async fn runs_stops_and_deletes_containers_in_a_real_containerd() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(rt.stop("polite").await.unwrap(), Some(0));
+    // The shim copies the output to the log on its own: the last line may land just after
+    // the exit is reported.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.logs("polite", 5).await.unwrap() != ["up", "bye"] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(rt.logs("polite", 5).await.unwrap(), ["up", "bye"]);
 
     // A wrong sha256 and a missing command are clear errors, and leave nothing behind.
