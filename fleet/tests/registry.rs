@@ -140,6 +140,11 @@ async fn pulls_once_follows_a_moving_tag_and_runs_offline() {
         "the layer and the config, once each: {}",
         registry.log()
     );
+    // An agent that starts afresh finds every blob in containerd: only the manifest is asked.
+    let mut fresh = daemon.runtime("registry");
+    fresh.registries = rt.registries.clone();
+    fresh.pull(&reference).await.unwrap();
+    assert_eq!(registry.blob_gets(), 2, "{}", registry.log());
     let first = rt.pin(&desired["a"]);
 
     // The tag moves: the new image is pulled and both units restart on it.

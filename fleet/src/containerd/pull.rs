@@ -322,12 +322,22 @@ impl Containerd {
                 self.fetch_limits.max_bytes
             )));
         }
-        let config_bytes = repo
-            .small_blob(&m.config.digest, CONFIG_MAX)
-            .await
-            .map_err(pull_error(reference))?;
-        let config: ImageConfig = serde_json::from_slice(&config_bytes)
-            .map_err(|e| bad(format!("image config {}: {e}", m.config.digest)))?;
+        // A config containerd already holds (checked against its digest when it was written)
+        // is not fetched again: an image whose blobs are all here costs one manifest request.
+        self.protect(conn, "content", &m.config.digest).await?;
+        let config: ImageConfig = match self.read_json(conn, &m.config.digest).await {
+            Ok(c) => c,
+            Err(_) => {
+                let bytes = repo
+                    .small_blob(&m.config.digest, CONFIG_MAX)
+                    .await
+                    .map_err(pull_error(reference))?;
+                let c = serde_json::from_slice(&bytes)
+                    .map_err(|e| bad(format!("image config {}: {e}", m.config.digest)))?;
+                fetched.insert(m.config.digest.clone(), bytes);
+                c
+            }
+        };
         if config.rootfs.diff_ids.len() != m.layers.len() {
             return Err(bad(format!(
                 "the manifest lists {} layer(s) but the image config's rootfs.diff_ids lists {}; refusing the image",
@@ -335,7 +345,6 @@ impl Containerd {
                 config.rootfs.diff_ids.len()
             )));
         }
-        fetched.insert(m.config.digest.clone(), config_bytes);
         let target = archive::Descriptor {
             media_type: if MANIFEST_TYPES.contains(&manifest.media_type.as_str()) {
                 manifest.media_type.clone()
