@@ -5,28 +5,12 @@
 mod common;
 
 use caisson_fleet::agent::{Agent, FakeRuntime};
-use caisson_fleet::config::Config;
 use caisson_fleet::store::Store;
 use caisson_fleet::unit::UnitSpec;
-use common::record;
-use common::Etcd;
+use common::{config, record, tick_all, Etcd};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn config(etcd: &Etcd) -> Config {
-    Config {
-        endpoints: vec![etcd.endpoint()],
-        ttl_s: 2,
-        ..Config::default()
-    }
-}
-
-async fn tick_all(agents: &mut [Agent<FakeRuntime>]) {
-    for a in agents.iter_mut() {
-        a.tick().await.unwrap();
-    }
-}
 
 #[tokio::test]
 async fn units_spread_and_move_when_a_machine_dies() {

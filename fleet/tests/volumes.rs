@@ -8,28 +8,13 @@
 mod common;
 
 use caisson_fleet::agent::{Agent, FakeRuntime};
-use caisson_fleet::config::Config;
 use caisson_fleet::store::{Store, Target};
 use caisson_fleet::unit::UnitSpec;
 use caisson_fleet::volumes::Destroyed;
-use common::{record, Etcd};
+use common::{config, record, tick_all, Etcd};
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn config(etcd: &Etcd) -> Config {
-    Config {
-        endpoints: vec![etcd.endpoint()],
-        ttl_s: 2,
-        ..Config::default()
-    }
-}
-
-async fn tick_all(agents: &mut [Agent<FakeRuntime>]) {
-    for a in agents.iter_mut() {
-        a.tick().await.unwrap();
-    }
-}
 
 fn db(extra: &str) -> UnitSpec {
     UnitSpec::parse(

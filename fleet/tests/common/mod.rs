@@ -13,6 +13,24 @@ pub mod pki;
 use caisson_fleet::registry::MachineRecord;
 use std::collections::BTreeMap;
 
+/// An agent's configuration for a test etcd, with a 2 s lease.
+pub fn config(etcd: &Etcd) -> caisson_fleet::config::Config {
+    caisson_fleet::config::Config {
+        endpoints: vec![etcd.endpoint()],
+        ttl_s: 2,
+        ..Default::default()
+    }
+}
+
+/// One tick of each agent, in order.
+pub async fn tick_all(
+    agents: &mut [caisson_fleet::agent::Agent<caisson_fleet::agent::FakeRuntime>],
+) {
+    for a in agents.iter_mut() {
+        a.tick().await.unwrap();
+    }
+}
+
 /// The record of a test machine on loopback.
 pub fn record(id: &str) -> MachineRecord {
     MachineRecord {
