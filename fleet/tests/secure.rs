@@ -313,6 +313,7 @@ async fn certificates_that_do_not_belong_are_refused() {
                     "broken pipe",
                     "unexpected eof",
                     "connection closed",
+                    "connection was not ready",
                 ]
                 .iter()
                 .any(|c| text.contains(c));
