@@ -190,7 +190,15 @@ pub async fn apply<R: Runtime>(
     for a in actions {
         let (unit, r) = match a {
             Action::Remove(u) => (u, rt.remove(u).await),
-            Action::Restart(u) => (u, rt.restart(u).await),
+            Action::Restart(u) => {
+                // A restart reuses the container's spec: say again what it runs with.
+                if desired.get(u).is_some_and(|s| s.privileged) {
+                    log::warn!(
+                        "unit {u}: restarting privileged: every capability and device, no seccomp filter"
+                    );
+                }
+                (u, rt.restart(u).await)
+            }
             Action::Recover(u) => {
                 log::warn!("unit {u}: unhealthy; restarting it");
                 let r = match rt.stop_task(u).await {
