@@ -7,7 +7,7 @@ mod common;
 use caisson_fleet::agent::{Agent, FakeRuntime};
 use caisson_fleet::store::Store;
 use caisson_fleet::unit::UnitSpec;
-use common::{config, record, tick_all, Etcd};
+use common::{config, join, record, tick_all, Etcd};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,15 +16,7 @@ use std::time::{Duration, Instant};
 async fn units_spread_and_move_when_a_machine_dies() {
     let etcd = Etcd::start();
     let cfg = config(&etcd);
-    let mut agents = Vec::new();
-    for id in ["m1", "m2", "m3"] {
-        agents.push(
-            Agent::join(&cfg, record(id), FakeRuntime::default())
-                .await
-                .unwrap(),
-        );
-    }
-    let store = Store::new(agents[0].store.client.clone(), agents[0].store.keys.clone());
+    let (mut agents, store) = join(&cfg, &["m1", "m2", "m3"]).await;
     let web = UnitSpec::parse("web", "replicas = 2\n[image]\npath = \"/w.tar\"").unwrap();
     store.submit(&[web]).await.unwrap();
     // First tick: m1 leads and schedules; second: everyone sees its assignment.
@@ -536,15 +528,7 @@ async fn a_machine_that_comes_back_stops_what_is_no_longer_its_own() {
 async fn records_that_do_not_decode_are_skipped_and_listed() {
     let etcd = Etcd::start();
     let cfg = config(&etcd);
-    let mut agents = Vec::new();
-    for id in ["m1", "m2"] {
-        agents.push(
-            Agent::join(&cfg, record(id), FakeRuntime::default())
-                .await
-                .unwrap(),
-        );
-    }
-    let store = Store::new(agents[0].store.client.clone(), agents[0].store.keys.clone());
+    let (mut agents, store) = join(&cfg, &["m1", "m2"]).await;
     let keys = &store.keys;
     let put = |key: String, value: &'static str| {
         let c = store.client.clone();

@@ -8,10 +8,10 @@
 mod common;
 
 use caisson_fleet::agent::{Agent, FakeRuntime};
-use caisson_fleet::store::{Store, Target};
+use caisson_fleet::store::Target;
 use caisson_fleet::unit::UnitSpec;
 use caisson_fleet::volumes::Destroyed;
-use common::{config, record, tick_all, Etcd};
+use common::{config, join, record, tick_all, Etcd};
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -56,15 +56,7 @@ fn fleet(etcd: &Etcd, args: &[&str]) -> String {
 async fn a_unit_stays_with_its_volumes_until_destroyed_with_them() {
     let etcd = Etcd::start();
     let cfg = config(&etcd);
-    let mut agents = Vec::new();
-    for id in ["m1", "m2", "m3"] {
-        agents.push(
-            Agent::join(&cfg, record(id), FakeRuntime::default())
-                .await
-                .unwrap(),
-        );
-    }
-    let store = Store::new(agents[0].store.client.clone(), agents[0].store.keys.clone());
+    let (mut agents, store) = join(&cfg, &["m1", "m2", "m3"]).await;
     // m1 leads; db goes to m2 (m1 is busier), which makes its volume; the pin is recorded.
     let web = UnitSpec::parse("web", "[image]\npath = \"/w.tar\"").unwrap();
     store.submit(&[web]).await.unwrap();
@@ -193,15 +185,7 @@ async fn a_unit_stays_with_its_volumes_until_destroyed_with_them() {
 async fn volumes_follow_none_lets_a_unit_move() {
     let etcd = Etcd::start();
     let cfg = config(&etcd);
-    let mut agents = Vec::new();
-    for id in ["m1", "m2"] {
-        agents.push(
-            Agent::join(&cfg, record(id), FakeRuntime::default())
-                .await
-                .unwrap(),
-        );
-    }
-    let store = Store::new(agents[0].store.client.clone(), agents[0].store.keys.clone());
+    let (mut agents, store) = join(&cfg, &["m1", "m2"]).await;
     store
         .submit(&[db("volumes_follow = \"none\"")])
         .await

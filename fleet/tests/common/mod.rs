@@ -22,6 +22,30 @@ pub fn config(etcd: &Etcd) -> caisson_fleet::config::Config {
     }
 }
 
+/// Agents with in-memory runtimes joined as these machines, and a store on the first one's
+/// connection (the operator's view in tests without roles).
+pub async fn join(
+    cfg: &caisson_fleet::config::Config,
+    ids: &[&str],
+) -> (
+    Vec<caisson_fleet::agent::Agent<caisson_fleet::agent::FakeRuntime>>,
+    caisson_fleet::store::Store,
+) {
+    let mut agents = Vec::new();
+    for id in ids {
+        agents.push(
+            caisson_fleet::agent::Agent::join(cfg, record(id), Default::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let store = caisson_fleet::store::Store::new(
+        agents[0].store.client.clone(),
+        agents[0].store.keys.clone(),
+    );
+    (agents, store)
+}
+
 /// One tick of each agent, in order.
 pub async fn tick_all(
     agents: &mut [caisson_fleet::agent::Agent<caisson_fleet::agent::FakeRuntime>],
