@@ -1,0 +1,11 @@
+//! Container networking on a Caisson host, in the line of flannel and a CNI bridge plugin, and
+//! the DNS half of service discovery. The fleet agent (`caisson-fleet`) keeps the cluster's
+//! state in etcd and calls in here for what happens on the host:
+//!
+//! - [`endpoint`]: what discovery serves: a unit's healthy instances, their addresses and named
+//!   ports. The one type the agent's service registry, the DNS responder and templates share.
+//!
+//! Nothing here talks to etcd; everything here that changes the host (links, addresses,
+//! routes, nftables) is tested in network namespaces of the test's own.
+
+pub mod endpoint;
