@@ -4,8 +4,10 @@
 //!
 //! - [`endpoint`]: what discovery serves: a unit's healthy instances, their addresses and named
 //!   ports. The one type the agent's service registry, the DNS responder and templates share.
+//! - [`ipam`]: host-local addresses of the host's subnet, one file per address on disk.
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
 //! routes, nftables) is tested in network namespaces of the test's own.
 
 pub mod endpoint;
+pub mod ipam;
