@@ -8,6 +8,7 @@
 //! - [`netns`]: named network namespaces (`ip netns add` style) and running code inside them.
 //! - [`netlink`]: a netlink connection into one namespace, and the helpers the others share.
 //! - [`link`]: the host bridge and each instance's veth, address and default route.
+//! - [`routes`]: routes to the other hosts' subnets, host-gw or VXLAN (flannel's backends).
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
 //! routes, nftables) is tested in network namespaces of the test's own.
@@ -17,3 +18,4 @@ pub mod ipam;
 pub mod link;
 pub mod netlink;
 pub mod netns;
+pub mod routes;

@@ -110,3 +110,95 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// One "host" of a two-host lab: its namespace, its underlay address, its container subnet
+/// and one container (namespace and address) on its bridge.
+pub struct Host {
+    pub ns: NetNs,
+    pub underlay: std::net::Ipv4Addr,
+    pub subnet: ipnet::Ipv4Net,
+    pub container: NetNs,
+    pub container_ip: std::net::Ipv4Addr,
+}
+
+impl Host {
+    /// This host as a peer of the other.
+    pub fn peer(&self) -> caisson_net::routes::Peer {
+        caisson_net::routes::Peer {
+            subnet: self.subnet,
+            public_ip: self.underlay,
+            vtep_mac: None,
+        }
+    }
+}
+
+/// Turns on forwarding inside `ns` (each namespace has its own `ip_forward`).
+pub fn forward(ns: &NetNs) {
+    ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1"))
+        .unwrap()
+        .unwrap();
+}
+
+/// Two hosts joined by a veth `under0` (192.168.77.1 and .2 /24), each with the bridge on
+/// 10.42.N.1/24, forwarding on, and one container at 10.42.N.2 attached through the library.
+pub fn two_hosts(lab: &mut Lab) -> (Host, Host) {
+    use caisson_net::link::{self, Attachment, DEFAULT_BRIDGE};
+    use caisson_net::netlink::Netlink;
+    use rtnetlink::LinkUnspec;
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let hosts: Vec<Host> = (1..=2u8)
+        .map(|n| Host {
+            ns: lab.ns(&format!("host{n}")),
+            underlay: std::net::Ipv4Addr::new(192, 168, 77, n),
+            subnet: format!("10.42.{n}.0/24").parse().unwrap(),
+            container: lab.ns(&format!("c{n}")),
+            container_ip: std::net::Ipv4Addr::new(10, 42, n, 2),
+        })
+        .collect();
+    run_in(
+        &hosts[0].ns,
+        &[
+            "ip", "link", "add", "under0", "type", "veth", "peer", "name", "peer0",
+        ],
+    );
+    rt().block_on(async {
+        let nl = Netlink::in_netns(&hosts[0].ns).unwrap();
+        let fd = hosts[1].ns.as_fd().as_raw_fd();
+        let msg = LinkUnspec::new_with_name("peer0").setns_by_fd(fd).build();
+        nl.handle().link().set(msg).execute().await.unwrap();
+    });
+    run_in(
+        &hosts[1].ns,
+        &["ip", "link", "set", "peer0", "name", "under0"],
+    );
+    for host in &hosts {
+        let addr = format!("{}/24", host.underlay);
+        run_in(&host.ns, &["ip", "addr", "add", &addr, "dev", "under0"]);
+        run_in(&host.ns, &["ip", "link", "set", "under0", "up"]);
+        forward(&host.ns);
+        rt().block_on(async {
+            let nl = Netlink::in_netns(&host.ns).unwrap();
+            link::ensure_bridge(&nl, DEFAULT_BRIDGE, host.subnet)
+                .await
+                .unwrap();
+            let at = Attachment {
+                bridge: DEFAULT_BRIDGE,
+                host_if: link::host_ifname("c"),
+                netns: &host.container,
+                address: ipnet::Ipv4Net::new(host.container_ip, 24).unwrap(),
+                gateway: caisson_net::ipam::gateway(host.subnet),
+            };
+            link::attach(&nl, &at).await.unwrap();
+        });
+    }
+    let mut hosts = hosts.into_iter();
+    let (a, b) = (hosts.next().unwrap(), hosts.next().unwrap());
+    (a, b)
+}
+
+/// `cmd` inside `ns`, parsed as JSON.
+pub fn json_in(ns: &NetNs, cmd: &[&str]) -> serde_json::Value {
+    let out = run_in(ns, cmd);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{cmd:?} printed no JSON ({e}): {out}"))
+}

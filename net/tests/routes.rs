@@ -1,0 +1,164 @@
+//! Two "hosts" (network namespaces joined by a veth), each with the bridge and a container:
+//! the containers reach each other through host-gw routes, and again through VXLAN, and the
+//! kernel's state is checked with `ip -j`.
+
+mod common;
+
+use caisson_net::netlink::Netlink;
+use caisson_net::routes::{self, Peer, VxlanConfig, DEFAULT_VXLAN, VXLAN_PORT};
+use ipnet::Ipv4Net;
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().expect("a CIDR")
+}
+
+/// c1 (on host 1) connects to c2 (on host 2) and back; each side sees the other's own address.
+fn containers_talk(a: &common::Host, b: &common::Host) {
+    for (from, to) in [(a, b), (b, a)] {
+        let at = format!("{}:8000", to.container_ip);
+        let server = common::serve_once(common::listen(&to.container, &at));
+        let answer = common::connect(&from.container, &at)
+            .unwrap_or_else(|e| panic!("{} -> {at}: {e}", from.container_ip));
+        assert_eq!(
+            answer,
+            from.container_ip.to_string(),
+            "source address rewritten on the way"
+        );
+        server.join().expect("the server thread");
+    }
+}
+
+#[test]
+fn host_gw_routes_join_two_hosts() {
+    let mut lab = common::Lab::new();
+    let (a, b) = common::two_hosts(&mut lab);
+    // Without routes, c1 cannot reach c2.
+    assert!(common::connect(&a.container, &format!("{}:8000", b.container_ip)).is_err());
+
+    common::run_in(
+        &a.ns,
+        &["ip", "route", "add", "10.99.0.0/16", "via", "192.168.77.2"],
+    );
+    common::rt().block_on(async {
+        for (me, other) in [(&a, &b), (&b, &a)] {
+            let nl = Netlink::in_netns(&me.ns).unwrap();
+            let desired = routes::host_gw_routes(me.subnet, &[me.peer(), other.peer()]);
+            let report = routes::sync(&nl, &desired).await.unwrap();
+            assert_eq!(report.added, [other.subnet]);
+            let again = routes::sync(&nl, &desired).await.unwrap();
+            assert_eq!(
+                again,
+                routes::SyncReport::default(),
+                "a second sync changed something"
+            );
+        }
+    });
+    containers_talk(&a, &b);
+
+    let ours = common::json_in(&a.ns, &["ip", "-j", "-4", "route", "show", "proto", "202"]);
+    assert_eq!(ours.as_array().map(Vec::len), Some(1), "{ours}");
+    assert_eq!(ours[0]["dst"], "10.42.2.0/24");
+    assert_eq!(ours[0]["gateway"], "192.168.77.2");
+
+    common::rt().block_on(async {
+        let nl = Netlink::in_netns(&a.ns).unwrap();
+        // A peer moved: its route is replaced. A peer gone: its route deleted.
+        let moved = Peer {
+            public_ip: "192.168.77.9".parse().unwrap(),
+            ..b.peer()
+        };
+        let report = routes::sync(&nl, &routes::host_gw_routes(a.subnet, &[moved]))
+            .await
+            .unwrap();
+        assert_eq!(report.replaced, [b.subnet]);
+        let report = routes::sync(&nl, &[]).await.unwrap();
+        assert_eq!(report.deleted, [b.subnet]);
+        // A route someone else made for a peer's exact subnet is left alone and reported.
+        let foreign = Peer {
+            subnet: net("10.99.0.0/16"),
+            ..b.peer()
+        };
+        let report = routes::sync(&nl, &routes::host_gw_routes(a.subnet, &[foreign]))
+            .await
+            .unwrap();
+        assert_eq!(report.foreign, [net("10.99.0.0/16")]);
+        routes::sync(&nl, &[]).await.unwrap();
+    });
+    let all = common::json_in(&a.ns, &["ip", "-j", "-4", "route", "show"]);
+    let dsts: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["dst"].as_str())
+        .collect();
+    assert!(
+        dsts.contains(&"10.99.0.0/16"),
+        "sync deleted a route it did not make: {all}"
+    );
+    assert!(!dsts.contains(&"10.42.2.0/24"), "{all}");
+    assert!(common::connect(&a.container, &format!("{}:8000", b.container_ip)).is_err());
+}
+
+fn vxlan(host: &common::Host) -> VxlanConfig {
+    VxlanConfig {
+        name: DEFAULT_VXLAN.into(),
+        vni: 42,
+        port: VXLAN_PORT,
+        local: host.underlay,
+    }
+}
+
+#[test]
+fn vxlan_joins_two_hosts() {
+    let mut lab = common::Lab::new();
+    let (a, b) = common::two_hosts(&mut lab);
+    common::rt().block_on(async {
+        for (me, other) in [(&a, &b), (&b, &a)] {
+            let nl = Netlink::in_netns(&me.ns).unwrap();
+            let peers = [me.peer(), other.peer()];
+            let report = routes::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
+                .await
+                .unwrap();
+            assert_eq!(report.added, [other.subnet]);
+            let again = routes::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
+                .await
+                .unwrap();
+            assert_eq!(again, routes::SyncReport::default());
+        }
+    });
+    containers_talk(&a, &b);
+
+    // The traffic went through the tunnel: the device sent packets, with the settings asked.
+    let dev = common::json_in(
+        &a.ns,
+        &["ip", "-j", "-d", "-s", "link", "show", DEFAULT_VXLAN],
+    );
+    let info = &dev[0]["linkinfo"]["info_data"];
+    assert_eq!(info["id"], 42, "{dev}");
+    assert_eq!(info["port"], 4789, "{dev}");
+    assert_eq!(info["local"], "192.168.77.1", "{dev}");
+    assert_eq!(info["learning"], false, "{dev}");
+    assert!(
+        dev[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0) > 0,
+        "{dev}"
+    );
+    let ours = common::json_in(&a.ns, &["ip", "-j", "-4", "route", "show", "proto", "202"]);
+    assert_eq!(ours[0]["dst"], "10.42.2.0/24", "{ours}");
+    assert_eq!(ours[0]["gateway"], "10.42.2.0", "{ours}");
+    assert_eq!(ours[0]["dev"], DEFAULT_VXLAN, "{ours}");
+    let fdb = common::run_in(&a.ns, &["bridge", "fdb", "show", "dev", DEFAULT_VXLAN]);
+    assert!(fdb.contains("02:ca:0a:2a:02:00 dst 192.168.77.2"), "{fdb}");
+
+    // The peer leaves: its route, ARP and FDB entries go.
+    common::rt().block_on(async {
+        let nl = Netlink::in_netns(&a.ns).unwrap();
+        let report = routes::sync_vxlan(&nl, &vxlan(&a), a.subnet, &[])
+            .await
+            .unwrap();
+        assert_eq!(report.deleted, [b.subnet]);
+    });
+    let fdb = common::run_in(&a.ns, &["bridge", "fdb", "show", "dev", DEFAULT_VXLAN]);
+    assert!(!fdb.contains("192.168.77.2"), "{fdb}");
+    let neigh = common::run_in(&a.ns, &["ip", "neigh", "show", "dev", DEFAULT_VXLAN]);
+    assert!(!neigh.contains("10.42.2.0"), "{neigh}");
+}
