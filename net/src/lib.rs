@@ -8,6 +8,7 @@
 //! - [`netns`]: named network namespaces (`ip netns add` style) and running code inside them.
 //! - [`netlink`]: a netlink connection into one namespace, and the helpers the others share.
 //! - [`link`]: the host bridge and each instance's veth, address and default route.
+//! - [`nat`]: outbound masquerade and published ports in nftables (table `ip caisson`).
 //! - [`routes`]: routes to the other hosts' subnets, host-gw or VXLAN (flannel's backends).
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
@@ -16,6 +17,7 @@
 pub mod endpoint;
 pub mod ipam;
 pub mod link;
+pub mod nat;
 pub mod netlink;
 pub mod netns;
 pub mod routes;
