@@ -13,6 +13,55 @@
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
 //! routes, nftables) is tested in network namespaces of the test's own.
+//!
+//! # Host networking, as the agent uses it
+//!
+//! Once per host (and again whenever the peers change), with the subnet leased in etcd; all of
+//! it is idempotent, so an agent that restarts runs the same calls and keeps what is there:
+//!
+//! ```no_run
+//! # async fn host() -> Result<(), Box<dyn std::error::Error>> {
+//! use caisson_net::{ipam::Ipam, link, nat, netlink::Netlink, netns::NetNs, routes};
+//! let subnet = "10.42.3.0/24".parse()?; // this host's lease
+//! let cluster = "10.42.0.0/16".parse()?;
+//! let peers: Vec<routes::Peer> = vec![]; // the other hosts' leases
+//! let nl = Netlink::current()?; // the host's namespace
+//! link::ensure_bridge(&nl, link::DEFAULT_BRIDGE, subnet).await?;
+//! nat::enable_forwarding()?;
+//! routes::sync(&nl, &routes::host_gw_routes(subnet, &peers)).await?;
+//! // or, across L3: routes::sync_vxlan(&nl, &vxlan_config, subnet, &peers).await?;
+//!
+//! // Per instance: a namespace, an address, a veth on the bridge.
+//! let ipam = Ipam::open("/var/lib/caisson/ipam", subnet)?;
+//! let ns = NetNs::ensure("/run/caisson/netns/web-1")?; // give runc this path
+//! let address = ipam.allocate("web-1")?;
+//! let at = link::Attachment {
+//!     bridge: link::DEFAULT_BRIDGE,
+//!     host_if: link::host_ifname("web-1"),
+//!     netns: &ns,
+//!     address: ipnet::Ipv4Net::new(address, subnet.prefix_len())?,
+//!     gateway: ipam.gateway(),
+//!     mtu: None,
+//! };
+//! link::attach(&nl, &at).await?;
+//! // The published ports of every instance on the host, as one set.
+//! let ports = vec![nat::PublishedPort {
+//!     host_port: 8080,
+//!     proto: caisson_net::endpoint::Proto::Tcp,
+//!     addr: address,
+//!     port: 80,
+//! }];
+//! nat::apply(&nat::NatConfig { subnet, cluster, ports })?;
+//!
+//! // When the instance goes:
+//! link::detach(&nl, &link::host_ifname("web-1")).await?;
+//! NetNs::delete(ns.path())?;
+//! ipam.release("web-1")?;
+//! # Ok(()) }
+//! ```
+//!
+//! The netlink calls need a tokio runtime; [`nat`] and [`netns`] are synchronous (`nat` runs
+//! Debian's `nft`, in the calling thread's namespace).
 
 pub mod endpoint;
 pub mod ipam;

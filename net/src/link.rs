@@ -108,6 +108,9 @@ pub struct Attachment<'a> {
     pub address: Ipv4Net,
     /// The gateway: the bridge's address.
     pub gateway: Ipv4Addr,
+    /// The MTU of both veth ends; `None` keeps the kernel's 1500. With VXLAN give the VXLAN
+    /// device's (the underlay's less 50), as flannel does, so no packet is too big for it.
+    pub mtu: Option<u32>,
 }
 
 /// Connects an instance: the veth pair (made if missing), the host end on the bridge and up,
@@ -127,10 +130,11 @@ pub async fn attach(host: &Netlink, at: &Attachment<'_>) -> Result<(), LinkError
         check_kind(host, link, &at.host_if, InfoKind::Veth, "veth")?;
     }
     let index = host.index(&at.host_if).await?;
-    let msg = LinkUnspec::new_with_index(index)
-        .controller(bridge)
-        .up()
-        .build();
+    let mut msg = LinkUnspec::new_with_index(index).controller(bridge).up();
+    if let Some(mtu) = at.mtu {
+        msg = msg.mtu(mtu);
+    }
+    let msg = msg.build();
     host.handle()
         .link()
         .set(msg)
@@ -144,7 +148,12 @@ pub async fn attach(host: &Netlink, at: &Attachment<'_>) -> Result<(), LinkError
     inner
         .ensure_address(eth0, CONTAINER_IF, at.address, true)
         .await?;
-    inner.set_up(eth0, CONTAINER_IF).await?;
+    let mut up = LinkUnspec::new_with_index(eth0).up();
+    if let Some(mtu) = at.mtu {
+        up = up.mtu(mtu);
+    }
+    let set = inner.handle().link().set(up.build()).execute().await;
+    set.map_err(inner.err("set up", CONTAINER_IF))?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .gateway(at.gateway)
         .output_interface(eth0)

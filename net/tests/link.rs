@@ -38,6 +38,7 @@ fn containers_on_one_bridge_reach_each_other_and_the_gateway() {
                 netns: ns,
                 address: Ipv4Net::new(addr, 24).unwrap(),
                 gateway: ipam.gateway(),
+                mtu: None,
             };
             link::attach(&nl, &at).await.unwrap();
             link::attach(&nl, &at).await.unwrap();
@@ -52,6 +53,7 @@ fn containers_on_one_bridge_reach_each_other_and_the_gateway() {
             netns: &c1,
             address: Ipv4Net::new(a1, 24).unwrap(),
             gateway: ipam.gateway(),
+            mtu: None,
         };
         link::attach(&nl, &at).await.unwrap();
         (first, nl.index(&link::host_ifname("c1")).await.unwrap())

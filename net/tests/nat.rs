@@ -52,7 +52,7 @@ fn udp_ask(from: &caisson_net::netns::NetNs, to: &str) -> std::io::Result<String
 #[test]
 fn masquerade_and_published_ports() {
     let mut lab = common::Lab::new();
-    let (a, b) = common::two_hosts(&mut lab);
+    let (a, b) = common::two_hosts(&mut lab, None);
     common::rt().block_on(async {
         for (me, other) in [(&a, &b), (&b, &a)] {
             let nl = Netlink::in_netns(&me.ns).unwrap();

@@ -31,7 +31,7 @@ fn containers_talk(a: &common::Host, b: &common::Host) {
 #[test]
 fn host_gw_routes_join_two_hosts() {
     let mut lab = common::Lab::new();
-    let (a, b) = common::two_hosts(&mut lab);
+    let (a, b) = common::two_hosts(&mut lab, None);
     // Without routes, c1 cannot reach c2.
     assert!(common::connect(&a.container, &format!("{}:8000", b.container_ip)).is_err());
 
@@ -111,7 +111,8 @@ fn vxlan(host: &common::Host) -> VxlanConfig {
 #[test]
 fn vxlan_joins_two_hosts() {
     let mut lab = common::Lab::new();
-    let (a, b) = common::two_hosts(&mut lab);
+    // The veths get the VXLAN device's MTU (1500 less 50), as flannel does.
+    let (a, b) = common::two_hosts(&mut lab, Some(1450));
     common::rt().block_on(async {
         for (me, other) in [(&a, &b), (&b, &a)] {
             let nl = Netlink::in_netns(&me.ns).unwrap();
@@ -127,6 +128,15 @@ fn vxlan_joins_two_hosts() {
         }
     });
     containers_talk(&a, &b);
+    let at = format!("{}:8001", b.container_ip);
+    let sent = common::bulk(&a.container, &b.container, &at, 1 << 20);
+    assert_eq!(
+        sent,
+        1 << 20,
+        "a bulk transfer through the tunnel lost data"
+    );
+    let eth0 = common::json_in(&a.container, &["ip", "-j", "link", "show", "eth0"]);
+    assert_eq!(eth0[0]["mtu"], 1450, "{eth0}");
 
     // The traffic went through the tunnel: the device sent packets, with the settings asked.
     let dev = common::json_in(

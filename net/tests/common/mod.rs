@@ -140,8 +140,9 @@ pub fn forward(ns: &NetNs) {
 }
 
 /// Two hosts joined by a veth `under0` (192.168.77.1 and .2 /24), each with the bridge on
-/// 10.42.N.1/24, forwarding on, and one container at 10.42.N.2 attached through the library.
-pub fn two_hosts(lab: &mut Lab) -> (Host, Host) {
+/// 10.42.N.1/24, forwarding on, and one container at 10.42.N.2 attached through the library
+/// (its veth with `mtu`).
+pub fn two_hosts(lab: &mut Lab, mtu: Option<u32>) -> (Host, Host) {
     use caisson_net::link::{self, Attachment, DEFAULT_BRIDGE};
     use caisson_net::netlink::Netlink;
     use rtnetlink::LinkUnspec;
@@ -188,6 +189,7 @@ pub fn two_hosts(lab: &mut Lab) -> (Host, Host) {
                 netns: &host.container,
                 address: ipnet::Ipv4Net::new(host.container_ip, 24).unwrap(),
                 gateway: caisson_net::ipam::gateway(host.subnet),
+                mtu,
             };
             link::attach(&nl, &at).await.unwrap();
         });
@@ -201,4 +203,31 @@ pub fn two_hosts(lab: &mut Lab) -> (Host, Host) {
 pub fn json_in(ns: &NetNs, cmd: &[&str]) -> serde_json::Value {
     let out = run_in(ns, cmd);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{cmd:?} printed no JSON ({e}): {out}"))
+}
+
+/// Sends `len` bytes from inside `from` to a listener inside `to` at `at`; returns how many
+/// bytes arrived.
+pub fn bulk(from: &NetNs, to: &NetNs, at: &str, len: usize) -> usize {
+    use std::io::{Read, Write};
+    let listener = listen(to, at);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).ok()?;
+        Some(got.len())
+    });
+    let to: SocketAddr = at.parse().unwrap();
+    let mut stream = from
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(3)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect {at}: {e}"));
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(&vec![0x5a; len])
+        .unwrap_or_else(|e| panic!("send to {at}: {e}"));
+    drop(stream);
+    server.join().unwrap().unwrap_or(0)
 }
