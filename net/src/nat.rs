@@ -3,7 +3,8 @@
 //! ```text
 //! table ip caisson {
 //!   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
-//!     ip saddr 10.42.3.0/24 ip daddr != 10.42.0.0/16 masquerade }
+//!     ip saddr 10.42.3.0/24 ip daddr != 10.42.0.0/16 masquerade
+//!     ip saddr 10.42.3.0/24 ip daddr 10.42.3.0/24 ct status dnat masquerade }
 //!   chain prerouting  { type nat hook prerouting priority dstnat; policy accept;
 //!     fib daddr type local jump published }
 //!   chain output      { type nat hook output priority dstnat; policy accept;
@@ -14,7 +15,11 @@
 //!
 //! Containers reach the outside as the host (masquerade), but keep their own address towards
 //! the rest of the cluster network. A published port answers on every local address of the
-//! host: from other hosts (prerouting) and from the host itself (output). Loopback
+//! host: from other hosts (prerouting), from the host itself (output), and from the host's own
+//! containers (hairpin: masqueraded to the gateway address, or the answer would go straight
+//! back over the bridge with the container's address and miss the reverse NAT). A container
+//! reaching its own published port through the host does not work: the kernel drops the
+//! DNATed packet before the forward hook (seen with `nft monitor trace`). Loopback
 //! (127.0.0.1:port) is not published: the kernel would need `route_localnet`.
 //!
 //! Each [`apply`] replaces the whole table in one `nft -j -f -` run: nft sends it as one
@@ -30,7 +35,7 @@
 use crate::endpoint::Proto;
 use ipnet::Ipv4Net;
 use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField, Prefix,
+    Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField, Prefix, CT,
 };
 use nftables::helper::NftablesError;
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
@@ -160,6 +165,13 @@ pub fn ruleset(cfg: &NatConfig) -> Result<Nftables<'static>, NatError> {
         Statement::Masquerade(None),
     ];
     cmds.push(rule("postrouting", masquerade));
+    let hairpin = vec![
+        matches(payload("ip", "saddr"), Operator::EQ, prefix(subnet)),
+        matches(payload("ip", "daddr"), Operator::EQ, prefix(subnet)),
+        matches(ct("status"), Operator::IN, string("dnat")),
+        Statement::Masquerade(None),
+    ];
+    cmds.push(rule("postrouting", hairpin));
     for chain in ["prerouting", "output"] {
         let local = Expression::Named(NamedExpression::Fib(Fib {
             result: FibResult::Type,
@@ -281,6 +293,14 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
             field: field.into(),
         },
     )))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
 }
 
 fn prefix(net: Ipv4Net) -> Expression<'static> {

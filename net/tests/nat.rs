@@ -6,6 +6,7 @@
 mod common;
 
 use caisson_net::endpoint::Proto;
+use caisson_net::link::{self, Attachment, DEFAULT_BRIDGE};
 use caisson_net::nat::{self, NatConfig, PublishedPort};
 use caisson_net::netlink::Netlink;
 use caisson_net::routes;
@@ -97,6 +98,38 @@ fn masquerade_and_published_ports() {
         assert_eq!(common::connect(from, "192.168.77.1:8080").unwrap(), seen);
         server.join().unwrap();
     }
+
+    // A published port from another container of the same host (hairpin): answered, and the
+    // container behind the port sees the gateway.
+    let c3 = lab.ns("c3");
+    common::rt().block_on(async {
+        let nl = Netlink::in_netns(&a.ns).unwrap();
+        let at = Attachment {
+            bridge: DEFAULT_BRIDGE,
+            host_if: link::host_ifname("c3"),
+            netns: &c3,
+            address: "10.42.1.3/24".parse().unwrap(),
+            gateway: "10.42.1.1".parse().unwrap(),
+            mtu: None,
+        };
+        link::attach(&nl, &at).await.unwrap();
+    });
+    let mut ports = published(&a);
+    ports.push(PublishedPort {
+        host_port: 8083,
+        proto: Proto::Tcp,
+        addr: "10.42.1.3".parse().unwrap(),
+        port: 80,
+    });
+    a.ns.run(|| nat::apply(&config(&a, ports)))
+        .unwrap()
+        .unwrap();
+    let server = common::serve_once(common::listen(&c3, "0.0.0.0:80"));
+    assert_eq!(
+        common::connect(&a.container, "192.168.77.1:8083").unwrap(),
+        "10.42.1.1"
+    );
+    server.join().unwrap();
 
     // The published UDP port from the other host.
     let udp = a
