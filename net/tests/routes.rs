@@ -172,3 +172,31 @@ fn vxlan_joins_two_hosts() {
     let neigh = common::run_in(&a.ns, &["ip", "neigh", "show", "dev", DEFAULT_VXLAN]);
     assert!(!neigh.contains("10.42.2.0"), "{neigh}");
 }
+
+#[test]
+fn across_a_router_vxlan_works_and_host_gw_is_refused() {
+    let mut lab = common::Lab::new();
+    let (a, b) = common::hosts(&mut lab, Some(1450), common::Underlay::Router);
+    common::rt().block_on(async {
+        // host-gw needs the peer on the same segment: the kernel refuses the route.
+        let nl = Netlink::in_netns(&a.ns).unwrap();
+        let err = routes::sync(&nl, &routes::host_gw_routes(a.subnet, &[b.peer()]))
+            .await
+            .expect_err("a host-gw route to a peer behind a router was accepted");
+        let msg = err.to_string();
+        assert!(msg.contains("10.42.2.0/24 via 192.168.2.2"), "{msg}");
+        for (me, other) in [(&a, &b), (&b, &a)] {
+            let nl = Netlink::in_netns(&me.ns).unwrap();
+            let peers = [other.peer()];
+            routes::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
+                .await
+                .unwrap();
+        }
+    });
+    containers_talk(&a, &b);
+    let at = format!("{}:8001", b.container_ip);
+    assert_eq!(
+        common::bulk(&a.container, &b.container, &at, 1 << 20),
+        1 << 20
+    );
+}

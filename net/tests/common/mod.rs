@@ -139,44 +139,94 @@ pub fn forward(ns: &NetNs) {
         .unwrap();
 }
 
+/// A veth between two namespaces: `a_if` in `a`, `b_if` in `b`.
+pub fn wire(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+    use caisson_net::netlink::Netlink;
+    use rtnetlink::LinkUnspec;
+    use std::os::fd::{AsFd, AsRawFd};
+    run_in(
+        a,
+        &[
+            "ip",
+            "link",
+            "add",
+            a_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "wire-peer",
+        ],
+    );
+    rt().block_on(async {
+        let nl = Netlink::in_netns(a).unwrap();
+        let fd = b.as_fd().as_raw_fd();
+        let msg = LinkUnspec::new_with_name("wire-peer")
+            .setns_by_fd(fd)
+            .build();
+        nl.handle().link().set(msg).execute().await.unwrap();
+    });
+    run_in(b, &["ip", "link", "set", "wire-peer", "name", b_if]);
+    run_in(a, &["ip", "link", "set", a_if, "up"]);
+    run_in(b, &["ip", "link", "set", b_if, "up"]);
+}
+
+/// How the two hosts' own addresses reach each other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Underlay {
+    /// One L2 segment: 192.168.77.1 and .2 /24 on a veth `under0`.
+    Switch,
+    /// Two segments and a router namespace between them: 192.168.1.2/24 and 192.168.2.2/24,
+    /// each host's default route through the router (.1).
+    Router,
+}
+
 /// Two hosts joined by a veth `under0` (192.168.77.1 and .2 /24), each with the bridge on
 /// 10.42.N.1/24, forwarding on, and one container at 10.42.N.2 attached through the library
 /// (its veth with `mtu`).
 pub fn two_hosts(lab: &mut Lab, mtu: Option<u32>) -> (Host, Host) {
+    hosts(lab, mtu, Underlay::Switch)
+}
+
+/// Two hosts as [`two_hosts`] makes them, on the given underlay.
+pub fn hosts(lab: &mut Lab, mtu: Option<u32>, underlay: Underlay) -> (Host, Host) {
     use caisson_net::link::{self, Attachment, DEFAULT_BRIDGE};
     use caisson_net::netlink::Netlink;
-    use rtnetlink::LinkUnspec;
-    use std::os::fd::{AsFd, AsRawFd};
 
+    let address = |n: u8| match underlay {
+        Underlay::Switch => std::net::Ipv4Addr::new(192, 168, 77, n),
+        Underlay::Router => std::net::Ipv4Addr::new(192, 168, n, 2),
+    };
     let hosts: Vec<Host> = (1..=2u8)
         .map(|n| Host {
             ns: lab.ns(&format!("host{n}")),
-            underlay: std::net::Ipv4Addr::new(192, 168, 77, n),
+            underlay: address(n),
             subnet: format!("10.42.{n}.0/24").parse().unwrap(),
             container: lab.ns(&format!("c{n}")),
             container_ip: std::net::Ipv4Addr::new(10, 42, n, 2),
         })
         .collect();
-    run_in(
-        &hosts[0].ns,
-        &[
-            "ip", "link", "add", "under0", "type", "veth", "peer", "name", "peer0",
-        ],
-    );
-    rt().block_on(async {
-        let nl = Netlink::in_netns(&hosts[0].ns).unwrap();
-        let fd = hosts[1].ns.as_fd().as_raw_fd();
-        let msg = LinkUnspec::new_with_name("peer0").setns_by_fd(fd).build();
-        nl.handle().link().set(msg).execute().await.unwrap();
-    });
-    run_in(
-        &hosts[1].ns,
-        &["ip", "link", "set", "peer0", "name", "under0"],
-    );
+    match underlay {
+        Underlay::Switch => wire(&hosts[0].ns, "under0", &hosts[1].ns, "under0"),
+        Underlay::Router => {
+            let router = lab.ns("router");
+            forward(&router);
+            for (n, host) in (1..=2u8).zip(&hosts) {
+                let side = format!("r{n}");
+                wire(&host.ns, "under0", &router, &side);
+                let router_addr = format!("192.168.{n}.1/24");
+                run_in(&router, &["ip", "addr", "add", &router_addr, "dev", &side]);
+            }
+        }
+    }
     for host in &hosts {
         let addr = format!("{}/24", host.underlay);
         run_in(&host.ns, &["ip", "addr", "add", &addr, "dev", "under0"]);
-        run_in(&host.ns, &["ip", "link", "set", "under0", "up"]);
+        if underlay == Underlay::Router {
+            let [a, b, c, _] = host.underlay.octets();
+            let via = format!("{a}.{b}.{c}.1");
+            run_in(&host.ns, &["ip", "route", "add", "default", "via", &via]);
+        }
         forward(&host.ns);
         rt().block_on(async {
             let nl = Netlink::in_netns(&host.ns).unwrap();
