@@ -77,6 +77,7 @@ impl NetNs {
         }
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
+            share_dir(dir)?;
         }
         // An empty file left by a crash between this step and the mount is reused.
         let created = OpenOptions::new()
@@ -170,6 +171,27 @@ impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// Makes `dir` a mount point with shared propagation, as `ip netns add` does with
+/// `/run/netns`: namespace mounts made in it later show up in mount namespaces copied from
+/// ours (runc's, a service's private ones), and unmounting one there unmounts it everywhere, so
+/// a deleted namespace is not kept alive by a copy. Done once per directory; [`NetNs::create`]
+/// calls it.
+pub fn share_dir(dir: &Path) -> Result<(), NetnsError> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // Two threads must not both bind the directory onto itself.
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let shared = MsFlags::MS_SHARED | MsFlags::MS_REC;
+    match mount(None::<&str>, dir, None::<&str>, shared, None::<&str>) {
+        Ok(()) => return Ok(()),
+        Err(nix::Error::EINVAL) => {} // not a mount point yet
+        Err(e) => return Err(sys_err(dir, "make shared")(e)),
+    }
+    let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+    mount(Some(dir), dir, None::<&str>, bind, None::<&str>).map_err(sys_err(dir, "bind mount"))?;
+    mount(None::<&str>, dir, None::<&str>, shared, None::<&str>)
+        .map_err(sys_err(dir, "make shared"))
 }
 
 /// Whether a namespace is mounted on `path` (false if the path does not exist).

@@ -60,6 +60,25 @@ fn create_run_reopen_delete() {
 }
 
 #[test]
+fn the_directory_is_a_shared_mount_point() {
+    let mut lab = common::Lab::new();
+    let ns = lab.ns("s");
+    let dir = lab.dir().to_string_lossy().into_owned();
+    let out = common::run_in(
+        &ns,
+        &["findmnt", "-n", "-o", "PROPAGATION", "--mountpoint", &dir],
+    );
+    assert!(out.contains("shared"), "{dir}: {out}");
+    // Once is enough: a second namespace in the same directory stacks no second mount.
+    lab.ns("t");
+    let out = common::run_in(
+        &ns,
+        &["findmnt", "-n", "-o", "TARGET", "--mountpoint", &dir],
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
+
+#[test]
 fn a_panic_inside_reaches_the_caller() {
     let mut lab = common::Lab::new();
     let ns = lab.ns("p");

@@ -51,6 +51,8 @@ impl Drop for Lab {
                 eprintln!("lab cleanup: {e}");
             }
         }
+        // NetNs::create made the directory a mount point of its own (shared propagation).
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
