@@ -9,7 +9,8 @@
 //! - [`netlink`]: a netlink connection into one namespace, and the helpers the others share.
 //! - [`link`]: the host bridge and each instance's veth, address and default route.
 //! - [`nat`]: outbound masquerade and published ports in nftables (table `ip caisson`).
-//! - [`routes`]: routes to the other hosts' subnets, host-gw or VXLAN (flannel's backends).
+//! - [`routes`]: routes to the other hosts' subnets (host-gw, flannel's default backend).
+//! - [`vxlan`]: flannel's VXLAN backend, for hosts on different L3 segments.
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
 //! routes, nftables) is tested in network namespaces of the test's own.
@@ -29,7 +30,7 @@
 //! link::ensure_bridge(&nl, link::DEFAULT_BRIDGE, subnet).await?;
 //! nat::enable_forwarding()?;
 //! routes::sync(&nl, &routes::host_gw_routes(subnet, &peers)).await?;
-//! // or, across L3: routes::sync_vxlan(&nl, &vxlan_config, subnet, &peers).await?;
+//! // or, across L3: vxlan::sync_vxlan(&nl, &vxlan_config, subnet, &peers).await?;
 //!
 //! // Per instance: a namespace, an address, a veth on the bridge.
 //! let ipam = Ipam::open("/var/lib/caisson/ipam", subnet)?;
@@ -70,3 +71,4 @@ pub mod nat;
 pub mod netlink;
 pub mod netns;
 pub mod routes;
+pub mod vxlan;

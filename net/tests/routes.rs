@@ -5,7 +5,8 @@
 mod common;
 
 use caisson_net::netlink::Netlink;
-use caisson_net::routes::{self, Peer, VxlanConfig, DEFAULT_VXLAN, VXLAN_PORT};
+use caisson_net::routes::{self, Peer};
+use caisson_net::vxlan::{self, VxlanConfig, DEFAULT_VXLAN, VXLAN_PORT};
 use ipnet::Ipv4Net;
 
 fn net(s: &str) -> Ipv4Net {
@@ -117,11 +118,11 @@ fn vxlan_joins_two_hosts() {
         for (me, other) in [(&a, &b), (&b, &a)] {
             let nl = Netlink::in_netns(&me.ns).unwrap();
             let peers = [me.peer(), other.peer()];
-            let report = routes::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
+            let report = vxlan::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
                 .await
                 .unwrap();
             assert_eq!(report.added, [other.subnet]);
-            let again = routes::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
+            let again = vxlan::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
                 .await
                 .unwrap();
             assert_eq!(again, routes::SyncReport::default());
@@ -162,7 +163,7 @@ fn vxlan_joins_two_hosts() {
     // The peer leaves: its route, ARP and FDB entries go.
     common::rt().block_on(async {
         let nl = Netlink::in_netns(&a.ns).unwrap();
-        let report = routes::sync_vxlan(&nl, &vxlan(&a), a.subnet, &[])
+        let report = vxlan::sync_vxlan(&nl, &vxlan(&a), a.subnet, &[])
             .await
             .unwrap();
         assert_eq!(report.deleted, [b.subnet]);
@@ -184,11 +185,14 @@ fn across_a_router_vxlan_works_and_host_gw_is_refused() {
             .await
             .expect_err("a host-gw route to a peer behind a router was accepted");
         let msg = err.to_string();
-        assert!(msg.contains("10.42.2.0/24 via 192.168.2.2"), "{msg}");
+        assert!(
+            msg.contains("10.42.2.0/24 via 192.168.2.2") && msg.contains("VXLAN"),
+            "{msg}"
+        );
         for (me, other) in [(&a, &b), (&b, &a)] {
             let nl = Netlink::in_netns(&me.ns).unwrap();
             let peers = [other.peer()];
-            routes::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
+            vxlan::sync_vxlan(&nl, &vxlan(me), me.subnet, &peers)
                 .await
                 .unwrap();
         }
