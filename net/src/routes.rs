@@ -2,8 +2,8 @@
 //!
 //! - **host-gw** (the default): one kernel route per peer, `subnet via peer_public_ip`. The
 //!   peer must be on the same L2 segment as this host (its address reachable without a router),
-//!   or the kernel refuses the route ("Nexthop has invalid gateway") or a router drops the
-//!   packets it cannot route back. Fast: no encapsulation.
+//!   or the kernel refuses the route (ENETUNREACH: [`RoutesError::PeerNotOnLink`]). Fast: no
+//!   encapsulation.
 //! - **VXLAN** (kernel `vxlan`, works across L3): see [`crate::vxlan`], which brings the
 //!   device, ARP and FDB entries and syncs its routes through [`sync`].
 //!
@@ -16,7 +16,7 @@ use crate::netlink::{errno, Netlink, NetlinkError, EEXIST, ESRCH};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::packet_route::route::{RouteHeader, RouteProtocol};
+use rtnetlink::packet_route::route::{RouteFlags, RouteHeader, RouteProtocol};
 use rtnetlink::RouteMessageBuilder;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -137,6 +137,26 @@ pub async fn sync(nl: &Netlink, desired: &[Route]) -> Result<SyncReport, RoutesE
     Ok(report)
 }
 
+/// The routes of ours the kernel has now (for a status view: which peers are routed). `oif`
+/// is set only on routes bound to a device (VXLAN's).
+pub async fn installed(nl: &Netlink) -> Result<Vec<Route>, RoutesError> {
+    let ours = list_main_v4(nl).await?;
+    let ours = ours
+        .iter()
+        .filter(|m| u8::from(m.header.protocol) == ROUTE_PROTOCOL);
+    Ok(ours.filter_map(route_of).collect())
+}
+
+fn route_of(msg: &RouteMessage) -> Option<Route> {
+    let (gateway, oif) = gateway_and_oif(msg);
+    let onlink = msg.header.flags.contains(RouteFlags::Onlink);
+    Some(Route {
+        dst: dst_of(msg)?,
+        gateway: gateway?,
+        oif: oif.filter(|_| onlink),
+    })
+}
+
 async fn list_main_v4(nl: &Netlink) -> Result<Vec<RouteMessage>, RoutesError> {
     let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
     let all = nl.handle().route().get(query).execute();
@@ -168,7 +188,7 @@ fn dst_of(msg: &RouteMessage) -> Option<Ipv4Net> {
     Ipv4Net::new(addr.unwrap_or(Ipv4Addr::UNSPECIFIED), prefix).ok()
 }
 
-fn matches_route(msg: &RouteMessage, route: &Route) -> bool {
+fn gateway_and_oif(msg: &RouteMessage) -> (Option<Ipv4Addr>, Option<u32>) {
     let gateway = msg.attributes.iter().find_map(|a| match a {
         RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(*v4),
         _ => None,
@@ -177,6 +197,11 @@ fn matches_route(msg: &RouteMessage, route: &Route) -> bool {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     });
+    (gateway, oif)
+}
+
+fn matches_route(msg: &RouteMessage, route: &Route) -> bool {
+    let (gateway, oif) = gateway_and_oif(msg);
     gateway == Some(route.gateway) && route.oif.is_none_or(|want| oif == Some(want))
 }
 

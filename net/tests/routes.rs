@@ -52,6 +52,7 @@ fn host_gw_routes_join_two_hosts() {
                 routes::SyncReport::default(),
                 "a second sync changed something"
             );
+            assert_eq!(routes::installed(&nl).await.unwrap(), desired);
         }
     });
     containers_talk(&a, &b);
@@ -157,6 +158,19 @@ fn vxlan_joins_two_hosts() {
     assert_eq!(ours[0]["dst"], "10.42.2.0/24", "{ours}");
     assert_eq!(ours[0]["gateway"], "10.42.2.0", "{ours}");
     assert_eq!(ours[0]["dev"], DEFAULT_VXLAN, "{ours}");
+    common::rt().block_on(async {
+        let nl = Netlink::in_netns(&a.ns).unwrap();
+        let installed = routes::installed(&nl).await.unwrap();
+        assert_eq!(installed.len(), 1);
+        assert_eq!(
+            installed[0].gateway,
+            "10.42.2.0".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        assert_eq!(
+            installed[0].oif,
+            Some(nl.index(DEFAULT_VXLAN).await.unwrap())
+        );
+    });
     let fdb = common::run_in(&a.ns, &["bridge", "fdb", "show", "dev", DEFAULT_VXLAN]);
     assert!(fdb.contains("02:ca:0a:2a:02:00 dst 192.168.77.2"), "{fdb}");
 
