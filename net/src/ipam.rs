@@ -7,7 +7,7 @@
 
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -78,6 +78,9 @@ impl Ipam {
                 Ok(mut file) => {
                     file.write_all(instance.as_bytes()).map_err(io_err(&path))?;
                     file.sync_all().map_err(io_err(&path))?;
+                    // The new name must survive a power cut too.
+                    let dir = File::open(&self.dir).map_err(io_err(&self.dir))?;
+                    dir.sync_all().map_err(io_err(&self.dir))?;
                     log::debug!("ipam: {addr} for {instance}");
                     return Ok(addr);
                 }

@@ -51,6 +51,14 @@ pub struct Netlink {
     netns: String,
 }
 
+impl std::fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netlink")
+            .field("netns", &self.netns)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Netlink {
     fn drop(&mut self) {
         self.task.abort();
