@@ -24,6 +24,10 @@
 //! while it holds the lock. All three end on v2 from slot B, blessed, with the success recorded,
 //! and the lock empty; the timeline (lock taken, reboot, ready, blessed, released) is printed.
 //! The VMs' part takes about four and a half minutes under TCG, three of them the update.
+//!
+//! Volumes: before the update the test submits `keeper`, whose volume holds a token it wrote on
+//! its first run; pinned to its machine, it waits for it through the reboot and finds the token
+//! again on v2 (`e2e_fleet_cluster/volume.rs`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -37,6 +41,8 @@ mod etcd_harness;
 mod failover;
 #[path = "e2e_fleet_cluster/rolling.rs"]
 mod rolling;
+#[path = "e2e_fleet_cluster/volume.rs"]
+mod volume;
 
 use caisson_fleet::access;
 use caisson_fleet::etcd::{Access, Client, Credentials};
@@ -497,9 +503,11 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
         back.elapsed()
     );
 
+    let keeper = volume::start(&fleet);
     roll_to_v2(&fleet, &mut vms, &ids, || {
         publish(&v2.with_extension("bundle"), &channel, &key)
     });
+    volume::found_after_update(&fleet, &vms, &ids, &keeper);
     drop(vms);
     drop(server);
     drop(etcd);
