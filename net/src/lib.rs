@@ -4,8 +4,10 @@
 //!
 //! - [`endpoint`]: what discovery serves: a unit's healthy instances, their addresses and named
 //!   ports. The one type the agent's service registry, the DNS responder and templates share.
+//! - [`dns`]: the DNS responder: the cluster zone from the endpoints, everything else forwarded.
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
 //! routes, nftables) is tested in network namespaces of the test's own.
 
+pub mod dns;
 pub mod endpoint;
