@@ -3,150 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use caisson_net::dns::{Config, Responder};
-use caisson_net::endpoint::{Endpoints, Instance, Port, Proto};
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use caisson_net::dns::Config;
+use caisson_net::endpoint::Endpoints;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
-use tokio::runtime::Runtime;
-use tokio::sync::watch;
-
-/// A responder running on its own runtime on an ephemeral loopback port.
-struct Dns {
-    addr: SocketAddr,
-    endpoints: watch::Sender<Endpoints>,
-    _runtime: Runtime,
-}
-
-fn start(endpoints: Endpoints, config: Config) -> Dns {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (tx, rx) = watch::channel(endpoints);
-    let responder = runtime
-        .block_on(Responder::bind("127.0.0.1:0".parse().unwrap(), config, rx))
-        .unwrap();
-    let addr = responder.local_addr();
-    runtime.spawn(async move {
-        if let Err(e) = responder.run().await {
-            panic!("the responder stopped: {e}");
-        }
-    });
-    Dns {
-        addr,
-        endpoints: tx,
-        _runtime: runtime,
-    }
-}
-
-fn instance(id: &str, address: Ipv4Addr) -> Instance {
-    Instance {
-        id: id.into(),
-        address,
-        ports: vec![Port {
-            name: Some("http".into()),
-            port: 8080,
-            proto: Proto::Tcp,
-        }],
-        machine: id.into(),
-        revision: 1,
-    }
-}
-
-/// `web` on two machines.
-fn two_webs() -> Endpoints {
-    let mut e = Endpoints::default();
-    e.insert("web", instance("m1", Ipv4Addr::new(10, 42, 1, 2)));
-    e.insert("web", instance("m2", Ipv4Addr::new(10, 42, 2, 2)));
-    e
-}
-
-/// Runs a host tool, failing the test with the Debian package to install when it is missing.
-fn run(tool: &str, package: &str, args: &[String]) -> String {
-    let out = match Command::new(tool).args(args).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            panic!("{tool} is not installed: install Debian's {package} (ci/deps does)")
-        }
-        Err(e) => panic!("cannot run {tool}: {e}"),
-    };
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// dig's whole answer to `args` from the server at `addr`, one try of 5 s.
-fn dig(addr: SocketAddr, args: &[&str]) -> String {
-    let mut all = vec![
-        format!("@{}", addr.ip()),
-        "-p".into(),
-        addr.port().to_string(),
-        "+time=5".into(),
-        "+tries=1".into(),
-    ];
-    all.extend(args.iter().map(ToString::to_string));
-    run("dig", "bind9-dnsutils", &all)
-}
-
-/// The status dig printed (NOERROR, NXDOMAIN, ...).
-fn status(out: &str) -> &str {
-    let at = out
-        .find("status: ")
-        .unwrap_or_else(|| panic!("no answer:\n{out}"));
-    out[at + 8..].split(',').next().unwrap_or_default()
-}
-
-/// The header flags dig printed (`qr aa rd ra`).
-fn flags(out: &str) -> Vec<&str> {
-    let at = out
-        .find(";; flags: ")
-        .unwrap_or_else(|| panic!("no flags:\n{out}"));
-    out[at + 10..]
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect()
-}
-
-/// A record as dig printed it.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Rr {
-    name: String,
-    ttl: u32,
-    /// The type and the data: `A 10.42.1.2`.
-    data: String,
-}
-
-/// The records of a section.
-fn section(out: &str, name: &str) -> Vec<Rr> {
-    let header = format!(";; {name} SECTION:");
-    let Some(at) = out.find(&header) else {
-        return Vec::new();
-    };
-    out[at + header.len()..]
-        .lines()
-        .skip(1)
-        .take_while(|l| !l.trim().is_empty())
-        .filter(|l| !l.starts_with(';'))
-        .map(|l| {
-            let fields: Vec<&str> = l.split_whitespace().collect();
-            Rr {
-                name: fields[0].into(),
-                ttl: fields[1].parse().unwrap(),
-                data: fields[3..].join(" "),
-            }
-        })
-        .collect()
-}
-
-/// The type and data of a section's records, sorted.
-fn data(out: &str, name: &str) -> Vec<String> {
-    let mut d: Vec<String> = section(out, name).into_iter().map(|r| r.data).collect();
-    d.sort();
-    d
-}
+use support::{
+    data, dig, dnsmasq, flags, instance, section, start, status, tcp_answer, tcp_query, two_webs,
+    Rr,
+};
 
 #[test]
 fn a_unit_answers_with_every_instance() {
@@ -322,72 +189,6 @@ fn garbage_gets_formerr_or_nothing_and_the_responder_keeps_answering() {
     assert_eq!(status(&dig(dns.addr, &["web.caisson"])), "NOERROR");
 }
 
-/// A dnsmasq on a free loopback port answering `example.test` (and a large TXT record),
-/// stopped when dropped.
-struct Upstream {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dnsmasq() -> Upstream {
-    let port = free_port();
-    let big = vec!["x".repeat(200); 10].join("\",\"");
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--pid-file",
-            &format!("--port={port}"),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--address=/example.test/192.0.2.7",
-            &format!("--txt-record=big.example.test,\"{big}\""),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            panic!("dnsmasq is not installed: install Debian's dnsmasq-base (ci/deps does)")
-        }
-        Err(e) => panic!("cannot run dnsmasq: {e}"),
-    };
-    let upstream = Upstream {
-        addr: (Ipv4Addr::LOCALHOST, port).into(),
-        child,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dig(upstream.addr, &["+time=1", "a.example.test"]).contains("192.0.2.7") {
-        assert!(
-            Instant::now() < deadline,
-            "dnsmasq on port {port} does not answer"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    upstream
-}
-
-/// A loopback port free for both UDP and TCP right now.
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 #[test]
 fn other_names_are_forwarded_to_the_upstream() {
     let upstream = dnsmasq();
@@ -441,4 +242,100 @@ fn a_dead_upstream_is_servfail_within_the_timeout() {
         silent.recv_from(&mut buf).is_ok(),
         "the upstream was never asked"
     );
+}
+
+#[test]
+fn an_idle_tcp_connection_is_closed_after_its_deadline() {
+    let config = Config {
+        tcp_timeout: Duration::from_millis(400),
+        ..Config::default()
+    };
+    let dns = start(two_webs(), config);
+    let mut stream = TcpStream::connect(dns.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Two queries on one connection are both answered.
+    for _ in 0..2 {
+        stream.write_all(&tcp_query("web.caisson.")).unwrap();
+        assert_eq!(tcp_answer(&mut stream).unwrap().answers.len(), 2);
+    }
+    // Then half a length prefix, and nothing more.
+    stream.write_all(&[0]).unwrap();
+    let began = Instant::now();
+    assert!(
+        tcp_answer(&mut stream).is_none(),
+        "an answer to half a query"
+    );
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(300), "closed after {took:?}");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+}
+
+#[test]
+fn tcp_connections_beyond_the_limit_are_closed_and_the_others_served() {
+    let config = Config {
+        max_tcp_connections: 2,
+        ..Config::default()
+    };
+    let dns = start(two_webs(), config);
+    let mut open: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(dns.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(dns.addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(&tcp_query("web.caisson."));
+    assert!(
+        tcp_answer(&mut extra).is_none(),
+        "a third connection was served"
+    );
+    for stream in &mut open {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&tcp_query("web.caisson.")).unwrap();
+        assert_eq!(tcp_answer(stream).unwrap().answers.len(), 2);
+    }
+    // A closed connection frees its place.
+    open.pop();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = TcpStream::connect(dns.addr).unwrap();
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    again.write_all(&tcp_query("web.caisson.")).unwrap();
+    assert_eq!(tcp_answer(&mut again).unwrap().answers.len(), 2);
+}
+
+#[test]
+fn forwards_beyond_the_limit_are_servfail_at_once() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = Config {
+        upstreams: vec![silent.local_addr().unwrap()],
+        forward_timeout: Duration::from_secs(3),
+        max_forwards: 1,
+        ..Config::default()
+    };
+    let dns = start(two_webs(), config);
+    let addr = dns.addr;
+    let first = std::thread::spawn(move || dig(addr, &["one.example.test"]));
+    // Wait until the first forward reaches the upstream, so that it holds the only place.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    silent.recv_from(&mut [0; 512]).unwrap();
+    let began = Instant::now();
+    let second = dig(dns.addr, &["two.example.test"]);
+    assert_eq!(status(&second), "SERVFAIL", "{second}");
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        began.elapsed()
+    );
+    // The zone is answered meanwhile.
+    assert_eq!(status(&dig(dns.addr, &["web.caisson"])), "NOERROR");
+    assert_eq!(status(&first.join().unwrap()), "SERVFAIL");
 }
