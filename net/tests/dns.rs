@@ -187,6 +187,9 @@ fn garbage_gets_formerr_or_nothing_and_the_responder_keeps_answering() {
     socket.send_to(&[1, 2, 3], dns.addr).unwrap();
     socket.send_to(&[0; 5000], dns.addr).unwrap();
     assert_eq!(status(&dig(dns.addr, &["web.caisson"])), "NOERROR");
+    // An EDNS version that does not exist.
+    let out = dig(dns.addr, &["+edns=1", "+noednsnegotiation", "web.caisson"]);
+    assert_eq!(status(&out), "BADVERS", "{out}");
 }
 
 #[test]

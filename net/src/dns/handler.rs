@@ -8,7 +8,7 @@ use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// The largest query accepted, over either transport. Queries are a few hundred bytes.
 pub(crate) const MAX_QUERY: usize = 4096;
@@ -95,6 +95,10 @@ impl Handler {
         if request.metadata.op_code != OpCode::Query {
             return self.error(&request, ResponseCode::NotImp, transport);
         }
+        // RFC 6891 6.1.3: only EDNS version 0 exists.
+        if request.edns.as_ref().is_some_and(|edns| edns.version() > 0) {
+            return self.error(&request, ResponseCode::BADVERS, transport);
+        }
         let [query] = request.queries.as_slice() else {
             return self.error(&request, ResponseCode::FormErr, transport);
         };
@@ -123,15 +127,33 @@ impl Handler {
 
     /// The upstreams' answer to `query`, SERVFAIL if none answers or too many are under way.
     pub(crate) async fn forward(&self, query: &Message, transport: Transport) -> Option<Vec<u8>> {
-        let Ok(_permit) = self.forwards.try_acquire() else {
-            log::warn!("dns: too many forwarded queries under way; answering SERVFAIL");
-            return self.servfail(query, transport);
-        };
-        match self
-            .forwarder
-            .forward(query, transport == Transport::Tcp)
-            .await
-        {
+        match self.forward_permit() {
+            Some(permit) => self.forward_holding(query, transport, permit).await,
+            None => self.too_busy(query, transport),
+        }
+    }
+
+    /// A place among the forwards under way, if one is free.
+    pub(crate) fn forward_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.forwards.clone().try_acquire_owned().ok()
+    }
+
+    /// The SERVFAIL answer to a query that finds no free place to be forwarded.
+    pub(crate) fn too_busy(&self, query: &Message, transport: Transport) -> Option<Vec<u8>> {
+        log::warn!("dns: too many forwarded queries under way; answering SERVFAIL");
+        self.servfail(query, transport)
+    }
+
+    /// The upstreams' answer to `query`, holding `_permit` (a place among the forwards) until
+    /// it is in.
+    pub(crate) async fn forward_holding(
+        &self,
+        query: &Message,
+        transport: Transport,
+        _permit: OwnedSemaphorePermit,
+    ) -> Option<Vec<u8>> {
+        let whole = transport == Transport::Tcp;
+        match self.forwarder.forward(query, whole).await {
             Ok(reply) => fit_forwarded(reply, query, transport),
             Err(e) => {
                 log::warn!("dns: cannot forward {}: {e}", describe(query));

@@ -157,14 +157,24 @@ async fn serve_udp(
         match handler.decide(&buf[..n], Transport::Udp) {
             Outcome::Drop => {}
             Outcome::Reply(reply) => send(&udp, &reply, peer).await,
-            Outcome::Forward(query) => {
-                let (udp, handler) = (udp.clone(), handler.clone());
-                tokio::spawn(async move {
-                    if let Some(reply) = handler.forward(&query, Transport::Udp).await {
+            // The place among the forwards is taken before the task is spawned: a flood of
+            // queries spawns no more tasks than the limit.
+            Outcome::Forward(query) => match handler.forward_permit() {
+                None => {
+                    if let Some(reply) = handler.too_busy(&query, Transport::Udp) {
                         send(&udp, &reply, peer).await;
                     }
-                });
-            }
+                }
+                Some(permit) => {
+                    let (udp, handler) = (udp.clone(), handler.clone());
+                    tokio::spawn(async move {
+                        let reply = handler.forward_holding(&query, Transport::Udp, permit);
+                        if let Some(reply) = reply.await {
+                            send(&udp, &reply, peer).await;
+                        }
+                    });
+                }
+            },
         }
     }
 }
