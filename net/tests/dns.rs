@@ -30,6 +30,10 @@ fn a_unit_answers_with_every_instance() {
         section(&out, "ANSWER").iter().all(|r| r.ttl == 5),
         "TTL 5:\n{out}"
     );
+    // The next query gets them in another order.
+    let first = |out: &str| section(out, "ANSWER")[0].data.clone();
+    let again = dig(dns.addr, &["web.caisson", "A"]);
+    assert_ne!(first(&out), first(&again), "not rotated:\n{out}\n{again}");
     let one = dig(dns.addr, &["m2.web.caisson", "A"]);
     assert_eq!(data(&one, "ANSWER"), ["A 10.42.2.2"], "{one}");
 }

@@ -17,14 +17,13 @@
 //!   additional section, then all its records, with the TC bit set, so the client asks again
 //!   over TCP.
 //! - Bad input: a packet without a DNS header, a response, or one larger than 4 KiB is dropped;
-//!   a query that does not decode is FORMERR; another opcode is NOTIMP; an EDNS version
-//!   other than 0 is BADVERS. At most
-//!   [`Config::max_forwards`] forwards are under way (beyond: SERVFAIL) and
-//!   [`Config::max_tcp_connections`] TCP connections open (beyond: closed at once); a TCP
-//!   connection idle or slow for [`Config::tcp_timeout`] is closed.
+//!   a query that does not decode is FORMERR, another opcode NOTIMP, an EDNS version other
+//!   than 0 BADVERS. At most [`Config::max_forwards`] forwards are under way (beyond:
+//!   SERVFAIL) and [`Config::max_tcp_connections`] TCP connections open (beyond: closed at
+//!   once); a TCP connection idle or slow for [`Config::tcp_timeout`] is closed.
 //!
-//! Each query reads one whole snapshot: the agent replaces it with `watch::Sender::send`, and
-//! the next query sees the new one.
+//! Each query reads one whole snapshot: the agent replaces it with
+//! `watch::Sender::send_replace`, and the next query sees the new one.
 //!
 //! # Usage
 //!
