@@ -1,0 +1,291 @@
+//! The cluster network on a real etcd: `network init` once, and each machine's subnet claimed
+//! under its lease, never twice, kept across restarts, freed when the lease expires.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use caisson_fleet::etcd::Client;
+use caisson_fleet::network::lease::{self, claim_exact, Saved};
+use caisson_fleet::network::{
+    self, Backend, Init, Ipv4Net, NetworkConfig, NetworkError, SubnetLease, SubnetRecord,
+};
+use caisson_fleet::registry::{Keys, MachineRecord, Member};
+use common::{record, Etcd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+fn keys() -> Keys {
+    Keys::new("/caisson/fleet/")
+}
+
+fn cluster() -> NetworkConfig {
+    NetworkConfig::new(net("10.42.0.0/16"))
+}
+
+async fn setup(etcd: &Etcd) -> Client {
+    let client = Client::new(&[etcd.endpoint()]).unwrap();
+    assert_eq!(
+        network::init(&client, &keys(), &cluster()).await.unwrap(),
+        Init::Written
+    );
+    client
+}
+
+async fn member(client: &Client, rec: MachineRecord) -> Member {
+    Member::join(client.clone(), keys(), rec, 30).await.unwrap()
+}
+
+fn subnet_lease(client: &Client, id: &str, state: &Path) -> SubnetLease {
+    SubnetLease::new(client.clone(), keys(), id, "127.0.0.1", state).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_get_different_subnets() {
+    let etcd = Etcd::start();
+    let client = setup(&etcd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = ["m1", "m2", "m3", "m4", "m5", "m6"];
+    let mut tasks = Vec::new();
+    for id in ids {
+        let client = client.clone();
+        let state = dir.path().join(id);
+        tasks.push(tokio::spawn(async move {
+            let m = member(&client, record(id)).await;
+            let mut l = subnet_lease(&client, id, &state);
+            l.claim(&cluster(), m.lease()).await.unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    let mut subnets: Vec<Ipv4Net> = got.iter().map(|r| r.subnet).collect();
+    subnets.sort();
+    subnets.dedup();
+    assert_eq!(subnets.len(), ids.len(), "one subnet each: {got:?}");
+    assert!(
+        !subnets.contains(&net("10.42.0.0/24")),
+        "the first is kept free"
+    );
+    let mut peers = network::peers(&client, &keys()).await.unwrap();
+    peers.sort_by(|a, b| a.machine.cmp(&b.machine));
+    let mut want = got.clone();
+    want.sort_by(|a, b| a.machine.cmp(&b.machine));
+    assert_eq!(peers, want, "what each claimed is what etcd holds");
+    // Each remembered its subnet.
+    for r in &got {
+        let saved = lease::load(&dir.path().join(&r.machine)).unwrap().unwrap();
+        assert_eq!(saved.subnet, r.subnet);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_keeps_its_subnet_across_restarts_and_reboots() {
+    let etcd = Etcd::start();
+    let client = setup(&etcd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("net/subnet.json");
+    let before = net("10.42.9.0/24");
+    lease::save(
+        &state,
+        &Saved {
+            network: cluster().network,
+            subnet: before,
+        },
+    )
+    .unwrap();
+    let m1 = member(&client, record("m1")).await;
+    let got = subnet_lease(&client, "m1", &state)
+        .claim(&cluster(), m1.lease())
+        .await
+        .unwrap();
+    assert_eq!(got.subnet, before, "the saved subnet is preferred");
+    // The agent restarts while its old lease lives: the claim moves to its new lease.
+    let m1b = member(&client, record("m1")).await;
+    let again = subnet_lease(&client, "m1", &state)
+        .claim(&cluster(), m1b.lease())
+        .await
+        .unwrap();
+    assert_eq!(again.subnet, before);
+    m1.leave().await.unwrap();
+    let kv = client.get(&keys().subnet(&before)).await.unwrap().unwrap();
+    assert_eq!(kv.lease, m1b.lease(), "the old lease took nothing with it");
+    // A reboot: the lease is gone and the subnet with it; another machine claims meanwhile.
+    m1b.leave().await.unwrap();
+    assert!(network::peers(&client, &keys()).await.unwrap().is_empty());
+    let m2 = member(&client, record("m2")).await;
+    let other = subnet_lease(&client, "m2", &dir.path().join("m2.json"))
+        .claim(&cluster(), m2.lease())
+        .await
+        .unwrap();
+    assert_eq!(other.subnet, net("10.42.1.0/24"));
+    let m1c = member(&client, record("m1")).await;
+    let mut l = subnet_lease(&client, "m1", &state);
+    let back = l.ensure(&cluster(), m1c.lease()).await.unwrap().unwrap();
+    assert_eq!(back.subnet, before, "the state file brings it back");
+    assert_eq!(
+        l.ensure(&cluster(), m1c.lease()).await.unwrap(),
+        None,
+        "nothing to do under the same lease"
+    );
+    // A lost lease: the machine registers again and claims again under the new one.
+    client.lease_revoke(m1c.lease()).await.unwrap();
+    let m1d = member(&client, record("m1")).await;
+    let renewed = l.ensure(&cluster(), m1d.lease()).await.unwrap().unwrap();
+    assert_eq!(renewed.subnet, before);
+    // A lease that is gone is said so, not taken for a conflict.
+    client.lease_revoke(m1d.lease()).await.unwrap();
+    match subnet_lease(&client, "m1", &state)
+        .claim(&cluster(), m1d.lease())
+        .await
+    {
+        Err(NetworkError::LeaseExpired(id)) => assert_eq!(id, m1d.lease()),
+        other => panic!("expected LeaseExpired, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subnet_held_by_a_live_machine_is_not_claimed_again() {
+    let etcd = Etcd::start();
+    let client = setup(&etcd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let m1 = member(&client, record("m1")).await;
+    let held = subnet_lease(&client, "m1", &dir.path().join("m1"))
+        .claim(&cluster(), m1.lease())
+        .await
+        .unwrap();
+    let m2 = member(&client, record("m2")).await;
+    let steal = SubnetRecord {
+        machine: "m2".into(),
+        ..held.clone()
+    };
+    let e = claim_exact(&client, &keys(), &cluster(), &steal, m2.lease())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, NetworkError::Taken { holder, .. } if holder == "m1"),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&held.subnet.to_string()), "{e}");
+    let foreign = SubnetRecord {
+        subnet: net("10.43.1.0/24"),
+        ..steal.clone()
+    };
+    assert!(matches!(
+        claim_exact(&client, &keys(), &cluster(), &foreign, m2.lease()).await,
+        Err(NetworkError::OutOfRange { .. })
+    ));
+    // m2 remembers m1's subnet (say it held it before a long outage): it takes another.
+    let state = dir.path().join("m2");
+    lease::save(
+        &state,
+        &Saved {
+            network: cluster().network,
+            subnet: held.subnet,
+        },
+    )
+    .unwrap();
+    let got = subnet_lease(&client, "m2", &state)
+        .claim(&cluster(), m2.lease())
+        .await
+        .unwrap();
+    assert_ne!(got.subnet, held.subnet);
+    let kv = client
+        .get(&keys().subnet(&held.subnet))
+        .await
+        .unwrap()
+        .unwrap();
+    let still: SubnetRecord = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(
+        (still, kv.lease),
+        (held, m1.lease()),
+        "m1's claim untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_frees_its_subnet() {
+    let etcd = Etcd::start();
+    let client = setup(&etcd).await;
+    let dir = tempfile::tempdir().unwrap();
+    let short = client.lease_grant(2).await.unwrap();
+    let held = subnet_lease(&client, "m1", &dir.path().join("m1"))
+        .claim(&cluster(), short.id)
+        .await
+        .unwrap();
+    let m2 = member(&client, record("m2")).await;
+    let want = SubnetRecord {
+        machine: "m2".into(),
+        ..held.clone()
+    };
+    assert!(claim_exact(&client, &keys(), &cluster(), &want, m2.lease())
+        .await
+        .is_err());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client
+        .get(&keys().subnet(&held.subnet))
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the claim outlived its lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    claim_exact(&client, &keys(), &cluster(), &want, m2.lease())
+        .await
+        .unwrap();
+    assert_eq!(network::peers(&client, &keys()).await.unwrap(), [want]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_writes_once_and_refuses_overlaps() {
+    let etcd = Etcd::start();
+    let client = Client::new(&[etcd.endpoint()]).unwrap();
+    let k = keys();
+    // A machine on 10.42.5.0/24 (no prefix in its record: the /24 around it is assumed).
+    let mut rec = record("m1");
+    rec.address = "10.42.5.7".into();
+    let m1 = member(&client, rec).await;
+    let e = network::init(&client, &k, &cluster()).await.unwrap_err();
+    let text = e.to_string();
+    for part in ["10.42.0.0/16", "10.42.5.0/24", "m1", "/24 around it"] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    assert_eq!(network::config(&client, &k).await.unwrap(), None);
+    m1.leave().await.unwrap();
+    // A range that cannot work is refused before anything is written.
+    let public = NetworkConfig::new(net("8.8.0.0/16"));
+    assert!(matches!(
+        network::init(&client, &k, &public).await,
+        Err(NetworkError::Invalid(_))
+    ));
+    assert_eq!(
+        network::init(&client, &k, &cluster()).await.unwrap(),
+        Init::Written
+    );
+    assert_eq!(
+        network::init(&client, &k, &cluster()).await.unwrap(),
+        Init::Unchanged,
+        "the same again is fine"
+    );
+    let other = NetworkConfig {
+        backend: Backend::vxlan(),
+        ..NetworkConfig::new(net("10.50.0.0/16"))
+    };
+    let e = network::init(&client, &k, &other).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("10.42.0.0/16") && text.contains("10.50.0.0/16"),
+        "{text}"
+    );
+    assert_eq!(
+        network::config(&client, &k).await.unwrap(),
+        Some(cluster()),
+        "the first stays"
+    );
+}
