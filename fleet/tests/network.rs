@@ -289,3 +289,89 @@ async fn init_writes_once_and_refuses_overlaps() {
         "the first stays"
     );
 }
+
+fn cli(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caisson-fleet"))
+        .args(["--etcd", &etcd.endpoint(), "--insecure"])
+        .args(["--config", "/nonexistent/fleet.toml"])
+        .args(args)
+        .env_remove("CAISSON_FLEET_ETCD")
+        .env_remove("CAISSON_FLEET_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_the_network_and_shows_the_subnets() {
+    let etcd = Etcd::start();
+    let client = Client::new(&[etcd.endpoint()]).unwrap();
+    let (ok, out, err) = cli(&etcd, &["network", "status"]);
+    assert!(ok && out.contains("no cluster network"), "{out}{err}");
+    let init = ["network", "init", "10.42.0.0/16", "--backend", "vxlan"];
+    let (ok, out, err) = cli(&etcd, &init);
+    assert!(
+        ok && out.contains("10.42.0.0/16, /24 per host, vxlan"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(&etcd, &init);
+    assert!(ok && out.contains("already"), "{out}{err}");
+    let (ok, _, err) = cli(&etcd, &["network", "init", "10.43.0.0/16"]);
+    assert!(
+        !ok && err.contains("10.42.0.0/16") && err.contains("10.43.0.0/16"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&etcd, &["network", "init", "10.42.0.0/33"]);
+    assert!(!ok && err.contains("10.42.0.0/33"), "{err}");
+    // m1 is alive; m2's claim outlives its record (its lease is the test's, not a machine's).
+    let m1 = member(&client, record("m1")).await;
+    let config = network::config(&client, &keys()).await.unwrap().unwrap();
+    assert_eq!(config.backend, Backend::vxlan());
+    let dir = tempfile::tempdir().unwrap();
+    let a = subnet_lease(&client, "m1", &dir.path().join("m1"))
+        .claim(&config, m1.lease())
+        .await
+        .unwrap();
+    let other = client.lease_grant(30).await.unwrap();
+    let b = subnet_lease(&client, "m2", &dir.path().join("m2"))
+        .claim(&config, other.id)
+        .await
+        .unwrap();
+    client
+        .put(&format!("{}10.42.200.0-24", keys().subnets()), "{", 0)
+        .await
+        .unwrap();
+    let (ok, out, err) = cli(&etcd, &["network", "status"]);
+    assert!(ok, "{err}");
+    let line = |s: &SubnetRecord| {
+        out.lines()
+            .find(|l| l.starts_with(&s.subnet.to_string()))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line(&a).contains("m1") && line(&a).ends_with("yes"),
+        "{out}"
+    );
+    assert!(line(&b).contains("m2") && line(&b).ends_with("no"), "{out}");
+    assert!(
+        out.contains("INVALID") && out.contains("10.42.200.0-24"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&etcd, &["network", "status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["network"], "10.42.0.0/16");
+    assert_eq!(v["config"]["backend"]["type"], "vxlan");
+    let subnets = v["subnets"].as_array().unwrap();
+    assert_eq!(subnets.len(), 2, "{out}");
+    assert_eq!(subnets[0]["machine"], "m1");
+    assert_eq!(subnets[0]["alive"], true);
+    assert_eq!(subnets[0]["public_ip"], "127.0.0.1");
+    assert_eq!(subnets[1]["alive"], false);
+    assert_eq!(v["invalid"].as_array().map(Vec::len), Some(1));
+}
