@@ -375,3 +375,85 @@ async fn the_cli_sets_the_network_and_shows_the_subnets() {
     assert_eq!(subnets[1]["alive"], false);
     assert_eq!(v["invalid"].as_array().map(Vec::len), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_claim_their_subnets_and_claim_again_after_a_lease_loss() {
+    let etcd = Etcd::start();
+    let cfg = common::config(&etcd);
+    let (mut agents, store) = common::join(&cfg, &["m1", "m2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    for a in agents.iter_mut() {
+        a.subnet_state = dir.path().join(a.member.id());
+    }
+    // No cluster network: nothing is claimed.
+    common::tick_all(&mut agents).await;
+    assert!(network::peers(&store.client, &keys())
+        .await
+        .unwrap()
+        .is_empty());
+    network::init(&store.client, &keys(), &cluster())
+        .await
+        .unwrap();
+    common::tick_all(&mut agents).await;
+    let peers = network::peers(&store.client, &keys()).await.unwrap();
+    let of = |id: &str| {
+        peers
+            .iter()
+            .find(|p| p.machine == id)
+            .map(|p| p.subnet)
+            .unwrap()
+    };
+    let (s1, s2) = (of("m1"), of("m2"));
+    assert_ne!(s1, s2);
+    // m1's lease is lost: its subnet goes, and its next tick registers and claims again.
+    let old = agents[0].member.lease();
+    store.client.lease_revoke(old).await.unwrap();
+    assert_eq!(
+        network::peers(&store.client, &keys()).await.unwrap().len(),
+        1
+    );
+    agents[0].tick().await.unwrap();
+    let kv = store
+        .client
+        .get(&keys().subnet(&s1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(kv.lease, old);
+    assert_eq!(
+        kv.lease,
+        agents[0].member.lease(),
+        "the same subnet, under the new lease"
+    );
+    // Both leave, which frees both subnets; m2 started again (a new process, the same state
+    // file) gets its own subnet back, not the first free one.
+    assert!(s1 < s2, "m1 claimed first");
+    let state = agents[1].subnet_state.clone();
+    for a in agents.drain(..) {
+        a.member.leave().await.unwrap();
+    }
+    assert!(network::peers(&store.client, &keys())
+        .await
+        .unwrap()
+        .is_empty());
+    let mut again = caisson_fleet::agent::Agent::join(
+        &cfg,
+        record("m2"),
+        caisson_fleet::agent::FakeRuntime::default(),
+    )
+    .await
+    .unwrap();
+    again.subnet_state = state;
+    again.tick().await.unwrap();
+    let kv = store
+        .client
+        .get(&keys().subnet(&s2))
+        .await
+        .unwrap()
+        .unwrap();
+    let rec: SubnetRecord = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(
+        (rec.machine.as_str(), kv.lease),
+        ("m2", again.member.lease())
+    );
+}

@@ -194,6 +194,11 @@ impl SubnetLease {
         self.held.as_ref().map(|(r, _)| r)
     }
 
+    /// The lease the last claim was made under.
+    pub fn lease(&self) -> Option<i64> {
+        self.held.as_ref().map(|(_, l)| *l)
+    }
+
     /// Claims again only when nothing was claimed yet under `lease` (a new lease after a lease
     /// loss, or a first claim): `Some` with the record when it claimed.
     pub async fn ensure(
