@@ -126,31 +126,26 @@ pub async fn claim_exact(
         });
     }
     let key = keys.subnet(&record.subnet);
-    let current = claims(client, keys)
-        .await?
-        .0
-        .into_iter()
-        .find(|c| c.record.subnet == record.subnet);
     let taken = |holder: String| NetworkError::Taken {
         subnet: record.subnet,
         holder,
     };
-    if let Some(c) = current
-        .as_ref()
-        .filter(|c| c.record.machine != record.machine)
-    {
-        return Err(taken(c.record.machine.clone()));
-    }
+    let current = match client.get(&key).await? {
+        None => None,
+        Some(kv) => match serde_json::from_slice::<SubnetRecord>(&kv.value) {
+            Ok(r) if r.machine == record.machine => Some(Claim {
+                record: r,
+                lease: kv.lease,
+                mod_revision: kv.mod_revision,
+            }),
+            Ok(r) => return Err(taken(r.machine)),
+            Err(_) => return Err(taken(format!("(unreadable record at {key})"))),
+        },
+    };
     if put_if(client, keys, record, current.as_ref(), lease, Vec::new()).await? {
         return Ok(());
     }
-    let holder = match client.get(&key).await? {
-        Some(kv) => serde_json::from_slice::<SubnetRecord>(&kv.value)
-            .map(|r| r.machine)
-            .unwrap_or_else(|_| format!("(unreadable record at {key})")),
-        None => "(a claim since released)".into(),
-    };
-    Err(taken(holder))
+    Err(taken("(a claim made since it was read)".into()))
 }
 
 /// One machine's subnet claim, kept across leases.
@@ -166,7 +161,8 @@ pub struct SubnetLease {
 }
 
 impl SubnetLease {
-    /// Machine `machine`, reached by its peers at `address` (its record's), remembering its
+    /// Machine `machine`, reached by its peers at `address` (its record's, with or without a
+    /// prefix length; IPv4 only), remembering its
     /// subnet at `state` (see [`STATE_PATH`]).
     pub fn new(
         client: Client,
@@ -175,7 +171,9 @@ impl SubnetLease {
         address: &str,
         state: impl Into<PathBuf>,
     ) -> Result<SubnetLease, NetworkError> {
-        let public_ip = address.parse().map_err(|_| NetworkError::NotIpv4 {
+        // An address may carry its prefix length (`10.0.0.5/24`).
+        let ip = address.split('/').next().unwrap_or(address);
+        let public_ip = ip.parse().map_err(|_| NetworkError::NotIpv4 {
             machine: machine.into(),
             address: address.into(),
         })?;
@@ -329,5 +327,15 @@ mod tests {
             ),
             Err(NetworkError::NotIpv4 { .. })
         ));
+        let with_prefix = SubnetLease::new(
+            Client::new(&["http://127.0.0.1:1"]).unwrap(),
+            Keys::new("/f/"),
+            "m1",
+            "10.0.0.5/22",
+            &path,
+        )
+        .unwrap();
+        assert_eq!(with_prefix.public_ip, Ipv4Addr::new(10, 0, 0, 5));
+        assert_eq!(with_prefix.held(), None);
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! A machine's own network is what its record's `address` says: a bare address is taken as
 //! the `/24` around it (a machine record carries no prefix length), so [`init`] refuses a
-//! cluster range that overlaps the `/24` of any registered machine.
+//! cluster range that overlaps the `/24` of any registered machine. An address written with its
+//! prefix (`10.0.0.5/22`) is taken as it is; one that is not IPv4 (`unknown`) is skipped.
 
 pub mod lease;
 
