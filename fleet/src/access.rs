@@ -16,8 +16,8 @@
 //! transaction on the key being absent, which is what makes two claims of one subnet
 //! impossible; etcd's roles grant key ranges, not owners, so every machine may write the
 //! whole `network/subnets/` range. A machine's credentials can therefore disturb other
-//! machines' subnet claims (delete or overwrite them: their routes go until the owner claims
-//! again on its next lease renewal), and nothing else.
+//! machines' subnet claims (delete or overwrite them: their routes go until the owner's agent
+//! notices, within a minute, and claims again), and nothing else.
 
 use crate::etcd::{Client, EtcdError, Perm, Permission};
 use crate::registry::{self, Keys};

@@ -425,6 +425,16 @@ async fn agents_claim_their_subnets_and_claim_again_after_a_lease_loss() {
         agents[0].member.lease(),
         "the same subnet, under the new lease"
     );
+    // Someone deletes m1's claim (any machine's credentials may): m1 finds out and claims again.
+    agents[0].subnet_verify = Duration::ZERO;
+    store
+        .client
+        .delete(&keys().subnet(&s1), false)
+        .await
+        .unwrap();
+    agents[0].tick().await.unwrap();
+    let kv = store.client.get(&keys().subnet(&s1)).await.unwrap();
+    assert_eq!(kv.map(|kv| kv.lease), Some(agents[0].member.lease()));
     // Both leave, which frees both subnets; m2 started again (a new process, the same state
     // file) gets its own subnet back, not the first free one.
     assert!(s1 < s2, "m1 claimed first");

@@ -16,7 +16,9 @@
 //!
 //! When the operator has set a cluster network (`network/config`), the agent claims its
 //! machine's subnet under its lease ([`crate::network::SubnetLease`]) on the first tick that
-//! finds the config, and again on the first tick under a new lease after a lease loss. A claim
+//! finds the config, and again on the first tick under a new lease after a lease loss, or when
+//! the claim is found changed (every [`Agent::subnet_verify`], the agent reads its subnet's key:
+//! any machine's credentials may write the claims). A claim
 //! that fails is logged and tried again on the next tick: the units keep running. Until the
 //! claim holds, each tick reads the config key (one small read; no watch, so a machine whose
 //! role predates the network's grants loses nothing but this read, logged once).
@@ -73,6 +75,10 @@ pub struct Agent<R: Runtime> {
     pub subnet_state: std::path::PathBuf,
     /// The machine's subnet claim, once the cluster network is set.
     subnet: Option<crate::network::SubnetLease>,
+    /// How often the agent reads its subnet's key to see that its claim still stands.
+    pub subnet_verify: Duration,
+    /// When it last did.
+    subnet_verified: Option<std::time::Instant>,
     /// The address the machine's peers reach it at (its record's).
     address: String,
     /// The last error claiming a subnet (logged once until it changes).
@@ -205,6 +211,9 @@ pub const UNSETTLED_WARNING: Duration = Duration::from_secs(600);
 /// How soon a lease renewal that failed (not because the lease is gone) is tried again.
 const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
 
+/// How often an agent checks that its subnet claim still stands.
+pub const SUBNET_VERIFY: Duration = Duration::from_secs(60);
+
 /// How often a machine holding a slot of the reboot lock looks for the updater's marker.
 const SETTLED_POLL: Duration = Duration::from_millis(500);
 
@@ -274,6 +283,8 @@ impl<R: Runtime> Agent<R> {
             unsettled_warned: false,
             subnet_state: crate::network::lease::STATE_PATH.into(),
             subnet: None,
+            subnet_verify: SUBNET_VERIFY,
+            subnet_verified: None,
             address: record.address.clone(),
             subnet_error: None,
             leading: false,
@@ -503,7 +514,9 @@ impl<R: Runtime> Agent<R> {
     /// each and retried on the next tick.
     async fn claim_subnet(&mut self) {
         let lease = self.member.lease();
-        if self.subnet.as_ref().and_then(|s| s.lease()) == Some(lease) {
+        if self.subnet.as_ref().and_then(|s| s.lease()) == Some(lease)
+            && !self.verify_subnet().await
+        {
             return;
         }
         let r = self.try_claim_subnet(lease).await;
@@ -521,6 +534,35 @@ impl<R: Runtime> Agent<R> {
                     log::warn!("claiming this machine's subnet: {text}; trying again each tick");
                     self.subnet_error = Some(text);
                 }
+            }
+        }
+    }
+
+    /// Every [`Agent::subnet_verify`]: true when the claim no longer stands (logged), so it
+    /// must be made again.
+    async fn verify_subnet(&mut self) -> bool {
+        let due = self
+            .subnet_verified
+            .is_none_or(|t| t.elapsed() >= self.subnet_verify);
+        let Some(claim) = self.subnet.as_mut().filter(|_| due) else {
+            return false;
+        };
+        self.subnet_verified = Some(std::time::Instant::now());
+        let held = claim
+            .held()
+            .map(|r| r.subnet.to_string())
+            .unwrap_or_default();
+        match claim.verify().await {
+            Ok(true) => false,
+            Ok(false) => {
+                log::warn!(
+                    "the claim on subnet {held} was changed or deleted in etcd; claiming again"
+                );
+                true
+            }
+            Err(e) => {
+                log::debug!("checking the claim on subnet {held}: {e}");
+                false
             }
         }
     }

@@ -197,6 +197,30 @@ impl SubnetLease {
         self.held.as_ref().map(|(_, l)| *l)
     }
 
+    /// Whether etcd still holds the last claim as it was made (same record, same lease). When
+    /// it does not (another machine's credentials deleted or overwrote it, or the lease is
+    /// gone), the claim is forgotten, so the next [`SubnetLease::ensure`] claims again.
+    pub async fn verify(&mut self) -> Result<bool, NetworkError> {
+        let Some((record, lease)) = &self.held else {
+            return Ok(false);
+        };
+        let still = self
+            .client
+            .get(&self.keys.subnet(&record.subnet))
+            .await?
+            .is_some_and(|kv| {
+                kv.lease == *lease
+                    && serde_json::from_slice::<SubnetRecord>(&kv.value)
+                        .ok()
+                        .as_ref()
+                        == Some(record)
+            });
+        if !still {
+            self.held = None;
+        }
+        Ok(still)
+    }
+
     /// Claims again only when nothing was claimed yet under `lease` (a new lease after a lease
     /// loss, or a first claim): `Some` with the record when it claimed.
     pub async fn ensure(
