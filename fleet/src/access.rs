@@ -6,12 +6,18 @@
 //! |---|---|
 //! | `caisson-operator` | read and write everything under the prefix (the `caisson-fleet` CLI) |
 //! | `caisson-leader` | write the leader key, every assignment and the volumes' pins (`volumes/`); read machines and statuses |
-//! | `caisson-machine-<id>` | write its own record, statuses, logs and reboot-lock slot; read the units, its own assignment, the leader key, the machines, the reboot lock and the volume purges (`purge/`) |
+//! | `caisson-machine-<id>` | write its own record, statuses, logs, reboot-lock slot and service registrations (`services/<id>/`), and the subnet claims (`network/subnets/`); read the units, its own assignment, the leader key, the machines, the reboot lock, the volume purges (`purge/`), the network's config and every registration (`services/`) |
 //!
 //! A machine's user is `caisson-machine-<id>` with its own role, and `caisson-leader` too when
-//! it may schedule (a machine without it never campaigns). Only the operator writes units;
-//! only a leader writes assignments; a machine cannot touch another machine's keys or read
-//! another machine's logs.
+//! it may schedule (a machine without it never campaigns). Only the operator writes units and
+//! the network's config; only a leader writes assignments; a machine cannot touch another
+//! machine's keys or read another machine's logs, with one exception: the subnet claims.
+//! A subnet's key is named by the subnet (`network/subnets/10.42.3.0-24`) so that a claim is a
+//! transaction on the key being absent, which is what makes two claims of one subnet
+//! impossible; etcd's roles grant key ranges, not owners, so every machine may write the
+//! whole `network/subnets/` range. A machine's credentials can therefore disturb other
+//! machines' subnet claims (delete or overwrite them: their routes go until the owner's agent
+//! notices, within a minute, and claims again), and nothing else.
 
 use crate::etcd::{Client, EtcdError, Perm, Permission};
 use crate::registry::{self, Keys};
@@ -81,6 +87,11 @@ pub fn machine_permissions(keys: &Keys, id: &str) -> Vec<Permission> {
         Permission::new(Perm::Read, keys.leader(), false),
         Permission::new(Perm::Read, keys.machines(), true),
         Permission::new(Perm::Read, keys.purges(), true),
+        Permission::new(Perm::Read, keys.network_config(), false),
+        // Claims are transactions on the subnet's key: every machine writes the whole range.
+        Permission::new(Perm::ReadWrite, keys.subnets(), true),
+        Permission::new(Perm::Read, keys.services(), true),
+        Permission::new(Perm::ReadWrite, keys.machine_services(id), true),
     ])
 }
 
@@ -229,11 +240,27 @@ mod tests {
             k.leader(),
             k.pin("web"),
             k.purge("web"),
+            k.network_config(),
+            k.service("m2", "web"),
+            k.service("m10", "web"),
+            format!("{}m1", k.services()),
             crate::lock::holder_key(&k.lock(), "m2"),
             crate::lock::max_key(&k.lock()),
         ] {
             assert!(!allows(&m, &other, true), "{other}");
         }
+        assert!(allows(&m, &k.service("m1", "web"), true));
+        let subnet = "10.42.3.0/24".parse().unwrap();
+        assert!(
+            allows(&m, &k.subnet(&subnet), true),
+            "claims are transactions on the subnet's key"
+        );
+        for read in [k.network_config(), k.subnets(), k.service("m2", "web")] {
+            assert!(allows(&m, &read, false), "{read}");
+        }
+        let l = leader_permissions(&k);
+        assert!(!allows(&l, &k.network_config(), true));
+        assert!(allows(&operator_permissions(&k), &k.network_config(), true));
         assert!(allows(&m, &k.unit("web"), false));
         assert!(
             allows(&m, &k.purge("web"), false),

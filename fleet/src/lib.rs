@@ -8,6 +8,7 @@
 //! - [`registry`]: machine records under leases, leader election, the keyspace.
 //! - [`records`]: records in etcd this version cannot use: skipped, logged once, listed.
 //! - [`store`]: units, assignments, statuses, and the leader's scheduling pass.
+//! - [`network`]: the cluster network's config and each host's subnet lease (flannel's semantics).
 //! - [`lock`]: the reboot semaphore the updater's `etcd-lock` strategy uses.
 //! - [`agent`]: the agent loop, and reconciliation against an [`agent::Runtime`] (`agent::reconcile`).
 //! - [`containerd`]: the containerd runtime.
@@ -24,6 +25,7 @@ pub mod containerd;
 pub mod distribution;
 pub mod etcd;
 pub mod lock;
+pub mod network;
 pub mod records;
 pub mod registry;
 pub mod scheduler;

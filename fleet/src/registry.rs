@@ -14,6 +14,9 @@
 //! | `purge/<unit>` | [`crate::volumes::Purge`] JSON: machines delete the volumes of this unit, which is gone | none (written by `destroy --volumes`, deleted by `submit`) |
 //! | `lock/reboot/max` | how many machines may hold the reboot lock (absent: 1) | none |
 //! | `lock/reboot/holders/<id>` | when the machine took its slot (unix seconds) | none |
+//! | `network/config` | [`caisson_net::cluster::NetworkConfig`] JSON: the cluster network | none (written once by `network init`) |
+//! | `network/subnets/<a.b.c.d>-<len>` | [`caisson_net::cluster::SubnetRecord`] JSON: the machine holding that subnet | the machine's |
+//! | `services/<id>/<unit>` | the unit's registrations on that machine (by machine first, so a machine's role writes only its own) | the machine's |
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
 use crate::records::{self, Invalid};
@@ -131,6 +134,30 @@ impl Keys {
     }
     pub fn purge(&self, unit: &str) -> String {
         format!("{}purge/{unit}", self.prefix)
+    }
+    pub fn network_config(&self) -> String {
+        format!("{}network/config", self.prefix)
+    }
+    pub fn subnets(&self) -> String {
+        format!("{}network/subnets/", self.prefix)
+    }
+    /// `network/subnets/10.42.3.0-24`.
+    pub fn subnet(&self, subnet: &caisson_net::cluster::Ipv4Net) -> String {
+        format!(
+            "{}{}",
+            self.subnets(),
+            caisson_net::cluster::subnet_key(subnet)
+        )
+    }
+    pub fn services(&self) -> String {
+        format!("{}services/", self.prefix)
+    }
+    /// Every registration of machine `id`.
+    pub fn machine_services(&self, id: &str) -> String {
+        format!("{}services/{id}/", self.prefix)
+    }
+    pub fn service(&self, id: &str, unit: &str) -> String {
+        format!("{}services/{id}/{unit}", self.prefix)
     }
 }
 

@@ -380,3 +380,59 @@ async fn certificates_that_do_not_belong_are_refused() {
         other => panic!("expected AuthNotEnabled, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_claim_subnets_and_write_only_their_own_services() {
+    use caisson_fleet::network::{self, NetworkError, SubnetLease};
+    let site = Site::new();
+    let op = site.secure(&[("m1", false), ("m2", false)]);
+    let keys = Keys::new("/caisson/fleet/");
+    let (ok, out, err) = cli(&op, &["network", "init", "10.42.0.0/16"]);
+    assert!(ok && out.contains("10.42.0.0/16"), "{out}{err}");
+    let m1 = site.config("m1", &machine_user("m1")).client().unwrap();
+    let m2 = site.config("m2", &machine_user("m2")).client().unwrap();
+    // A machine reads the config and claims its subnet under its own lease.
+    let member = registry::Member::join(m1.clone(), keys.clone(), record("m1"), 30)
+        .await
+        .unwrap();
+    let config = network::config(&m1, &keys).await.unwrap().unwrap();
+    let held = SubnetLease::new(
+        m1.clone(),
+        keys.clone(),
+        "m1",
+        "127.0.0.1",
+        site.path("m1-subnet.json"),
+    )
+    .unwrap()
+    .claim(&config, member.lease())
+    .await
+    .unwrap();
+    assert_eq!(network::peers(&m2, &keys).await.unwrap(), [held]);
+    // Neither machine may change the network's config.
+    denied(
+        "rewrite the network's config",
+        m2.put(&keys.network_config(), "{}", 0).await,
+    );
+    let other = network::NetworkConfig::new("10.99.0.0/16".parse().unwrap());
+    match network::init(&m2, &keys, &other).await {
+        Err(NetworkError::Etcd(e)) if e.is_permission_denied() => {}
+        other => panic!("a machine wrote the network's config: {other:?}"),
+    }
+    // Each writes its own service registrations, reads everyone's, writes no one else's.
+    m2.put(&keys.service("m2", "web"), "{}", 0).await.unwrap();
+    denied(
+        "register a service as another machine",
+        m2.put(&keys.service("m1", "web"), "{}", 0).await,
+    );
+    denied(
+        "delete another machine's registrations",
+        m2.delete(&keys.machine_services("m1"), true).await,
+    );
+    let seen = m1.range(&keys.services(), true).await.unwrap();
+    assert_eq!(seen.kvs.len(), 1);
+    let (ok, out, err) = cli(&op, &["network", "status"]);
+    assert!(
+        ok && out.contains("m1") && out.contains("yes"),
+        "{out}{err}"
+    );
+}

@@ -2,6 +2,8 @@
 //! the DNS half of service discovery. The fleet agent (`caisson-fleet`) keeps the cluster's
 //! state in etcd and calls in here for what happens on the host:
 //!
+//! - [`cluster`]: the cluster network's configuration, each host's subnet record, and the
+//!   choice of a free subnet (flannel's formats; the fleet keeps them in etcd).
 //! - [`endpoint`]: what discovery serves: a unit's healthy instances, their addresses and named
 //!   ports. The one type the agent's service registry, the DNS responder and templates share.
 //! - [`ipam`]: host-local addresses of the host's subnet, one file per address on disk.
@@ -11,6 +13,7 @@
 //! - [`nat`]: outbound masquerade and published ports in nftables (table `ip caisson`).
 //! - [`routes`]: routes to the other hosts' subnets (host-gw, flannel's default backend).
 //! - [`vxlan`]: flannel's VXLAN backend, for hosts on different L3 segments.
+//! - [`dns`]: the DNS responder: the cluster zone from the endpoints, everything else forwarded.
 //!
 //! Nothing here talks to etcd; everything here that changes the host (links, addresses,
 //! routes, nftables) is tested in network namespaces of the test's own.
@@ -64,6 +67,8 @@
 //! The netlink calls need a tokio runtime; [`nat`] and [`netns`] are synchronous (`nat` runs
 //! Debian's `nft`, in the calling thread's namespace).
 
+pub mod cluster;
+pub mod dns;
 pub mod endpoint;
 pub mod ipam;
 pub mod link;

@@ -13,6 +13,15 @@
 //! whose stream drops resumes from its revision (or, when that was compacted, wakes the loop for
 //! a full read). The health monitor ([`health`]) wakes the loop too, when an instance's health
 //! changes, so an unhealthy one is restarted and reported at once.
+//!
+//! When the operator has set a cluster network (`network/config`), the agent claims its
+//! machine's subnet under its lease ([`crate::network::SubnetLease`]) on the first tick that
+//! finds the config, and again on the first tick under a new lease after a lease loss, or when
+//! the claim is found changed (every [`Agent::subnet_verify`], the agent reads its subnet's key:
+//! any machine's credentials may write the claims). A claim
+//! that fails is logged and tried again on the next tick: the units keep running. Until the
+//! claim holds, each tick reads the config key (one small read; no watch, so a machine whose
+//! role predates the network's grants loses nothing but this read, logged once).
 
 use crate::config::Config;
 use crate::etcd::{Client, Event};
@@ -62,6 +71,18 @@ pub struct Agent<R: Runtime> {
     unsettled_since: Option<std::time::Instant>,
     /// Whether the late warning about an unsettled boot was logged.
     unsettled_warned: bool,
+    /// Where the machine remembers its subnet of the cluster network (state partition).
+    pub subnet_state: std::path::PathBuf,
+    /// The machine's subnet claim, once the cluster network is set.
+    subnet: Option<crate::network::SubnetLease>,
+    /// How often the agent reads its subnet's key to see that its claim still stands.
+    pub subnet_verify: Duration,
+    /// When it last did.
+    subnet_verified: Option<std::time::Instant>,
+    /// The address the machine's peers reach it at (its record's).
+    address: String,
+    /// The last error claiming a subnet (logged once until it changes).
+    subnet_error: Option<String>,
     /// Whether the last tick found this machine leading.
     pub leading: bool,
     /// The health of the instances on this machine (its changes wake the loop).
@@ -190,6 +211,9 @@ pub const UNSETTLED_WARNING: Duration = Duration::from_secs(600);
 /// How soon a lease renewal that failed (not because the lease is gone) is tried again.
 const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
 
+/// How often an agent checks that its subnet claim still stands.
+pub const SUBNET_VERIFY: Duration = Duration::from_secs(60);
+
 /// How often a machine holding a slot of the reboot lock looks for the updater's marker.
 const SETTLED_POLL: Duration = Duration::from_millis(500);
 
@@ -257,6 +281,12 @@ impl<R: Runtime> Agent<R> {
             settled: false,
             unsettled_since: None,
             unsettled_warned: false,
+            subnet_state: crate::network::lease::STATE_PATH.into(),
+            subnet: None,
+            subnet_verify: SUBNET_VERIFY,
+            subnet_verified: None,
+            address: record.address.clone(),
+            subnet_error: None,
             leading: false,
             health: health::Monitor::new(Some(wake.clone())),
             wake,
@@ -384,6 +414,7 @@ impl<R: Runtime> Agent<R> {
             self.reported.clear();
             self.logged.clear();
         }
+        self.claim_subnet().await;
         self.leading = self.member.campaign().await.map_err(|e| e.to_string())?;
         if !self.leading {
             self.machines_watch = None;
@@ -476,6 +507,88 @@ impl<R: Runtime> Agent<R> {
             self.reported.remove(&u);
         }
         Ok(())
+    }
+
+    /// Claims this machine's subnet of the cluster network when the operator has set one and
+    /// no claim holds under the current lease (see the module's doc). Errors are logged once
+    /// each and retried on the next tick.
+    async fn claim_subnet(&mut self) {
+        let lease = self.member.lease();
+        if self.subnet.as_ref().and_then(|s| s.lease()) == Some(lease)
+            && !self.verify_subnet().await
+        {
+            return;
+        }
+        let r = self.try_claim_subnet(lease).await;
+        match r {
+            Ok(Some((network, subnet))) => {
+                log::info!("cluster network {network}: this machine holds subnet {subnet} (lease {lease:x})");
+                self.subnet_error = None;
+            }
+            Ok(None) => self.subnet_error = None,
+            // The next tick registers again, then claims under the new lease.
+            Err(crate::network::NetworkError::LeaseExpired(_)) => {}
+            Err(e) => {
+                let text = e.to_string();
+                if self.subnet_error.as_deref() != Some(text.as_str()) {
+                    log::warn!("claiming this machine's subnet: {text}; trying again each tick");
+                    self.subnet_error = Some(text);
+                }
+            }
+        }
+    }
+
+    /// Every [`Agent::subnet_verify`]: true when the claim no longer stands (logged), so it
+    /// must be made again.
+    async fn verify_subnet(&mut self) -> bool {
+        let due = self
+            .subnet_verified
+            .is_none_or(|t| t.elapsed() >= self.subnet_verify);
+        let Some(claim) = self.subnet.as_mut().filter(|_| due) else {
+            return false;
+        };
+        self.subnet_verified = Some(std::time::Instant::now());
+        let held = claim
+            .held()
+            .map(|r| r.subnet.to_string())
+            .unwrap_or_default();
+        match claim.verify().await {
+            Ok(true) => false,
+            Ok(false) => {
+                log::warn!(
+                    "the claim on subnet {held} was changed or deleted in etcd; claiming again"
+                );
+                true
+            }
+            Err(e) => {
+                log::debug!("checking the claim on subnet {held}: {e}");
+                false
+            }
+        }
+    }
+
+    /// [`Agent::claim_subnet`]'s work: `Some((network, subnet))` when it claimed, `None` when
+    /// there is no cluster network.
+    async fn try_claim_subnet(
+        &mut self,
+        lease: i64,
+    ) -> Result<Option<(String, String)>, crate::network::NetworkError> {
+        let (client, keys) = (&self.store.client, &self.store.keys);
+        let Some(config) = crate::network::config(client, keys).await? else {
+            return Ok(None);
+        };
+        let claim = match &mut self.subnet {
+            Some(s) => s,
+            None => self.subnet.insert(crate::network::SubnetLease::new(
+                client.clone(),
+                keys.clone(),
+                self.member.id(),
+                &self.address,
+                self.subnet_state.clone(),
+            )?),
+        };
+        let r = claim.ensure(&config, lease).await?;
+        Ok(r.map(|r| (config.network.to_string(), r.subnet.to_string())))
     }
 
     /// The units assigned to this machine; `None` when the assignment does not decode (logged

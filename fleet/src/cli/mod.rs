@@ -1,8 +1,11 @@
 //! The `caisson-fleet` command line: clap types and what each command does; the agent's
-//! start in [`agent`], unit file checks in [`validate`].
+//! start in [`agent`], unit file checks in [`validate`], the cluster network in [`network`].
 
 mod agent;
+mod network;
 mod validate;
+
+pub use network::{BackendArg, NetworkCommand};
 
 pub use validate::validate;
 
@@ -105,6 +108,11 @@ pub enum Command {
     Lock {
         #[command(subcommand)]
         command: LockCommand,
+    },
+    /// The cluster network: its range, and each host's subnet.
+    Network {
+        #[command(subcommand)]
+        command: NetworkCommand,
     },
     /// etcd users and roles: who may write which keys (as etcd's root user).
     Access {
@@ -254,6 +262,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Units { json } => units(&cli.store()?, *json).await?,
         Command::Logs { unit, machine } => logs(&cli.store()?, unit, machine.as_deref()).await?,
         Command::Access { command } => run_access(&cli, command).await?,
+        Command::Network { command } => network::run(&cli.store()?, command).await?,
         Command::Lock { command } => {
             let store = cli.store()?;
             let lock = RebootLock::new(store.client.clone(), store.keys.lock());
