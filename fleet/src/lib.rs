@@ -13,6 +13,8 @@
 //! - [`agent`]: the agent loop, and reconciliation against an [`agent::Runtime`] (`agent::reconcile`).
 //! - [`containerd`]: the containerd runtime.
 //! - [`distribution`]: images from OCI registries (manifests, blobs, auth, mirrors).
+//! - [`templates`]: confd-style files rendered from the endpoints into units' volumes
+//!   (the agent's side: [`agent_templates`]).
 //! - [`config`]: the agent configuration file, /etc/caisson/fleet.toml.
 //! - [`cli`]: the `caisson-fleet` command line.
 
@@ -30,5 +32,11 @@ pub mod records;
 pub mod registry;
 pub mod scheduler;
 pub mod store;
+pub mod templates;
 pub mod unit;
 pub mod volumes;
+
+/// The agent's side of templates. It lives beside the agent; `agent/mod.rs` is to declare it
+/// (`pub mod templates;`) and this declaration then goes.
+#[path = "agent/templates.rs"]
+pub mod agent_templates;

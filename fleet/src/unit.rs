@@ -57,8 +57,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod health;
+pub mod templates;
 pub mod volumes;
 pub use health::{parse_duration, Health, Probe};
+pub use templates::Template;
 pub use volumes::{Bind, Volume, VolumesFollow};
 
 /// Why a unit file is not valid.
@@ -117,6 +119,9 @@ pub struct UnitSpec {
     /// Whether a unit with volumes is held to the machines that hold them.
     #[serde(default, skip_serializing_if = "VolumesFollow::is_default")]
     pub volumes_follow: VolumesFollow,
+    /// Files rendered from the cluster's endpoints into the unit's volumes ([`templates`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<Template>,
 }
 
 /// Where the OCI archive comes from.
@@ -387,6 +392,14 @@ impl UnitSpec {
             return Err(field(
                 "volumes",
                 "a volume's or bind's path is not normalised (written without submit?)".into(),
+            ));
+        }
+        let templates =
+            templates::check(&self.volumes, &self.templates).map_err(|(f, m)| field(&f, m))?;
+        if templates != self.templates {
+            return Err(field(
+                "templates",
+                "a template's src or dest is not normalised (written without submit?)".into(),
             ));
         }
         match self.replicas {

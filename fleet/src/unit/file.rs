@@ -39,6 +39,8 @@ struct UnitFile {
     binds: Vec<super::Bind>,
     #[serde(default)]
     volumes_follow: super::VolumesFollow,
+    #[serde(default)]
+    templates: Vec<super::Template>,
 }
 
 #[derive(Deserialize, Default)]
@@ -182,6 +184,8 @@ impl UnitSpec {
         };
         let (volumes, binds) =
             super::volumes::check(&file.volumes, &file.binds).map_err(|(f, m)| field(&f, m))?;
+        let templates =
+            super::templates::check(&volumes, &file.templates).map_err(|(f, m)| field(&f, m))?;
         Ok(UnitSpec {
             name,
             description: file.description,
@@ -199,6 +203,7 @@ impl UnitSpec {
             volumes,
             binds,
             volumes_follow: file.volumes_follow,
+            templates,
         })
     }
 }
