@@ -44,6 +44,13 @@
 //! retries = 3                       # default 3 consecutive failures make it unhealthy
 //! start_period = "30s"              # default 0s (as Docker): failures before the first
 //!                                   # success within this time after a start do not count
+//!
+//! [[templates]]                     # optional, repeated: confd-style files (see [`templates`])
+//! src = "/etc/caisson/units/lb/haproxy.cfg.tmpl"  # a Jinja2 template, provisioned (bind rules)
+//! dest = "haproxy.cfg"              # relative to the volume, no `..`
+//! volume = "conf"                   # one of the unit's volumes
+//! services = ["web"]                # the units whose healthy instances it sees
+//! reload = ["/bin/sh", "-c", "kill -HUP 1"]  # optional: run in the container after a change
 //! ```
 //!
 //! An unhealthy instance is restarted when `restart` is `always` or `on-failure`; with `never`
@@ -52,6 +59,9 @@
 //! Volumes ([`volumes`]) survive container restarts, replacement (a changed spec), `stop`, a
 //! plain `destroy`, reboots and OS updates; only `caisson-fleet destroy UNIT --volumes` has the
 //! machines delete them. How they pin a unit: `crate::scheduler` and `crate::volumes`.
+//!
+//! Templates ([`templates`]) are rendered by the agent from the endpoints of the units they name
+//! (the context: `crate::templates`) and written into the volume only when their text changes.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
