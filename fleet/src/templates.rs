@@ -235,11 +235,27 @@ pub enum Outcome {
     NoVolume,
 }
 
+/// What a file was when the renderer last wrote or read it: a file changed or replaced since
+/// (by the container, by hand) no longer matches and is compared again.
+type FileId = (u64, u64, u64, i64, i64);
+
+fn file_id(dir: &OwnedFd, name: &str) -> Option<FileId> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    Some((
+        st.st_dev as u64,
+        st.st_ino as u64,
+        st.st_size as u64,
+        st.st_mtime as i64,
+        st.st_mtime_nsec as i64,
+    ))
+}
+
 /// Renders templates and writes the files whose text changed; remembers what it last wrote
-/// (or found) at each file, so an unchanged render costs no disk write.
+/// (or found) at each file, so an unchanged render costs no read and no write while the file
+/// is as it left it.
 #[derive(Debug, Default)]
 pub struct Renderer {
-    last: HashMap<PathBuf, String>,
+    last: HashMap<PathBuf, (String, Option<FileId>)>,
     /// How many files it has written (for tests and logs).
     pub writes: u64,
 }
@@ -271,9 +287,6 @@ impl Renderer {
         let rendered = render(&t.src, text, endpoints, &t.services)?;
         let dir = volume_root.join(unit).join(&t.volume);
         let path = dir.join(&t.dest);
-        if self.last.get(&path) == Some(&rendered) {
-            return Ok(Outcome::Unchanged);
-        }
         let write_err = |message: String| TemplateError::Write {
             src: t.src.clone(),
             path: path.display().to_string(),
@@ -285,13 +298,19 @@ impl Renderer {
             Err(e) => return Err(write_err(format!("opening the volume: {e}"))),
         };
         let (parent, name) = walk(root, &t.dest).map_err(write_err)?;
+        let id = file_id(&parent, name);
+        let same = |(text, was): &(String, Option<FileId>)| *text == rendered && *was == id;
+        if id.is_some() && self.last.get(&path).is_some_and(same) {
+            return Ok(Outcome::Unchanged);
+        }
         if read_existing(&parent, name).as_deref() == Some(rendered.as_bytes()) {
-            self.last.insert(path, rendered);
+            self.last.insert(path, (rendered, id));
             return Ok(Outcome::Unchanged);
         }
         write_atomic(&parent, name, rendered.as_bytes()).map_err(write_err)?;
         self.writes += 1;
-        self.last.insert(path, rendered);
+        let id = file_id(&parent, name);
+        self.last.insert(path, (rendered, id));
         Ok(Outcome::Written)
     }
 

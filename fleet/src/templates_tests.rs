@@ -208,6 +208,21 @@ fn a_file_is_written_only_when_its_text_changes() {
         .contains("10.42.2.2:80"));
     let names: Vec<_> = std::fs::read_dir(conf.join("etc")).unwrap().collect();
     assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+    // The file removed or changed behind the renderer's back: written again.
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(
+        r.apply_text("lb", &t, LB, root.path(), &two),
+        Ok(Outcome::Written)
+    );
+    std::fs::write(&file, "edited").unwrap();
+    assert_eq!(
+        r.apply_text("lb", &t, LB, root.path(), &two),
+        Ok(Outcome::Written)
+    );
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("10.42.2.2:80"));
+    assert_eq!(r.writes, 4);
     // Forgotten units' files are forgotten.
     r.retain(root.path(), |u| u != "lb");
     assert!(r.last.is_empty());

@@ -474,10 +474,12 @@ async fn units(store: &Store, json: bool) -> Result<()> {
         for line in volumes::notes(&r["volumes_on"], &r["waiting_for"], &live) {
             println!("{:<24} {line}", "");
         }
-        // Why an instance is not healthy, under its row.
+        // Why an instance is not healthy, or failed, or its templates do not render: under its row.
         for (m, s) in r["actual"].as_object().into_iter().flatten() {
-            if let Some(why) = s["health_error"].as_str() {
-                println!("{:<24} {m}: {why}", "");
+            for key in ["health_error", "error"] {
+                if let Some(why) = s[key].as_str() {
+                    println!("{:<24} {m}: {why}", "");
+                }
             }
         }
     }
