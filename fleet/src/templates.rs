@@ -46,6 +46,9 @@ use crate::unit::Template;
 pub const MAX_SOURCE: u64 = 1 << 20;
 /// The largest rendered file written.
 pub const MAX_OUTPUT: usize = 4 << 20;
+/// The end of the temporary file's name beside a file being written (which no `dest` may
+/// end with: [`crate::unit::templates::check`]).
+pub const TMP_SUFFIX: &str = ".caisson-tmp";
 /// Minijinja's fuel for one render: a few million instructions, far above any load balancer's
 /// configuration for thousands of backends, and a bound on a loop without end.
 pub const FUEL: u64 = 5_000_000;
@@ -386,7 +389,7 @@ fn read_existing(dir: &OwnedFd, name: &str) -> Option<Vec<u8>> {
 /// fsync of the directory. A failure removes the temporary file and leaves the old one.
 fn write_atomic(dir: &OwnedFd, name: &str, bytes: &[u8]) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = format!(".{name}.caisson-tmp");
+    let tmp = format!(".{name}{TMP_SUFFIX}");
     match rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => {}
         Err(e) => return Err(format!("removing the old {tmp}: {e}")),
@@ -412,7 +415,12 @@ fn write_atomic(dir: &OwnedFd, name: &str, bytes: &[u8]) -> Result<(), String> {
         let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
         return Err(e);
     }
-    rustix::fs::fsync(dir).map_err(|e| format!("fsync of the directory: {e}"))
+    // The new file is in place: a failed directory fsync leaves it there (and owed its reload),
+    // so it is logged rather than returned.
+    if let Err(e) = rustix::fs::fsync(dir) {
+        log::warn!("templates: fsync of the directory of {name}: {e}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -68,6 +68,12 @@ pub fn normalise_dest(dest: &str) -> Result<String, String> {
     if parts.is_empty() {
         return Err(format!("{dest:?} names no file"));
     }
+    if dest.ends_with(crate::templates::TMP_SUFFIX) {
+        return Err(format!(
+            "{dest:?} ends with {}, which the agent's temporary files do",
+            crate::templates::TMP_SUFFIX
+        ));
+    }
     Ok(parts.join("/"))
 }
 
@@ -219,6 +225,11 @@ mod tests {
             ("./etc//haproxy.cfg", ".", "`templates[0].dest`"),
             ("./etc//haproxy.cfg", "", "`templates[0].dest`"),
             ("./etc//haproxy.cfg", "etc/", "`templates[0].dest`"),
+            (
+                "./etc//haproxy.cfg",
+                ".a.caisson-tmp",
+                "`templates[0].dest`",
+            ),
             (
                 "volume = \"conf\"",
                 "volume = \"data\"",
