@@ -203,8 +203,8 @@ mod tests {
     use caisson_net::endpoint::{Instance, Port, Proto};
     use std::net::Ipv4Addr;
 
-    /// A unit `lb` whose template `/etc/caisson/units/lb/...` is given as text (the renderer's
-    /// `apply_text` is what `sync` calls after reading it), so the test needs no /etc.
+    /// A unit `lb` with one template; its source is missing unless a test gives the text
+    /// ([`Templates::read`]), so the tests need nothing under /etc.
     fn lb(reload: bool) -> UnitSpec {
         let reload = if reload {
             "reload = [\"/bin/sh\", \"-c\", \"kill -HUP 1\"]\n"
