@@ -13,6 +13,7 @@ pub mod command;
 pub mod console;
 pub mod control;
 pub mod deps;
+pub mod devlinks;
 pub mod dhcp;
 pub mod dm;
 pub mod esp;

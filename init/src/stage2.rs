@@ -160,6 +160,7 @@ pub fn mounts(sys: &dyn Syscall) {
         "gid=5,mode=620,ptmxmode=666",
     );
     mount_logged(sys, "tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777");
+    crate::devlinks::ensure(Path::new("/dev"));
     mount_logged(sys, "tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777");
     mount_cgroup2(sys, Path::new(CGROUP2_AT));
     if let Err(e) = sys.make_rshared(Path::new("/")) {
