@@ -1,5 +1,6 @@
 //! QEMU end-to-end: real images boot under OVMF + systemd-boot to the ready line, answer on the
-//! init's control channel, power off cleanly, and keep their state across boots.
+//! init's control channel, power off cleanly, and keep their state across boots; the host image
+//! carries what container networking needs (nft, the nftables and VXLAN modules).
 
 #![allow(clippy::unwrap_used)]
 
@@ -139,7 +140,105 @@ fn host_runs_containerd_under_the_init() {
     let r = common::exec(&vm, &["/no/such/program"], 30);
     assert!(!r.ok, "{r:?}");
     assert!(r.error.unwrap_or_default().contains("/no/such/program"));
+    container_networking(&vm);
     poweroff(&mut vm);
+}
+
+/// Runs `script` with busybox sh in the guest; panics with its output unless it exits 0.
+fn sh(vm: &caisson_qemu::Vm, script: &str) -> String {
+    let r = common::exec(vm, &["/bin/busybox", "sh", "-c", script], 60);
+    let e = r
+        .exec
+        .unwrap_or_else(|| panic!("no exec result for {script:?}: {:?}", r.error));
+    assert_eq!(
+        (e.code, e.signal, e.timed_out),
+        (Some(0), None, false),
+        "{script}\n{}",
+        e.output
+    );
+    e.output
+}
+
+/// What the fleet agent's container networking (caisson-net) needs from the host image, with
+/// nothing loaded on demand (the image has no modprobe): `nft` and its libraries, the nftables
+/// expressions of the agent's own NAT table (nat chains, masquerade, dnat, ct, fib), a bridge
+/// with a veth on it, and the VXLAN driver.
+fn container_networking(vm: &caisson_qemu::Vm) {
+    use caisson_net::{endpoint::Proto, nat};
+    let empty: serde_json::Value =
+        serde_json::from_str(&sh(vm, "/usr/sbin/nft -j list ruleset")).expect("nft -j prints JSON");
+    assert!(empty["nftables"][0]["metainfo"].is_object(), "{empty}");
+
+    // The very document the agent applies: one masquerade for the subnet, one for hairpin
+    // (ct status dnat), fib daddr type local in prerouting and output, one dnat per port.
+    let cfg = nat::NatConfig {
+        subnet: "10.42.3.0/24".parse().unwrap(),
+        cluster: "10.42.0.0/16".parse().unwrap(),
+        ports: vec![nat::PublishedPort {
+            host_port: 8080,
+            proto: Proto::Tcp,
+            addr: "10.42.3.2".parse().unwrap(),
+            port: 80,
+        }],
+    };
+    let doc = serde_json::to_string(&nat::ruleset(&cfg).unwrap()).unwrap();
+    assert!(!doc.contains('\''), "{doc}");
+    sh(vm, &format!("echo '{doc}' | /usr/sbin/nft -j -f -"));
+    let table = sh(vm, "/usr/sbin/nft list table ip caisson");
+    for rule in [
+        "ip saddr 10.42.3.0/24 ip daddr != 10.42.0.0/16 masquerade",
+        "ct status dnat masquerade",
+        "fib daddr type local jump published",
+        "tcp dport 8080 dnat to 10.42.3.2:80",
+    ] {
+        assert!(table.contains(rule), "no {rule:?} in:\n{table}");
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&sh(vm, "/usr/sbin/nft -j list table ip caisson")).unwrap();
+    let rules = listed["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["rule"].is_object())
+        .count();
+    assert_eq!(rules, 5, "{listed}");
+    sh(vm, "/usr/sbin/nft delete table ip caisson");
+    let text = sh(vm, "/usr/sbin/nft list ruleset");
+    assert!(text.trim().is_empty(), "left behind:\n{text}");
+
+    // A bridge with one end of a veth pair on it (busybox names the peer itself), then gone.
+    let links = sh(
+        vm,
+        "set -e; ip='/bin/busybox ip'
+        $ip link add caisson-t0 type bridge
+        $ip link add caisson-t1 type veth
+        $ip link set caisson-t1 master caisson-t0
+        $ip link set caisson-t0 up
+        ls /sys/class/net/caisson-t0/brif
+        $ip link del caisson-t1
+        $ip link del caisson-t0
+        ls /sys/class/net",
+    );
+    let (brif, after) = links.split_once('\n').unwrap();
+    assert_eq!(brif, "caisson-t1", "{links}");
+    assert!(
+        !after.contains("caisson-t") && !after.contains("veth"),
+        "{links}"
+    );
+
+    // busybox's ip cannot give a VXLAN its VNI: the driver is loaded, with its UDP tunnels.
+    let loaded = sh(vm, "cat /proc/modules");
+    let loaded: Vec<&str> = loaded.lines().filter_map(|l| l.split(' ').next()).collect();
+    for m in [
+        "vxlan",
+        "udp_tunnel",
+        "ip6_udp_tunnel",
+        "veth",
+        "bridge",
+        "nf_tables",
+    ] {
+        assert!(loaded.contains(&m), "{m} not loaded: {loaded:?}");
+    }
 }
 
 /// The host image carries `caisson-update`: its state partition holds slot a's chunk index where
