@@ -5,7 +5,7 @@
 //! 10 machines have gone away.
 
 use caisson_fleet::scheduler::{schedule, Machine, Placement, Unit};
-use caisson_fleet::unit::{Port, Replicas};
+use caisson_fleet::unit::{HostPort, Replicas};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ fn units(n: usize) -> Vec<Unit> {
                 vec![]
             };
             let ports = if i % 20 == 0 {
-                vec![Port {
+                vec![HostPort {
                     port: 8000 + (i % 100) as u16,
                     udp: false,
                 }]

@@ -23,7 +23,7 @@
 //!
 //! Global units are kept and placed first, then the others in name order.
 
-use crate::unit::{matches_pattern, Port, Replicas, UnitSpec};
+use crate::unit::{matches_pattern, HostPort, Replicas, UnitSpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// A machine as the scheduler sees it.
@@ -80,7 +80,7 @@ pub struct Unit {
     /// Names or patterns of units it never shares a machine with.
     pub conflicts: Vec<String>,
     /// Host ports it uses: two units using one port conflict.
-    pub ports: Vec<Port>,
+    pub ports: Vec<HostPort>,
     /// What each instance takes of its machine's capacity.
     pub requests: Capacity,
     /// Whether its volumes stay on the machines that hold them (see the module documentation).
@@ -104,7 +104,7 @@ impl From<&UnitSpec> for Unit {
             replicas: u.replicas,
             labels: u.constraints.labels.clone(),
             conflicts: u.constraints.conflicts.clone(),
-            ports: u.ports.clone(),
+            ports: u.host_ports(),
             requests: requests(u),
             sticky: sticky(u),
             pinned: BTreeSet::new(),
@@ -425,7 +425,7 @@ fn conflict_sets(units: &[&Unit]) -> Vec<Vec<u32>> {
             sets[b as usize].insert(a);
         }
     };
-    let mut by_port: HashMap<Port, Vec<u32>> = HashMap::new();
+    let mut by_port: HashMap<HostPort, Vec<u32>> = HashMap::new();
     for (i, u) in units.iter().enumerate() {
         let i = i as u32;
         for pattern in &u.conflicts {

@@ -6,7 +6,10 @@
 //! description = "the web front end" # optional
 //! command = ["/bin/httpd", "-f", "-p", "8080"]   # optional: the image's entrypoint + cmd
 //! env = { MODE = "prod" }
-//! ports = ["8080", "5353/udp"]      # host ports (host network): two units sharing one never meet
+//! network = "bridge"               # default: its own network namespace; "host": the host's
+//! ports = [80, "8080:81", "5353:53/udp", { name = "http", port = 80 }]  # the container's ports,
+//!                                   # "H:C" published on host port H (see [`ports`]); two units
+//!                                   # publishing one host port never share a machine
 //! replicas = 2                      # default 1; or `global = true`: one on every matching machine
 //! restart = "always"                # "always" (default) | "on-failure" | "never"
 //! capabilities = ["NET_RAW"]        # added to the default set (Docker's minus NET_RAW)
@@ -67,9 +70,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod health;
+mod ports;
 pub mod templates;
 pub mod volumes;
 pub use health::{parse_duration, Health, Probe};
+pub use ports::{HostPort, Network, Port};
 pub use templates::Template;
 pub use volumes::{Bind, Volume, VolumesFollow};
 
@@ -103,6 +108,9 @@ pub struct UnitSpec {
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Its own network namespace or the host's ([`ports`]).
+    #[serde(default = "Network::record_default")]
+    pub network: Network,
     #[serde(default)]
     pub ports: Vec<Port>,
     pub replicas: Replicas,
@@ -180,19 +188,6 @@ pub enum Restart {
     Always,
     OnFailure,
     Never,
-}
-
-/// A host port a unit listens on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Port {
-    pub port: u16,
-    pub udp: bool,
-}
-
-impl std::fmt::Display for Port {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.port, if self.udp { "udp" } else { "tcp" })
-    }
 }
 
 /// Where a unit may run.

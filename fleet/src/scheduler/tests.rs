@@ -107,12 +107,12 @@ fn labels_conflicts_ports_and_global() {
     let mut mon = unit("mon", Replicas::Global);
     mon.labels.insert("zone".into(), "a".into());
     let mut p1 = unit("p1", Replicas::Count(3));
-    p1.ports = vec![Port {
+    p1.ports = vec![HostPort {
         port: 80,
         udp: false,
     }];
     let mut p2 = unit("p2", Replicas::Count(3));
-    p2.ports = vec![Port {
+    p2.ports = vec![HostPort {
         port: 80,
         udp: false,
     }];
@@ -308,7 +308,7 @@ fn arb_input() -> impl Strategy<Value = (Vec<Machine>, Vec<Unit>, Placement)> {
                         u.conflicts.push("u1*".into());
                     }
                     u.ports = port
-                        .map(|p| Port {
+                        .map(|p| HostPort {
                             port: p,
                             udp: false,
                         })

@@ -1,7 +1,7 @@
 //! The unit file format (TOML) and its parsing into a validated [`UnitSpec`].
 
 use super::{
-    check_capabilities, valid_name, Constraints, Image, Port, Replicas, Resources, Restart,
+    check_capabilities, valid_name, Constraints, Image, Network, Replicas, Resources, Restart,
     UnitError, UnitSpec, DEFAULT_PIDS, MAX_REPLICAS,
 };
 use serde::Deserialize;
@@ -17,8 +17,9 @@ struct UnitFile {
     command: Option<Vec<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    network: Option<Network>,
     #[serde(default)]
-    ports: Vec<PortFile>,
+    ports: Vec<super::ports::PortFile>,
     replicas: Option<u32>,
     #[serde(default)]
     global: bool,
@@ -67,13 +68,6 @@ pub(super) struct ImageFile {
     pub(super) url: Option<String>,
     pub(super) sha256: Option<String>,
     pub(super) name: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum PortFile {
-    Number(i64),
-    Text(String),
 }
 
 impl UnitSpec {
@@ -134,17 +128,8 @@ impl UnitSpec {
                 ));
             }
         }
-        let mut ports = Vec::new();
-        for (i, p) in file.ports.iter().enumerate() {
-            let port = parse_port(p).map_err(|m| field(&format!("ports[{i}]"), m))?;
-            if ports.contains(&port) {
-                return Err(field(
-                    &format!("ports[{i}]"),
-                    format!("{port} is listed twice"),
-                ));
-            }
-            ports.push(port);
-        }
+        let network = file.network.unwrap_or_else(Network::file_default);
+        let ports = super::ports::check(&file.ports, network).map_err(|(f, m)| field(&f, m))?;
         let replicas = match (file.global, file.replicas) {
             (true, Some(_)) => {
                 return Err(field("replicas", "a global unit runs on every matching machine: give replicas or global = true, not both".into()))
@@ -192,6 +177,7 @@ impl UnitSpec {
             image,
             command,
             env: file.env,
+            network,
             ports,
             replicas,
             restart: file.restart,
@@ -341,22 +327,6 @@ fn parse_size(s: &SizeFile) -> Result<u64, String> {
     }
 }
 
-fn parse_port(p: &PortFile) -> Result<Port, String> {
-    let (number, udp) = match p {
-        PortFile::Number(n) => (n.to_string(), false),
-        PortFile::Text(t) => match t.split_once('/') {
-            None => (t.clone(), false),
-            Some((n, "tcp")) => (n.to_string(), false),
-            Some((n, "udp")) => (n.to_string(), true),
-            Some((_, proto)) => return Err(format!("protocol {proto:?} is not tcp or udp")),
-        },
-    };
-    match number.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(Port { port, udp }),
-        _ => Err(format!("{number:?} is not a port number (1-65535)")),
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -384,19 +354,8 @@ pub(super) mod tests {
         assert_eq!(u.name, "web");
         assert_eq!(u.replicas, Replicas::Count(2));
         assert_eq!(u.restart, Restart::OnFailure);
-        assert_eq!(
-            u.ports,
-            [
-                Port {
-                    port: 8080,
-                    udp: false
-                },
-                Port {
-                    port: 53,
-                    udp: true
-                }
-            ]
-        );
+        let ports: Vec<String> = u.ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(ports, ["8080/tcp", "53/udp"]);
         assert_eq!(u.constraints.conflicts, ["db", "web-*"]);
         // Stored as JSON in etcd: round-trips.
         let json = serde_json::to_string(&u).unwrap();
