@@ -31,6 +31,7 @@ pub mod network;
 pub mod records;
 pub mod registry;
 pub mod scheduler;
+pub mod services;
 pub mod store;
 pub mod templates;
 pub mod unit;

@@ -276,6 +276,11 @@ impl Member {
         &self.record.id
     }
 
+    /// The address other machines reach this one at, as its record says.
+    pub fn address(&self) -> &str {
+        &self.record.address
+    }
+
     /// The TTL of the machine's lease, in seconds.
     pub fn ttl_s(&self) -> i64 {
         self.ttl_s

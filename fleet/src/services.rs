@@ -1,0 +1,241 @@
+//! Service registrations: where each machine's healthy instances listen, for discovery (the DNS
+//! responder and templates, through [`caisson_net::endpoint::Endpoints`]).
+//!
+//! A machine writes `<prefix>services/<machine>/<unit>` (an [`Instance`] as JSON) under its
+//! lease for every unit it runs whose health check passes (`healthy`), or that runs and has
+//! none (`running`), and deletes it as soon as the unit is anything else; the key goes with the
+//! lease when the machine dies. The machine comes first in the key so that etcd's prefix
+//! permissions let a machine write only its own registrations (see [`crate::access`]).
+//!
+//! The health state itself stays where the agent's monitor puts it (`crate::agent::health`,
+//! reported under `status/`): a registration is derived from it, never decided here.
+
+use crate::etcd::{Client, EtcdError};
+use crate::records::{self, Invalid};
+use crate::registry::Keys;
+use crate::store::UnitStatus;
+use crate::unit::{Network, UnitSpec};
+use caisson_net::endpoint::{Endpoints, Instance, Port, Proto};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+/// What went wrong registering this machine's instances.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("{key:?}: cannot encode the registration: {source}")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The states in which an instance is registered.
+pub const SERVING: [&str; 2] = ["healthy", "running"];
+
+/// Whether an instance in this state takes traffic.
+pub fn serving(status: &UnitStatus) -> bool {
+    SERVING.contains(&status.state.as_str())
+}
+
+/// The registration of one instance of `spec` on `machine`: `address` is where it listens (the
+/// container's address, or the machine's for host networking).
+pub fn instance(machine: &str, spec: &UnitSpec, address: Ipv4Addr, revision: i64) -> Instance {
+    Instance {
+        id: machine.to_string(),
+        address,
+        ports: spec
+            .ports
+            .iter()
+            .map(|p| Port {
+                name: p.name.clone(),
+                port: p.port,
+                proto: if p.udp { Proto::Udp } else { Proto::Tcp },
+            })
+            .collect(),
+        machine: machine.to_string(),
+        revision,
+    }
+}
+
+/// What this machine should have registered: each serving unit of `statuses`, at the address
+/// `address_of` gives for it (`machine_address` for host networking). A unit whose address is
+/// not IPv4 is left out (logged).
+pub fn wanted(
+    machine: &str,
+    machine_address: Option<Ipv4Addr>,
+    desired: &BTreeMap<String, (UnitSpec, i64)>,
+    statuses: &BTreeMap<String, UnitStatus>,
+    address_of: impl Fn(&str) -> IpAddr,
+) -> BTreeMap<String, Instance> {
+    let mut out = BTreeMap::new();
+    for (unit, status) in statuses {
+        let Some((spec, revision)) = desired.get(unit) else {
+            continue;
+        };
+        if !serving(status) {
+            continue;
+        }
+        let address = match spec.network {
+            Network::Host => machine_address,
+            Network::Bridge => match address_of(unit) {
+                IpAddr::V4(a) if !a.is_loopback() => Some(a),
+                _ => None,
+            },
+        };
+        match address {
+            Some(a) => {
+                out.insert(unit.clone(), instance(machine, spec, a, *revision));
+            }
+            None => log::debug!("unit {unit}: no IPv4 address to register it at"),
+        }
+    }
+    out
+}
+
+/// What this machine has registered in etcd, so that a tick writes only what changed.
+#[derive(Debug, Default)]
+pub struct Registrations {
+    registered: BTreeMap<String, Instance>,
+}
+
+impl Registrations {
+    /// Forgets what was written: after the machine registered again under a new lease, its
+    /// old keys are gone and everything is written again.
+    pub fn clear(&mut self) {
+        self.registered.clear();
+    }
+
+    /// Makes etcd hold `want` for `machine`: puts what is new or changed under `lease`, deletes
+    /// what is no longer wanted.
+    pub async fn sync(
+        &mut self,
+        client: &Client,
+        keys: &Keys,
+        machine: &str,
+        lease: i64,
+        want: &BTreeMap<String, Instance>,
+    ) -> Result<(), ServicesError> {
+        for (unit, instance) in want {
+            if self.registered.get(unit) == Some(instance) {
+                continue;
+            }
+            let key = keys.service(machine, unit);
+            let value =
+                serde_json::to_vec(instance).map_err(|source| ServicesError::Encode {
+                    key: key.clone(),
+                    source,
+                })?;
+            client.put(&key, value, lease).await?;
+            log::info!(
+                "unit {unit}: registered at {} for discovery",
+                instance.address
+            );
+            self.registered.insert(unit.clone(), instance.clone());
+        }
+        let gone: Vec<String> = self
+            .registered
+            .keys()
+            .filter(|u| !want.contains_key(*u))
+            .cloned()
+            .collect();
+        for unit in gone {
+            client.delete(&keys.service(machine, &unit), false).await?;
+            log::info!("unit {unit}: no longer registered for discovery");
+            self.registered.remove(&unit);
+        }
+        Ok(())
+    }
+}
+
+/// Every registered instance in etcd, by unit, and the records that did not decode.
+pub async fn endpoints(client: &Client, keys: &Keys) -> Result<(Endpoints, Vec<Invalid>), EtcdError> {
+    let r = client.range(&keys.services(), true).await?;
+    let mut out = Endpoints::default();
+    let mut invalid = Vec::new();
+    for kv in &r.kvs {
+        let Some((machine, unit)) = kv
+            .key
+            .strip_prefix(&keys.services())
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            continue;
+        };
+        let checked = records::decode::<Instance>(&kv.key, &kv.value, kv.mod_revision, |i| {
+            if i.machine == machine {
+                Ok(())
+            } else {
+                Err(format!("registered by {machine} for machine {}", i.machine))
+            }
+        });
+        match checked {
+            Ok(instance) => out.insert(unit, instance),
+            Err(bad) => invalid.push(bad),
+        }
+    }
+    Ok((out, invalid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(text: &str) -> UnitSpec {
+        UnitSpec::parse("web", &format!("{text}\n[image]\npath = \"/a.tar\"\n")).unwrap()
+    }
+
+    fn status(state: &str) -> UnitStatus {
+        UnitStatus {
+            state: state.into(),
+            exit_code: None,
+            error: None,
+            restarts: 0,
+            since: 0,
+            health_error: None,
+        }
+    }
+
+    #[test]
+    fn only_serving_instances_are_wanted_at_their_address() {
+        let bridge = unit("ports = [{ name = \"http\", port = 80, host = 8080 }]");
+        let mut host = unit("network = \"host\"\nports = [\"53/udp\"]");
+        host.name = "dns".into();
+        let mut sick = unit("");
+        sick.name = "sick".into();
+        let desired = BTreeMap::from([
+            ("web".to_string(), (bridge, 7)),
+            ("dns".to_string(), (host, 9)),
+            ("sick".to_string(), (sick, 3)),
+        ]);
+        let statuses = BTreeMap::from([
+            ("web".to_string(), status("healthy")),
+            ("dns".to_string(), status("running")),
+            ("sick".to_string(), status("unhealthy")),
+        ]);
+        let addr = |u: &str| -> IpAddr {
+            match u {
+                "web" => Ipv4Addr::new(10, 42, 1, 5).into(),
+                _ => Ipv4Addr::LOCALHOST.into(),
+            }
+        };
+        let w = wanted("m1", Some(Ipv4Addr::new(192, 0, 2, 1)), &desired, &statuses, addr);
+        assert_eq!(w.keys().collect::<Vec<_>>(), ["dns", "web"]);
+        assert_eq!(w["web"].address, Ipv4Addr::new(10, 42, 1, 5));
+        assert_eq!(w["web"].revision, 7);
+        assert_eq!(
+            w["web"].ports,
+            [Port {
+                name: Some("http".into()),
+                port: 80,
+                proto: Proto::Tcp
+            }]
+        );
+        assert_eq!(w["dns"].address, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(w["dns"].ports[0].proto, Proto::Udp);
+        // A bridge unit whose container has no address yet is not registered.
+        let w = wanted("m1", None, &desired, &statuses, |_| Ipv4Addr::LOCALHOST.into());
+        assert!(w.is_empty(), "{w:?}");
+    }
+}
