@@ -252,7 +252,8 @@ fn start_agent(dir: &Path, endpoint: &str, socket: Option<&Path>, id: &str) -> R
     let socket = socket.map_or_else(|| dir.join("no-containerd.sock"), Path::to_path_buf);
     let config = format!(
         "endpoints = [\"{endpoint}\"]\ninsecure = true\naddress = \"127.0.0.1\"\n\
-         units_dir = \"{}\"\ncontainerd_socket = \"{}\"\nnamespace = \"caisson-bench\"\n",
+         units_dir = \"{}\"\ncontainerd_socket = \"{}\"\nnamespace = \"caisson-bench\"\n\
+         [network]\nenabled = false\n",
         dir.join("agent-units").display(),
         socket.display(),
     );

@@ -158,7 +158,7 @@ async fn main() {
     std::fs::write(
         w.join("fleet.toml"),
         format!(
-            "units_dir = \"{}\"\ncontainerd_socket = \"{}\"\nnamespace = \"{namespace}\"\nlog_dir = \"{}\"\n",
+            "units_dir = \"{}\"\ncontainerd_socket = \"{}\"\nnamespace = \"{namespace}\"\nlog_dir = \"{}\"\n[network]\nenabled = false\n",
             units.display(),
             daemon.socket().display(),
             w.join("logs").display()

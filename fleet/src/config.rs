@@ -19,6 +19,9 @@
 //! image_keep = 3                         # unused images kept (the rest removed every 10 minutes)
 //! volume_root = "/var/lib/caisson/volumes"  # units' volumes (<unit>/<name>), on the state partition
 //!
+//! [network]                             # the host's container network: see crate::hostnet
+//! subnet = "10.88.0.0/24"                # used while the fleet has no cluster network
+//!
 //! [tls]
 //! ca = "/etc/caisson/fleet/ca.crt"        # the only CA trusted for etcd's server certificate
 //! cert = "/etc/caisson/fleet/client.crt"  # this machine's client certificate (with key)
@@ -121,6 +124,8 @@ pub struct Config {
     pub insecure: bool,
     pub tls: Option<Tls>,
     pub auth: Option<Auth>,
+    /// `[network]`: the host's container network ([`crate::hostnet`]).
+    pub network: crate::hostnet::Settings,
 }
 
 impl Default for Config {
@@ -145,6 +150,7 @@ impl Default for Config {
             insecure: false,
             tls: None,
             auth: None,
+            network: crate::hostnet::Settings::default(),
         }
     }
 }
@@ -211,6 +217,7 @@ impl Config {
             }
         }
         c.check_access().map_err(bad)?;
+        c.network.check().map_err(bad)?;
         Ok(c)
     }
 

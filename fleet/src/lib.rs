@@ -26,6 +26,7 @@ pub mod config;
 pub mod containerd;
 pub mod distribution;
 pub mod etcd;
+pub mod hostnet;
 pub mod lock;
 pub mod network;
 pub mod records;

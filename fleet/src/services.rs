@@ -123,11 +123,10 @@ impl Registrations {
                 continue;
             }
             let key = keys.service(machine, unit);
-            let value =
-                serde_json::to_vec(instance).map_err(|source| ServicesError::Encode {
-                    key: key.clone(),
-                    source,
-                })?;
+            let value = serde_json::to_vec(instance).map_err(|source| ServicesError::Encode {
+                key: key.clone(),
+                source,
+            })?;
             client.put(&key, value, lease).await?;
             log::info!(
                 "unit {unit}: registered at {} for discovery",
@@ -151,7 +150,10 @@ impl Registrations {
 }
 
 /// Every registered instance in etcd, by unit, and the records that did not decode.
-pub async fn endpoints(client: &Client, keys: &Keys) -> Result<(Endpoints, Vec<Invalid>), EtcdError> {
+pub async fn endpoints(
+    client: &Client,
+    keys: &Keys,
+) -> Result<(Endpoints, Vec<Invalid>), EtcdError> {
     let r = client.range(&keys.services(), true).await?;
     let mut out = Endpoints::default();
     let mut invalid = Vec::new();
@@ -220,7 +222,13 @@ mod tests {
                 _ => Ipv4Addr::LOCALHOST.into(),
             }
         };
-        let w = wanted("m1", Some(Ipv4Addr::new(192, 0, 2, 1)), &desired, &statuses, addr);
+        let w = wanted(
+            "m1",
+            Some(Ipv4Addr::new(192, 0, 2, 1)),
+            &desired,
+            &statuses,
+            addr,
+        );
         assert_eq!(w.keys().collect::<Vec<_>>(), ["dns", "web"]);
         assert_eq!(w["web"].address, Ipv4Addr::new(10, 42, 1, 5));
         assert_eq!(w["web"].revision, 7);
@@ -235,7 +243,9 @@ mod tests {
         assert_eq!(w["dns"].address, Ipv4Addr::new(192, 0, 2, 1));
         assert_eq!(w["dns"].ports[0].proto, Proto::Udp);
         // A bridge unit whose container has no address yet is not registered.
-        let w = wanted("m1", None, &desired, &statuses, |_| Ipv4Addr::LOCALHOST.into());
+        let w = wanted("m1", None, &desired, &statuses, |_| {
+            Ipv4Addr::LOCALHOST.into()
+        });
         assert!(w.is_empty(), "{w:?}");
     }
 }

@@ -158,10 +158,13 @@ async fn an_http_check_reaches_httpd_in_the_container() {
             .unwrap()
             .port()
     };
-    // The start period excuses the refusals before httpd listens (for "web").
+    // The start period excuses the refusals before httpd listens (for "web"). The host's
+    // network: this runtime has no bridge (the test must not change the host's network), so
+    // the check reaches httpd on loopback.
     let httpd = |port: u16, path: &str, restart: &str, start_period: &str| {
         format!(
             r#"command = ["/bin/sh", "-c", "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /tmp/www"]
+network = "host"
 restart = "{restart}"
 [health]
 http = "http://127.0.0.1:{port}{path}"

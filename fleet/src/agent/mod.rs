@@ -38,9 +38,11 @@ use tokio::task::JoinHandle;
 
 mod fake;
 pub mod health;
+mod network;
 mod reconcile;
 
 pub use fake::FakeRuntime;
+pub use network::{NetState, ROUTES_RESYNC};
 pub use reconcile::{
     actions, actions_with_health, apply, local_units, reconcile, reconcile_checked, run_local,
     spec_hash, Action, Container, ContainerState, Runtime, RuntimeError,
@@ -83,6 +85,10 @@ pub struct Agent<R: Runtime> {
     address: String,
     /// The last error claiming a subnet (logged once until it changes).
     subnet_error: Option<String>,
+    /// The cluster network's configuration, once read.
+    cluster_network: Option<caisson_net::cluster::NetworkConfig>,
+    /// The host's container network, routes and service registrations.
+    pub net: NetState,
     /// Whether the last tick found this machine leading.
     pub leading: bool,
     /// The health of the instances on this machine (its changes wake the loop).
@@ -287,6 +293,8 @@ impl<R: Runtime> Agent<R> {
             subnet_verified: None,
             address: record.address.clone(),
             subnet_error: None,
+            cluster_network: None,
+            net: NetState::default(),
             leading: false,
             health: health::Monitor::new(Some(wake.clone())),
             wake,
@@ -413,8 +421,10 @@ impl<R: Runtime> Agent<R> {
         if registered_again.map_err(|e| e.to_string())? {
             self.reported.clear();
             self.logged.clear();
+            self.forget_registrations();
         }
         self.claim_subnet().await;
+        self.tend_network().await;
         self.leading = self.member.campaign().await.map_err(|e| e.to_string())?;
         if !self.leading {
             self.machines_watch = None;
@@ -463,6 +473,14 @@ impl<R: Runtime> Agent<R> {
         crate::volumes::purge(&self.store, &self.runtime, &units)
             .await
             .map_err(|e| e.to_string())?;
+        let revisions: BTreeMap<String, (UnitSpec, i64)> = desired
+            .iter()
+            .map(|(u, spec)| {
+                let rev = units.get(u).map_or(0, |(_, rev)| *rev);
+                (u.clone(), (spec.clone(), rev))
+            })
+            .collect();
+        self.register_services(&revisions, &statuses).await?;
         for (u, st) in &statuses {
             let same = self.reported.get(u).is_some_and(|old| {
                 UnitStatus {
@@ -507,88 +525,6 @@ impl<R: Runtime> Agent<R> {
             self.reported.remove(&u);
         }
         Ok(())
-    }
-
-    /// Claims this machine's subnet of the cluster network when the operator has set one and
-    /// no claim holds under the current lease (see the module's doc). Errors are logged once
-    /// each and retried on the next tick.
-    async fn claim_subnet(&mut self) {
-        let lease = self.member.lease();
-        if self.subnet.as_ref().and_then(|s| s.lease()) == Some(lease)
-            && !self.verify_subnet().await
-        {
-            return;
-        }
-        let r = self.try_claim_subnet(lease).await;
-        match r {
-            Ok(Some((network, subnet))) => {
-                log::info!("cluster network {network}: this machine holds subnet {subnet} (lease {lease:x})");
-                self.subnet_error = None;
-            }
-            Ok(None) => self.subnet_error = None,
-            // The next tick registers again, then claims under the new lease.
-            Err(crate::network::NetworkError::LeaseExpired(_)) => {}
-            Err(e) => {
-                let text = e.to_string();
-                if self.subnet_error.as_deref() != Some(text.as_str()) {
-                    log::warn!("claiming this machine's subnet: {text}; trying again each tick");
-                    self.subnet_error = Some(text);
-                }
-            }
-        }
-    }
-
-    /// Every [`Agent::subnet_verify`]: true when the claim no longer stands (logged), so it
-    /// must be made again.
-    async fn verify_subnet(&mut self) -> bool {
-        let due = self
-            .subnet_verified
-            .is_none_or(|t| t.elapsed() >= self.subnet_verify);
-        let Some(claim) = self.subnet.as_mut().filter(|_| due) else {
-            return false;
-        };
-        self.subnet_verified = Some(std::time::Instant::now());
-        let held = claim
-            .held()
-            .map(|r| r.subnet.to_string())
-            .unwrap_or_default();
-        match claim.verify().await {
-            Ok(true) => false,
-            Ok(false) => {
-                log::warn!(
-                    "the claim on subnet {held} was changed or deleted in etcd; claiming again"
-                );
-                true
-            }
-            Err(e) => {
-                log::debug!("checking the claim on subnet {held}: {e}");
-                false
-            }
-        }
-    }
-
-    /// [`Agent::claim_subnet`]'s work: `Some((network, subnet))` when it claimed, `None` when
-    /// there is no cluster network.
-    async fn try_claim_subnet(
-        &mut self,
-        lease: i64,
-    ) -> Result<Option<(String, String)>, crate::network::NetworkError> {
-        let (client, keys) = (&self.store.client, &self.store.keys);
-        let Some(config) = crate::network::config(client, keys).await? else {
-            return Ok(None);
-        };
-        let claim = match &mut self.subnet {
-            Some(s) => s,
-            None => self.subnet.insert(crate::network::SubnetLease::new(
-                client.clone(),
-                keys.clone(),
-                self.member.id(),
-                &self.address,
-                self.subnet_state.clone(),
-            )?),
-        };
-        let r = claim.ensure(&config, lease).await?;
-        Ok(r.map(|r| (config.network.to_string(), r.subnet.to_string())))
     }
 
     /// The units assigned to this machine; `None` when the assignment does not decode (logged

@@ -345,6 +345,7 @@ async fn reconcile_inner<R: Runtime>(
 pub async fn run_local<R: Runtime>(
     config: &Config,
     runtime: &R,
+    network: Option<std::sync::Arc<crate::hostnet::HostNet>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -356,7 +357,17 @@ pub async fn run_local<R: Runtime>(
     // A change of an instance's health wakes the loop at once.
     let (wake, mut woken) = tokio::sync::mpsc::channel(1);
     let health = Monitor::new(Some(wake));
+    let mut network_error = None;
     loop {
+        if let Some(net) = &network {
+            let s = &net.settings;
+            let r = net.configure(s.subnet, s.subnet, false).await;
+            let text = r.err().map(|e| e.to_string());
+            if text.is_some() && text != network_error {
+                log::warn!("container network: {}", text.as_deref().unwrap_or(""));
+            }
+            network_error = text;
+        }
         match local_units(&config.units_dir) {
             Ok(desired) => match reconcile_checked(runtime, &desired, &health).await {
                 Ok(st) => {
@@ -364,6 +375,11 @@ pub async fn run_local<R: Runtime>(
                         log::warn!("unit {u}: {}", s.error.as_deref().unwrap_or(""));
                     }
                     log_changes(&mut shown, &st);
+                    if let Some(net) = &network {
+                        // Host-network units: reached at the bridge's address.
+                        let host = net.subnet().map(caisson_net::ipam::gateway);
+                        net.set_endpoints(local_endpoints(runtime, host, &desired, &st));
+                    }
                 }
                 Err(e) => log::warn!("{e}"),
             },
@@ -375,6 +391,26 @@ pub async fn run_local<R: Runtime>(
             _ = tokio::time::sleep(Duration::from_secs(3)) => {}
         }
     }
+}
+
+/// Without etcd, discovery serves this machine's own serving instances.
+fn local_endpoints<R: Runtime>(
+    runtime: &R,
+    host: Option<std::net::Ipv4Addr>,
+    desired: &BTreeMap<String, UnitSpec>,
+    statuses: &BTreeMap<String, UnitStatus>,
+) -> caisson_net::endpoint::Endpoints {
+    let with_rev: BTreeMap<String, (UnitSpec, i64)> = desired
+        .iter()
+        .map(|(u, s)| (u.clone(), (s.clone(), 0)))
+        .collect();
+    let mut out = caisson_net::endpoint::Endpoints::default();
+    for (unit, instance) in
+        crate::services::wanted("local", host, &with_rev, statuses, |u| runtime.address(u))
+    {
+        out.insert(&unit, instance);
+    }
+    out
 }
 
 /// One line per unit whose state changed since the last call (`unit web: running`,

@@ -47,6 +47,11 @@ pub(super) async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
     runtime.image_poll = std::time::Duration::from_secs(config.image_poll_s);
     runtime.gc_keep = config.image_keep;
     runtime.volume_root = config.volume_root.clone();
+    let network = config
+        .network
+        .enabled
+        .then(|| crate::hostnet::HostNet::new(config.network.clone()));
+    runtime.network = network.clone();
     let stop = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -63,11 +68,12 @@ pub(super) async fn run_agent(cli: &Cli, root: &Path) -> Result<()> {
         log::info!("stopping");
     };
     if !config.clustered() {
-        agent::run_local(&config, &runtime, stop).await;
+        agent::run_local(&config, &runtime, network, stop).await;
         return Ok(());
     }
     let record = local_record(&config, root).context("describing this machine")?;
-    let a = Agent::join(&config, record, runtime).await?;
+    let mut a = Agent::join(&config, record, runtime).await?;
+    a.net = agent::NetState::new(network);
     a.run(stop).await;
     Ok(())
 }

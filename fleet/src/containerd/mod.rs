@@ -27,7 +27,7 @@ mod tasks;
 pub mod volumes;
 
 use crate::agent::{Container, Runtime, RuntimeError};
-use crate::unit::UnitSpec;
+use crate::unit::{Network, UnitSpec};
 use archive::{ArchiveError, Chosen};
 use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
@@ -42,6 +42,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// What went wrong talking to containerd.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
+    /// The host's network could not take the unit in.
+    #[error("unit {unit}: network: {source}")]
+    Network {
+        unit: String,
+        #[source]
+        source: Box<crate::hostnet::HostNetError>,
+    },
     /// The socket cannot be reached.
     #[error("connecting to containerd at {socket}: {message} (is containerd running?)")]
     Connect { socket: String, message: String },
@@ -122,6 +129,8 @@ fn found<T>(r: Result<T, ContainerdError>) -> Result<Option<T>, ContainerdError>
 pub const LABEL_UNIT: &str = "caisson.unit";
 pub const LABEL_HASH: &str = "caisson.spec-hash";
 pub const LABEL_RESTARTS: &str = "caisson.restarts";
+/// `bridge` on a container in its own network namespace on the host's bridge.
+pub const LABEL_NETWORK: &str = "caisson.network";
 const RUNTIME: &str = "io.containerd.runc.v2";
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 /// Host files bound read-only into every container (host network: same resolver and hosts).
@@ -159,6 +168,16 @@ pub struct Containerd {
     /// How often garbage collection runs.
     pub gc_interval: Duration,
     gc_last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// The host's container network; `None`: bridge units get a namespace with loopback only.
+    pub network: Option<std::sync::Arc<crate::hostnet::HostNet>>,
+}
+
+impl ContainerdError {
+    /// The host's subnet is not known yet: the unit waits, it has not failed.
+    fn waiting_for_network(&self) -> bool {
+        matches!(self, ContainerdError::Network { source, .. }
+            if matches!(**source, crate::hostnet::HostNetError::NotConfigured))
+    }
 }
 
 /// An imported image.
@@ -254,6 +273,7 @@ impl Containerd {
             gc_keep: gc::DEFAULT_KEEP,
             gc_interval: gc::DEFAULT_INTERVAL,
             gc_last: Default::default(),
+            network: None,
         }
     }
 
@@ -387,7 +407,13 @@ impl Containerd {
         self.release(&conn, &lease).await;
         r?;
         let conn = self.connect().await?;
-        if let Err(e) = self.start_task(&conn, &spec.name, true).await {
+        let started = async {
+            if spec.network == Network::Bridge {
+                self.attach(&spec.name).await?;
+            }
+            self.start_task(&conn, &spec.name, true).await
+        };
+        if let Err(e) = started.await {
             // Leave nothing half-made: the next reconciliation starts from scratch.
             let _ = self.delete(&conn, &spec.name).await;
             return Err(e);
@@ -409,13 +435,22 @@ impl Containerd {
             .filter(|f| Path::new(f).exists())
             .collect();
         volumes::prepare(&self.volume_root, spec, &image.chosen.config.config)?;
-        let runtime_spec = spec::runtime_spec(
+        let mut runtime_spec = spec::runtime_spec(
             spec,
             &image.chosen.config.config,
             &self.namespace,
             &host_files,
             &self.volume_root,
         )?;
+        let bridge = spec.network == Network::Bridge;
+        if bridge {
+            let net = self.network.as_ref();
+            spec::join_network(
+                &mut runtime_spec,
+                net.map(|n| n.netns_path(&id)).as_deref(),
+                net.map(|n| n.resolv_conf()).as_deref(),
+            );
+        }
         // A snapshot left by an earlier failed attempt would make Prepare fail.
         self.remove_snapshot(conn, &id).await?;
         conn.snapshots()
@@ -432,6 +467,10 @@ impl Containerd {
             (LABEL_HASH.to_string(), spec_hash.to_string()),
             (LABEL_RESTARTS.to_string(), "0".to_string()),
         ]);
+        let mut labels = labels;
+        if bridge {
+            labels.insert(LABEL_NETWORK.to_string(), "bridge".to_string());
+        }
         let container = api::Container {
             id: id.clone(),
             labels,
@@ -463,6 +502,12 @@ impl Containerd {
                 endpoint: socket,
                 message,
             },
+            e @ ContainerdError::Network { .. } if e.waiting_for_network() => {
+                RuntimeError::Pending {
+                    unit: unit.to_string(),
+                    message: e.to_string(),
+                }
+            }
             e @ ContainerdError::Downloading { .. } => RuntimeError::Pending {
                 unit: unit.to_string(),
                 message: e.to_string(),
@@ -501,7 +546,18 @@ impl Runtime for Containerd {
         Containerd::pin(self, spec)
     }
     async fn tidy(&self, desired: &std::collections::BTreeMap<String, UnitSpec>) {
+        if let Some(net) = &self.network {
+            if let Err(e) = net.publish(desired.values()) {
+                log::warn!("publishing the units' ports: {e}");
+            }
+        }
         self.collect_if_due(desired).await
+    }
+    fn address(&self, unit: &str) -> std::net::IpAddr {
+        self.network
+            .as_ref()
+            .and_then(|n| n.address(unit))
+            .map_or_else(crate::agent::health::loopback, std::net::IpAddr::V4)
     }
     async fn refresh(&self, spec: &UnitSpec) {
         if let Some((reference, resolved)) = pull::reference_of(spec) {
@@ -532,7 +588,13 @@ impl Runtime for Containerd {
             let conn = self.connect().await?;
             self.delete(&conn, unit).await
         };
-        r.await.map_err(|e| self.runtime_error(unit, e))
+        r.await.map_err(|e| self.runtime_error(unit, e))?;
+        if let Some(net) = &self.network {
+            if let Err(e) = net.detach(unit).await {
+                log::warn!("unit {unit}: taking it off the host's network: {e}");
+            }
+        }
+        Ok(())
     }
     async fn logs(&self, unit: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
         self.tail(unit, lines)

@@ -214,6 +214,31 @@ pub fn storage_mounts(spec: &UnitSpec, volume_root: &Path) -> Vec<Value> {
     all.into_iter().map(|(_, m)| m).collect()
 }
 
+/// Puts a bridge unit's container into its own network namespace: the one bound at `netns`
+/// (made and wired by the host's network, `crate::hostnet`), or with no path a new one that
+/// runc makes with loopback only (a runtime without a host network, as in tests); and, with
+/// `resolv_conf`, that file as its /etc/resolv.conf instead of the host's.
+pub fn join_network(spec: &mut Value, netns: Option<&Path>, resolv_conf: Option<&Path>) {
+    let mut ns = json!({"type": "network"});
+    if let Some(path) = netns {
+        ns["path"] = json!(path.display().to_string());
+    }
+    if let Some(list) = spec["linux"]["namespaces"].as_array_mut() {
+        list.push(ns);
+    }
+    if let Some(file) = resolv_conf {
+        if let Some(mounts) = spec["mounts"].as_array_mut() {
+            mounts.retain(|m| m["destination"] != "/etc/resolv.conf");
+            mounts.push(mount(
+                "/etc/resolv.conf",
+                "bind",
+                &file.display().to_string(),
+                &["rbind", "ro", "nosuid", "nodev"],
+            ));
+        }
+    }
+}
+
 /// The runtime spec (config.json) for a unit's container in `namespace`.
 /// `host_files` are host files bound read-only at the same path (resolv.conf, hosts); the
 /// unit's volumes are under `volume_root`.
@@ -303,7 +328,7 @@ pub fn runtime_spec(
     let mut linux = json!({
         "resources": resources(&spec.resources, privileged),
         "cgroupsPath": format!("/{namespace}/{}", spec.name),
-        // No network namespace: the host's network (units declare their host ports).
+        // The host's network; a bridge unit joins its own (join_network).
         "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
         "maskedPaths": masked,
         "readonlyPaths": readonly,
@@ -566,5 +591,46 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("www-data"));
+    }
+
+    #[test]
+    fn a_bridge_unit_joins_its_namespace_and_resolver() {
+        let unit = UnitSpec::parse(
+            "web",
+            "command = [\"/bin/true\"]\n[image]\npath = \"/a.tar\"",
+        )
+        .unwrap();
+        let image = RunConfig::default();
+        let mut s = runtime_spec(
+            &unit,
+            &image,
+            "caisson",
+            &["/etc/resolv.conf", "/etc/hosts"],
+            Path::new("/v"),
+        )
+        .unwrap();
+        let mut none = s.clone();
+        join_network(&mut none, None, None);
+        let ns = none["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns
+            .iter()
+            .any(|n| n["type"] == "network" && n.get("path").is_none()));
+        join_network(
+            &mut s,
+            Some(Path::new("/run/caisson/netns/web")),
+            Some(Path::new("/run/caisson/resolv.conf")),
+        );
+        let ns = s["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns
+            .iter()
+            .any(|n| n["type"] == "network" && n["path"] == "/run/caisson/netns/web"));
+        let resolv: Vec<&Value> = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["destination"] == "/etc/resolv.conf")
+            .collect();
+        assert_eq!(resolv.len(), 1);
+        assert_eq!(resolv[0]["source"], "/run/caisson/resolv.conf");
     }
 }

@@ -2,8 +2,8 @@
 //! label), stop (SIGTERM, then SIGKILL after the stop timeout) and delete, and the log's tail.
 
 use super::{
-    call, found, io, Conn, Containerd, ContainerdError, LABEL_HASH, LABEL_RESTARTS, LABEL_UNIT,
-    LOST_TASK_EXIT,
+    call, found, io, Conn, Containerd, ContainerdError, LABEL_HASH, LABEL_NETWORK, LABEL_RESTARTS,
+    LABEL_UNIT, LOST_TASK_EXIT,
 };
 use crate::agent::{Container, ContainerState};
 use containerd_client::services::v1 as api;
@@ -12,6 +12,23 @@ use containerd_client::types::Mount;
 use std::time::Duration;
 
 impl Containerd {
+    /// Wires a bridge unit's namespace into the host's network (nothing without one: runc
+    /// then makes the namespace, loopback only).
+    pub(super) async fn attach(&self, unit: &str) -> Result<(), ContainerdError> {
+        let Some(net) = &self.network else {
+            return Ok(());
+        };
+        let address = net
+            .attach(unit)
+            .await
+            .map_err(|source| ContainerdError::Network {
+                unit: unit.to_string(),
+                source: Box::new(source),
+            })?;
+        log::debug!("unit {unit}: on the host's bridge at {address}");
+        Ok(())
+    }
+
     /// Creates and starts the container's task; `fresh` starts a new log file.
     pub(super) async fn start_task(
         &self,
@@ -141,6 +158,7 @@ impl Containerd {
             .unwrap_or(0);
         c.labels
             .insert(LABEL_RESTARTS.into(), (restarts + 1).to_string());
+        let bridge = c.labels.get(LABEL_NETWORK).is_some_and(|n| n == "bridge");
         containers
             .update(conn.req(api::UpdateContainerRequest {
                 container: Some(c),
@@ -150,6 +168,10 @@ impl Containerd {
             }))
             .await
             .map_err(call("container update", unit))?;
+        // After a reboot /run is empty: the namespace is made and wired again.
+        if bridge {
+            self.attach(unit).await?;
+        }
         self.start_task(&conn, unit, false).await
     }
 
