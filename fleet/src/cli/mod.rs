@@ -2,6 +2,7 @@
 //! start in [`agent`], unit file checks in [`validate`], the cluster network in [`network`].
 
 mod agent;
+mod endpoints;
 mod network;
 mod validate;
 
@@ -108,6 +109,15 @@ pub enum Command {
     Lock {
         #[command(subcommand)]
         command: LockCommand,
+    },
+    /// What discovery serves: each unit's serving instances (healthy, or running without a
+    /// health check) as their machines registered them, with address, ports and machine.
+    Endpoints {
+        /// Only this unit.
+        unit: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The cluster network: its range, and each host's subnet.
     Network {
@@ -263,6 +273,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Logs { unit, machine } => logs(&cli.store()?, unit, machine.as_deref()).await?,
         Command::Access { command } => run_access(&cli, command).await?,
         Command::Network { command } => network::run(&cli.store()?, command).await?,
+        Command::Endpoints { unit, json } => {
+            endpoints::run(&cli.store()?, unit.as_deref(), *json).await?
+        }
         Command::Lock { command } => {
             let store = cli.store()?;
             let lock = RebootLock::new(store.client.clone(), store.keys.lock());
