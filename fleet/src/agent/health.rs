@@ -290,8 +290,8 @@ async fn run_checks<R: Runtime>(
     }
 }
 
-/// Where the checks of `unit` on `port` go: the container's address. Units share the host's
-/// network today, so that is loopback ([`Runtime::address`]).
+/// Where the checks of `unit` on `port` go: the container's address ([`Runtime::address`]):
+/// its own on the host's bridge, or loopback for a unit on the host's network.
 pub fn target<R: Runtime>(rt: &R, unit: &str, port: u16) -> SocketAddr {
     SocketAddr::new(rt.address(unit), port)
 }
@@ -374,7 +374,7 @@ async fn http(addr: SocketAddr, path: &str) -> Result<(), String> {
     }
 }
 
-/// The loopback address, where units listen while they share the host's network.
+/// The loopback address, where units on the host's network listen.
 pub fn loopback() -> IpAddr {
     IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 }

@@ -104,8 +104,8 @@ pub trait Runtime: Clone + Send + Sync + 'static {
             message: "this container runtime cannot stop a task alone".into(),
         })
     }
-    /// The address the unit's container listens on, where its health checks go: loopback
-    /// while units share the host's network.
+    /// The address the unit's container listens on, where its health checks go: its address
+    /// on the host's bridge, or loopback (host network, or a runtime without a bridge).
     fn address(&self, _unit: &str) -> std::net::IpAddr {
         super::health::loopback()
     }
