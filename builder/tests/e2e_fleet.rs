@@ -8,6 +8,11 @@
 //! and exits 1, its restart finds the token; the machine reboots and the unit, started again,
 //! finds it once more. The console shows the agent's state lines; what the units printed is in
 //! their logs on the state partition, and the token in the volume's directory there.
+//!
+//! Networking: the units run in their own network namespaces on the machine's bridge. `web`
+//! (busybox httpd on its port 80) publishes 8080, which the host reaches through QEMU's
+//! forward; `finder` finds `web.caisson` through the machine's DNS responder and fetches the
+//! page, which its log shows.
 
 #![allow(clippy::unwrap_used)]
 
@@ -32,7 +37,16 @@ restart = "never"
 path = "/usr/lib/caisson/images/busybox.oci.tar"
 "#;
 
-const WEB: &str = r#"command = ["/bin/sleep", "100000"]
+/// busybox httpd on the container's port 80, published on the machine's 8080.
+const WEB: &str = r#"command = ["/bin/sh", "-c", "mkdir -p /tmp/www && echo hello-web > /tmp/www/index.html && exec /bin/busybox httpd -f -p 80 -h /tmp/www"]
+ports = ["8080:80"]
+[image]
+path = "/usr/lib/caisson/images/busybox.oci.tar"
+"#;
+
+/// Finds web by name through the machine's DNS responder and fetches its page.
+const FINDER: &str = r#"command = ["/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do if /bin/busybox wget -q -O /tmp/got http://web.caisson/index.html; then echo got=$(/bin/busybox cat /tmp/got); exit 0; fi; i=$((i+1)); sleep 1; done; echo gave-up; exit 1"]
+restart = "never"
 [image]
 path = "/usr/lib/caisson/images/busybox.oci.tar"
 "#;
@@ -57,6 +71,10 @@ dst = "/etc/caisson/units/keeper.toml"
 [[files]]
 src = "etc/caisson/units/web.toml"
 dst = "/etc/caisson/units/web.toml"
+
+[[files]]
+src = "etc/caisson/units/finder.toml"
+dst = "/etc/caisson/units/finder.toml"
 "#;
 
 /// A unit whose first run writes `token` into its volume and fails; every later run finds it.
@@ -82,6 +100,7 @@ fn fleet_spec(dir: &Path, registry: &Registry, token: &str) -> String {
     std::fs::create_dir_all(&units).unwrap();
     std::fs::write(units.join("hello.toml"), HELLO).unwrap();
     std::fs::write(units.join("web.toml"), WEB).unwrap();
+    std::fs::write(units.join("finder.toml"), FINDER).unwrap();
     std::fs::write(units.join("keeper.toml"), keeper(token)).unwrap();
     std::fs::write(
         units.join("pulled.toml"),
@@ -100,6 +119,30 @@ fn fleet_spec(dir: &Path, registry: &Registry, token: &str) -> String {
     )
     .unwrap();
     spec
+}
+
+/// GETs `/index.html` from the host's `port` until the answer holds `want`.
+fn fetch_until(port: u16, want: &str, timeout: Duration) -> String {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        let got = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match got {
+            Ok(page) if page.contains(want) => return page,
+            Ok(page) => last = page,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("port {port} did not answer {want:?} within {timeout:?}: {last}");
 }
 
 #[test]
@@ -139,6 +182,12 @@ fn the_agent_runs_local_units_without_etcd() {
     );
     let mut opts = VmOptions::new(&disk);
     opts.disk = Disk::direct(&disk);
+    // The host reaches web's published port 8080 through QEMU's forward.
+    let web_port = common::registry::free_port();
+    opts.user_net = Some(caisson_qemu::UserNet {
+        forwards: vec![(web_port, 8080)],
+        restrict: false,
+    });
     let mut vm = Vm::launch(opts).expect("launching QEMU");
 
     let line = vm
@@ -155,6 +204,19 @@ fn the_agent_runs_local_units_without_etcd() {
                 )
             });
         }
+    }
+    // web is on its own address on the machine's bridge; its published port answers.
+    let page = fetch_until(web_port, "hello-web", TIMEOUT);
+    assert!(page.contains("hello-web"), "{page}");
+    // finder found web by name (the machine's DNS responder) and fetched its page.
+    if !vm.console_text().unwrap().contains("unit finder: exited 0") {
+        vm.wait_for("unit finder: exited 0", TIMEOUT)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: finder did not reach web by name\n{}",
+                    vm.console_tail(40).unwrap_or_default()
+                )
+            });
     }
     // keeper: written, failed, restarted, found.
     if !vm
@@ -227,6 +289,8 @@ fn the_agent_runs_local_units_without_etcd() {
             &["-R", &format!("cat {path}"), state.to_str().unwrap()],
         )
     };
+    let found = cat("/log/caisson/fleet/finder.log");
+    assert!(found.contains("got=hello-web"), "finder's log: {found}");
     let kept = cat("/lib/caisson/volumes/keeper/data/mark");
     // debugfs adds its version line: the file's first line is the token.
     assert_eq!(
