@@ -37,8 +37,3 @@ pub mod store;
 pub mod templates;
 pub mod unit;
 pub mod volumes;
-
-/// The agent's side of templates. It lives beside the agent; `agent/mod.rs` is to declare it
-/// (`pub mod templates;`) and this declaration then goes.
-#[path = "agent/templates.rs"]
-pub mod agent_templates;

@@ -16,8 +16,8 @@
 #[path = "common/containerd.rs"]
 mod testbed;
 
+use caisson_fleet::agent::templates::Templates;
 use caisson_fleet::agent::Runtime;
-use caisson_fleet::agent_templates::Templates;
 use caisson_fleet::unit::UnitSpec;
 use caisson_net::endpoint::{Endpoints, Instance, Port, Proto};
 use std::collections::BTreeMap;

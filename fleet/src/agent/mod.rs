@@ -40,6 +40,7 @@ mod fake;
 pub mod health;
 mod network;
 mod reconcile;
+pub mod templates;
 
 pub use fake::FakeRuntime;
 pub use network::{NetState, ROUTES_RESYNC};
@@ -89,6 +90,8 @@ pub struct Agent<R: Runtime> {
     cluster_network: Option<caisson_net::cluster::NetworkConfig>,
     /// The host's container network, routes and service registrations.
     pub net: NetState,
+    /// The units' templates, rendered from the endpoints.
+    pub templates: templates::Templates,
     /// Whether the last tick found this machine leading.
     pub leading: bool,
     /// The health of the instances on this machine (its changes wake the loop).
@@ -295,6 +298,7 @@ impl<R: Runtime> Agent<R> {
             subnet_error: None,
             cluster_network: None,
             net: NetState::default(),
+            templates: templates::Templates::new(&config.volume_root),
             leading: false,
             health: health::Monitor::new(Some(wake.clone())),
             wake,
@@ -467,7 +471,7 @@ impl<R: Runtime> Agent<R> {
             .filter(|(r, _)| r.target == Target::Running)
             .map(|(r, _)| (r.spec.name.clone(), r.spec.clone()))
             .collect();
-        let statuses = reconcile_checked(&self.runtime, &desired, &self.health)
+        let mut statuses = reconcile_checked(&self.runtime, &desired, &self.health)
             .await
             .map_err(|e| e.to_string())?;
         crate::volumes::purge(&self.store, &self.runtime, &units)
@@ -480,7 +484,10 @@ impl<R: Runtime> Agent<R> {
                 (u.clone(), (spec.clone(), rev))
             })
             .collect();
-        self.register_services(&revisions, &statuses).await?;
+        let endpoints = self.register_services(&revisions, &statuses).await?;
+        self.templates
+            .update(&desired, &endpoints, &self.runtime, &mut statuses)
+            .await;
         for (u, st) in &statuses {
             let same = self.reported.get(u).is_some_and(|old| {
                 UnitStatus {

@@ -10,6 +10,7 @@ use crate::services;
 use crate::store::UnitStatus;
 use crate::unit::UnitSpec;
 use caisson_net::cluster::{Backend, Ipv4Net, NetworkConfig, SubnetRecord};
+use caisson_net::endpoint::Endpoints;
 use caisson_net::routes::Peer;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -213,13 +214,13 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
-    /// Registers this machine's serving instances for discovery and gives the DNS responder
-    /// every machine's.
+    /// Registers this machine's serving instances for discovery, gives the DNS responder every
+    /// machine's and returns them (for the templates).
     pub(super) async fn register_services(
         &mut self,
         desired: &BTreeMap<String, (UnitSpec, i64)>,
         statuses: &BTreeMap<String, UnitStatus>,
-    ) -> Result<(), String> {
+    ) -> Result<Endpoints, String> {
         let me = self.member.id().to_string();
         let want = services::wanted(
             &me,
@@ -234,13 +235,13 @@ impl<R: Runtime> Agent<R> {
             .sync(client, keys, &me, self.member.lease(), &want)
             .await
             .map_err(|e| e.to_string())?;
+        let (endpoints, _invalid) = services::endpoints(client, keys)
+            .await
+            .map_err(|e| e.to_string())?;
         if let Some(host) = &self.net.host {
-            let (endpoints, _invalid) = services::endpoints(client, keys)
-                .await
-                .map_err(|e| e.to_string())?;
-            host.set_endpoints(endpoints);
+            host.set_endpoints(endpoints.clone());
         }
-        Ok(())
+        Ok(endpoints)
     }
 
     /// After the machine registered again under a new lease: its registrations went with the

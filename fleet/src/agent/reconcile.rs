@@ -358,6 +358,7 @@ pub async fn run_local<R: Runtime>(
     let (wake, mut woken) = tokio::sync::mpsc::channel(1);
     let health = Monitor::new(Some(wake));
     let mut network_error = None;
+    let mut templates = super::templates::Templates::new(&config.volume_root);
     loop {
         if let Some(net) = &network {
             let s = &net.settings;
@@ -370,16 +371,23 @@ pub async fn run_local<R: Runtime>(
         }
         match local_units(&config.units_dir) {
             Ok(desired) => match reconcile_checked(runtime, &desired, &health).await {
-                Ok(st) => {
+                Ok(mut st) => {
+                    // Host-network units: reached at the bridge's address.
+                    let host = network
+                        .as_ref()
+                        .and_then(|n| n.subnet())
+                        .map(caisson_net::ipam::gateway);
+                    let endpoints = local_endpoints(runtime, host, &desired, &st);
+                    templates
+                        .update(&desired, &endpoints, runtime, &mut st)
+                        .await;
+                    if let Some(net) = &network {
+                        net.set_endpoints(endpoints);
+                    }
                     for (u, s) in st.iter().filter(|(_, s)| s.error.is_some()) {
                         log::warn!("unit {u}: {}", s.error.as_deref().unwrap_or(""));
                     }
                     log_changes(&mut shown, &st);
-                    if let Some(net) = &network {
-                        // Host-network units: reached at the bridge's address.
-                        let host = net.subnet().map(caisson_net::ipam::gateway);
-                        net.set_endpoints(local_endpoints(runtime, host, &desired, &st));
-                    }
                 }
                 Err(e) => log::warn!("{e}"),
             },
