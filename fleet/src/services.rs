@@ -60,12 +60,24 @@ pub fn instance(machine: &str, spec: &UnitSpec, address: Ipv4Addr, revision: i64
     }
 }
 
+/// Whether other machines reach this machine's containers at their own addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The cluster network routes every host's subnet (or there is one machine): a bridge
+    /// instance is registered at its container's address, with its container ports.
+    Routed,
+    /// No cluster network: every host uses the same local subnet, so a bridge instance is
+    /// registered at its machine's address with its published host ports only.
+    Published,
+}
+
 /// What this machine should have registered: each serving unit of `statuses`, at the address
-/// `address_of` gives for it (`machine_address` for host networking). A unit whose address is
-/// not IPv4 is left out (logged).
+/// `address_of` gives for it, or `machine_address` (host networking, or [`Reach::Published`]).
+/// A unit without an IPv4 address to give is left out (logged).
 pub fn wanted(
     machine: &str,
     machine_address: Option<Ipv4Addr>,
+    reach: Reach,
     desired: &BTreeMap<String, (UnitSpec, i64)>,
     statuses: &BTreeMap<String, UnitStatus>,
     address_of: impl Fn(&str) -> IpAddr,
@@ -78,19 +90,33 @@ pub fn wanted(
         if !serving(status) {
             continue;
         }
-        let address = match spec.network {
-            Network::Host => machine_address,
-            Network::Bridge => match address_of(unit) {
+        let address = match (spec.network, reach) {
+            (Network::Host, _) | (Network::Bridge, Reach::Published) => machine_address,
+            (Network::Bridge, Reach::Routed) => match address_of(unit) {
                 IpAddr::V4(a) if !a.is_loopback() => Some(a),
                 _ => None,
             },
         };
-        match address {
-            Some(a) => {
-                out.insert(unit.clone(), instance(machine, spec, a, *revision));
-            }
-            None => log::debug!("unit {unit}: no IPv4 address to register it at"),
+        let Some(a) = address else {
+            log::debug!("unit {unit}: no IPv4 address to register it at");
+            continue;
+        };
+        let mut i = instance(machine, spec, a, *revision);
+        if spec.network == Network::Bridge && reach == Reach::Published {
+            // Only what the host publishes is reachable, at the host's port.
+            i.ports = spec
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(Port {
+                        name: p.name.clone(),
+                        port: p.host?,
+                        proto: if p.udp { Proto::Udp } else { Proto::Tcp },
+                    })
+                })
+                .collect();
         }
+        out.insert(unit.clone(), i);
     }
     out
 }
@@ -225,6 +251,7 @@ mod tests {
         let w = wanted(
             "m1",
             Some(Ipv4Addr::new(192, 0, 2, 1)),
+            Reach::Routed,
             &desired,
             &statuses,
             addr,
@@ -243,9 +270,22 @@ mod tests {
         assert_eq!(w["dns"].address, Ipv4Addr::new(192, 0, 2, 1));
         assert_eq!(w["dns"].ports[0].proto, Proto::Udp);
         // A bridge unit whose container has no address yet is not registered.
-        let w = wanted("m1", None, &desired, &statuses, |_| {
+        let w = wanted("m1", None, Reach::Routed, &desired, &statuses, |_| {
             Ipv4Addr::LOCALHOST.into()
         });
         assert!(w.is_empty(), "{w:?}");
+        // Without a cluster network: the machine's address and the published port only.
+        let w = wanted(
+            "m1",
+            Some(Ipv4Addr::new(192, 0, 2, 1)),
+            Reach::Published,
+            &desired,
+            &statuses,
+            addr,
+        );
+        assert_eq!(w["web"].address, Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(w["web"].ports.len(), 1);
+        assert_eq!(w["web"].ports[0].port, 8080);
+        assert_eq!(w["web"].ports[0].name.as_deref(), Some("http"));
     }
 }

@@ -222,9 +222,16 @@ impl<R: Runtime> Agent<R> {
         statuses: &BTreeMap<String, UnitStatus>,
     ) -> Result<Endpoints, String> {
         let me = self.member.id().to_string();
+        // Container addresses reach across machines only over the cluster network.
+        let reach = if self.cluster_network.is_some() {
+            services::Reach::Routed
+        } else {
+            services::Reach::Published
+        };
         let want = services::wanted(
             &me,
             self.member.address().parse().ok(),
+            reach,
             desired,
             statuses,
             |u| self.runtime.address(u),

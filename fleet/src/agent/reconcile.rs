@@ -413,8 +413,11 @@ fn local_endpoints<R: Runtime>(
         .map(|(u, s)| (u.clone(), (s.clone(), 0)))
         .collect();
     let mut out = caisson_net::endpoint::Endpoints::default();
+    let reach = crate::services::Reach::Routed;
     for (unit, instance) in
-        crate::services::wanted("local", host, &with_rev, statuses, |u| runtime.address(u))
+        crate::services::wanted("local", host, reach, &with_rev, statuses, |u| {
+            runtime.address(u)
+        })
     {
         out.insert(&unit, instance);
     }
