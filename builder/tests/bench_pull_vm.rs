@@ -25,7 +25,7 @@ mod common;
 #[path = "../../fleet/tests/common/containerd.rs"]
 mod testbed;
 
-use common::registry::{Registry, SKOPEO};
+use common::registry::{noise, Registry, SKOPEO};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -44,20 +44,6 @@ dst = "/etc/caisson/units/big-1.toml"
 src = "etc/caisson/units/big-2.toml"
 dst = "/etc/caisson/units/big-2.toml"
 "#;
-
-/// Bytes that do not compress (xorshift), so the pushed layer stays as large as asked.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// The pushed image's manifest, as skopeo reads it from the registry.
 fn manifest(reference: &str) -> serde_json::Value {

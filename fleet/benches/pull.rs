@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use testbed::{busybox_archive, busybox_layer_with, digest, missing, oci_archive, Daemon};
 
-use registry::{Registry, SKOPEO};
+use registry::{noise, Registry, SKOPEO};
 
 fn env_u64(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -43,20 +43,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Bytes that do not compress (xorshift), so the pushed layer stays as large as asked.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn rss_kib(pid: u32) -> u64 {

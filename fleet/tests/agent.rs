@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use caisson_fleet::agent::{Agent, FakeRuntime};
@@ -58,22 +60,7 @@ async fn units_spread_and_move_when_a_machine_dies() {
 }
 
 fn fleet(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_caisson-fleet"))
-        .args([
-            "--etcd",
-            &etcd.endpoint(),
-            "--insecure",
-            "--config",
-            "/nonexistent/fleet.toml",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli::fleet(&etcd.endpoint(), args)
 }
 
 #[test]

@@ -17,35 +17,9 @@ mod testbed;
 use caisson_fleet::agent::{ContainerState, Runtime};
 use caisson_fleet::unit::UnitSpec;
 use std::path::{Path, PathBuf};
-use testbed::{busybox_archive, log_until, missing, wait_for, Daemon};
+use testbed::{busybox_archive, log_until, missing, wait_for, Daemon, Made};
 
 const APPLETS: [&str; 6] = ["sh", "echo", "cat", "test", "[", "sleep"];
-
-/// Directories the test made under /etc, removed (deepest first) when dropped.
-struct Made(Vec<PathBuf>);
-
-impl Made {
-    fn dir(path: &Path) -> Made {
-        let mut made = Vec::new();
-        let mut p = PathBuf::new();
-        for c in path.components() {
-            p.push(c);
-            if !p.exists() {
-                std::fs::create_dir(&p).unwrap();
-                made.push(p.clone());
-            }
-        }
-        Made(made)
-    }
-}
-
-impl Drop for Made {
-    fn drop(&mut self) {
-        for d in self.0.iter().rev() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
 
 /// Prints what it found in its volume, writes its generation there, tries to write the bind,
 /// and sleeps.

@@ -5,13 +5,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use caisson_fleet::services;
 use caisson_fleet::store::Target;
 use caisson_fleet::unit::UnitSpec;
 use common::{config, join, tick_all, Etcd};
-use std::process::Command;
 use std::time::Duration;
 
 fn unit(name: &str, extra: &str) -> UnitSpec {
@@ -20,25 +21,6 @@ fn unit(name: &str, extra: &str) -> UnitSpec {
         &format!("network = \"host\"\n{extra}\n[image]\npath = \"/img/{name}.tar\"\n"),
     )
     .unwrap()
-}
-
-fn fleet(etcd: &Etcd, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_caisson-fleet"))
-        .args([
-            "--etcd",
-            &etcd.endpoint(),
-            "--insecure",
-            "--config",
-            "/nonexistent/fleet.toml",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,7 +63,7 @@ async fn serving_instances_are_registered_and_go_when_they_stop_serving() {
     );
 
     // The operator's view.
-    let (ok, out, err) = fleet(&etcd, &["endpoints", "web"]);
+    let (ok, out, err) = cli::fleet(&etcd.endpoint(), &["endpoints", "web"]);
     assert!(ok, "{err}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("web ")).count(),
@@ -89,7 +71,7 @@ async fn serving_instances_are_registered_and_go_when_they_stop_serving() {
         "{out}"
     );
     assert!(out.contains("http=8080/tcp"), "{out}");
-    let (ok, out, _) = fleet(&etcd, &["endpoints", "--json"]);
+    let (ok, out, _) = cli::fleet(&etcd.endpoint(), &["endpoints", "--json"]);
     assert!(ok);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["units"]["web"].as_array().unwrap().len(), 2, "{out}");
@@ -126,6 +108,6 @@ async fn serving_instances_are_registered_and_go_when_they_stop_serving() {
         .await
         .unwrap();
     assert!(e.units.is_empty(), "{e:?}");
-    let (ok, out, _) = fleet(&etcd, &["endpoints"]);
+    let (ok, out, _) = cli::fleet(&etcd.endpoint(), &["endpoints"]);
     assert!(ok && out.contains("no serving instance"), "{out}");
 }

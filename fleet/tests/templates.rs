@@ -24,35 +24,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use testbed::{busybox_archive, log_until, missing, Daemon};
+use testbed::{busybox_archive, log_until, missing, Daemon, Made};
 
 const APPLETS: [&str; 6] = ["sh", "echo", "cat", "sleep", "kill", "wc"];
-
-/// Directories the test made under /etc, removed (deepest first) when dropped.
-struct Made(Vec<PathBuf>);
-
-impl Made {
-    fn dir(path: &Path) -> Made {
-        let mut made = Vec::new();
-        let mut p = PathBuf::new();
-        for c in path.components() {
-            p.push(c);
-            if !p.exists() {
-                std::fs::create_dir(&p).unwrap();
-                made.push(p.clone());
-            }
-        }
-        Made(made)
-    }
-}
-
-impl Drop for Made {
-    fn drop(&mut self) {
-        for d in self.0.iter().rev() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
 
 /// PID 1 of the "load balancer": on SIGHUP it copies the config it was given and counts.
 const SCRIPT: &str = "trap 'cat /conf/lb.cfg > /conf/seen; echo hup >> /conf/reloads' HUP; \

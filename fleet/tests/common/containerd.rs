@@ -264,3 +264,29 @@ pub async fn log_until(rt: &Containerd, unit: &str, last: &str) -> Vec<String> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Directories the test made under /etc, removed (deepest first) when dropped.
+pub struct Made(Vec<PathBuf>);
+
+impl Made {
+    pub fn dir(path: &Path) -> Made {
+        let mut made = Vec::new();
+        let mut p = PathBuf::new();
+        for c in path.components() {
+            p.push(c);
+            if !p.exists() {
+                std::fs::create_dir(&p).unwrap();
+                made.push(p.clone());
+            }
+        }
+        Made(made)
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

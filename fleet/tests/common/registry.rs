@@ -114,3 +114,17 @@ pub fn push(archive: &Path, dest: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Bytes that do not compress (xorshift), so a pushed layer stays as large as asked.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
