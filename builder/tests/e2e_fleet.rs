@@ -45,7 +45,7 @@ path = "/usr/lib/caisson/images/busybox.oci.tar"
 "#;
 
 /// Finds web by name through the machine's DNS responder and fetches its page.
-const FINDER: &str = r#"command = ["/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do if /bin/busybox wget -q -O /tmp/got http://web.caisson/index.html; then echo got=$(/bin/busybox cat /tmp/got); exit 0; fi; i=$((i+1)); sleep 1; done; echo gave-up; exit 1"]
+const FINDER: &str = r#"command = ["/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do if page=$(/bin/busybox wget -q -O - http://web.caisson/index.html); then echo got=$page; exit 0; fi; i=$((i+1)); sleep 1; done; echo gave-up; exit 1"]
 restart = "never"
 [image]
 path = "/usr/lib/caisson/images/busybox.oci.tar"
