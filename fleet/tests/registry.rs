@@ -349,6 +349,8 @@ async fn a_registry_that_needs_a_token() {
     assert!(pulled.ref_digest.starts_with("sha256:"));
     let desired: BTreeMap<String, UnitSpec> = [("g".to_string(), unit("g", &reference))].into();
     reconcile_until(&rt, &desired, |rt| logged(rt, "g", "version guarded")).await;
+    // Its shim would outlive the test's containerd.
+    rt.remove("g").await.unwrap();
 }
 
 /// A loopback proxy to `upstream` that cuts, once, the connection of a blob's GET whose answer
@@ -536,4 +538,6 @@ async fn unused_images_are_collected_and_the_space_comes_back() {
     // The image in use stays, and the unit runs on.
     assert!(rt.local_image(&two).await.unwrap().is_some());
     assert_eq!(rt.list().await.unwrap()[0].state, ContainerState::Running);
+    // Its shim would outlive the test's containerd.
+    rt.remove("u").await.unwrap();
 }
