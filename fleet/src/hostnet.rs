@@ -20,7 +20,7 @@
 //! from the host's IPAM and is the one its health checks and registrations use.
 
 use caisson_net::cluster::{Backend, Ipv4Net};
-use caisson_net::endpoint::{Endpoints, Proto};
+use caisson_net::endpoint::Endpoints;
 use caisson_net::ipam::Ipam;
 use caisson_net::link::{self, Attachment};
 use caisson_net::nat::{self, NatConfig, PublishedPort};
@@ -386,7 +386,7 @@ impl HostNet {
             };
             for p in &spec.ports {
                 let Some(host_port) = p.host else { continue };
-                let proto = if p.udp { Proto::Udp } else { Proto::Tcp };
+                let proto = p.proto();
                 if ports
                     .iter()
                     .any(|o| o.host_port == host_port && o.proto == proto)

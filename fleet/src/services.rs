@@ -15,7 +15,7 @@ use crate::records::{self, Invalid};
 use crate::registry::Keys;
 use crate::store::UnitStatus;
 use crate::unit::{Network, UnitSpec};
-use caisson_net::endpoint::{Endpoints, Instance, Port, Proto};
+use caisson_net::endpoint::{Endpoints, Instance, Port};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -52,7 +52,7 @@ pub fn instance(machine: &str, spec: &UnitSpec, address: Ipv4Addr, revision: i64
             .map(|p| Port {
                 name: p.name.clone(),
                 port: p.port,
-                proto: if p.udp { Proto::Udp } else { Proto::Tcp },
+                proto: p.proto(),
             })
             .collect(),
         machine: machine.to_string(),
@@ -111,7 +111,7 @@ pub fn wanted(
                     Some(Port {
                         name: p.name.clone(),
                         port: p.host?,
-                        proto: if p.udp { Proto::Udp } else { Proto::Tcp },
+                        proto: p.proto(),
                     })
                 })
                 .collect();
@@ -209,6 +209,7 @@ pub async fn endpoints(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use caisson_net::endpoint::Proto;
 
     fn unit(text: &str) -> UnitSpec {
         UnitSpec::parse("web", &format!("{text}\n[image]\npath = \"/a.tar\"\n")).unwrap()

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use caisson_fleet::agent::{Agent, FakeRuntime};
@@ -13,7 +15,6 @@ use caisson_fleet::unit::UnitSpec;
 use caisson_fleet::volumes::Destroyed;
 use common::{config, join, record, tick_all, Etcd};
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn db(extra: &str) -> UnitSpec {
@@ -33,23 +34,9 @@ fn set(ids: &[&str]) -> BTreeSet<String> {
 }
 
 fn fleet(etcd: &Etcd, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_caisson-fleet"))
-        .args([
-            "--etcd",
-            &etcd.endpoint(),
-            "--insecure",
-            "--config",
-            "/nonexistent/fleet.toml",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = cli::fleet(&etcd.endpoint(), args);
+    assert!(ok, "{args:?}: {err}");
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

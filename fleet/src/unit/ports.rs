@@ -55,6 +55,17 @@ pub struct Port {
     pub name: Option<String>,
 }
 
+impl Port {
+    /// Its protocol, as discovery and NAT name it.
+    pub fn proto(&self) -> caisson_net::endpoint::Proto {
+        if self.udp {
+            caisson_net::endpoint::Proto::Udp
+        } else {
+            caisson_net::endpoint::Proto::Tcp
+        }
+    }
+}
+
 impl std::fmt::Display for Port {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(name) = &self.name {
