@@ -6,7 +6,8 @@
 //! id = "web-1"                           # the machine's fleet id (default: /etc/machine-id)
 //! labels = { zone = "a" }
 //! ttl_s = 10                             # the machine's lease; its units move after it expires
-//! address = "10.0.2.15"                  # default: the source address towards the first endpoint
+//! address = "10.0.2.15"                  # or "10.0.2.15/24"; default: the source address towards
+//!                                        # the first endpoint (the cluster network routes to it)
 //! prefix = "/caisson/fleet/"             # the keyspace in etcd
 //! units_dir = "/etc/caisson/units"       # local units (used without etcd)
 //! containerd_socket = "/run/containerd/containerd.sock"

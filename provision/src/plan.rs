@@ -196,6 +196,9 @@ fn network_text(n: &crate::config::Network) -> Result<String, ConfigError> {
     if let Some(i) = &n.interface {
         let _ = writeln!(t, "interface = {}", q(i));
     }
+    if let Some(m) = &n.mac {
+        let _ = writeln!(t, "mac = {}", q(m));
+    }
     let mode = match n.mode {
         NetMode::Dhcp => "dhcp",
         NetMode::Static => "static",
@@ -216,6 +219,16 @@ fn network_text(n: &crate::config::Network) -> Result<String, ConfigError> {
     }
     if let Some(s) = n.timeout_s {
         let _ = writeln!(t, "timeout_s = {s}");
+    }
+    for l in &n.links {
+        let _ = writeln!(t, "\n[[links]]");
+        if let Some(i) = &l.interface {
+            let _ = writeln!(t, "interface = {}", q(i));
+        }
+        if let Some(m) = &l.mac {
+            let _ = writeln!(t, "mac = {}", q(m));
+        }
+        let _ = writeln!(t, "address = {}", q(&l.address));
     }
     Ok(t)
 }

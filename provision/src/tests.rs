@@ -95,6 +95,25 @@ fn errors_name_the_field() {
             .field,
         "network.routes[0].to"
     );
+    for (links, field) in [
+        ("[[network.links]]\naddress = \"10.1.0.1/24\"\n", "network.links[0].interface"),
+        (
+            "[[network.links]]\nmac = \"52:54:00:aa:00\"\naddress = \"10.1.0.1/24\"\n",
+            "network.links[0].mac",
+        ),
+        (
+            "[[network.links]]\ninterface = \"eth1\"\nmac = \"52:54:00:aa:00:01\"\naddress = \"10.1.0.1/24\"\n",
+            "network.links[0].mac",
+        ),
+        (
+            "[[network.links]]\ninterface = \"eth1\"\naddress = \"10.1.0.1/+4\"\n",
+            "network.links[0].address",
+        ),
+        ("[network]\nmac = \"52-54-00-aa-00-01\"\n", "network.mac"),
+        ("[fleet]\naddress = \"10.0.0.5/33\"\n", "fleet.address"),
+    ] {
+        assert_eq!(err(&format!("version = 1\n{links}")).field, field, "{links}");
+    }
     let e = err("version = 1\n[[files]]\npath = \"/etc/a\"\nmode = \"0999\"\n");
     assert_eq!(e.field, "files[0].mode");
     assert!(e.to_string().starts_with("files[0].mode: "), "{e}");

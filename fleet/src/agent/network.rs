@@ -202,7 +202,7 @@ impl<R: Runtime> Agent<R> {
                 vtep_mac: None,
             })
             .collect();
-        let local = self.address.parse().ok();
+        let local = crate::network::machine_ip(&self.address);
         let report = host
             .sync_routes(&config.backend, own, local, &list)
             .await
@@ -230,7 +230,7 @@ impl<R: Runtime> Agent<R> {
         };
         let want = services::wanted(
             &me,
-            self.member.address().parse().ok(),
+            crate::network::machine_ip(self.member.address()),
             reach,
             desired,
             statuses,

@@ -172,8 +172,7 @@ impl SubnetLease {
         state: impl Into<PathBuf>,
     ) -> Result<SubnetLease, NetworkError> {
         // An address may carry its prefix length (`10.0.0.5/24`).
-        let ip = address.split('/').next().unwrap_or(address);
-        let public_ip = ip.parse().map_err(|_| NetworkError::NotIpv4 {
+        let public_ip = super::machine_ip(address).ok_or_else(|| NetworkError::NotIpv4 {
             machine: machine.into(),
             address: address.into(),
         })?;

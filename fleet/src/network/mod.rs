@@ -130,6 +130,11 @@ pub fn machine_network(address: &str) -> Option<(Ipv4Net, bool)> {
     Some((Ipv4Net::new(ip, 24).ok()?.trunc(), true))
 }
 
+/// The IPv4 address of a machine record's `address` (bare or `a.b.c.d/len`).
+pub fn machine_ip(address: &str) -> Option<Ipv4Addr> {
+    address.split('/').next().unwrap_or(address).parse().ok()
+}
+
 /// The first of `machines` whose own network overlaps `config`'s range.
 pub fn overlapping(config: &NetworkConfig, machines: &[MachineRecord]) -> Option<NetworkError> {
     machines.iter().find_map(|m| {

@@ -133,6 +133,7 @@ fn status() -> Status {
             gateway: Some("10.0.2.2".into()),
             dns: vec!["10.0.2.3".into()],
             error: None,
+            links: Vec::new(),
         }),
         init_rss_kib: Some(2100),
         hostname: Some("web-1".into()),

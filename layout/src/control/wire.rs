@@ -175,6 +175,10 @@ pub struct NetStatus {
     #[serde(default)]
     pub dns: Vec<String>,
     pub error: Option<String>,
+    /// The extra interfaces with their static addresses: `eth1 192.168.50.11/24`. Left out
+    /// when there are none, so a status without links reads as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<String>,
 }
 
 /// How an `exec` ended.

@@ -66,7 +66,17 @@ impl Fleet {
             }
         }
         if let Some(a) = &self.address {
-            ipv4("fleet.address", a)?;
+            // A bare address, or with its network's prefix length (the cluster network's
+            // overlap check then knows the machine's network, not a /24 guess).
+            match a.split_once('/') {
+                Some(_) => super::parse_cidr(a).map(|_| ()).ok_or_else(|| {
+                    ConfigError::new(
+                        "fleet.address",
+                        format!("{a:?} is not an IPv4 address or a.b.c.d/prefix"),
+                    )
+                })?,
+                None => ipv4("fleet.address", a).map(|_| ())?,
+            }
         }
         if self.image_poll_s == Some(0) {
             return Err(ConfigError::new(

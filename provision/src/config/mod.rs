@@ -77,6 +77,8 @@ pub enum NetMode {
 #[serde(deny_unknown_fields, default)]
 pub struct Network {
     pub interface: Option<String>,
+    /// The main interface by MAC address, instead of `interface`.
+    pub mac: Option<String>,
     pub mode: NetMode,
     /// Static: `a.b.c.d/prefix`.
     pub address: Option<String>,
@@ -86,6 +88,17 @@ pub struct Network {
     pub dns: Vec<String>,
     pub search: Vec<String>,
     pub timeout_s: Option<u64>,
+    /// `[[network.links]]`: more interfaces, each with a static address and no gateway.
+    pub links: Vec<NetLink>,
+}
+
+/// One more interface (by `interface` or `mac`) and its static address `a.b.c.d/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetLink {
+    pub interface: Option<String>,
+    pub mac: Option<String>,
+    pub address: String,
 }
 
 /// A route; the init configures the default route only.
@@ -299,20 +312,63 @@ fn ipv4(field: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
 /// `a.b.c.d/prefix`.
 pub fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, p) = text.split_once('/')?;
+    (!p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())).then_some(())?;
     let prefix: u8 = p.parse().ok()?;
     (prefix <= 32).then_some(())?;
     Some((a.parse().ok()?, prefix))
 }
 
+/// An interface named by `interface` or `mac` (at most one; `needed`: exactly one), checked.
+fn check_interface(
+    field: &str,
+    interface: &Option<String>,
+    mac: &Option<String>,
+    needed: bool,
+) -> Result<(), ConfigError> {
+    if let Some(i) = interface {
+        if i.is_empty() || i.len() > 15 || i.contains(['/', ' ', '\n']) {
+            return Err(ConfigError::new(
+                format!("{field}interface"),
+                format!("{i:?} is not an interface name"),
+            ));
+        }
+    }
+    if let Some(m) = mac {
+        let ok = m.split(':').count() == 6
+            && m.split(':')
+                .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+        if !ok {
+            return Err(ConfigError::new(
+                format!("{field}mac"),
+                format!("{m:?} is not a MAC address like 52:54:00:12:34:56"),
+            ));
+        }
+    }
+    match (interface, mac) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            format!("{field}mac"),
+            "give `interface` or `mac`, not both",
+        )),
+        (None, None) if needed => Err(ConfigError::new(
+            format!("{field}interface"),
+            "name the interface by `interface` or `mac`",
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Network {
     fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(i) = &self.interface {
-            if i.is_empty() || i.len() > 15 || i.contains(['/', ' ', '\n']) {
-                return Err(ConfigError::new(
-                    "network.interface",
-                    format!("{i:?} is not an interface name"),
-                ));
-            }
+        check_interface("network.", &self.interface, &self.mac, false)?;
+        for (i, l) in self.links.iter().enumerate() {
+            let field = format!("network.links[{i}].");
+            check_interface(&field, &l.interface, &l.mac, true)?;
+            parse_cidr(&l.address).ok_or_else(|| {
+                ConfigError::new(
+                    format!("{field}address"),
+                    format!("{:?} is not of the form a.b.c.d/prefix", l.address),
+                )
+            })?;
         }
         match (&self.address, self.mode) {
             (None, NetMode::Static) => {

@@ -3,12 +3,17 @@
 //! own thread so it never holds up "ready"; services that need it put `network` in `after`,
 //! which is settled once the interface is configured or `timeout_s` has passed. See NETWORK.md.
 
+mod config;
+mod iface;
+
+pub use config::{parse_cidr, NetworkConfig};
+pub use iface::{ethernet_interfaces, mac_address};
+
 use crate::dhcp::{self, DhcpError, Lease, Transport};
 use crate::netdev::{self, NetdevError};
 /// How the interface gets its address, and what `caisson-ctl status` shows of the network: part
 /// of the control protocol, so they live in `caisson_layout::control`.
 pub use caisson_layout::control::{NetStatus, NetworkMode as Mode};
-use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,39 +25,6 @@ pub const CONFIG_PATH: &str = "/etc/caisson/network.toml";
 pub const RESOLV_PATH: &str = "/run/caisson/resolv.conf";
 /// The pseudo-service name services put in `after` to wait for the network.
 pub const PSEUDO_SERVICE: &str = "network";
-
-/// `/etc/caisson/network.toml` (every field optional).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkConfig {
-    /// The interface to configure; default: the first Ethernet interface by name.
-    pub interface: Option<String>,
-    pub mode: Mode,
-    /// Static: `a.b.c.d/prefix`.
-    pub address: Option<String>,
-    /// Static: the default gateway.
-    pub gateway: Option<Ipv4Addr>,
-    /// Name servers (static; with DHCP they replace the server's list when given).
-    pub dns: Vec<Ipv4Addr>,
-    /// Search domains for resolv.conf.
-    pub search: Vec<String>,
-    /// How long services `after = ["network"]` wait for it.
-    pub timeout_s: u64,
-}
-
-impl Default for NetworkConfig {
-    fn default() -> Self {
-        NetworkConfig {
-            interface: None,
-            mode: Mode::Dhcp,
-            address: None,
-            gateway: None,
-            dns: Vec::new(),
-            search: Vec::new(),
-            timeout_s: 30,
-        }
-    }
-}
 
 /// Why the network could not be configured.
 #[derive(Debug, thiserror::Error)]
@@ -81,86 +53,6 @@ pub enum NetworkError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// An address with its prefix length, `10.0.2.15/24`.
-pub fn parse_cidr(text: &str) -> Option<(Ipv4Addr, u8)> {
-    let (a, p) = text.trim().split_once('/')?;
-    let prefix: u8 = p.parse().ok()?;
-    (prefix <= 32).then_some(())?;
-    Some((a.parse().ok()?, prefix))
-}
-
-impl NetworkConfig {
-    /// Parses and checks the file's text.
-    pub fn parse(text: &str) -> Result<NetworkConfig, String> {
-        let c: NetworkConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        if c.mode == Mode::Static {
-            let addr = c
-                .address
-                .as_deref()
-                .ok_or("mode = \"static\" needs `address = \"a.b.c.d/prefix\"`")?;
-            parse_cidr(addr).ok_or_else(|| {
-                format!("address {addr:?} is not of the form a.b.c.d/prefix (e.g. 192.168.1.10/24)")
-            })?;
-        }
-        Ok(c)
-    }
-
-    /// Reads the file: missing means the defaults (DHCP).
-    pub fn load(path: &Path) -> Result<NetworkConfig, NetworkError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => NetworkConfig::parse(&text).map_err(|message| NetworkError::Config {
-                path: path.to_path_buf(),
-                message,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NetworkConfig::default()),
-            Err(e) => Err(NetworkError::Config {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }),
-        }
-    }
-}
-
-/// Physical Ethernet interfaces under `<root>/sys/class/net`, by name: type 1 (ARPHRD_ETHER)
-/// with a `device` link (which bridges, veths and other virtual interfaces lack).
-pub fn ethernet_interfaces(root: &Path) -> Vec<String> {
-    let dir = root.join("sys/class/net");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| {
-                    let d = dir.join(n);
-                    std::fs::read_to_string(d.join("type")).is_ok_and(|t| t.trim() == "1")
-                        && d.join("device").exists()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// The MAC address in `<root>/sys/class/net/<name>/address`.
-pub fn mac_address(root: &Path, name: &str) -> Result<[u8; 6], NetworkError> {
-    let path = root.join("sys/class/net").join(name).join("address");
-    let fail = |message: String| NetworkError::Mac {
-        interface: name.to_string(),
-        path: path.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|e| fail(format!("{:?}: {e}", text.trim())))?;
-    bytes
-        .try_into()
-        .map_err(|_| fail(format!("{:?} is not 6 bytes", text.trim())))
 }
 
 /// The text of resolv.conf.
@@ -286,13 +178,14 @@ fn run(root: &Path, shared: &Shared, settled: Box<dyn Fn() + Send>) {
             NetworkConfig::default()
         }
     };
+    let claimed = configure_links(root, &config, shared);
     if config.mode == Mode::Off {
         set_status(shared, |s| s.state = "off".into());
         settled.fire();
         return;
     }
     let deadline = Instant::now() + Duration::from_secs(config.timeout_s);
-    let iface = match wait_interface(root, &config, Duration::from_secs(5)) {
+    let iface = match wait_interface(root, &config, &claimed, Duration::from_secs(5)) {
         Ok(i) => i,
         Err(e) => {
             log::warn!("network: {e}");
@@ -323,23 +216,82 @@ fn run(root: &Path, shared: &Shared, settled: Box<dyn Fn() + Send>) {
     settled.fire();
 }
 
+/// Waits (up to 5 s for all of them) for the interfaces `links` names and gives each its
+/// address. Returns the names of the ones found, which the main interface may not be; a link
+/// that fails is logged and shown in the status, and the rest go on.
+fn configure_links(root: &Path, config: &NetworkConfig, shared: &Shared) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut claimed = Vec::new();
+    for link in &config.links {
+        let (Some(sel), Some((addr, prefix))) = (link.select(), parse_cidr(&link.address)) else {
+            continue;
+        };
+        let found = loop {
+            match iface::find(root, &sel) {
+                Some(name) => break Some(name),
+                None if Instant::now() >= deadline => break None,
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let result = match &found {
+            None => Err(format!("link {}: {sel} is not there", link.address)),
+            Some(name) => netdev::link_up(name)
+                .and_then(|()| netdev::set_address(name, addr, prefix))
+                .map_err(|e| format!("link {name}: {e}")),
+        };
+        match result {
+            Ok(()) => {
+                let name = found.unwrap_or_default();
+                log::info!("network: {name} {addr}/{prefix} (link)");
+                set_status(shared, |s| s.links.push(format!("{name} {addr}/{prefix}")));
+                claimed.push(name);
+            }
+            Err(e) => {
+                log::error!("network: {e}");
+                claimed.extend(found);
+                set_status(shared, |s| s.error = Some(e));
+            }
+        }
+    }
+    claimed
+}
+
+/// The main interface: the one the file names, or the first Ethernet interface (by name, not
+/// one of the links) whose link comes up within a second of being set up, else the first.
 fn wait_interface(
     root: &Path,
     config: &NetworkConfig,
+    claimed: &[String],
     timeout: Duration,
 ) -> Result<String, NetworkError> {
     let start = Instant::now();
     loop {
-        let found = match &config.interface {
-            Some(name) => root
-                .join("sys/class/net")
-                .join(name)
-                .exists()
-                .then(|| name.clone()),
-            None => ethernet_interfaces(root).into_iter().next(),
-        };
-        if let Some(f) = found {
-            return Ok(f);
+        if let Some(sel) = config.main_interface() {
+            if let Some(name) = iface::find(root, &sel) {
+                return Ok(name);
+            }
+        } else {
+            let candidates: Vec<String> = ethernet_interfaces(root)
+                .into_iter()
+                .filter(|n| !claimed.contains(n))
+                .collect();
+            if !candidates.is_empty() {
+                // Carrier only shows on a link that is up.
+                for c in &candidates {
+                    if let Err(e) = netdev::link_up(c) {
+                        log::warn!("network: {e}");
+                    }
+                }
+                let settle = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < settle
+                    && !candidates.iter().any(|c| netdev::carrier(root, c))
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if let Some(name) = iface::pick(root, &candidates) {
+                    return Ok(name);
+                }
+            }
         }
         if start.elapsed() >= timeout {
             return Err(NetworkError::NoInterface(root.join("sys/class/net")));
@@ -508,89 +460,6 @@ fn dhcp_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn defaults_to_dhcp() {
-        let c = NetworkConfig::parse("").unwrap();
-        assert_eq!(c, NetworkConfig::default());
-        assert_eq!(c.mode, Mode::Dhcp);
-        assert_eq!(c.timeout_s, 30);
-    }
-
-    #[test]
-    fn static_config() {
-        let c = NetworkConfig::parse(
-            r#"
-interface = "eth1"
-mode = "static"
-address = "192.168.10.5/24"
-gateway = "192.168.10.1"
-dns = ["192.168.10.1", "9.9.9.9"]
-search = ["lab.example"]
-timeout_s = 5
-"#,
-        )
-        .unwrap();
-        assert_eq!(c.interface.as_deref(), Some("eth1"));
-        assert_eq!(c.mode, Mode::Static);
-        assert_eq!(
-            parse_cidr(c.address.as_deref().unwrap()),
-            Some((Ipv4Addr::new(192, 168, 10, 5), 24))
-        );
-        assert_eq!(c.gateway, Some(Ipv4Addr::new(192, 168, 10, 1)));
-        assert_eq!(c.dns.len(), 2);
-    }
-
-    #[test]
-    fn config_errors_say_what_is_wrong() {
-        let e = NetworkConfig::parse("mode = \"static\"\n").unwrap_err();
-        assert!(e.contains("needs `address"), "{e}");
-        let e = NetworkConfig::parse("mode = \"static\"\naddress = \"10.0.0.1\"\n").unwrap_err();
-        assert!(e.contains("a.b.c.d/prefix"), "{e}");
-        let e = NetworkConfig::parse("mode = \"ppp\"\n").unwrap_err();
-        assert!(e.contains("ppp"), "{e}");
-        let e = NetworkConfig::parse("adress = \"10.0.0.1/8\"\n").unwrap_err();
-        assert!(e.contains("adress"), "{e}");
-        let e = NetworkConfig::parse("gateway = \"10.0.0\"\n").unwrap_err();
-        assert!(e.contains("gateway") || e.contains("line 1"), "{e}");
-    }
-
-    #[test]
-    fn cidr() {
-        assert_eq!(
-            parse_cidr("10.0.2.15/24"),
-            Some((Ipv4Addr::new(10, 0, 2, 15), 24))
-        );
-        assert_eq!(parse_cidr("10.0.2.15/33"), None);
-        assert_eq!(parse_cidr("10.0.2/24"), None);
-    }
-
-    #[test]
-    fn picks_the_first_physical_ethernet_interface() {
-        let tmp = tempfile::tempdir().unwrap();
-        let net = tmp.path().join("sys/class/net");
-        for (name, ty, device) in [
-            ("lo", "772", false),
-            ("eth1", "1", true),
-            ("eth0", "1", true),
-            ("br0", "1", false),
-            ("enp0s3", "1", true),
-        ] {
-            std::fs::create_dir_all(net.join(name)).unwrap();
-            std::fs::write(net.join(name).join("type"), format!("{ty}\n")).unwrap();
-            if device {
-                std::fs::create_dir_all(net.join(name).join("device")).unwrap();
-            }
-        }
-        assert_eq!(ethernet_interfaces(tmp.path()), ["enp0s3", "eth0", "eth1"]);
-        std::fs::write(net.join("eth0/address"), "52:54:00:12:34:56\n").unwrap();
-        assert_eq!(
-            mac_address(tmp.path(), "eth0").unwrap(),
-            crate::dhcp::tests::MAC
-        );
-        std::fs::write(net.join("eth1/address"), "52:54:00\n").unwrap();
-        assert!(mac_address(tmp.path(), "eth1").is_err());
-    }
 
     #[test]
     fn resolv_conf_is_linked_unless_provisioned() {
