@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `caisson-operator` | read and write everything under the prefix (the `caisson-fleet` CLI) |
 //! | `caisson-leader` | write the leader key, every assignment and the volumes' pins (`volumes/`); read machines and statuses |
-//! | `caisson-machine-<id>` | write its own record, statuses, logs, reboot-lock slot and service registrations (`services/<id>/`), and the subnet claims (`network/subnets/`); read the units, its own assignment, the leader key, the machines, the reboot lock, the volume purges (`purge/`), the network's config and every registration (`services/`) |
+//! | `caisson-machine-<id>` | write its own record, statuses, logs, reboot-lock slot and service registrations (`services/<id>/`), the subnet claims (`network/subnets/`) and its route report (`network/routes/<id>`); read the units, its own assignment, the leader key, the machines, the reboot lock, the volume purges (`purge/`), the network's config and every registration (`services/`) |
 //!
 //! A machine's user is `caisson-machine-<id>` with its own role, and `caisson-leader` too when
 //! it may schedule (a machine without it never campaigns). Only the operator writes units and
@@ -90,6 +90,7 @@ pub fn machine_permissions(keys: &Keys, id: &str) -> Vec<Permission> {
         Permission::new(Perm::Read, keys.network_config(), false),
         // Claims are transactions on the subnet's key: every machine writes the whole range.
         Permission::new(Perm::ReadWrite, keys.subnets(), true),
+        Permission::new(Perm::ReadWrite, keys.route_report(id), false),
         Permission::new(Perm::Read, keys.services(), true),
         Permission::new(Perm::ReadWrite, keys.machine_services(id), true),
     ])
@@ -244,12 +245,15 @@ mod tests {
             k.service("m2", "web"),
             k.service("m10", "web"),
             format!("{}m1", k.services()),
+            k.route_report("m2"),
+            k.route_report("m10"),
             crate::lock::holder_key(&k.lock(), "m2"),
             crate::lock::max_key(&k.lock()),
         ] {
             assert!(!allows(&m, &other, true), "{other}");
         }
         assert!(allows(&m, &k.service("m1", "web"), true));
+        assert!(allows(&m, &k.route_report("m1"), true));
         let subnet = "10.42.3.0/24".parse().unwrap();
         assert!(
             allows(&m, &k.subnet(&subnet), true),

@@ -16,6 +16,7 @@
 //! | `lock/reboot/holders/<id>` | when the machine took its slot (unix seconds) | none |
 //! | `network/config` | [`caisson_net::cluster::NetworkConfig`] JSON: the cluster network | none (written once by `network init`) |
 //! | `network/subnets/<a.b.c.d>-<len>` | [`caisson_net::cluster::SubnetRecord`] JSON: the machine holding that subnet | the machine's |
+//! | `network/routes/<id>` | [`crate::network::routes::RouteReport`] JSON: the state of the machine's routes to the other subnets | the machine's |
 //! | `services/<id>/<unit>` | the unit's registrations on that machine (by machine first, so a machine's role writes only its own) | the machine's |
 
 use crate::etcd::{Client, Compare, EtcdError, Op};
@@ -148,6 +149,13 @@ impl Keys {
             self.subnets(),
             caisson_net::cluster::subnet_key(subnet)
         )
+    }
+    /// Every machine's [`crate::network::routes::RouteReport`].
+    pub fn route_reports(&self) -> String {
+        format!("{}network/routes/", self.prefix)
+    }
+    pub fn route_report(&self, id: &str) -> String {
+        format!("{}network/routes/{id}", self.prefix)
     }
     pub fn services(&self) -> String {
         format!("{}services/", self.prefix)

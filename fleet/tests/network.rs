@@ -345,6 +345,14 @@ async fn the_cli_sets_the_network_and_shows_the_subnets() {
         .put(&format!("{}10.42.200.0-24", keys().subnets()), "{", 0)
         .await
         .unwrap();
+    // m3 is alive and holds no subnet: it routes to m1's, not to m2's. m1 reports nothing.
+    let m3 = member(&client, record("m3")).await;
+    let mut report = network::routes::RouteReport::default();
+    report.routes.insert(a.subnet, network::routes::OK.into());
+    report.routes.insert(b.subnet, "error: boom".into());
+    network::routes::report(&client, &keys(), "m3", m3.lease(), &report)
+        .await
+        .unwrap();
     let (ok, out, err) = cli(&etcd, &["network", "status"]);
     assert!(ok, "{err}");
     let line = |s: &SubnetRecord| {
@@ -354,10 +362,15 @@ async fn the_cli_sets_the_network_and_shows_the_subnets() {
             .to_string()
     };
     assert!(
-        line(&a).contains("m1") && line(&a).ends_with("yes"),
+        line(&a).contains("m1") && line(&a).contains(" yes ") && line(&a).ends_with(" 1/1"),
         "{out}"
     );
-    assert!(line(&b).contains("m2") && line(&b).ends_with("no"), "{out}");
+    assert!(
+        line(&b).contains("m2")
+            && line(&b).contains(" no ")
+            && line(&b).ends_with(" 0/2 (m1: not reported, m3: error: boom)"),
+        "{out}"
+    );
     assert!(
         out.contains("INVALID") && out.contains("10.42.200.0-24"),
         "{out}"
@@ -372,7 +385,10 @@ async fn the_cli_sets_the_network_and_shows_the_subnets() {
     assert_eq!(subnets[0]["machine"], "m1");
     assert_eq!(subnets[0]["alive"], true);
     assert_eq!(subnets[0]["public_ip"], "127.0.0.1");
+    assert_eq!(subnets[0]["routed"], "1/1");
+    assert_eq!(subnets[0]["routes"]["m3"], "ok");
     assert_eq!(subnets[1]["alive"], false);
+    assert_eq!(subnets[1]["routes"]["m3"], "error: boom");
     assert_eq!(v["invalid"].as_array().map(Vec::len), Some(1));
 }
 

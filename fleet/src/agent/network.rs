@@ -5,13 +5,14 @@
 
 use super::{Agent, Runtime};
 use crate::hostnet::HostNet;
+use crate::network::routes::{self as route_reports, RouteReport};
 use crate::network::NetworkError;
 use crate::services;
 use crate::store::UnitStatus;
 use crate::unit::UnitSpec;
 use caisson_net::cluster::{Backend, Ipv4Net, NetworkConfig, SubnetRecord};
 use caisson_net::endpoint::Endpoints;
-use caisson_net::routes::Peer;
+use caisson_net::routes::{Peer, SyncReport};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,8 @@ pub struct NetState {
     synced: Option<(Vec<SubnetRecord>, Instant)>,
     /// What this machine registered for discovery.
     registrations: services::Registrations,
+    /// The route report written last, and the lease it was written under.
+    reported: Option<(i64, RouteReport)>,
 }
 
 impl NetState {
@@ -186,11 +189,13 @@ impl<R: Runtime> Agent<R> {
             .map_err(|e: NetworkError| e.to_string())?;
         peers.retain(|p| p.subnet != own);
         peers.sort_by_key(|p| p.subnet);
+        let lease = self.member.lease();
         if self
             .net
             .synced
             .as_ref()
             .is_some_and(|(old, at)| *old == peers && at.elapsed() < ROUTES_RESYNC)
+            && self.net.reported.as_ref().is_some_and(|(l, _)| *l == lease)
         {
             return Ok(());
         }
@@ -203,15 +208,36 @@ impl<R: Runtime> Agent<R> {
             })
             .collect();
         let local = crate::network::machine_ip(&self.address);
-        let report = host
+        let synced = host
             .sync_routes(&config.backend, own, local, &list)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string());
+        self.report_routes(lease, route_report(own, &list, &synced))
+            .await;
+        let report = synced?;
         if report != Default::default() {
             log::info!("routes to the other hosts' subnets: {report:?}");
         }
         self.net.synced = Some((peers, Instant::now()));
         Ok(())
+    }
+
+    /// Writes the route report when it changed or the lease did. A failure is logged and the
+    /// report tried again at the next sync of the routes (peers changed, or [`ROUTES_RESYNC`]).
+    async fn report_routes(&mut self, lease: i64, report: RouteReport) {
+        if self.net.reported.as_ref() == Some(&(lease, report.clone())) {
+            return;
+        }
+        let (client, keys) = (&self.store.client, &self.store.keys);
+        let key = keys.route_report(self.member.id());
+        if let Err(e) = route_reports::report(client, keys, self.member.id(), lease, &report).await
+        {
+            log::warn!(
+                "reporting this machine's routes at {key}: {e} (a machine role made before this \
+                 version lacks the grant: caisson-fleet access machine <id> again)"
+            );
+        }
+        self.net.reported = Some((lease, report));
     }
 
     /// Registers this machine's serving instances for discovery, gives the DNS responder every
@@ -255,5 +281,24 @@ impl<R: Runtime> Agent<R> {
     /// old one.
     pub(super) fn forget_registrations(&mut self) {
         self.net.registrations.clear();
+    }
+}
+
+/// The state of the route to each peer's subnet after a sync.
+fn route_report(own: Ipv4Net, peers: &[Peer], synced: &Result<SyncReport, String>) -> RouteReport {
+    let routes = peers
+        .iter()
+        .map(|p| {
+            let state = match synced {
+                Err(e) => format!("error: {e}"),
+                Ok(r) if r.foreign.contains(&p.subnet) => route_reports::FOREIGN.into(),
+                Ok(_) => route_reports::OK.into(),
+            };
+            (p.subnet, state)
+        })
+        .collect();
+    RouteReport {
+        own: Some(own),
+        routes,
     }
 }

@@ -92,14 +92,22 @@ async fn status(store: &Store, as_json: bool) -> Result<()> {
         .into_iter()
         .map(|m| m.id)
         .collect();
+    let (reports, bad_reports) = network::routes::reports(&store.client, &store.keys).await?;
     let rows: Vec<_> = claims
         .iter()
         .map(|c| {
             let r = &c.record;
+            let routes = routes_to(&r.subnet, &r.machine, &live, &reports);
+            let ok = routes
+                .values()
+                .filter(|s| *s == network::routes::OK)
+                .count();
             json!({ "subnet": r.subnet, "machine": r.machine, "public_ip": r.public_ip,
-                    "vtep_mac": r.vtep_mac, "alive": live.contains(&r.machine) })
+                    "vtep_mac": r.vtep_mac, "alive": live.contains(&r.machine),
+                    "routes": routes, "routed": format!("{ok}/{}", routes.len()) })
         })
         .collect();
+    let invalid: Vec<_> = invalid.into_iter().chain(bad_reports).collect();
     if as_json {
         let v = json!({ "config": config, "subnets": rows, "invalid": invalid });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -110,20 +118,54 @@ async fn status(store: &Store, as_json: bool) -> Result<()> {
         None => println!("no cluster network (caisson-fleet network init 10.42.0.0/16)"),
     }
     println!(
-        "{:<18} {:<34} {:<15} ALIVE",
-        "SUBNET", "MACHINE", "PUBLIC-IP"
+        "{:<18} {:<34} {:<15} {:<5} ROUTED",
+        "SUBNET", "MACHINE", "PUBLIC-IP", "ALIVE"
     );
     for r in &rows {
+        // Any route not in place, by the machine that lacks it.
+        let missing: Vec<String> = r["routes"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| s.as_str() != Some(network::routes::OK))
+            .map(|(m, s)| format!("{m}: {}", s.as_str().unwrap_or("")))
+            .collect();
         println!(
-            "{:<18} {:<34} {:<15} {}",
+            "{:<18} {:<34} {:<15} {:<5} {}{}",
             r["subnet"].as_str().unwrap_or(""),
             r["machine"].as_str().unwrap_or(""),
             r["public_ip"].as_str().unwrap_or(""),
-            if r["alive"] == true { "yes" } else { "no" }
+            if r["alive"] == true { "yes" } else { "no" },
+            r["routed"].as_str().unwrap_or(""),
+            if missing.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", missing.join(", "))
+            }
         );
     }
     for i in &invalid {
         println!("{:<18} INVALID  {}: {}", "-", i.key, i.error);
     }
     Ok(())
+}
+
+/// How every other live machine reports its route to `subnet` (held by `holder`): its state,
+/// or `not reported`.
+fn routes_to(
+    subnet: &network::Ipv4Net,
+    holder: &str,
+    live: &std::collections::BTreeSet<String>,
+    reports: &std::collections::BTreeMap<String, network::routes::RouteReport>,
+) -> std::collections::BTreeMap<String, String> {
+    live.iter()
+        .filter(|m| *m != holder)
+        .map(|m| {
+            let state = reports
+                .get(m)
+                .and_then(|r| r.state(subnet))
+                .unwrap_or("not reported");
+            (m.clone(), state.to_string())
+        })
+        .collect()
 }

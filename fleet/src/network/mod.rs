@@ -12,6 +12,7 @@
 //! prefix (`10.0.0.5/22`) is taken as it is; one that is not IPv4 (`unknown`) is skipped.
 
 pub mod lease;
+pub mod routes;
 
 pub use caisson_net::cluster::{Backend, ConfigError, Ipv4Net, NetworkConfig, SubnetRecord};
 pub use lease::SubnetLease;
