@@ -181,9 +181,15 @@ impl HostNet {
         self.settings.netns_dir.join(unit)
     }
 
-    /// The resolv.conf bridge units see (the host's DNS responder, or the host's resolvers).
+    /// The resolv.conf bridge units see (the host's DNS responder, or the host's resolvers):
+    /// `container-resolv.conf` beside the namespaces' directory. Never `resolv.conf` there:
+    /// with the default directory that is `/run/caisson/resolv.conf`, the init's file behind
+    /// the host's own `/etc/resolv.conf`, and the host would lose its resolvers (and the
+    /// responder its upstreams).
     pub fn resolv_conf(&self) -> PathBuf {
-        self.settings.netns_dir.with_file_name("resolv.conf")
+        self.settings
+            .netns_dir
+            .with_file_name("container-resolv.conf")
     }
 
     /// The host's subnet, once configured.
@@ -448,7 +454,10 @@ mod tests {
         assert!(bad.check().unwrap_err().contains("state_dir"));
         let h = HostNet::new(Settings::default());
         assert_eq!(h.netns_path("web"), Path::new("/run/caisson/netns/web"));
-        assert_eq!(h.resolv_conf(), Path::new("/run/caisson/resolv.conf"));
+        assert_eq!(
+            h.resolv_conf(),
+            Path::new("/run/caisson/container-resolv.conf")
+        );
         assert!(h.address("web").is_none());
     }
 }
