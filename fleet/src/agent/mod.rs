@@ -8,7 +8,8 @@
 //! leader is gone: campaign at once), the units, its own assignment and, while it waits for a
 //! slot to reboot, the reboot lock, all on one etcd stream (one connection per agent); the
 //! leader also watches the machine records on a second (a machine that registers or whose lease
-//! expires: schedule at once). The timer stays as the fallback: an etcd outage is logged and
+//! expires: schedule at once). With container networking on, a third stream watches the subnet
+//! claims and the service registrations (routes and DNS follow at once). The timer stays as the fallback: an etcd outage is logged and
 //! retried each tick, running containers are left alone until etcd answers again, and a watch
 //! whose stream drops resumes from its revision (or, when that was compacted, wakes the loop for
 //! a full read). The health monitor ([`health`]) wakes the loop too, when an instance's health
@@ -24,7 +25,7 @@
 //! role predates the network's grants loses nothing but this read, logged once).
 
 use crate::config::Config;
-use crate::etcd::{Client, Event};
+use crate::etcd::Event;
 use crate::registry::{Keys, MachineRecord, Member};
 use crate::store::{Store, StoreError, Target, UnitStatus};
 use crate::unit::UnitSpec;
@@ -41,6 +42,9 @@ pub mod health;
 mod network;
 mod reconcile;
 pub mod templates;
+mod watch;
+
+use watch::{any_change, leader_gone, machine_joined_or_gone, next_revision, spawn_watch, Watched};
 
 pub use fake::FakeRuntime;
 pub use network::{NetState, ROUTES_RESYNC};
@@ -117,78 +121,6 @@ impl Drop for Task {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// One key an agent watches (every key under it when `prefix`), and which of its changes
-/// matter.
-struct Watched {
-    key: String,
-    prefix: bool,
-    wanted: fn(&Event) -> bool,
-    /// Changes matter only while this is set (none: always).
-    only_while: Option<Arc<AtomicBool>>,
-}
-
-/// Watches `keys` from revision `from`, all on one etcd stream (one connection), and sends a
-/// wake-up for each batch with a change that its key's `wanted` says matters. A dropped stream
-/// resumes from each key's revision (the client does that); when etcd compacted that revision
-/// away or refused the watch, the task watches again from the current revision and wakes the
-/// loop for a full read.
-fn spawn_watch(client: Client, keys: Vec<Watched>, from: i64, wake: mpsc::Sender<()>) -> Task {
-    Task(tokio::spawn(async move {
-        let ranges: Vec<(&str, bool)> = keys.iter().map(|k| (k.key.as_str(), k.prefix)).collect();
-        let mut watch = client.watch_all(&ranges, from);
-        loop {
-            match watch.next_tagged().await {
-                Ok((i, events)) => {
-                    let wanted = keys.get(i).is_none_or(|k| {
-                        k.only_while
-                            .as_ref()
-                            .is_none_or(|on| on.load(Ordering::SeqCst))
-                            && events.iter().any(k.wanted)
-                    });
-                    if wanted {
-                        // Full: a wake-up is already pending, which is as good.
-                        let _ = wake.try_send(());
-                    }
-                }
-                Err(e) => {
-                    log::warn!("{e}; reading the fleet's state again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let from = match keys.first() {
-                        Some(k) => next_revision(&client, &k.key).await,
-                        None => 0,
-                    };
-                    watch = client.watch_all(&ranges, from);
-                    let _ = wake.try_send(());
-                }
-            }
-        }
-    }))
-}
-
-/// The revision after the store's current one, for a watch that must miss nothing after a read
-/// that follows it (0, "from now on", when etcd does not answer).
-async fn next_revision(client: &Client, key: &str) -> i64 {
-    client.range(key, false).await.map_or(0, |r| r.revision + 1)
-}
-
-/// Changes to the leader key that matter: its deletion (the leader left or its lease expired).
-fn leader_gone(e: &Event) -> bool {
-    matches!(e, Event::Delete(_))
-}
-
-/// Changes to machine records that matter to the leader: a machine registers or is gone. The
-/// heartbeats that rewrite a record do not (the leader's own tick would wake it again).
-fn machine_joined_or_gone(e: &Event) -> bool {
-    match e {
-        Event::Delete(_) => true,
-        Event::Put(kv) => kv.create_revision == kv.mod_revision,
-    }
-}
-
-fn any_change(_: &Event) -> bool {
-    true
 }
 
 /// The updater's `etcd-lock` strategy (caisson_layout::paths::REBOOT_NEEDED): the updater
@@ -557,6 +489,7 @@ impl<R: Runtime> Agent<R> {
         tokio::pin!(stop);
         self.keepalive = Some(self.spawn_keepalive());
         let _watches = self.spawn_watches().await;
+        let _discovery = self.spawn_discovery_watch().await;
         loop {
             if let Err(e) = self.tick().await {
                 log::warn!("fleet tick: {e} (containers keep running; retrying)");
@@ -612,6 +545,28 @@ impl<R: Runtime> Agent<R> {
             from,
             self.wake.clone(),
         )
+    }
+
+    /// With container networking on, a second stream watches the subnet claims and every
+    /// machine's service registrations, so that routes and the DNS responder follow a change
+    /// at once rather than at the next timed tick (the tick reads both again). On a stream of
+    /// its own: a machine role without the network's grants loses only this.
+    async fn spawn_discovery_watch(&self) -> Option<Task> {
+        self.net.host.as_ref()?;
+        let keys = &self.store.keys;
+        let from = next_revision(&self.store.client, &keys.subnets()).await;
+        let watched = |key: String| Watched {
+            key,
+            prefix: true,
+            wanted: any_change,
+            only_while: None,
+        };
+        Some(spawn_watch(
+            self.store.client.clone(),
+            vec![watched(keys.subnets()), watched(keys.services())],
+            from,
+            self.wake.clone(),
+        ))
     }
 
     /// Renews the machine's lease every third of its TTL on its own task (a renewal that fails
