@@ -1,6 +1,9 @@
 //! What the DNS tests share: a responder on its own runtime, `dig` and its output, a
 //! `dnsmasq` upstream.
 
+// Each test binary uses a part of it.
+#![allow(dead_code)]
+
 use caisson_net::dns::{Config, Responder};
 use caisson_net::endpoint::{Endpoints, Instance, Port, Proto};
 use std::io;
