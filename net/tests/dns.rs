@@ -34,6 +34,16 @@ fn a_unit_answers_with_every_instance() {
     let first = |out: &str| section(out, "ANSWER")[0].data.clone();
     let again = dig(dns.addr, &["web.caisson", "A"]);
     assert_ne!(first(&out), first(&again), "not rotated:\n{out}\n{again}");
+    // A stub resolver asks A and AAAA for every lookup: the AAAA query does not turn the
+    // rotation, so the next lookup still gets the other order.
+    let aaaa = dig(dns.addr, &["web.caisson", "AAAA"]);
+    assert_eq!(data(&aaaa, "ANSWER"), Vec::<String>::new(), "{aaaa}");
+    let third = dig(dns.addr, &["web.caisson", "A"]);
+    assert_ne!(
+        first(&again),
+        first(&third),
+        "AAAA turned the rotation:\n{again}\n{third}"
+    );
     let one = dig(dns.addr, &["m2.web.caisson", "A"]);
     assert_eq!(data(&one, "ANSWER"), ["A 10.42.2.2"], "{one}");
 }

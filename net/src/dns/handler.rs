@@ -5,6 +5,7 @@ use super::answer::Zone;
 use super::forward::Forwarder;
 use crate::endpoint::Endpoints;
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::RecordType;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -102,7 +103,16 @@ impl Handler {
         let [query] = request.queries.as_slice() else {
             return self.error(&request, ResponseCode::FormErr, transport);
         };
-        let rotate = self.rotation.fetch_add(1, Ordering::Relaxed);
+        // Only the queries whose answers rotate turn the rotation: a stub resolver asks for A and
+        // AAAA for every lookup, and counting both would give it the same order every time.
+        let rotate = if matches!(
+            query.query_type(),
+            RecordType::A | RecordType::SRV | RecordType::ANY
+        ) {
+            self.rotation.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.rotation.load(Ordering::Relaxed)
+        };
         // One snapshot for the whole answer: the borrow ends before anything awaits.
         let answer = {
             let endpoints = self.endpoints.borrow();
