@@ -39,6 +39,8 @@ mod etcd_harness;
 
 #[path = "e2e_fleet_cluster/failover.rs"]
 mod failover;
+#[path = "e2e_fleet_cluster/network.rs"]
+mod network;
 #[path = "e2e_fleet_cluster/rolling.rs"]
 mod rolling;
 #[path = "e2e_fleet_cluster/volume.rs"]
@@ -51,7 +53,7 @@ use caisson_fleet::registry::{self, Keys, MachineRecord};
 use caisson_fleet::scheduler::Placement;
 use caisson_fleet::store::{Store, UnitStatus};
 use caisson_fleet::unit::UnitSpec;
-use caisson_qemu::{Disk, FwCfgValue, Vm, VmOptions};
+use caisson_qemu::{Disk, FwCfgValue, NetAttachment, VirtualNetwork, Vm, VmOptions};
 use etcd_harness::pki::Ca;
 use etcd_harness::{Etcd, ServerTls};
 use failover::fail_over;
@@ -109,19 +111,28 @@ struct Creds {
     password: String,
 }
 
-/// The machine config of one node: its host name, fleet id and label, the etcd on the host with
-/// its credentials, and the update channel, with reboots coordinated through the fleet's reboot
-/// lock.
-fn machine_config(node: &str, etcd_port: u16, channel_url: &str, creds: &Creds) -> String {
+/// The machine config of one node: its host name, its NIC on the private segment, fleet id and
+/// label, its fleet address (on that segment), the etcd on the host with its credentials, and
+/// the update channel, with reboots coordinated through the fleet's reboot lock.
+fn machine_config(
+    i: usize,
+    nic: &NetAttachment,
+    etcd_port: u16,
+    channel_url: &str,
+    creds: &Creds,
+) -> String {
+    let node = NODES[i];
     format!(
         r#"version = 1
 hostname = "{node}"
 
+{}
 [fleet]
 id = "{node}"
 endpoints = ["https://{}:{etcd_port}"]
 labels = {{ node = "{node}" }}
 ttl_s = {TTL_S}
+address = "{}/24"
 
 [fleet.tls]
 ca = """{}"""
@@ -138,7 +149,9 @@ strategy = "etcd-lock"
 interval_s = {UPDATE_INTERVAL_S}
 jitter_s = 0
 "#,
+        network::machine_config(i, nic),
         caisson_qemu::HOST_FROM_GUEST,
+        network::private_address(i),
         creds.ca,
         creds.cert,
         creds.key,
@@ -399,9 +412,11 @@ fn no_lease_lost(vms: &mut [Vm], skip: Option<usize>) {
     }
 }
 
-/// Boots a machine's own disk (an overlay the test keeps, so a killed machine can boot again).
-fn boot(disk: &Path, config: &Path) -> Vm {
+/// Boots a machine's own disk (an overlay the test keeps, so a killed machine can boot again),
+/// with a second NIC on the private segment.
+fn boot(disk: &Path, config: &Path, nic: &NetAttachment) -> Vm {
     let mut opts = VmOptions::new(disk);
+    opts.networks = vec![nic.clone()];
     opts.disk = Disk::direct(disk);
     opts.memory_mib = 1024;
     // Three guests on two host cores: one vCPU each keeps TCG threads from fighting.
@@ -450,21 +465,27 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
         client_ca: ca.cert.clone(),
     });
     let (fleet, creds) = Fleet::secure(&etcd, &ca, &pki);
+    // The operator sets the cluster network before the machines come.
+    network::init(&fleet);
 
-    // Three machines, booted together, each with its own config and its own disk.
+    // Three machines, booted together, each with its own config, its own disk and a NIC on
+    // the private segment.
+    let segment = VirtualNetwork::new().unwrap();
     let booting = Instant::now();
-    let machines: Vec<(PathBuf, PathBuf)> = NODES
+    let machines: Vec<(PathBuf, PathBuf, NetAttachment)> = NODES
         .iter()
-        .map(|node| {
+        .enumerate()
+        .map(|(i, node)| {
             let own = dir.path().join(node);
             std::fs::create_dir_all(&own).unwrap();
             let cfg = own.join("machine.toml");
-            let text = machine_config(node, etcd.client_port, &channel_url, &creds[node]);
+            let nic = segment.attach().unwrap();
+            let text = machine_config(i, &nic, etcd.client_port, &channel_url, &creds[node]);
             std::fs::write(&cfg, text).unwrap();
-            (common::kept_overlay(&image, &own), cfg)
+            (common::kept_overlay(&image, &own), cfg, nic)
         })
         .collect();
-    let mut vms: Vec<Vm> = machines.iter().map(|(d, c)| boot(d, c)).collect();
+    let mut vms: Vec<Vm> = machines.iter().map(|(d, c, n)| boot(d, c, n)).collect();
     for (vm, node) in vms.iter_mut().zip(NODES) {
         vm.wait_for("caisson: ready ", BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{node} does not reach ready: {e}"));
@@ -484,12 +505,15 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
         assert!(m.slot.is_some(), "{m:?}");
     }
 
-    let killed = fail_over(&fleet, &mut vms, &ids);
+    let subnets = network::discovery(&fleet, &vms, &ids);
+
+    let (killed, at) = fail_over(&fleet, &mut vms, &ids);
+    network::routes_dropped(&vms, killed, at, subnets[NODES[killed]]);
 
     // The killed machine boots again from its disk and rejoins the fleet.
     let back = Instant::now();
-    let (disk, cfg) = &machines[killed];
-    vms[killed] = boot(disk, cfg);
+    let (disk, cfg, nic) = &machines[killed];
+    vms[killed] = boot(disk, cfg, nic);
     vms[killed]
         .wait_for("caisson: ready ", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{} does not come back: {e}", NODES[killed]));
@@ -502,6 +526,7 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
         NODES[killed],
         back.elapsed()
     );
+    network::routes_back(&fleet, &vms, killed, &ids);
 
     let keeper = volume::start(&fleet);
     roll_to_v2(&fleet, &mut vms, &ids, || {
@@ -511,5 +536,6 @@ fn three_machines_fail_over_then_roll_to_v2_one_reboot_at_a_time() {
     drop(vms);
     drop(server);
     drop(etcd);
+    drop(segment);
     eprintln!("whole test: {:.0?}", started.elapsed());
 }

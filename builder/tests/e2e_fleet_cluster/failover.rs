@@ -18,8 +18,12 @@ struct Failover {
 }
 
 /// Hard-kills the leader's machine: within TTL + 5 s its unit runs on another, the others stay.
-/// Returns the index of the killed machine.
-pub(crate) fn fail_over(fleet: &Fleet, vms: &mut [Vm], ids: &BTreeMap<String, String>) -> usize {
+/// Returns the index of the killed machine and when it was killed.
+pub(crate) fn fail_over(
+    fleet: &Fleet,
+    vms: &mut [Vm],
+    ids: &BTreeMap<String, String>,
+) -> (usize, Instant) {
     // Three units: the leader spreads them, one per machine, and each machine runs its own.
     let spreading = Instant::now();
     fleet.submit(&UNITS.map(unit));
@@ -164,5 +168,5 @@ pub(crate) fn fail_over(fleet: &Fleet, vms: &mut [Vm], ids: &BTreeMap<String, St
         took <= (TTL_S + 5) as f64,
         "{lost} ran elsewhere only {took:.1} s after the kill, more than TTL + 5 s; {seen:?}"
     );
-    index
+    (index, killed)
 }
