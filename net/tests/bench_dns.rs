@@ -10,10 +10,9 @@
 mod support;
 
 use caisson_net::dns::Config;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use support::{dig, free_port, start, two_webs};
+use std::net::SocketAddr;
+use std::process::Command;
+use support::{dnsmasq_with, start, two_webs};
 
 /// How long each dnsperf run lasts.
 const SECONDS: u32 = 10;
@@ -58,33 +57,15 @@ fn answers_per_second_against_dnsmasq() {
     let (ours_qps, ours_ms) = dnsperf(dns.addr, &queries);
     drop(dns);
 
-    let port = free_port();
-    let mut dnsmasq = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--pid-file",
-            &format!("--port={port}"),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--host-record=web.caisson,10.42.1.2",
-            "--host-record=web.caisson,10.42.2.2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (Debian's dnsmasq-base)");
-    let addr: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dig(addr, &["+time=1", "web.caisson"]).contains("10.42.2.2") {
-        assert!(Instant::now() < deadline, "dnsmasq does not answer");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let (theirs_qps, theirs_ms) = dnsperf(addr, &queries);
-    let _ = dnsmasq.kill();
-    let _ = dnsmasq.wait();
+    let dnsmasq = dnsmasq_with(
+        &[
+            "--host-record=web.caisson,10.42.1.2".into(),
+            "--host-record=web.caisson,10.42.2.2".into(),
+        ],
+        ("web.caisson", "10.42.2.2"),
+    );
+    let (theirs_qps, theirs_ms) = dnsperf(dnsmasq.addr, &queries);
+    drop(dnsmasq);
     println!(
         "BENCH dns responder_qps={ours_qps:.0} responder_avg_ms={ours_ms:.3} \
          dnsmasq_qps={theirs_qps:.0} dnsmasq_avg_ms={theirs_ms:.3} ratio={:.2}",

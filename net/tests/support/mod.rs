@@ -149,8 +149,7 @@ pub fn data(out: &str, name: &str) -> Vec<String> {
     d
 }
 
-/// A dnsmasq on a free loopback port answering `example.test` (and a large TXT record),
-/// stopped when dropped.
+/// A dnsmasq on a free loopback port, stopped when dropped.
 pub struct Upstream {
     pub addr: SocketAddr,
     child: Child,
@@ -163,9 +162,22 @@ impl Drop for Upstream {
     }
 }
 
+/// dnsmasq answering `example.test` (and a large TXT record).
 pub fn dnsmasq() -> Upstream {
-    let port = free_port();
     let big = vec!["x".repeat(200); 10].join("\",\"");
+    dnsmasq_with(
+        &[
+            "--address=/example.test/192.0.2.7".into(),
+            format!("--txt-record=big.example.test,\"{big}\""),
+        ],
+        ("a.example.test", "192.0.2.7"),
+    )
+}
+
+/// A dnsmasq on a free loopback port with `records` (its own options), once it answers
+/// `probe.0` with `probe.1`.
+pub fn dnsmasq_with(records: &[String], probe: (&str, &str)) -> Upstream {
+    let port = free_port();
     let child = Command::new("dnsmasq")
         .args([
             "--no-daemon",
@@ -176,9 +188,8 @@ pub fn dnsmasq() -> Upstream {
             &format!("--port={port}"),
             "--listen-address=127.0.0.1",
             "--bind-interfaces",
-            "--address=/example.test/192.0.2.7",
-            &format!("--txt-record=big.example.test,\"{big}\""),
         ])
+        .args(records)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
@@ -194,7 +205,7 @@ pub fn dnsmasq() -> Upstream {
         child,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !dig(upstream.addr, &["+time=1", "a.example.test"]).contains("192.0.2.7") {
+    while !dig(upstream.addr, &["+time=1", probe.0]).contains(probe.1) {
         assert!(
             Instant::now() < deadline,
             "dnsmasq on port {port} does not answer"
