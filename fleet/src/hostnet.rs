@@ -214,6 +214,11 @@ impl HostNet {
         {
             return Ok(false);
         }
+        // The instances attached under another subnet, moved to this one below.
+        let old = lock(&self.state)
+            .as_ref()
+            .filter(|c| c.subnet != subnet)
+            .map(|c| c.ipam.clone());
         let nl = Arc::new(Netlink::current()?);
         link::ensure_bridge(&nl, &self.settings.bridge, subnet).await?;
         nat::enable_forwarding()?;
@@ -247,7 +252,36 @@ impl HostNet {
             published,
             mtu,
         });
+        if let Some(old) = old {
+            self.readdress(&old).await;
+        }
         Ok(true)
+    }
+
+    /// After the host's subnet changed: gives every instance attached under `old` an address of
+    /// the new subnet in place (address and default route in its namespace; it keeps running)
+    /// and frees the old one. One that fails is logged; its next start attaches it again.
+    async fn readdress(&self, old: &Ipam) {
+        let attached = match old.list() {
+            Ok(list) => list,
+            Err(e) => {
+                log::warn!("container network: the instances of {}: {e}", old.subnet());
+                return;
+            }
+        };
+        for (was, unit) in attached {
+            if self.netns_path(&unit).exists() {
+                match self.attach(&unit).await {
+                    Ok(now) => log::info!(
+                        "container network: {unit} moved from {was} to {now} with the host's subnet"
+                    ),
+                    Err(e) => log::warn!("container network: moving {unit} to the new subnet: {e}"),
+                }
+            }
+            if let Err(e) = old.release(&unit) {
+                log::warn!("container network: releasing {was} of {unit}: {e}");
+            }
+        }
     }
 
     fn write_resolv_conf(&self, gateway: Ipv4Addr) -> Result<(), HostNetError> {
