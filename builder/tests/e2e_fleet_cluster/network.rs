@@ -7,9 +7,10 @@
 //! a bind from the host) runs on two machines and `client` on the third. The client resolves
 //! `web.caisson` through its machine's DNS responder and fetches its page twice a second: the
 //! answers' order rotates, so it must get both instances' pages, each naming the instance's own
-//! container address in another machine's subnet (host-gw routes over the private segment). A published port answers on its
-//! machine's private address from another machine. A flag file makes one instance unhealthy:
-//! it leaves the DNS answer; the flag removed, it comes back.
+//! container address in another machine's subnet (host-gw routes over the private segment),
+//! and renders a template of web's addresses into its volume. A published port answers on its
+//! machine's private address from another machine. A flag file makes one instance unhealthy: it
+//! leaves the DNS answer and the rendered file; the flag removed, it comes back to both.
 //!
 //! Routes follow machines: when a machine is hard-killed, the survivors drop the route to its
 //! subnet once its lease is gone; when it boots again, they route to it again.
@@ -30,6 +31,10 @@ pub(crate) const CLUSTER: &str = "10.42.0.0/16";
 const HEALTH_INTERVAL_S: u64 = 1;
 /// Where the test puts the flag that makes a web instance unhealthy, on the machine.
 const FLAGS: &str = "/etc/caisson/flags";
+/// The client's template (confd-style), written on every machine: web's serving addresses.
+const TEMPLATE: &str = "/etc/caisson/tmpl/web.list.tmpl";
+/// Where the client's rendered template lands on its machine (its volume `conf`).
+const RENDERED: &str = "/var/lib/caisson/volumes/client/conf/web.list";
 
 /// Machine `i`'s address on the private segment.
 pub(crate) fn private_address(i: usize) -> String {
@@ -160,14 +165,27 @@ fn client() -> UnitSpec {
         "client",
         &format!(
             r#"command = ["/bin/busybox", "sh", "-c", "while true; do echo got=$(/bin/busybox wget -q -O - http://web.caisson/); /bin/busybox sleep 0.5; done"]
+volumes = [{{ name = "conf", path = "/conf" }}]
 [constraints]
 conflicts = ["web"]
 [image]
 path = "{}"
+[[templates]]
+src = "{TEMPLATE}"
+dest = "web.list"
+volume = "conf"
+services = ["web"]
 "#,
             super::ARCHIVE
         ),
     )
+}
+
+/// The addresses in the client's rendered template, from its machine.
+fn rendered(vm: &Vm) -> BTreeSet<Ipv4Addr> {
+    let r = super::common::exec(vm, &["/bin/busybox", "cat", RENDERED], 20);
+    let text = r.exec.map(|e| e.output).unwrap_or_default();
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// Discovery and routing across the three machines (see the module's comment); removes its
@@ -207,6 +225,11 @@ pub(crate) fn discovery(
             std::thread::sleep(POLL);
         }
         run(vm, &["/bin/busybox", "mkdir", "-p", FLAGS]);
+        let write = format!(
+            "/bin/busybox mkdir -p $(/bin/busybox dirname {TEMPLATE}) && printf '%s\\n' \
+             '{{% for i in services.web %}}{{{{ i.address }}}}' '{{% endfor %}}' > {TEMPLATE}"
+        );
+        run(vm, &["/bin/busybox", "sh", "-c", &write]);
         // The host keeps its own resolvers (the containers' resolv.conf is another file).
         let host_resolv = run(vm, &["/bin/busybox", "cat", "/etc/resolv.conf"]);
         assert!(
@@ -296,6 +319,16 @@ pub(crate) fn discovery(
         std::thread::sleep(Duration::from_secs(1));
     }
     eprintln!("client reached both web instances by name across machines");
+    // Its template holds both (rendered by its agent from the same endpoints).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rendered(cvm) != want {
+        assert!(
+            Instant::now() < deadline,
+            "the client's template: {:?}, not {want:?}",
+            rendered(cvm)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The published port answers on a web machine's private address, from another machine.
     for node in &web_nodes {
         let j = NODES.iter().position(|n| n == node).unwrap();
@@ -313,35 +346,48 @@ pub(crate) fn discovery(
         &["/bin/busybox", "touch", &format!("{FLAGS}/sick")],
     );
     let flagged = Instant::now();
-    let gone = loop {
-        let now = resolve(cvm, "web.caisson", dns);
-        if !now.contains(&sick.address) && !now.is_empty() {
-            break flagged.elapsed();
+    let healthy: BTreeSet<Ipv4Addr> = want
+        .iter()
+        .copied()
+        .filter(|a| *a != sick.address)
+        .collect();
+    // When the DNS answer and the client's rendered template each hold only the healthy one.
+    let (mut dns_gone, mut file_gone) = (None, None);
+    while dns_gone.is_none() || file_gone.is_none() {
+        if dns_gone.is_none() && resolve(cvm, "web.caisson", dns) == healthy {
+            dns_gone = Some(flagged.elapsed());
+        }
+        if file_gone.is_none() && rendered(cvm) == healthy {
+            file_gone = Some(flagged.elapsed());
         }
         assert!(
             flagged.elapsed() < Duration::from_secs(60),
-            "{} still answered for web: {now:?}",
+            "{} still in DNS ({dns_gone:?}) or the template ({file_gone:?})",
             sick.address
         );
         std::thread::sleep(Duration::from_millis(200));
-    };
+    }
+    let gone = dns_gone
+        .unwrap_or_default()
+        .max(file_gone.unwrap_or_default());
     eprintln!(
-        "unhealthy instance {} left DNS on another machine {:.1} s after its flag (health interval {HEALTH_INTERVAL_S} s)",
+        "unhealthy instance {} left DNS on another machine {:.1} s and the client's template {:.1} s after its flag (health interval {HEALTH_INTERVAL_S} s)",
         sick.address,
-        gone.as_secs_f64()
+        dns_gone.unwrap_or_default().as_secs_f64(),
+        file_gone.unwrap_or_default().as_secs_f64()
     );
     run(&vms[si], &["/bin/busybox", "rm", &format!("{FLAGS}/sick")]);
     let healed = Instant::now();
-    while resolve(cvm, "web.caisson", dns) != want {
+    while resolve(cvm, "web.caisson", dns) != want || rendered(cvm) != want {
         assert!(
             healed.elapsed() < Duration::from_secs(60),
-            "{} did not come back into DNS",
+            "{} did not come back into DNS and the template",
             sick.address
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(
-        "healthy again, back in DNS after {:.1} s; discovery took {:.0?}",
+        "healthy again, back in DNS and the template after {:.1} s; discovery took {:.0?}",
         healed.elapsed().as_secs_f64(),
         started.elapsed()
     );
@@ -352,7 +398,7 @@ pub(crate) fn discovery(
     });
     assert!(
         gone <= Duration::from_secs(HEALTH_INTERVAL_S + 2 + 3),
-        "the unhealthy instance left DNS only after {gone:?}"
+        "the unhealthy instance left DNS or the template only after {gone:?}"
     );
     subnets
 }
